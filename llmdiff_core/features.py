@@ -1,0 +1,84 @@
+"""Adapter-independent LLM features of a batch of prompts (DESIGN.md §1.1).
+
+Everything here needs only the LLM: it is computed once per prompt, can be cached to disk for
+training, and travels inside ComfyUI CONDITIONING. Everything learned lives in the adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """What an adapter must agree with about the LLM that produced its features."""
+
+    family: str  # Hugging Face model_type: "llama", "qwen2", "gemma3_text", "gpt2", ...
+    name: str  # folder or repo name, informative (a fine-tune of the same shape is allowed)
+    hidden_size: int  # D
+    num_layers: int  # T in the paper: number of decoder blocks
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.family}, hidden size {self.hidden_size}, {self.num_layers} layers)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LLMSpec:
+        return cls(family=str(d["family"]), name=str(d["name"]),
+                   hidden_size=int(d["hidden_size"]), num_layers=int(d["num_layers"]))
+
+
+@dataclass
+class LLMFeatures:
+    """LLM features of B prompts, right-padded to one bucket length T (the encoder's max tokens).
+
+    hidden: [B, L+1, T, D]  H_0 (token embeddings) .. H_L, block outputs before the final norm
+    scores: [B, L, T, D]    s_l = H_l - B_l^0(H_{l-1}), the context's contribution of block l
+    mask:   [B, T] bool     tokens that take part in attention (BOS and padding are False; an
+                            empty prompt keeps its BOS so it still has one token)
+    """
+
+    spec: LLMSpec
+    hidden: torch.Tensor
+    scores: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        b, l1, t, d = self.hidden.shape
+        if l1 != self.spec.num_layers + 1 or d != self.spec.hidden_size:
+            raise ValueError(f"hidden {tuple(self.hidden.shape)} does not match {self.spec.describe()}")
+        if tuple(self.scores.shape) != (b, l1 - 1, t, d):
+            raise ValueError(f"scores {tuple(self.scores.shape)} do not match hidden {tuple(self.hidden.shape)}")
+        if tuple(self.mask.shape) != (b, t) or self.mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool [{b}, {t}], got {self.mask.dtype} {tuple(self.mask.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[2]
+
+    def select(self, rows: torch.Tensor | list[int]) -> LLMFeatures:
+        """Rows in the given order (repeats allowed): batching, CFG, repeat-to-batch."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.hidden.device)
+        return LLMFeatures(self.spec, self.hidden[idx], self.scores[idx], self.mask[idx.to(self.mask.device)])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LLMFeatures:
+        return LLMFeatures(self.spec, self.hidden.to(device=device, dtype=dtype),
+                           self.scores.to(device=device, dtype=dtype), self.mask.to(device=device))
+
+    @staticmethod
+    def cat(parts: list[LLMFeatures]) -> LLMFeatures:
+        first = parts[0]
+        for p in parts[1:]:
+            if p.spec != first.spec or p.num_tokens != first.num_tokens:
+                raise ValueError("cannot batch LLM features of different LLMs or token buckets")
+        return LLMFeatures(first.spec, torch.cat([p.hidden for p in parts]),
+                           torch.cat([p.scores for p in parts]), torch.cat([p.mask for p in parts]))

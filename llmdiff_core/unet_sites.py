@@ -1,0 +1,55 @@
+"""The cross-attention sites (attn2 layers) of a ComfyUI SD1.5 / SDXL U-Net, in forward order.
+
+Site i of an adapter is the i-th attn2 that a U-Net forward pass reaches. Keys are the ones ComfyUI
+puts in transformer_options: block = ("input" | "middle" | "output", id), block_index inside the
+SpatialTransformer, transformer_index = running SpatialTransformer count.
+Works on a comfy UNetModel (model.model.diffusion_model) by walking modules; needs no ComfyUI import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import SiteSpec
+
+
+def _spatial_transformers(block: nn.Module) -> list[nn.Module]:
+    return [m for m in block if hasattr(m, "transformer_blocks")] if isinstance(block, nn.Sequential) else []
+
+
+def find_sites(unet: Any) -> tuple[list[SiteSpec], list[nn.Module]]:
+    """(site specs, the attn2 modules themselves) in forward order."""
+    groups = [("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)]
+    specs: list[SiteSpec] = []
+    modules: list[nn.Module] = []
+    transformer_index = 0
+    for name, blocks in groups:
+        for block_id, block in enumerate(blocks):
+            for st in _spatial_transformers(block):
+                for block_index, tb in enumerate(st.transformer_blocks):
+                    attn2 = tb.attn2
+                    specs.append(SiteSpec(
+                        block=(name, block_id), block_index=block_index, transformer_index=transformer_index,
+                        query_dim=attn2.to_q.in_features, heads=attn2.heads, dim_head=attn2.dim_head,
+                        context_dim=attn2.to_k.in_features))
+                    modules.append(attn2)
+                transformer_index += 1
+    return specs, modules
+
+
+def base_family(model: Any) -> str:
+    """'sd15' or 'sdxl' for a comfy BaseModel (model_patcher.model); anything else is refused later."""
+    name = type(model).__name__
+    if name == "SDXL":
+        return "sdxl"
+    if name == "BaseModel":
+        return "sd15"
+    return name.lower()
+
+
+def describe_sites(family: str, sites: list[SiteSpec]) -> str:
+    ctx = sorted({s.context_dim for s in sites})
+    label = {"sd15": "SD1.5", "sdxl": "SDXL"}.get(family, family)
+    return f"{label} ({len(sites)} cross-attention layers, context width {'/'.join(map(str, ctx))})"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the test suite against a real ComfyUI: the pinned runtime (built on first use, see
+# scripts/setup_env.sh), or your own install with LLMDIFF_COMFYUI_ROOT=/path/to/ComfyUI
+# (then LLMDIFF_PYTHON is the interpreter that runs it, default python3). Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+if [ -n "${LLMDIFF_COMFYUI_ROOT:-}" ]; then
+  PY=${LLMDIFF_PYTHON:-python3}
+else
+  { read -r PY; read -r LLMDIFF_COMFYUI_ROOT; } < <(scripts/setup_env.sh)
+  export LLMDIFF_COMFYUI_ROOT
+fi
+exec "$PY" -m pytest "$@"
