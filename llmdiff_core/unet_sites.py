@@ -39,17 +39,21 @@ def find_sites(unet: Any) -> tuple[list[SiteSpec], list[nn.Module]]:
     return specs, modules
 
 
+KNOWN_FAMILIES = {"SD15": "sd15", "SDXL": "sdxl"}
+
+
 def base_family(model: Any) -> str:
-    """'sd15' or 'sdxl' for a comfy BaseModel (model_patcher.model); anything else is refused later."""
-    name = type(model).__name__
-    if name == "SDXL":
-        return "sdxl"
-    if name == "BaseModel":
-        return "sd15"
-    return name.lower()
+    """'sd15' or 'sdxl' for a comfy BaseModel (model_patcher.model), from its model config class
+    (SD15 / SDXL in comfy.supported_models); anything else (SD2.x, SD3, ...) gets its own name and is
+    refused by the validation."""
+    config_cls = type(getattr(model, "model_config", model))
+    for cls in config_cls.__mro__:  # subclasses (SSD-1B, test configs) keep their parent's family;
+        if cls.__name__ in KNOWN_FAMILIES:  # their layer layout is checked site by site anyway
+            return KNOWN_FAMILIES[cls.__name__]
+    return config_cls.__name__.lower()
 
 
 def describe_sites(family: str, sites: list[SiteSpec]) -> str:
     ctx = sorted({s.context_dim for s in sites})
-    label = {"sd15": "SD1.5", "sdxl": "SDXL"}.get(family, family)
+    label = {"sd15": "SD1.5", "sdxl": "SDXL", "sd20": "SD2.x", "sd21unclipl": "SD2.1 unCLIP"}.get(family, family)
     return f"{label} ({len(sites)} cross-attention layers, context width {'/'.join(map(str, ctx))})"
