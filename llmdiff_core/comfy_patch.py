@@ -1,0 +1,400 @@
+"""LLMDiff in a ComfyUI MODEL: apply_adapter() patches every cross-attention site (DESIGN.md §1.2, §3).
+
+Wiring (comfyui-internals.md §3-§4):
+- The adapter lives in its own ModelPatcher, registered as an additional model, so ComfyUI's model
+  management loads and offloads it with the U-Net.
+- A DIFFUSION_MODEL wrapper takes the `llmdiff` keyword (a FeatureBatch, conditioning.py) off the
+  U-Net call and puts a per-call state into transformer_options, where the attention patches read it.
+  In paper mode it also swaps the U-Net context for phi(c) and (SDXL) the pooled part of y.
+- An OUTER_SAMPLE wrapper brackets each sampling run: what is constant over a run (c, phi(c), the
+  pooled vector, every site's K/V) is computed on first use and reused by every step.
+- hybrid (original_path "clip"): a composable attn2_patch / attn2_output_patch pair, so other packs'
+  attention patches (IP-Adapter) keep working. paper (original_path "llm"): attn2 replace patches.
+
+Patch objects deep-copy to themselves (ComfyUI 0.3.75 deep-copies model_options on every clone; a
+copy would duplicate the U-Net and the adapter) and have no .to(): the adapter moves as a model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import comfy.ops
+import comfy.patcher_extension
+from comfy.model_patcher import ModelPatcher
+
+from .adapter import LLMDiffAdapter
+from .attention import (KeyMask, effective_gates, hybrid_output, is_identity, masked_attention,
+                        paper_fusion)
+from .conditioning import COND_KEY, FeatureBatch
+from .config import SDXL_POOLED_DIM, SiteSpec
+from .errors import LLMDiffError
+from .unet_sites import find_sites
+from .validation import check_adapter_matches_model, check_features_match
+
+WRAPPER_KEY = "llmdiff"
+FEATURES_KEY = "llmdiff_features"  # transformer_options: the FeatureBatch of the current U-Net call
+_runtime_ids = itertools.count()
+
+
+class _Shared:
+    """Deep copies are the object itself: patches hold the U-Net's attn2 modules and the adapter."""
+
+    def __deepcopy__(self, memo: dict) -> _Shared:
+        return self
+
+
+# --- what is computed once per sampling run -----------------------------------------------------
+
+def _uses_comfy_cast(linear: torch.nn.Module) -> bool:
+    return bool(getattr(linear, "comfy_cast_weights", False) or getattr(linear, "weight_function", None)
+                or getattr(linear, "bias_function", None))
+
+
+def _project(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) in x's dtype, whatever dtype the layer is stored in."""
+    if _uses_comfy_cast(linear):
+        return linear(x)  # comfy ops cast (and LoRA-patch, under lowvram) the weight to x at call time
+    return linear(x.to(linear.weight.dtype)).to(x.dtype)
+
+
+def _weight_bias(linear: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias a call of `linear` on `like` would use (cast / LoRA-patched ones included)."""
+    if _uses_comfy_cast(linear):
+        cast = comfy.ops.cast_bias_weight(linear, like)
+        return cast[0], cast[1]
+    return linear.weight, linear.bias
+
+
+@dataclass
+class RunEntry:
+    """Everything derived from one FeatureBatch for one U-Net device/dtype (rows = the call's rows)."""
+
+    batch: FeatureBatch
+    device: torch.device
+    dtype: torch.dtype
+    c: torch.Tensor  # [R, T, D] float32
+    key_mask: KeyMask
+    w_orig: list[float]
+    w_new: list[float]
+    context: torch.Tensor | None = None  # paper: phi(c) [R, T, context_dim] in dtype
+    pooled: torch.Tensor | None = None  # paper, SDXL: [R, 1280]
+    new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    orig_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> bool:
+        return self.device == device and self.dtype == dtype and self.batch.same_rows(batch)
+
+
+@dataclass(frozen=True)
+class CallState:
+    """One U-Net call: its run entry and each site's effective (w_orig, w_new)."""
+
+    entry: RunEntry
+    gates: list[tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class SiteBinding:
+    spec: SiteSpec
+    attn2: torch.nn.Module  # the U-Net's own cross-attention module at this site
+    weight: float  # block weight (multiplies strength)
+
+
+class AdapterRuntime(_Shared):
+    """One applied adapter: its sites, settings and the per-run cache, shared by all its patches."""
+
+    def __init__(self, adapter: LLMDiffAdapter, sites: list[SiteBinding], strength: float,
+                 start_percent: float, end_percent: float, model_sampling: Any) -> None:
+        self.adapter = adapter
+        self.config = adapter.config
+        self.paper = adapter.config.original_path == "llm"
+        self.sites = sites
+        self.site_index = {s.spec.key: i for i, s in enumerate(sites)}
+        self.strength = strength
+        self.start_percent = start_percent
+        self.end_percent = end_percent
+        self.cache_enabled = True  # off: recompute every call (tests compare the two)
+        self.state_key = f"llmdiff_state_{next(_runtime_ids)}"  # several adapters may be stacked
+        self._entries: list[RunEntry] | None = None  # None outside a sampling run: no caching
+        self._set_window(model_sampling)
+
+    # sampling runs
+    def _set_window(self, model_sampling: Any) -> None:
+        self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
+        self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
+
+    def begin_run(self, model_sampling: Any) -> None:
+        self._set_window(model_sampling)  # the model_sampling in use now (ModelSampling* nodes)
+        self._entries = []
+
+    def end_run(self) -> None:
+        self._entries = None
+
+    def is_active(self, sigmas: torch.Tensor | None) -> bool:
+        if sigmas is None:  # called outside a sampler (training, direct calls)
+            return True
+        sigma = float(sigmas.detach().reshape(-1)[0])
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    # per-run cache
+    def entry_for(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> RunEntry:
+        if self.cache_enabled and self._entries is not None:
+            for entry in self._entries:
+                if entry.matches(batch, device, dtype):
+                    return entry
+        entry = self._build_entry(batch, device, dtype)
+        if self.cache_enabled and self._entries is not None:
+            self._entries.append(entry)
+        return entry
+
+    def _build_entry(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> RunEntry:
+        features = batch.materialize()
+        check_features_match(self.config, features.spec)
+        features = features.to(device)
+        c = self.adapter.encode(features)
+        w_orig, w_new = (g.tolist() for g in self.adapter.gate_weights())
+        entry = RunEntry(batch, device, dtype, c, KeyMask.from_mask(features.mask), w_orig, w_new)
+        if self.paper:
+            entry.context = self.adapter.original_context(c).to(dtype)
+            if self.config.needs_pooled:
+                entry.pooled = self.adapter.pooled(c, features.mask)
+        return entry
+
+    def new_kv(self, entry: RunEntry, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """tau_k(c), tau_v(c) of site i, computed when the site is first reached."""
+        if i not in entry.new_kv:
+            k, v = self.adapter.site_keys_values(i, entry.c)
+            entry.new_kv[i] = (k.to(entry.dtype), v.to(entry.dtype))
+        return entry.new_kv[i]
+
+    def orig_kv(self, entry: RunEntry, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paper mode: the frozen original k(phi(c)), v(phi(c)) of site i."""
+        if i not in entry.orig_kv:
+            attn2 = self.sites[i].attn2
+            entry.orig_kv[i] = (_project(attn2.to_k, entry.context), _project(attn2.to_v, entry.context))
+        return entry.orig_kv[i]
+
+    def call_state(self, batch: FeatureBatch, x: torch.Tensor, sigmas: torch.Tensor | None) -> CallState | None:
+        scale = self.strength if self.is_active(sigmas) else 0.0
+        if scale == 0.0 and not self.paper:
+            return None  # hybrid: exactly the unpatched model, nothing to compute
+        if batch.num_rows != x.shape[0]:
+            raise RuntimeError(f"LLMDiff: {batch.num_rows} feature rows for a U-Net batch of {x.shape[0]}")
+        entry = self.entry_for(batch, x.device, x.dtype)
+        gates = [effective_gates(wo, wn, scale * s.weight)
+                 for wo, wn, s in zip(entry.w_orig, entry.w_new, self.sites)]
+        return CallState(entry, gates)
+
+    # attention-patch helpers
+    def site_of(self, eo: dict[str, Any]) -> int | None:
+        block = eo.get("block")
+        return None if block is None else self.site_index.get((block[0], block[1], eo.get("block_index", 0)))
+
+    def new_path(self, state: CallState, i: int, n: torch.Tensor) -> torch.Tensor:
+        """Attn(tau_q(n), tau_k(c), tau_v(c)) with the padding/BOS mask, in n's dtype."""
+        q = _project(self.adapter.sites[i].to_q, n)
+        k, v = self.new_kv(state.entry, i)
+        return masked_attention(q, k, v, self.sites[i].spec.heads, state.entry.key_mask)
+
+    def missing_features_error(self, transformer_options: dict[str, Any]) -> LLMDiffError:
+        kinds = set(transformer_options.get("cond_or_uncond") or [])
+        which = {frozenset({0}): "positive", frozenset({1}): "negative"}.get(frozenset(kinds), "positive or negative")
+        return LLMDiffError(
+            f"The {which} conditioning carries no LLM features, but this is a paper-mode LLMDiff adapter "
+            f"(original_path 'llm'), which replaces CLIP entirely: encode the positive and the negative prompt "
+            f"with Text Encode (LLMDiff), or use a hybrid (clip-mode) adapter.")
+
+
+# --- wrappers -----------------------------------------------------------------------------------
+
+class DiffusionModelWrapper(_Shared):
+    """Moves the `llmdiff` keyword into transformer_options as this adapter's per-call state."""
+
+    def __init__(self, runtime: AdapterRuntime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, executor: Callable, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+                 y: torch.Tensor | None, control: Any, transformer_options: dict[str, Any], **kwargs: Any) -> Any:
+        rt = self.runtime
+        # An outer LLMDiff wrapper (a stacked adapter) may already have taken the keyword.
+        batch = kwargs.pop(COND_KEY, None) or transformer_options.get(FEATURES_KEY)
+        to = {**transformer_options, FEATURES_KEY: batch}  # _forward writes into it: keep ours apart
+        state = None
+        if batch is not None:
+            state = rt.call_state(batch, x, to.get("sigmas"))
+        elif rt.paper:
+            raise rt.missing_features_error(to)
+        to[rt.state_key] = state
+        if rt.paper:
+            context, y = _paper_unet_inputs(state.entry, y)
+        return executor(x, timesteps, context, y, control, to, **kwargs)
+
+
+def _paper_unet_inputs(entry: RunEntry, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Paper mode: the U-Net context and (SDXL) y with phi(c) and phi_pool in place of CLIP's."""
+    # attn2 still projects `context` itself before our replace patch ignores the result: one token
+    # of phi(c) keeps that cheap and of the right width (CLIP may not even be connected).
+    context = entry.context[:, :1]
+    if entry.pooled is not None and y is not None:
+        y = torch.cat([entry.pooled.to(y), y[:, SDXL_POOLED_DIM:]], dim=1)
+    return context, y
+
+
+class OuterSampleWrapper(_Shared):
+    """Starts and ends the per-run cache around one sampling run."""
+
+    def __init__(self, runtime: AdapterRuntime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
+        guider = executor.class_obj
+        self.runtime.begin_run(guider.model_patcher.get_model_object("model_sampling"))
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.runtime.end_run()  # frees the cached tensors
+
+
+# --- attention patches --------------------------------------------------------------------------
+
+class _SitePatch(_Shared):
+    def __init__(self, runtime: AdapterRuntime) -> None:
+        self.runtime = runtime
+        self.stash_key = runtime.state_key + "_stash"  # eo is shared by the patches of one block call
+
+    def _state_and_site(self, eo: dict[str, Any]) -> tuple[CallState | None, int | None]:
+        return eo.get(self.runtime.state_key), self.runtime.site_of(eo)
+
+
+class HybridNewPath(_SitePatch):
+    """attn2_patch: computes the LLM path's attention on the block's normed input; inputs unchanged."""
+
+    def __call__(self, n: torch.Tensor, context: Any, value: Any, eo: dict[str, Any]) -> tuple[Any, Any, Any]:
+        state, i = self._state_and_site(eo)
+        if state is not None and i is not None and not is_identity(*state.gates[i]):
+            eo[self.stash_key] = self.runtime.new_path(state, i, n)
+        return n, context, value
+
+
+class HybridFusion(_SitePatch):
+    """attn2_output_patch: out' = to_out(w_orig*A_orig + w_new*A_new), from out = to_out(A_orig).
+
+    Whatever earlier output patches added to `out` counts as part of the original path.
+    """
+
+    def __call__(self, out: torch.Tensor, eo: dict[str, Any]) -> torch.Tensor:
+        a_new = eo.pop(self.stash_key, None)
+        if a_new is None:
+            return out
+        state, i = self._state_and_site(eo)
+        w_orig, w_new = state.gates[i]
+        weight, bias = _weight_bias(self.runtime.sites[i].attn2.to_out[0], out)
+        return hybrid_output(out, a_new, weight, bias, w_orig, w_new)
+
+
+class PaperInput(_SitePatch):
+    """attn2_patch (paper mode): keeps the block's normed input for tau_q; the replace patch gets q only."""
+
+    def __call__(self, n: torch.Tensor, context: Any, value: Any, eo: dict[str, Any]) -> tuple[Any, Any, Any]:
+        eo[self.stash_key] = n
+        return n, context, value
+
+
+class PaperAttention(_SitePatch):
+    """attn2 replace (paper mode): w_orig*Attn(q, k(phi c), v(phi c)) + w_new*Attn(tau_q n, tau_k c, tau_v c)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eo: dict[str, Any]) -> torch.Tensor:
+        state, i = self._state_and_site(eo)
+        n = eo.pop(self.stash_key, None)
+        if state is None or n is None:
+            raise self.runtime.missing_features_error(eo)
+        # k, v are the projections of the 1-token context slice: unused, the cached ones are complete.
+        k_orig, v_orig = self.runtime.orig_kv(state.entry, i)
+        heads = self.runtime.sites[i].spec.heads
+        a_orig = masked_attention(q, k_orig, v_orig, heads, state.entry.key_mask)
+        w_orig, w_new = state.gates[i]
+        if is_identity(w_orig, w_new):
+            return a_orig
+        return paper_fusion(a_orig, self.runtime.new_path(state, i, n), w_orig, w_new)
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        # IPAdapter_plus calls .add() on whatever replace patch occupies a cross-attention key.
+        raise LLMDiffError("A paper-mode LLMDiff adapter takes over cross-attention, so IP-Adapter (or another "
+                           "attention-replacing patch) cannot be added after it. Use a hybrid (clip-mode) "
+                           "LLMDiff adapter together with IP-Adapter.")
+
+
+# --- apply ----------------------------------------------------------------------------------------
+
+def _bind_sites(model_patcher: ModelPatcher, adapter: LLMDiffAdapter,
+                block_weights: dict[int, float] | None) -> list[SiteBinding]:
+    """The adapter's sites, in order, with the model's attn2 modules (validated to be the same sites)."""
+    check_adapter_matches_model(adapter.config, model_patcher)
+    _, modules = find_sites(model_patcher.model.diffusion_model)
+    weights = dict(block_weights or {})
+    known = {s.transformer_index for s in adapter.config.sites}
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise LLMDiffError(f"block weights for layers {unknown}, but this model has layers 0..{max(known)}")
+    return [SiteBinding(spec, attn2, float(weights.get(spec.transformer_index, 1.0)))
+            for spec, attn2 in zip(adapter.config.sites, modules)]
+
+
+def _adapter_patcher(adapter: LLMDiffAdapter, model_patcher: ModelPatcher) -> ModelPatcher:
+    """A clone of the adapter's one base ModelPatcher, kept on the adapter.
+
+    ComfyUI tracks loaded models by patcher; when a clone is dropped it falls back to the parent.
+    A parentless patcher per apply would leave a dead entry for a live module after every re-apply,
+    which ComfyUI reports as a leak and answers with a full garbage collection on every load.
+    """
+    base = adapter.__dict__.get("_llmdiff_patcher")
+    if base is None or (base.load_device, base.offload_device) != (model_patcher.load_device,
+                                                                   model_patcher.offload_device):
+        base = ModelPatcher(adapter, load_device=model_patcher.load_device, offload_device=model_patcher.offload_device)
+        adapter.__dict__["_llmdiff_patcher"] = base
+    return base.clone()
+
+
+def _refuse_replaced_sites(model_patcher: ModelPatcher, sites: list[SiteBinding]) -> None:
+    replaced = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for s in sites:
+        for key in (s.spec.key, s.spec.block):
+            if key in replaced:
+                raise LLMDiffError(
+                    f"Another patch (IP-Adapter or similar) already replaces the cross-attention at {key}. A "
+                    f"paper-mode LLMDiff adapter takes over cross-attention and cannot be combined with it: "
+                    f"use a hybrid (clip-mode) LLMDiff adapter together with IP-Adapter.")
+
+
+def apply_adapter(model_patcher: ModelPatcher, adapter: LLMDiffAdapter, strength: float = 1.0,
+                  start_percent: float = 0.0, end_percent: float = 1.0,
+                  block_weights: dict[int, float] | None = None) -> ModelPatcher:
+    """A clone of `model_patcher` (a comfy ModelPatcher) with the adapter in every cross-attention layer.
+
+    strength scales the adapter (0 = the unpatched model in hybrid mode); it acts while
+    start_percent <= sampling progress <= end_percent. block_weights maps transformer_index
+    (SD1.5 0..15, SDXL 0..10) to a multiplier of strength; missing layers use 1.
+    """
+    sites = _bind_sites(model_patcher, adapter, block_weights)
+    m = model_patcher.clone()
+    runtime = AdapterRuntime(adapter, sites, strength, start_percent, end_percent,
+                             m.get_model_object("model_sampling"))
+    m.set_additional_models(WRAPPER_KEY, m.get_additional_models_with_key(WRAPPER_KEY) + [_adapter_patcher(adapter, m)])
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                           DiffusionModelWrapper(runtime))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, OuterSampleWrapper(runtime))
+    if runtime.paper:
+        _refuse_replaced_sites(m, sites)
+        m.set_model_attn2_patch(PaperInput(runtime))
+        replace = PaperAttention(runtime)
+        for s in sites:
+            m.set_model_attn2_replace(replace, s.spec.block[0], s.spec.block[1], s.spec.block_index)
+    else:
+        m.set_model_attn2_patch(HybridNewPath(runtime))
+        m.set_model_attn2_output_patch(HybridFusion(runtime))
+    return m

@@ -1,0 +1,497 @@
+"""LLMDiff inside a real ComfyUI U-Net (llmdiff_core/comfy_patch.py, attention.py).
+
+Tiny random U-Nets with the real SD1.5 / SDXL cross-attention layouts (tiny_unets.py), fp32 on CPU.
+LLM features are random tensors with realistic masks (BOS and padding masked out): no LLM needed.
+The reference for the math is Eq. 10 written out literally per site (forward hooks on the
+unpatched model's attn2 modules, explicit softmax attention), independent of the patch code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.sample
+from comfy.ldm.modules.attention import optimized_attention
+from comfy.patcher_extension import WrappersMP
+
+from llmdiff_core.attention import KeyMask, effective_gates, hybrid_output, masked_attention, paper_fusion
+from llmdiff_core.comfy_patch import FEATURES_KEY, WRAPPER_KEY, AdapterRuntime, apply_adapter
+from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, attach_features
+from llmdiff_core.errors import AdapterMismatchError, LLMDiffError
+from llmdiff_core.features import LLMFeatures
+from llmdiff_core.unet_sites import find_sites
+from tiny_unets import (SD15_CONTEXT_DIM, SDXL_ADM_DIM, SDXL_CONTEXT_DIM, make_adapter, make_adapter_config,
+                        tiny_llm_spec, tiny_sd15, tiny_sd15_minimal, tiny_sdxl)
+
+SPEC = tiny_llm_spec(hidden_size=48, num_layers=3)
+TOKENS = 16  # the LLM token bucket
+CLIP_TOKENS = 8
+UNETS: dict[str, tuple[Callable[[], Any], int]] = {
+    "sd15": (tiny_sd15, SD15_CONTEXT_DIM), "sdxl": (tiny_sdxl, SDXL_CONTEXT_DIM),
+    "minimal": (tiny_sd15_minimal, SD15_CONTEXT_DIM),
+}
+
+
+# --- builders ---------------------------------------------------------------------------------------
+
+def make_features(lengths: list[int], seed: int, dtype: torch.dtype = torch.float32) -> LLMFeatures:
+    """Prompts with `lengths` real tokens after a (masked) BOS, right-padded to TOKENS."""
+    g = torch.Generator().manual_seed(seed)
+    b, L, D = len(lengths), SPEC.num_layers, SPEC.hidden_size
+    mask = torch.zeros(b, TOKENS, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        mask[row, 1:1 + n] = True
+    return LLMFeatures(SPEC, torch.randn(b, L + 1, TOKENS, D, generator=g).to(dtype),
+                       (0.5 * torch.randn(b, L, TOKENS, D, generator=g)).to(dtype), mask)
+
+
+def clip_conditioning(family: str, rows: int, seed: int) -> list[list[Any]]:
+    """What CLIPTextEncode gives: [[cond [B, tokens, width], {"pooled_output": [B, 1280]}]]."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    width = UNETS[family][1]
+    pooled = torch.randn(rows, 1280, generator=g)
+    return [[torch.randn(rows, CLIP_TOKENS, width, generator=g), {"pooled_output": pooled}]]
+
+
+def prompt(family: str, lengths: list[int], seed: int) -> list[list[Any]]:
+    return attach_features(clip_conditioning(family, len(lengths), seed), make_features(lengths, seed))
+
+
+def adapter_for(mp: Any, mode: str = "clip", trained: bool = True, seed: int = 0) -> Any:
+    return make_adapter(make_adapter_config(mp, SPEC, original_path=mode), seed=seed, trained=trained, model_patcher=mp)
+
+
+def noise(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def sample(mp: Any, positive: list, negative: list, noise_: torch.Tensor, steps: int = 2,
+           cfg: float = 5.0) -> torch.Tensor:
+    """comfy.sample.sample (what KSampler runs), under inference_mode like a ComfyUI node."""
+    with torch.inference_mode():
+        return comfy.sample.sample(mp, noise_, steps, cfg, "euler", "normal", positive, negative,
+                                   torch.zeros_like(noise_), denoise=1.0, disable_pbar=True, seed=0)
+
+
+def diffusion_output(mp: Any, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                     y: torch.Tensor | None, batch: FeatureBatch | None = None) -> torch.Tensor:
+    """One BaseModel.apply_model call with the patcher's options and wrappers, as a sampler makes it."""
+    to = comfy.patcher_extension.copy_nested_dicts(mp.model_options["transformer_options"])
+    comfy.patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), mp.wrappers, copy_dict1=False)
+    kwargs: dict[str, Any] = {} if y is None else {"y": y}
+    if batch is not None:
+        kwargs["llmdiff"] = batch
+    with torch.no_grad():
+        return mp.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to, **kwargs)
+
+
+def runtime_of(mp: Any) -> AdapterRuntime:
+    return mp.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)[-1].runtime
+
+
+def count_calls(obj: Any, name: str, counts: dict[str, int]) -> None:
+    """Counts calls of obj.name (an instance attribute shadows the method)."""
+    original = getattr(obj, name)
+    counts[name] = 0
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts[name] += 1
+        return original(*args, **kwargs)
+
+    setattr(obj, name, counted)
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (the tiny random U-Nets' outputs are large)."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+# --- the literal reference ----------------------------------------------------------------------------
+
+def literal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    b, n, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, inner)
+
+
+def reference_output(mp: Any, adapter: Any, features: LLMFeatures, x: torch.Tensor, sigma: torch.Tensor,
+                     context: torch.Tensor, y: torch.Tensor | None, paper: bool) -> torch.Tensor:
+    """The unpatched U-Net with every attn2 output replaced by Eq. 10, computed literally:
+    to_out(w_orig * Attn(q x, k ctx, v ctx) + w_new * Attn(tau_q x, tau_k c, tau_v c))."""
+    with torch.no_grad():
+        c = adapter.encode(features)
+        mask = features.mask
+        w_orig, w_new = adapter.gate_weights()
+        if paper:  # CLIP unused: the original path reads phi(c), masked; SDXL's pooled is phi_pool
+            phi_c = adapter.original_context(c)
+            if y is not None:
+                y = torch.cat([adapter.pooled(c, mask), y[:, 1280:]], dim=1)
+
+    def eq10(i: int) -> Callable:
+        def hook(module: Any, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+            h = args[0]
+            ctx = phi_c if paper else kwargs["context"]
+            a_orig = literal_attention(module.to_q(h), module.to_k(ctx), module.to_v(ctx), module.heads,
+                                       mask if paper else None)
+            site = adapter.sites[i]
+            a_new = literal_attention(site.to_q(h), site.to_k(c), site.to_v(c), module.heads, mask)
+            return module.to_out(w_orig[i] * a_orig + w_new[i] * a_new)
+        return hook
+
+    modules = find_sites(mp.model.diffusion_model)[1]
+    handles = [m.register_forward_hook(eq10(i), with_kwargs=True) for i, m in enumerate(modules)]
+    try:
+        return diffusion_output(mp, x, sigma, context, y)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def direct_inputs(family: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    x = 3.0 * torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, CLIP_TOKENS, UNETS[family][1], generator=g)
+    y = torch.randn(2, SDXL_ADM_DIM, generator=g) if family == "sdxl" else None
+    return x, torch.tensor([3.0, 3.0]), context, y
+
+
+def half_copy(mp: Any, dtype: torch.dtype) -> Any:
+    """The same U-Net stored and run in `dtype` (as ComfyUI runs fp16 / bf16 checkpoints)."""
+    model = copy.deepcopy(mp.model)
+    model.diffusion_model.to(dtype)
+    model.diffusion_model.dtype = dtype  # BaseModel.get_dtype() reads this attribute
+    return comfy.model_patcher.ModelPatcher(model, load_device=mp.load_device, offload_device=mp.offload_device)
+
+
+# --- pure math (attention.py) -------------------------------------------------------------------------
+
+def test_masked_attention_matches_literal_and_empty_rows_give_zero() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 5, 16, generator=g), torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 16, generator=g)
+    mask = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1], [0] * 7], dtype=torch.bool)
+    out = masked_attention(q, k, v, heads=2, key_mask=KeyMask.from_mask(mask))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # nothing to attend to: contributes nothing
+    torch.testing.assert_close(out[:2], literal_attention(q[:2], k[:2], v[:2], 2, mask[:2]), atol=1e-6, rtol=1e-5)
+    full = torch.ones(3, 7, dtype=torch.bool)
+    assert KeyMask.from_mask(full).keep is None
+    torch.testing.assert_close(masked_attention(q, k, v, 2, KeyMask.from_mask(full)),
+                               literal_attention(q, k, v, 2, None), atol=1e-6, rtol=1e-5)
+
+
+def test_fusions_equal_eq10_through_the_output_projection() -> None:
+    g = torch.Generator().manual_seed(1)
+    to_out = torch.nn.Linear(16, 12)
+    a_orig, a_new = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    w_orig, w_new = effective_gates(1.7, 0.6, 0.8)
+    assert (w_orig, w_new) == pytest.approx((1.56, 0.48))
+    assert effective_gates(1.7, 0.6, 0.0) == (1.0, 0.0)
+    want = to_out(w_orig * a_orig + w_new * a_new)
+    with torch.no_grad():
+        got = hybrid_output(to_out(a_orig), a_new, to_out.weight, to_out.bias, w_orig, w_new)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(to_out(paper_fusion(a_orig, a_new, w_orig, w_new)), want, atol=1e-6, rtol=1e-5)
+
+
+# --- Eq. 10 end to end through the U-Net ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_patched_output_is_eq10_at_every_site(family: str, mode: str) -> None:
+    mp = UNETS[family][0]()
+    adapter = adapter_for(mp, mode)
+    features = make_features([5, 11], seed=3)  # two prompts of different lengths, one call
+    x, sigma, context, y = direct_inputs(family)
+    got = diffusion_output(apply_adapter(mp, adapter), x, sigma, context, y, CONDLLMDiff(features).concat([]))
+    want = reference_output(mp, adapter, features, x, sigma, context, y, paper=mode == "llm")
+    assert max_rel(got, want) < 1e-5
+    assert max_rel(diffusion_output(mp, x, sigma, context, y), want) > 1e-2  # the adapter matters here
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_half_precision_unet_with_fp32_adapter(mode: str, dtype: torch.dtype, tol: float) -> None:
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, mode)  # float32 adapter on a half U-Net: the usual mix, no dtype errors
+    features = make_features([4, 9], seed=5, dtype=torch.float16)
+    x, sigma, context, y = direct_inputs("sd15", seed=1)
+    half = half_copy(mp, dtype)
+    got = diffusion_output(apply_adapter(half, adapter), x, sigma, context, y, CONDLLMDiff(features).concat([]))
+    want = reference_output(mp, adapter, features.to(dtype=torch.float32), x, sigma, context, y, paper=mode == "llm")
+    assert torch.isfinite(got).all()
+    assert max_rel(got, want) < tol
+    assert max_rel(diffusion_output(half, x, sigma, context, y), want) > 4 * tol
+
+
+def cast_at_call_time_copy(mp: Any, kind: str) -> Any:
+    """A copy whose cross-attention weights are made when a layer is called, as ComfyUI does for
+    LoRA under lowvram ("lora": weight_function / bias_function) and for weights stored in a
+    dtype the U-Net does not compute in ("manual_cast": bf16 storage, fp32 compute)."""
+    model = copy.deepcopy(mp.model)
+    for attn2 in find_sites(model.diffusion_model)[1]:
+        for linear in (attn2.to_k, attn2.to_v, attn2.to_out[0]):
+            if kind == "lora":
+                linear.weight_function = [lambda w: 1.5 * w]
+            else:
+                linear.to(torch.bfloat16)
+                linear.comfy_cast_weights = True
+        if kind == "lora":
+            attn2.to_out[0].bias_function = [lambda b: b + 0.1]
+    return comfy.model_patcher.ModelPatcher(model, load_device=mp.load_device, offload_device=mp.offload_device)
+
+
+@pytest.mark.parametrize("kind", ["lora", "manual_cast"])
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_weights_made_at_call_time_are_the_ones_used(mode: str, kind: str) -> None:
+    mp = tiny_sd15_minimal()
+    patched_weights = cast_at_call_time_copy(mp, kind)
+    adapter = adapter_for(mp, mode)
+    features = make_features([7, 2], seed=6)
+    x, sigma, context, y = direct_inputs("sd15", seed=2)
+    got = diffusion_output(apply_adapter(patched_weights, adapter), x, sigma, context, y,
+                           CONDLLMDiff(features).concat([]))
+    want = reference_output(patched_weights, adapter, features, x, sigma, context, y, paper=mode == "llm")
+    assert max_rel(got, want) < 1e-5
+    assert max_rel(reference_output(mp, adapter, features, x, sigma, context, y, paper=mode == "llm"), want) > 1e-4
+
+
+# --- sampling: identity, batching, the per-run cache ---------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_fresh_hybrid_adapter_samples_like_the_unpatched_model(family: str) -> None:
+    mp = UNETS[family][0]()
+    adapter = adapter_for(mp, "clip", trained=False)
+    counts: dict[str, int] = {}
+    count_calls(adapter, "encode", counts)
+    pos, neg = prompt(family, [6], 1), prompt(family, [3], 2)
+    out = sample(apply_adapter(mp, adapter), pos, neg, noise(1))
+    assert counts["encode"] == 1  # the features did reach the patch
+    assert (out - sample(mp, pos, neg, noise(1))).abs().max() <= 1e-6
+
+
+class Spy:
+    """A DIFFUSION_MODEL wrapper inside LLMDiff's: what each U-Net call carries."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, FeatureBatch | None, list[int]]] = []
+
+    def __call__(self, executor: Callable, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        to = args[4]
+        self.calls.append((x.shape[0], to.get(FEATURES_KEY), list(to["cond_or_uncond"])))
+        return executor(x, *args, **kwargs)
+
+
+def test_batch_of_three_prompts_each_sample_uses_its_own() -> None:
+    mp = tiny_sd15_minimal()
+    m = apply_adapter(mp, adapter_for(mp))
+    spy = Spy()
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "spy", spy)
+    clip = clip_conditioning("minimal", 1, 0)[0]  # one CLIP prompt for all: only the LLM features differ
+    clip3 = [[clip[0].repeat(3, 1, 1), {"pooled_output": clip[1]["pooled_output"].repeat(3, 1)}]]
+    feats = make_features([3, 8, 13], seed=7)
+    neg = prompt("minimal", [2], 8)  # one negative, repeated to the batch; another real length
+    order = [2, 0, 1]
+    out = sample(m, attach_features(clip3, feats), neg, noise(3))
+    swapped = sample(m, attach_features(clip3, feats.select(order)), neg, noise(3)[order])
+    assert max_rel(swapped, out[order]) < 1e-5
+    assert max_rel(out[0], out[1]) > 1e-3 and max_rel(out[1], out[2]) > 1e-3
+    # positive and negative (different lengths, same bucket) share every U-Net call
+    assert all(rows == 6 and batch is not None and len(batch.parts) == 2 for rows, batch, _ in spy.calls)
+
+
+def test_cache_once_per_run_same_result_as_recomputing() -> None:
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp)
+    m = apply_adapter(mp, adapter)
+    counts: dict[str, int] = {}
+    count_calls(adapter, "encode", counts)
+    count_calls(adapter, "site_keys_values", counts)
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+    steps, sites = 3, len(adapter.sites)
+
+    cached = sample(m, pos, neg, noise(1), steps=steps)
+    assert counts == {"encode": 1, "site_keys_values": sites}  # pos + neg: one batched call per step
+    runtime_of(m).cache_enabled = False
+    recomputed = sample(m, pos, neg, noise(1), steps=steps)
+    assert counts == {"encode": 1 + steps, "site_keys_values": sites * (1 + steps)}
+    assert torch.equal(cached, recomputed)
+
+    runtime_of(m).cache_enabled = True
+    assert torch.equal(sample(m, pos, neg, noise(1), steps=steps), cached)
+    assert counts["encode"] == 2 + steps  # cleared between runs: computed again, once
+    assert runtime_of(m)._entries is None  # and freed at the end of the run
+
+    new_prompt = prompt("minimal", [6], 99)  # new features: a new object, other values
+    assert max_rel(sample(m, new_prompt, neg, noise(1), steps=steps), cached) > 1e-3
+
+
+def test_cache_keeps_prompts_apart_within_a_run(node_classes: dict) -> None:
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp)
+    m = apply_adapter(mp, adapter)
+    counts: dict[str, int] = {}
+    count_calls(adapter, "encode", counts)
+    set_range = node_classes["ConditioningSetTimestepRange"]().set_range
+    # prompt A for the first half of the run, prompt B for the second: two batches, one run
+    positive = (set_range(prompt("minimal", [6], 1), 0.0, 0.5)[0] + set_range(prompt("minimal", [9], 3), 0.5, 1.0)[0])
+    neg = prompt("minimal", [3], 2)
+    cached = sample(m, positive, neg, noise(1), steps=4)
+    assert counts["encode"] == 2
+    runtime_of(m).cache_enabled = False
+    assert torch.equal(sample(m, positive, neg, noise(1), steps=4), cached)
+
+
+# --- strength, window, block weights ------------------------------------------------------------------
+
+def test_strength_window_and_block_weights() -> None:
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp)
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+
+    def run(steps: int = 2, **kwargs: Any) -> torch.Tensor:
+        return sample(apply_adapter(mp, adapter, **kwargs), pos, neg, noise(1), steps=steps)
+
+    unpatched = sample(mp, pos, neg, noise(1))
+    assert max_rel(run(), unpatched) > 1e-3
+    assert torch.equal(run(strength=0.0), unpatched)
+    assert torch.equal(run(start_percent=1.0, end_percent=1.0), unpatched)  # a window the run never reaches
+    assert max_rel(run(strength=0.5), run()) > 1e-3
+    # one step, taken at progress 0: outside [0.5, 1], inside [0, 0.5]
+    assert torch.equal(run(steps=1, start_percent=0.5), sample(mp, pos, neg, noise(1), steps=1))
+    assert max_rel(run(steps=1, end_percent=0.5), sample(mp, pos, neg, noise(1), steps=1)) > 1e-3
+
+    layers = {s.transformer_index for s in adapter.config.sites}
+    assert torch.equal(run(block_weights=dict.fromkeys(layers, 0.0)), unpatched)
+    assert max_rel(run(block_weights={**dict.fromkeys(layers, 0.0), 2: 1.0}), unpatched) > 1e-4
+    with pytest.raises(LLMDiffError, match="layers"):
+        apply_adapter(mp, adapter, block_weights={len(layers): 1.0})
+
+
+# --- other attention patches, model checks, missing features -------------------------------------------
+
+class DummyReplace:
+    """IP-Adapter-like attn2 replace patch: default attention plus `delta`; counts calls."""
+
+    def __init__(self, delta: float) -> None:
+        self.delta, self.calls = delta, 0
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eo: dict) -> torch.Tensor:
+        self.calls += 1
+        return optimized_attention(q, k, v, eo["n_heads"]) + self.delta
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __deepcopy__(self, memo: dict) -> DummyReplace:
+        return self
+
+
+class DummyOutputPatch(DummyReplace):
+    """A composable attn2_output_patch that adds `delta`."""
+
+    def __call__(self, out: torch.Tensor, eo: dict) -> torch.Tensor:  # type: ignore[override]
+        self.calls += 1
+        return out + self.delta
+
+
+def with_dummy(mp: Any, dummy: DummyReplace) -> Any:
+    m = mp.clone()
+    if isinstance(dummy, DummyOutputPatch):
+        m.set_model_attn2_output_patch(dummy)
+    else:
+        for spec in find_sites(m.model.diffusion_model)[0]:
+            m.set_model_attn2_replace(dummy, spec.block[0], spec.block[1], spec.block_index)
+    return m
+
+
+@pytest.mark.parametrize("kind", [DummyReplace, DummyOutputPatch])
+@pytest.mark.parametrize("llmdiff_first", [False, True])
+def test_other_attention_patches_still_run(kind: type, llmdiff_first: bool) -> None:
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp)
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+    sites, steps = len(adapter.sites), 2
+
+    def both(dummy: DummyReplace) -> Any:
+        if llmdiff_first:
+            return with_dummy(apply_adapter(mp, adapter), dummy)
+        return apply_adapter(with_dummy(mp, dummy), adapter)
+
+    llmdiff_only = sample(apply_adapter(mp, adapter), pos, neg, noise(1), steps=steps)
+    noop = kind(0.0)
+    assert max_rel(sample(both(noop), pos, neg, noise(1), steps=steps), llmdiff_only) < 1e-6
+    assert noop.calls == sites * steps
+    adds = kind(0.05)
+    out = sample(both(adds), pos, neg, noise(1), steps=steps)
+    assert adds.calls == sites * steps
+    assert max_rel(out, llmdiff_only) > 1e-4  # the other patch acts
+    assert max_rel(out, sample(with_dummy(mp, kind(0.05)), pos, neg, noise(1), steps=steps)) > 1e-4  # and so do we
+
+
+def test_paper_mode_refuses_replace_patches_both_ways() -> None:
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "llm")
+    with pytest.raises(LLMDiffError, match="hybrid"):
+        apply_adapter(with_dummy(mp, DummyReplace(0.0)), adapter)
+    m = apply_adapter(mp, adapter)
+    key = adapter.config.sites[0].key
+    with pytest.raises(LLMDiffError, match="IP-Adapter"):  # what IPAdapter_plus does next
+        m.model_options["transformer_options"]["patches_replace"]["attn2"][key].add(lambda *a: None)
+
+
+def test_adapter_for_another_base_model_is_refused() -> None:
+    sdxl_adapter = adapter_for(tiny_sdxl())
+    with pytest.raises(AdapterMismatchError, match="SDXL"):
+        apply_adapter(tiny_sd15(), sdxl_adapter)
+
+
+def test_negative_without_llm_features() -> None:
+    mp = tiny_sd15_minimal()
+    pos, plain_neg = prompt("minimal", [6], 1), clip_conditioning("minimal", 1, 2)
+    hybrid = sample(apply_adapter(mp, adapter_for(mp, "clip")), pos, plain_neg, noise(1))
+    assert torch.isfinite(hybrid).all()
+    assert max_rel(hybrid, sample(mp, pos, plain_neg, noise(1))) > 1e-3  # the positive still uses it
+    with pytest.raises(LLMDiffError, match="negative conditioning carries no LLM features"):
+        sample(apply_adapter(mp, adapter_for(mp, "llm")), pos, plain_neg, noise(1))
+
+
+def test_stacked_hybrid_adapters_both_act() -> None:
+    mp = tiny_sd15_minimal()
+    first, second = adapter_for(mp, seed=1), adapter_for(mp, seed=2)
+    counts: dict[str, int] = {}
+    count_calls(second, "encode", counts)
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+    stacked = apply_adapter(apply_adapter(mp, first), second)
+    out = sample(stacked, pos, neg, noise(1))
+    assert counts["encode"] == 1  # the inner adapter found the features the outer one took
+    assert [p.model for p in stacked.get_additional_models_with_key(WRAPPER_KEY)] == [first, second]
+    assert max_rel(out, sample(apply_adapter(mp, first), pos, neg, noise(1))) > 1e-4
+    assert max_rel(out, sample(apply_adapter(mp, second), pos, neg, noise(1))) > 1e-4
+
+
+def patch_objects(mp: Any) -> list[Any]:
+    to = mp.model_options["transformer_options"]
+    return ([p for ps in to["patches"].values() for p in ps]
+            + list(to.get("patches_replace", {}).get("attn2", {}).values()))
+
+
+def test_patches_are_shared_by_clones_and_have_no_to() -> None:
+    mp = tiny_sd15_minimal()
+    for mode in ("clip", "llm"):
+        m = apply_adapter(mp, adapter_for(mp, mode))
+        objects, cloned_objects = patch_objects(m), patch_objects(m.clone())  # 0.3.75 deep-copies on clone
+        assert objects and all(a is b for a, b in zip(objects, cloned_objects, strict=True))
+        assert not any(hasattr(p, "to") for p in objects)
+        assert "patches" not in mp.model_options["transformer_options"]  # the input MODEL is untouched
