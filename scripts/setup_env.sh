@@ -24,7 +24,15 @@ STAMP="$ENV_DIR/.complete-$PIN_HASH"
 T0=$SECONDS
 log() { echo "[setup_env +$((SECONDS - T0))s] $*" >&2; }
 
-if [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && [ -f "$ROOT/comfyui_version.py" ]; then
+is_complete() { [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && [ -f "$ROOT/comfyui_version.py" ]; }
+if is_complete; then
+  echo "$VENV/bin/python"; echo "$ROOT"; exit 0
+fi
+# Two test runs starting at once must not build into the same folder: the second waits, then reuses.
+mkdir -p "$(dirname "$ENV_DIR")"
+exec 9>"$ENV_DIR.lock"
+flock 9
+if is_complete; then
   echo "$VENV/bin/python"; echo "$ROOT"; exit 0
 fi
 
@@ -45,7 +53,7 @@ pipi "torch==2.13.0+cpu"
 log "ComfyUI import set, model stack, server + frontend, test tools"
 pipi numpy safetensors transformers accelerate tokenizers sentencepiece einops pillow scipy torchsde av \
      psutil pyyaml tqdm aiohttp yarl alembic sqlalchemy requests "comfyui-frontend-package==1.32.9" \
-     pydantic-settings kornia spandrel pytest
+     pydantic-settings kornia spandrel pytest tensorboard
 
 # PyPI's torchvision 0.28.0 is CUDA-linked: its _C.so cannot load beside CPU torch and the import then
 # dies registering fake kernels for nms/qnms. Install without deps and guard those two registrations the

@@ -1,0 +1,22 @@
+"""The LLMDiff training script's parts (DESIGN.md §1.3), one job per module.
+
+options          flags + YAML -> TrainOptions
+comfy_env        making ComfyUI importable (before anything imports comfy)
+data             dataset sources (folder, JSONL/CSV manifest, .tar shards) and the per-rank sample stream
+imaging          decode, resize, crop
+encoders         the frozen VAE / LLM / CLIP turned into training inputs
+feature_cache    the optional pre-pass storing latents and LLM features in shards
+objective        noise, timesteps, the loss (epsilon / v, min-SNR)
+schedule         learning-rate schedule
+ema              exponential moving average of the adapter
+patching         the adapter in the U-Net, through the same patch code as the nodes
+checkpointing    atomic checkpoints, resume, keep-last-N, the exported adapter file
+tracking         progress bar, JSONL log, TensorBoard
+previews         validation images through ComfyUI's sampler
+loop             the training loop
+runner           loads everything and runs
+cli              `python llmdiff_core/train.py` entry point
+
+Only options, data, imaging, schedule and ema import without ComfyUI; the rest import comfy (run
+comfy_env.setup() first, as cli.main does).
+"""

@@ -1,0 +1,487 @@
+"""Datasets for training: where samples come from and in which order each process sees them.
+
+Sources (all yield the same samples for the same content; keys are image paths without extension):
+- folder:  images with a same-name .txt caption beside them (searched recursively);
+- jsonl / csv manifest: one image path + caption per line / row;
+- tar:     WebDataset-style shards (members grouped by key: 000123.jpg + 000123.txt or .json),
+           streamed with the standard library's tarfile, never unpacked.
+
+Order: a seeded permutation per epoch (indexed sources), or shard order + a streaming shuffle buffer
+(tar). Process r of W takes every W-th entry of the global order, so one process with batch 4 and
+two with batch 2 see the same samples in each step; tar sets with at least W shards are split by
+shard instead (no process reads another's shards). Broken entries (unreadable image, missing
+caption, bad manifest line) are skipped and counted, never a crash.
+
+Resume: a position is (epoch, entries of this process's stream consumed). The order is a pure
+function of (seed, epoch, rank, world size), so a stream restarted at a position continues exactly.
+Data-loader workers take every n-th entry of the same stream and yield one item (or a skip marker)
+per entry, so the DataLoader's round-robin gives back the stream order for any number of workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .imaging import BadImage, decode, prepare
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_FIELDS = ("image", "file_name", "image_file", "path", "file")
+CAPTION_FIELDS = ("caption", "text", "prompt")
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be used (nothing found, unknown format)."""
+
+
+@dataclass
+class RawEntry:
+    """One dataset entry before decoding. `problem` is set when it is known to be unusable."""
+
+    key: str
+    index: int  # position in the dataset's natural (unshuffled) order, -1 where unknown (tar)
+    load: Callable[[], bytes] | None
+    caption: str | None
+    problem: str | None = None
+
+
+@dataclass
+class Item:
+    """A decoded sample (or, with `problem` set, a skipped one) as the training loop receives it."""
+
+    key: str
+    index: int
+    epoch: int
+    position: int  # entries of this process's stream consumed after this one (the resume position)
+    caption: str = ""
+    pixels: torch.Tensor | None = None  # [H, W, 3] 0..1
+    original_size: tuple[int, int] = (0, 0)
+    crop_top_left: tuple[int, int] = (0, 0)
+    problem: str | None = None
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """Per-sample seed from the content key: the noise, timestep and caption dropout of a sample are
+    the same whatever process, batch or data format it arrives through."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _read_file(path: str) -> Callable[[], bytes]:
+    def load() -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+    return load
+
+
+def _key_of(path: str, root: str) -> str:
+    """Image path relative to root, posix, without extension: the sample's identity."""
+    rel = os.path.relpath(path, root) if root and os.path.isabs(path) == os.path.isabs(root) else path
+    if rel.startswith(".."):
+        rel = path
+    return os.path.splitext(Path(rel).as_posix())[0]
+
+
+def _pick(row: dict[str, Any], wanted: str, fallbacks: tuple[str, ...]) -> Any:
+    for name in ((wanted,) if wanted else fallbacks):
+        if name in row and row[name] not in (None, ""):
+            return row[name]
+    return None
+
+
+# --- indexed sources ----------------------------------------------------------------------------
+
+class IndexedSource:
+    """Random-access entries (folder, manifest)."""
+
+    kind = "indexed"
+
+    def __init__(self, entries: list[tuple[str, str | None, str | None, str | None]]) -> None:
+        # (key, image path, caption | "\0file:<caption path>" | None, problem) as plain tuples: a
+        # million of them pickle quickly to data-loader workers.
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, i: int) -> RawEntry:
+        key, image, caption, problem = self._entries[i]
+        if problem is not None:
+            return RawEntry(key, i, None, None, problem)
+        if caption is not None and caption.startswith("\0file:"):
+            path = caption[len("\0file:"):]
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    caption = fh.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                return RawEntry(key, i, None, None, f"caption file unreadable: {e}")
+        if caption is None:
+            return RawEntry(key, i, None, None, "missing caption")
+        return RawEntry(key, i, _read_file(image), caption)
+
+
+def folder_source(root: str) -> IndexedSource:
+    """Images anywhere under root; caption = same path with .txt (missing -> skipped, counted)."""
+    root = os.path.abspath(root)
+    images = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                images.append(os.path.join(dirpath, name))
+    images.sort(key=lambda p: Path(os.path.relpath(p, root)).as_posix())
+    entries = []
+    for path in images:
+        txt = os.path.splitext(path)[0] + ".txt"
+        caption = "\0file:" + txt if os.path.exists(txt) else None  # read lazily, in the worker
+        entries.append((_key_of(path, root), path, caption, None))
+    return IndexedSource(entries)
+
+
+def _manifest_entry(row: Any, n: int, image_root: str, image_column: str, caption_column: str
+                    ) -> tuple[str, str | None, str | None, str | None]:
+    if not isinstance(row, dict):
+        return (f"#line{n}", None, None, "manifest line is not an object")
+    image = _pick(row, image_column, IMAGE_FIELDS)
+    caption = _pick(row, caption_column, CAPTION_FIELDS)
+    if image is None:
+        return (f"#line{n}", None, None, "manifest line has no image path")
+    image = str(image)
+    path = image if os.path.isabs(image) else os.path.join(image_root, image)
+    key = _key_of(image, image_root) if os.path.isabs(image) else os.path.splitext(Path(image).as_posix())[0]
+    if caption is None:
+        return (key, path, None, "missing caption")
+    return (key, path, str(caption).strip(), None)
+
+
+def jsonl_source(path: str, image_root: str = "", image_column: str = "", caption_column: str = "") -> IndexedSource:
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    entries = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                entries.append((f"#line{n}", None, None, f"bad JSON: {e.msg}"))
+                continue
+            entries.append(_manifest_entry(row, n, root, image_column, caption_column))
+    return IndexedSource(entries)
+
+
+def csv_source(path: str, image_root: str = "", image_column: str = "", caption_column: str = "") -> IndexedSource:
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return IndexedSource([_manifest_entry(row, n, root, image_column, caption_column)
+                          for n, row in enumerate(rows, 2)])
+
+
+# --- tar shards ---------------------------------------------------------------------------------
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: 'dir/000123.jpg' -> ('dir/000123', 'jpg'); the key ends at the first
+    dot of the file name."""
+    d, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    a, b = m.group(1), m.group(2)
+    width = len(a)
+    out = []
+    for i in range(int(a), int(b) + 1):
+        out += _expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])
+    return out
+
+
+class TarSource:
+    """WebDataset-style shards, read member by member (never extracted to disk)."""
+
+    kind = "tar"
+
+    def __init__(self, shards: list[str], caption_column: str = "") -> None:
+        self.shards = shards
+        self.caption_column = caption_column
+
+    def iter_shard(self, shard: str) -> Iterator[RawEntry]:
+        try:
+            tf = tarfile.open(shard, mode="r:*")
+        except (OSError, tarfile.TarError) as e:
+            yield RawEntry(f"{shard}#unreadable", -1, None, None, f"unreadable shard: {e}")
+            return
+        # Not closed here: entries read their image lazily (in the worker that decodes them, maybe
+        # after the shuffle buffer held them past the shard's end); the file closes when unreferenced.
+        group: list[tarfile.TarInfo] = []
+        key = None
+        try:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                k, _ = _split_key(member.name)
+                if key is not None and k != key:
+                    yield self._entry(tf, key, group)
+                    group = []
+                key = k
+                group.append(member)
+        except (OSError, tarfile.TarError) as e:  # truncated shard: keep what was read
+            if group and key is not None:
+                yield self._entry(tf, key, group)
+            yield RawEntry(f"{shard}#truncated", -1, None, None, f"shard is damaged: {e}")
+            return
+        if group and key is not None:
+            yield self._entry(tf, key, group)
+
+    def _entry(self, tf: tarfile.TarFile, key: str, members: list[tarfile.TarInfo]) -> RawEntry:
+        by_ext = {_split_key(m.name)[1]: m for m in members}
+        image = next((by_ext[e.lstrip(".")] for e in IMAGE_EXTENSIONS if e.lstrip(".") in by_ext), None)
+        if image is None:
+            return RawEntry(key, -1, None, None, "no image in the shard entry")
+        caption = None
+        try:
+            if "txt" in by_ext:
+                caption = tf.extractfile(by_ext["txt"]).read().decode("utf-8").strip()  # type: ignore[union-attr]
+            elif "json" in by_ext:
+                meta = json.loads(tf.extractfile(by_ext["json"]).read())  # type: ignore[union-attr]
+                value = _pick(meta, self.caption_column, CAPTION_FIELDS) if isinstance(meta, dict) else None
+                caption = None if value is None else str(value).strip()
+        except (OSError, tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return RawEntry(key, -1, None, None, f"caption unreadable: {e}")
+        if caption is None:
+            return RawEntry(key, -1, None, None, "missing caption")
+
+        def load() -> bytes:
+            fh = tf.extractfile(image)
+            if fh is None:
+                raise BadImage("not a regular file")
+            return fh.read()
+        return RawEntry(key, -1, load, caption)
+
+
+def tar_source(path: str, caption_column: str = "") -> TarSource:
+    if os.path.isdir(path):
+        shards = sorted(glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
+    else:
+        shards = []
+        for p in _expand_braces(path):
+            shards += sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+    if not shards:
+        raise DatasetError(f"no .tar shards found at '{path}'")
+    return TarSource(shards, caption_column)
+
+
+Source = IndexedSource | TarSource
+
+
+def open_source(path: str, fmt: str = "auto", image_root: str = "", image_column: str = "",
+                caption_column: str = "") -> Source:
+    if fmt == "auto":
+        low = path.lower()
+        if low.endswith(".jsonl"):
+            fmt = "jsonl"
+        elif low.endswith(".csv"):
+            fmt = "csv"
+        elif low.endswith(".tar") or "{" in path or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar"))):
+            fmt = "tar"
+        elif os.path.isdir(path):
+            fmt = "folder"
+        else:
+            raise DatasetError(f"cannot tell the format of '{path}': give --data-format (folder, jsonl, csv, tar)")
+    if fmt != "tar" and not os.path.exists(path):
+        raise DatasetError(f"dataset '{path}' does not exist")
+    if fmt == "folder":
+        src: Source = folder_source(path)
+    elif fmt == "jsonl":
+        src = jsonl_source(path, image_root, image_column, caption_column)
+    elif fmt == "csv":
+        src = csv_source(path, image_root, image_column, caption_column)
+    elif fmt == "tar":
+        src = tar_source(path, caption_column)
+    else:
+        raise DatasetError(f"unknown dataset format '{fmt}'")
+    if isinstance(src, IndexedSource) and len(src) == 0:
+        raise DatasetError(f"no images found in '{path}'")
+    return src
+
+
+# --- order -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything the per-process order depends on."""
+
+    seed: int
+    shuffle: bool
+    rank: int = 0
+    world: int = 1
+    shuffle_buffer: int = 1000
+    resolution: int = 512
+    crop: str = "center"
+    epochs: int | None = None  # None = endless; 1 = one pass (the cache pre-pass)
+
+
+def _stable_seed(*parts: Any) -> int:
+    """A seed from values, the same in every process (unlike hash(), which is salted per process)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(_stable_seed(seed, epoch, "order"))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _buffer_shuffle(entries: Iterator[RawEntry], size: int, rng: random.Random) -> Iterator[RawEntry]:
+    buf: list[RawEntry] = []
+    for e in entries:
+        if len(buf) < size:
+            buf.append(e)
+            continue
+        j = rng.randrange(len(buf))
+        buf[j], e = e, buf[j]
+        yield e
+    rng.shuffle(buf)
+    yield from buf
+
+
+def epoch_entries(source: Source, spec: StreamSpec, epoch: int) -> Iterator[RawEntry]:
+    """This process's raw entries of one epoch, in order (lazy: nothing is decoded)."""
+    r, w = spec.rank, spec.world
+    if isinstance(source, IndexedSource):
+        order = _permutation(len(source), spec.seed, epoch) if spec.shuffle else list(range(len(source)))
+        return (source.entry(i) for i in order[r::w])
+    shards = list(source.shards)
+    if spec.shuffle:
+        shards = [shards[i] for i in _permutation(len(shards), spec.seed, epoch)]
+    split_by_shard = w > 1 and len(shards) >= w
+    mine = shards[r::w] if split_by_shard else shards
+    stream: Iterator[RawEntry] = itertools.chain.from_iterable(source.iter_shard(s) for s in mine)
+    if spec.shuffle and spec.shuffle_buffer > 1:
+        salt = r if split_by_shard else -1
+        stream = _buffer_shuffle(stream, spec.shuffle_buffer, random.Random(_stable_seed(spec.seed, epoch, salt, "buffer")))
+    return stream if split_by_shard or w == 1 else itertools.islice(stream, r, None, w)
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    consumed: int = 0  # entries of this process's stream already used in `epoch`
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Position:
+        return cls(int(d.get("epoch", 0)), int(d.get("consumed", 0)))
+
+
+def decode_entry(entry: RawEntry, spec: StreamSpec, epoch: int, position: int) -> Item:
+    item = Item(key=entry.key, index=entry.index, epoch=epoch, position=position)
+    if entry.problem is not None or entry.load is None:
+        item.problem = entry.problem or "unusable entry"
+        return item
+    try:
+        img = decode(entry.load())
+        prepared = prepare(img, spec.resolution, spec.crop, random.Random(sample_seed(spec.seed, epoch, entry.key)))
+    except BadImage as e:
+        item.problem = f"unreadable image: {e}"
+        return item
+    except OSError as e:
+        item.problem = f"image file unreadable: {e.strerror or e}"
+        return item
+    item.caption = entry.caption or ""
+    item.pixels = prepared.pixels
+    item.original_size = prepared.original_size
+    item.crop_top_left = prepared.crop_top_left
+    return item
+
+
+def iterate(source: Source, spec: StreamSpec, start: Position, worker: int = 0, num_workers: int = 1,
+            decode_fn: Callable[[RawEntry, StreamSpec, int, int], Any] = decode_entry) -> Iterator[Any]:
+    """Items of this process's stream from `start`; worker w of n yields entries j = w mod n."""
+    epoch, skip = start.epoch, start.consumed
+    ordinal = 0  # counts across epochs: the DataLoader's round-robin over workers does not restart
+    while spec.epochs is None or epoch < spec.epochs:
+        entries = epoch_entries(source, spec, epoch)
+        count = 0
+        for j, entry in enumerate(itertools.islice(entries, skip, None)):
+            count += 1
+            ordinal += 1
+            if (ordinal - 1) % num_workers == worker:
+                yield decode_fn(entry, spec, epoch, skip + j + 1)
+        if count == 0 and skip == 0:
+            raise DatasetError("this process's share of the dataset is empty (fewer samples than processes?)")
+        epoch, skip = epoch + 1, 0
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """The stream as a torch IterableDataset (batch_size=None DataLoader: one Item per entry)."""
+
+    def __init__(self, source: Source, spec: StreamSpec, start: Position,
+                 decode_fn: Callable[[RawEntry, StreamSpec, int, int], Any] = decode_entry) -> None:
+        super().__init__()
+        self.source, self.spec, self.start, self.decode_fn = source, spec, start, decode_fn
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        return iterate(self.source, self.spec, self.start, worker, n, self.decode_fn)
+
+
+def loader(stream: SampleStream, num_workers: int) -> Iterator[Any]:
+    if num_workers <= 0:
+        return iter(stream)
+    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                     collate_fn=lambda x: x, persistent_workers=False,
+                                     prefetch_factor=4, multiprocessing_context=_mp_context())
+    return iter(dl)
+
+
+def _mp_context() -> str | None:
+    # fork is fastest and keeps the (already imported) ComfyUI modules; spawn elsewhere.
+    import multiprocessing
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped entries by reason; the first few keys are kept for the log."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, key: str, problem: str) -> None:
+        reason = problem.split(":")[0]
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{key}: {problem}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "examples": list(self.examples)}
+
+    def merge(self, d: dict[str, Any]) -> None:
+        for k, v in d.get("counts", {}).items():
+            self.counts[k] = self.counts.get(k, 0) + int(v)
+        self.examples.extend(d.get("examples", [])[: max(0, 20 - len(self.examples))])

@@ -1,0 +1,337 @@
+"""The feature cache: a resumable pre-pass that stores VAE latents and the adapter-independent LLM
+(and CLIP) features in shards, so training epochs touch neither the VAE nor the LLM.
+
+Layout of --cache-dir:
+    cache.json                 what the cache was made from (refused if the run differs)
+    index-rank<R>.json         per building process: its finished shards and stream position
+    rank<R>-<NNNNN>.safetensors  shards: per sample <j>.latent, <j>.hidden, <j>.scores, <j>.mask,
+                               [<j>.clip, <j>.pooled]; metadata holds keys, captions, sizes
+    empty.safetensors          the empty prompt (caption dropout)
+
+Only the LLM layers the encoding reads are stored (score: H_0 and the scores; last / mean /
+layer:k: those hidden states), each trimmed to its real tokens: padding is zero and rebuilt on
+load. Every file is written to a temporary name and renamed, so a killed pre-pass loses at most
+the shard in progress and the next run continues from the last finished one.
+
+Size: per sample about (stored layers) x (tokens) x (LLM width) x 2 bytes in bf16; e.g. Llama-3-8B
+score encoding, 40-token captions: 33 x 40 x 4096 x 2 = 10.8 MB. Use it for sets that fit your disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import safetensors
+import safetensors.torch
+import torch
+
+from ..config import AdapterConfig, parse_encoding
+from ..errors import LLMDiffError
+from ..features import LLMFeatures, LLMSpec
+from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
+from .encoders import Conditioning, FrozenEncoders, pad, trim
+
+log = logging.getLogger("llmdiff.train")
+CACHE_VERSION = 1
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def stored_layers(config: AdapterConfig) -> tuple[list[int], bool]:
+    """(hidden-state indices, whether the scores) the adapter's encoding reads."""
+    mode, k = parse_encoding(config.encoding, config.llm.num_layers)
+    L = config.llm.num_layers
+    if mode == "score":
+        return ([0] if config.c0 == "embeddings" else []), True
+    if mode == "last":
+        return [L], False
+    if mode == "mean":
+        return list(range(1, L + 1)), False
+    return [int(k)], False  # type: ignore[arg-type]
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class CacheSpec:
+    """What a cache depends on; a run with other values must not read it."""
+
+    fingerprint: dict[str, Any]
+    llm: LLMSpec
+    max_tokens: int
+    layers: list[int]
+    scores: bool
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "llm": self.llm.to_dict(),
+                "max_tokens": self.max_tokens, "layers": self.layers, "scores": self.scores, "dtype": self.dtype}
+
+
+def make_spec(config: AdapterConfig, fingerprint: dict[str, Any], dtype: str) -> CacheSpec:
+    layers, scores = stored_layers(config)
+    return CacheSpec(fingerprint=fingerprint, llm=config.llm, max_tokens=config.max_tokens, layers=layers,
+                     scores=scores, dtype=dtype)
+
+
+def check_or_create(cache_dir: Path, spec: CacheSpec, is_main: bool) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / "cache.json"
+    want = spec.to_json()
+    if path.exists():
+        have = json.loads(path.read_text(encoding="utf-8"))
+        if have != want:
+            diff = sorted(k for k in set(have.get("fingerprint", {})) | set(want["fingerprint"])
+                          if have.get("fingerprint", {}).get(k) != want["fingerprint"].get(k))
+            other = sorted(k for k in want if k != "fingerprint" and have.get(k) != want[k])
+            raise LLMDiffError(f"the feature cache in '{cache_dir}' was made with other settings "
+                               f"({', '.join(diff + other)} differ): use a new --cache-dir for this run")
+    elif is_main:
+        _atomic_write_json(path, want)
+
+
+# --- building -----------------------------------------------------------------------------------
+
+def _record(cond: Conditioning, i: int, spec: CacheSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    hidden, scores, mask = trim(cond.features, i)
+    rec = {"latent": cond.latents[i].contiguous(), "mask": mask.contiguous()}
+    rec["hidden"] = hidden[spec.layers].to(dtype).contiguous() if spec.layers else torch.zeros(0, dtype=dtype)
+    rec["scores"] = scores.to(dtype).contiguous() if spec.scores else torch.zeros(0, dtype=dtype)
+    if cond.clip is not None:
+        rec["clip"] = cond.clip[i].contiguous()
+    if cond.pooled is not None:
+        rec["pooled"] = cond.pooled[i].contiguous()
+    return rec
+
+
+class _ShardWriter:
+    def __init__(self, cache_dir: Path, rank: int, spec: CacheSpec, index: dict[str, Any]) -> None:
+        self.dir, self.rank, self.spec, self.index = cache_dir, rank, spec, index
+        self.dtype = DTYPES[spec.dtype]
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.meta: list[dict[str, Any]] = []
+
+    def add(self, cond: Conditioning, i: int, item: Item) -> None:
+        j = len(self.meta)
+        for name, t in _record(cond, i, self.spec, self.dtype).items():
+            self.tensors[f"{j}.{name}"] = t
+        h, w, top, left = cond.sizes[i]
+        self.meta.append({"key": item.key, "index": item.index, "caption": item.caption, "size": [h, w, top, left]})
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def flush(self, position: Position, skipped: SkipCounter) -> None:
+        """Write the shard, then the index that names it and the position after it (in that order:
+        a crash between the two leaves an unlisted shard that the next run overwrites)."""
+        shards = self.index.setdefault("shards", [])
+        if self.meta:
+            name = f"rank{self.rank}-{len(shards):05d}.safetensors"
+            _atomic_save(self.tensors, self.dir / name, {"samples": json.dumps(self.meta)})
+            shards.append({"file": name, "count": len(self.meta)})
+        self.index["position"] = position.to_dict()
+        self.index["skipped"] = skipped.to_dict()
+        _atomic_write_json(self.dir / f"index-rank{self.rank}.json", self.index)
+        self.tensors, self.meta = {}, []
+
+
+def build(cache_dir: Path, source: Any, stream_spec: StreamSpec, encoders: FrozenEncoders, spec: CacheSpec,
+          batch_size: int, shard_size: int, num_workers: int, rank: int, progress: Any = None) -> SkipCounter:
+    """Encode this process's share of the dataset into shards; continues a previous partial build."""
+    index_path = cache_dir / f"index-rank{rank}.json"
+    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else {}
+    if index.get("complete"):
+        skipped = SkipCounter()
+        skipped.merge(index.get("skipped", {}))
+        return skipped
+    index["world"] = stream_spec.world
+    if index.get("shards") and index.get("world_built", stream_spec.world) != stream_spec.world:
+        raise LLMDiffError(f"the feature cache in '{cache_dir}' was started with {index['world_built']} processes; "
+                           f"finish it with the same number (or start a new --cache-dir)")
+    index["world_built"] = stream_spec.world
+    start = Position.from_dict(index.get("position", {}))
+    skipped = SkipCounter()
+    skipped.merge(index.get("skipped", {}))
+    if rank == 0 and not (cache_dir / "empty.safetensors").exists():
+        e_feat, e_clip, e_pooled = encoders.empty_prompt()
+        empty = Conditioning([""], torch.zeros(1, 0), e_feat, e_clip, e_pooled, [(0, 0, 0, 0)])
+        rec = _record(empty, 0, spec, DTYPES[spec.dtype])
+        rec.pop("latent")
+        _atomic_save(rec, cache_dir / "empty.safetensors", {})
+    writer = _ShardWriter(cache_dir, rank, spec, index)
+    pending: list[Item] = []
+
+    def encode_pending() -> None:
+        nonlocal pending
+        if not pending:
+            return
+        cond = encoders.encode([it.key for it in pending], torch.stack([it.pixels for it in pending]),
+                               [it.caption for it in pending],
+                               [(*it.original_size, *it.crop_top_left) for it in pending])
+        for i, it in enumerate(pending):
+            writer.add(cond, i, it)
+            if len(writer) >= shard_size:  # resume point: right after this sample
+                writer.flush(Position(it.epoch, it.position), skipped)
+        pending = []
+
+    for item in loader(SampleStream(source, stream_spec, start), num_workers):
+        if item.problem is not None:
+            skipped.add(item.key, item.problem)
+        else:
+            pending.append(item)
+            if progress is not None:
+                progress(1)
+        if len(pending) >= batch_size:
+            encode_pending()
+    encode_pending()
+    writer.flush(Position(1, 0), skipped)
+    index["complete"] = True
+    _atomic_write_json(index_path, index)
+    return skipped
+
+
+def is_complete(cache_dir: Path, world: int) -> bool:
+    """Finished by `world` processes; a cache finished by another number of processes counts too."""
+    indexes = list(cache_dir.glob("index-rank*.json"))
+    if indexes:
+        built = json.loads(indexes[0].read_text(encoding="utf-8")).get("world_built", world)
+        world = int(built)
+    return all((cache_dir / f"index-rank{r}.json").exists()
+               and json.loads((cache_dir / f"index-rank{r}.json").read_text(encoding="utf-8")).get("complete")
+               for r in range(world))
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+@dataclass
+class CachedSample:
+    key: str
+    index: int
+    epoch: int
+    position: int
+    caption: str
+    size: tuple[int, int, int, int]
+    tensors: dict[str, torch.Tensor]
+    problem: str | None = None
+
+
+class CachedSource(IndexedSource):
+    """The finished cache as an indexed source, in the dataset's natural order (whatever the number
+    of processes that built it), so the training order matches an on-the-fly run's."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.dir = Path(cache_dir)
+        records: list[tuple[int, str, str, int, str, list[int]]] = []
+        for idx_file in sorted(self.dir.glob("index-rank*.json")):
+            index = json.loads(idx_file.read_text(encoding="utf-8"))
+            if not index.get("complete"):
+                raise LLMDiffError(f"the feature cache in '{self.dir}' is not finished ({idx_file.name}): run with "
+                                   f"--cache-only first, or without it to build and train")
+            for shard in index.get("shards", []):
+                with safetensors.safe_open(str(self.dir / shard["file"]), framework="pt") as f:
+                    meta = json.loads(f.metadata()["samples"])
+                for j, m in enumerate(meta):
+                    records.append((int(m["index"]), m["key"], shard["file"], j, m["caption"], m["size"]))
+        if not records:
+            raise LLMDiffError(f"the feature cache in '{self.dir}' holds no samples")
+        records.sort(key=lambda r: (r[0], r[1]))
+        self.records = records
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        super().__init__([])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"] = OrderedDict()  # file handles do not travel to workers
+        return state
+
+    def _handle(self, name: str) -> Any:
+        if name in self._open:
+            self._open.move_to_end(name)
+            return self._open[name]
+        h = safetensors.safe_open(str(self.dir / name), framework="pt")
+        self._open[name] = h
+        if len(self._open) > 8:
+            self._open.popitem(last=False)
+        return h
+
+    def entry(self, i: int) -> RawEntry:
+        index, key, file, j, caption, size = self.records[i]
+
+        def load() -> Any:
+            h = self._handle(file)
+            names = [n for n in ("latent", "hidden", "scores", "mask", "clip", "pooled") if f"{j}.{n}" in h.keys()]
+            return {n: h.get_tensor(f"{j}.{n}") for n in names}, tuple(size)
+        return RawEntry(key, index, load, caption)
+
+
+def decode_cached(entry: RawEntry, spec: StreamSpec, epoch: int, position: int) -> CachedSample:
+    tensors, size = entry.load()  # type: ignore[misc]
+    return CachedSample(entry.key, entry.index, epoch, position, entry.caption or "", size, tensors)
+
+
+def load_empty(cache_dir: Path, spec: CacheSpec) -> tuple[LLMFeatures, torch.Tensor | None, torch.Tensor | None]:
+    rec = safetensors.torch.load_file(str(Path(cache_dir) / "empty.safetensors"))
+    feat = features_from(rec, spec)
+    clip = rec["clip"][None] if "clip" in rec else None
+    pooled = rec["pooled"][None] if "pooled" in rec else None
+    return feat, clip, pooled
+
+
+def features_from(rec: dict[str, torch.Tensor], spec: CacheSpec) -> LLMFeatures:
+    """A stored record back to a padded one-row LLMFeatures (layers not stored are zero)."""
+    mask = rec["mask"].bool()
+    n = mask.shape[0]
+    L, D = spec.llm.num_layers, spec.llm.hidden_size
+    hidden = torch.zeros(L + 1, n, D)
+    if spec.layers:
+        hidden[spec.layers] = rec["hidden"].float()
+    scores = rec["scores"].float() if spec.scores else torch.zeros(L, n, D)
+    return pad(spec.llm, hidden, scores, mask, spec.max_tokens)
+
+
+def collate(samples: list[CachedSample], spec: CacheSpec) -> Conditioning:
+    from .encoders import repeat_to_common_length
+
+    feats = LLMFeatures.cat([features_from(s.tensors, spec) for s in samples])
+    has_clip = all("clip" in s.tensors for s in samples)
+    has_pooled = all("pooled" in s.tensors for s in samples)
+    return Conditioning(
+        keys=[s.key for s in samples], latents=torch.stack([s.tensors["latent"].float() for s in samples]),
+        features=feats, clip=repeat_to_common_length([s.tensors["clip"].float() for s in samples]) if has_clip else None,
+        pooled=torch.stack([s.tensors["pooled"].float() for s in samples]) if has_pooled else None,
+        sizes=[tuple(s.size) for s in samples])  # type: ignore[misc]
+
+
+def iter_items(source: CachedSource, stream_spec: StreamSpec, start: Position, num_workers: int) -> Iterator[Any]:
+    return loader(SampleStream(source, stream_spec, start, decode_cached), num_workers)

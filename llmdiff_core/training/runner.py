@@ -1,0 +1,302 @@
+"""Loads the base model through ComfyUI, the LLM, the data; builds the adapter; runs the loop; exports.
+
+`run(opts)` is the script. `run_with(opts, components)` takes models that are already loaded (the
+tests pass tiny ones); both end in the same code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..adapter import LLMDiffAdapter
+from ..config import AdapterConfig
+from ..errors import LLMDiffError
+from ..unet_sites import base_family, find_sites
+from . import checkpointing, feature_cache, previews
+from .data import Position, StreamSpec, loader, open_source, SampleStream
+from .encoders import Conditioning, FrozenEncoders
+from .loop import Trainer, TrainingStopped, TrainModule
+from .objective import prediction_type
+from .options import TrainOptions
+from .patching import TrainingHooks, enable_gradient_checkpointing, patch_for_training
+from .tracking import Tracker
+
+log = logging.getLogger("llmdiff.train")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Components:
+    """The frozen models: a comfy ModelPatcher, its CLIP (or None), its VAE, and the LLM (LoadedLLM;
+    None is allowed when training only from a finished feature cache without validation prompts)."""
+
+    model_patcher: Any
+    clip: Any
+    vae: Any
+    llm: Any
+    base_name: str = ""
+    llm_name: str = ""
+    llm_spec: Any = None  # LLMSpec when llm is None (read from a finished feature cache)
+
+    @property
+    def spec(self) -> Any:
+        return self.llm.spec if self.llm is not None else self.llm_spec
+
+
+def make_accelerator(opts: TrainOptions) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if "WORLD_SIZE" not in os.environ and "LOCAL_RANK" not in os.environ:
+        # In-process callers (tests, notebooks) may build several runs with other settings.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    mp = opts.mixed_precision
+    cuda = torch.cuda.is_available()
+    if mp == "auto":
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True on CPU machines: accelerate then runs multi-process over gloo (MULTI_CPU) when launched
+    # by torchrun or `accelerate launch --multi_gpu` (not `--cpu`, which starts one process only).
+    return Accelerator(cpu=not cuda, mixed_precision=mp)
+
+
+def unet_dtype(opts: TrainOptions, mixed_precision: str) -> torch.dtype:
+    if opts.unet_dtype != "auto":
+        return DTYPES[opts.unet_dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def load_components(opts: TrainOptions, accelerator: Any) -> Components:
+    import comfy.sd
+
+    from ..llm import load_llm
+
+    if not os.path.isfile(opts.base_model):
+        raise LLMDiffError(f"base model '{opts.base_model}' not found (a single-file SD1.5 / SDXL checkpoint)")
+    want_clip = opts.original_path == "clip" or bool(opts.validation_prompts)
+    mp, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        opts.base_model, output_vae=True, output_clip=want_clip, output_clipvision=False,
+        model_options={"dtype": unet_dtype(opts, accelerator.mixed_precision)})
+    if vae is None:
+        raise LLMDiffError(f"'{opts.base_model}' has no VAE: training needs one to make latents")
+    names = dict(base_name=os.path.basename(opts.base_model), llm_name=os.path.basename(os.path.normpath(opts.llm)))
+    cached_spec = _finished_cache_llm(opts, accelerator.num_processes)
+    if cached_spec is not None and not opts.validation_prompts:
+        # Everything the LLM would compute is in the cache: do not spend its memory on the GPU.
+        accelerator.print(f"training from the finished feature cache in {opts.cache_dir}: the LLM is not loaded")
+        return Components(mp, clip, vae, None, llm_spec=cached_spec, **names)
+    llm_dtype = opts.llm_dtype
+    if llm_dtype == "auto" and accelerator.device.type == "cpu":
+        llm_dtype = "fp32"
+    llm = load_llm(opts.llm, dtype=llm_dtype, device=accelerator.device, trust_remote_code=opts.trust_remote_code)
+    llm.model.requires_grad_(False)
+    return Components(mp, clip, vae, llm, **names)
+
+
+def _finished_cache_llm(opts: TrainOptions, world: int) -> Any:
+    """The LLMSpec recorded in a finished feature cache, or None."""
+    import json
+
+    from ..features import LLMSpec
+
+    if not opts.cache_dir or opts.cache_only:
+        return None
+    cache_dir = Path(opts.cache_dir)
+    meta = cache_dir / "cache.json"
+    if not meta.exists() or not (cache_dir / "empty.safetensors").exists() \
+            or not feature_cache.is_complete(cache_dir, world):
+        return None
+    return LLMSpec.from_dict(json.loads(meta.read_text(encoding="utf-8"))["llm"])
+
+
+def build_adapter(opts: TrainOptions, components: Components, device: torch.device) -> LLMDiffAdapter:
+    unet = components.model_patcher.model.diffusion_model
+    sites, modules = find_sites(unet)
+    family = base_family(components.model_patcher.model)
+    if opts.init_adapter:
+        from ..adapter_file import load_adapter
+        from ..validation import check_adapter_matches_llm, check_adapter_matches_model
+
+        adapter = load_adapter(opts.init_adapter, dtype=torch.float32)
+        check_adapter_matches_model(adapter.config, components.model_patcher)
+        check_adapter_matches_llm(adapter.config, components.spec)
+    else:
+        config = AdapterConfig(base=family, sites=sites, llm=components.spec, encoding=opts.encoding,
+                               original_path=opts.original_path, c0=opts.c0, gate_init=opts.gate_init,
+                               rho_init=opts.rho_init, max_tokens=opts.max_tokens)
+        adapter = LLMDiffAdapter(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opts.seed)
+            adapter.reset_parameters([m.to_q.weight.detach().float().cpu() for m in modules])
+    adapter = adapter.to(device=device, dtype=torch.float32).train()
+    # Parameters the chosen encoding never uses get no gradient: freeze them (DDP requires every
+    # trainable parameter to take part in the loss).
+    if adapter.encoder.mode != "score":
+        adapter.encoder.gate.requires_grad_(False)
+        adapter.encoder.rho.requires_grad_(False)
+    elif not opts.langevin_noise:
+        adapter.encoder.rho.requires_grad_(False)
+    return adapter
+
+
+def _fingerprint(opts: TrainOptions, components: Components, resolution: int) -> dict[str, Any]:
+    def file_id(p: str) -> Any:
+        try:
+            st = os.stat(p)
+            return [os.path.basename(p), st.st_size]
+        except OSError:
+            return os.path.basename(p)
+    return {"base_model": file_id(opts.base_model) if opts.base_model else components.base_name,
+            "llm": components.llm_name, "data": os.path.abspath(opts.data), "resolution": resolution,
+            "crop": opts.crop, "original_path": opts.original_path, "max_tokens": opts.max_tokens}
+
+
+def run(opts: TrainOptions) -> int:
+    """The script: load through ComfyUI, train, export. Returns the process exit code."""
+    accelerator = make_accelerator(opts)
+    components = load_components(opts, accelerator)
+    return run_with(opts, components, accelerator)
+
+
+def run_with(opts: TrainOptions, components: Components, accelerator: Any = None) -> int:
+    import comfy.model_management as mm
+
+    accelerator = accelerator or make_accelerator(opts)
+    out_dir = Path(opts.output_dir)
+    device = accelerator.device
+    mp = components.model_patcher
+    family = base_family(mp.model)
+    if family not in ("sd15", "sdxl"):
+        raise LLMDiffError(f"the base model is a {type(mp.model).__name__}; LLMDiff trains on SD1.5 and SDXL")
+    resolution = opts.resolution or (1024 if family == "sdxl" else 512)
+    prediction = prediction_type(mp.model)
+
+    # Frozen U-Net on the training device, weights patched (LoRAs merged) the way ComfyUI runs it.
+    mp.model.requires_grad_(False)
+    mm.load_models_gpu([mp], force_full_load=True)
+    if mp.model.diffusion_model.dtype != torch.float32 and device.type == "cpu":
+        log.warning("the U-Net weights are %s on CPU: slow; use --unet-dtype fp32", mp.model.diffusion_model.dtype)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    if components.spec is None:
+        components.llm_spec = _finished_cache_llm(opts, accelerator.num_processes)
+        if components.llm_spec is None:
+            raise LLMDiffError("no LLM loaded and no finished feature cache to train from")
+    adapter = build_adapter(opts, components, device)
+    hooks = TrainingHooks(langevin_noise=opts.langevin_noise)
+    patched, _ = patch_for_training(mp, adapter, hooks)
+    undo_ckpt = enable_gradient_checkpointing(mp.model.diffusion_model) if opts.gradient_checkpointing else None
+
+    encoders = FrozenEncoders(components.vae, components.llm, components.clip, opts.max_tokens,
+                              need_clip=adapter.config.original_path == "clip", need_pooled=family == "sdxl")
+    source = open_source(opts.data, opts.data_format, opts.image_root, opts.image_column, opts.caption_column)
+    spec = StreamSpec(seed=opts.seed, shuffle=opts.shuffle, rank=accelerator.process_index,
+                      world=accelerator.num_processes, shuffle_buffer=opts.shuffle_buffer, resolution=resolution,
+                      crop=opts.crop)
+    validation = []
+    if opts.validation_prompts and accelerator.is_main_process:
+        validation = previews.prepare(encoders, opts.validation_prompts, opts.validation_negative)
+
+    summary = {
+        "trainer": f"ComfyUI-LLMDiff {__version__} llmdiff_core/train.py", "base_model": components.base_name,
+        "llm": components.llm_name, "data": os.path.basename(os.path.normpath(opts.data)),
+        "resolution": resolution, "prediction": prediction, "batch_size": opts.batch_size,
+        "grad_accum": opts.grad_accum, "global_batch": opts.batch_size * opts.grad_accum * accelerator.num_processes,
+        "lr": opts.lr, "lr_schedule": opts.lr_schedule, "warmup_steps": opts.warmup_steps,
+        "max_steps": opts.max_steps, "caption_dropout": opts.caption_dropout,
+        "mixed_precision": accelerator.mixed_precision, "ema_decay": opts.ema_decay,
+        "min_snr_gamma": opts.min_snr_gamma, "langevin_noise": opts.langevin_noise, "seed": opts.seed,
+        "feature_cache": bool(opts.cache_dir),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+    # --- feature cache: build (resumable), then read from it -----------------------------------
+    empty = encoders.empty_prompt() if components.llm is not None else None
+    make_conditioning: Any
+    cache_source = None
+    if opts.cache_dir:
+        cache_dir = Path(opts.cache_dir)
+        cspec = feature_cache.make_spec(adapter.config, _fingerprint(opts, components, resolution), opts.cache_dtype)
+        feature_cache.check_or_create(cache_dir, cspec, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        if not feature_cache.is_complete(cache_dir, accelerator.num_processes) or not (cache_dir / "empty.safetensors").exists():
+            if components.llm is None:
+                raise LLMDiffError("the feature cache is not finished and no LLM is loaded to finish it")
+            build_spec = StreamSpec(seed=opts.seed, shuffle=False, rank=accelerator.process_index,
+                                    world=accelerator.num_processes, resolution=resolution, crop=opts.crop, epochs=1)
+            bar = None
+            if accelerator.is_main_process and opts.progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(desc="feature cache", unit="img", dynamic_ncols=True)
+            skipped = feature_cache.build(cache_dir, source, build_spec, encoders, cspec, opts.cache_batch_size,
+                                          opts.cache_shard_size, opts.num_workers, accelerator.process_index,
+                                          progress=bar.update if bar is not None else None)
+            if bar is not None:
+                bar.close()
+            if skipped.total:
+                log.warning("feature cache: %d entries skipped (%s)", skipped.total, skipped.counts)
+        accelerator.wait_for_everyone()
+        if opts.cache_only:
+            accelerator.print(f"feature cache complete in {cache_dir}")
+            _cleanup(undo_ckpt)
+            return 0
+        cache_source = feature_cache.CachedSource(cache_dir)
+        empty = feature_cache.load_empty(cache_dir, cspec)
+
+        def make_conditioning(samples: list[Any]) -> Conditioning:
+            return feature_cache.collate(samples, cspec)
+    else:
+        def make_conditioning(items: list[Any]) -> Conditioning:
+            return encoders.encode([it.key for it in items], torch.stack([it.pixels for it in items]),
+                                   [it.caption for it in items],
+                                   [(*it.original_size, *it.crop_top_left) for it in items])
+    if empty is None:
+        raise LLMDiffError("no LLM loaded to encode the empty prompt")
+
+    module = TrainModule(adapter, patched, hooks, adapter.config.llm, prediction, opts.min_snr_gamma,
+                         adapter.config.context_dim)
+    trainer = Trainer(opts, accelerator, module, mp, iter(()), make_conditioning, empty, components.vae,
+                      validation, summary)
+    trainer.build_optimizer()
+    ckpt = checkpointing.find_checkpoint(out_dir, opts.resume)
+    if opts.resume and ckpt is None:
+        accelerator.print(f"--resume {opts.resume}: no checkpoint in {out_dir} yet, starting fresh")
+    if ckpt is not None:
+        trainer.resume(ckpt)
+    start: Position = trainer.state.position
+    if cache_source is not None:
+        trainer.items = feature_cache.iter_items(cache_source, spec, start, opts.num_workers)
+    else:
+        trainer.items = loader(SampleStream(source, spec, start), opts.num_workers)
+
+    tracker = Tracker(out_dir, accelerator.is_main_process, opts.tensorboard, opts.progress, opts.max_steps,
+                      trainer.state.step)
+    code = 0
+    try:
+        outcome = trainer.run(tracker)
+        if outcome == "done" and accelerator.is_main_process:
+            path = checkpointing.export(adapter, out_dir / opts.export_name, trainer.training_summary(trainer.state.skipped),
+                                        trainer.ema.shadow if trainer.ema is not None else None)
+            tracker.message(f"adapter written to {path} (copy it to ComfyUI/models/llmdiff/)")
+    except TrainingStopped as e:
+        tracker.message(f"ERROR: {e}")
+        log.error("%s", e)
+        code = TrainingStopped.exit_code
+    finally:
+        tracker.close()
+        _cleanup(undo_ckpt)
+    accelerator.wait_for_everyone()
+    return code
+
+
+def _cleanup(undo_ckpt: Any) -> None:
+    if undo_ckpt is not None:
+        undo_ckpt()

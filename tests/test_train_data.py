@@ -1,0 +1,147 @@
+"""Training data and options: every dataset format yields the same samples; bad entries are skipped
+and counted; the per-process order is resumable and independent of worker count; flags and YAML."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmdiff_core.training import data as D
+from llmdiff_core.training.options import OptionsError, build_parser, parse_options
+from train_support import make_images, write_csv, write_folder, write_jsonl, write_tars
+
+RES = 32
+
+
+def _one_pass(source, **kw) -> list[D.Item]:
+    spec = D.StreamSpec(seed=0, shuffle=False, resolution=RES, epochs=1, **kw)
+    return list(D.iterate(source, spec, D.Position()))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_images(7)
+
+
+def test_every_format_yields_the_same_samples(tmp_path: Path, samples) -> None:
+    sources = {
+        "folder": D.open_source(str(write_folder(tmp_path / "f", samples))),
+        "jsonl": D.open_source(str(write_jsonl(tmp_path / "j", samples)), image_root=str(tmp_path / "j" / "images")),
+        "csv": D.open_source(str(write_csv(tmp_path / "c", samples))),
+        "tar": D.open_source(str(write_tars(tmp_path / "t", samples, per_shard=3))),
+        "tar-json": D.open_source(str(write_tars(tmp_path / "tj", samples, per_shard=2, json_captions=True))),
+        "tar-pattern": D.open_source(str(tmp_path / "t" / "shard-{000..002}.tar")),
+    }
+    runs = {name: _one_pass(src) for name, src in sources.items()}
+    ref = runs["folder"]
+    assert [it.key for it in ref] == [k for k, _, _ in samples]
+    assert all(it.problem is None for it in ref)
+    for name, items in runs.items():
+        assert [it.key for it in items] == [it.key for it in ref], name
+        assert [it.caption for it in items] == [it.caption for it in ref], name
+        for a, b in zip(items, ref):
+            assert a.pixels.shape == (RES, RES, 3)
+            assert torch.equal(a.pixels, b.pixels), (name, a.key)
+            assert a.original_size == b.original_size and a.crop_top_left == b.crop_top_left
+
+
+def test_broken_entries_are_skipped_and_counted(tmp_path: Path, samples) -> None:
+    root = write_folder(tmp_path / "f", samples)
+    (root / "img_001.png").write_bytes(b"not a png at all")  # corrupt image
+    (root / "img_002.txt").unlink()  # missing caption
+    (root / "img_003.png").write_bytes((root / "img_003.png").read_bytes()[:60])  # truncated file
+    items = _one_pass(D.open_source(str(root)))
+    problems = {it.key: it.problem for it in items if it.problem}
+    assert set(problems) == {"img_001", "img_002", "img_003"}
+    assert problems["img_002"] == "missing caption"
+    assert problems["img_001"].startswith("unreadable image")
+    counter = D.SkipCounter()
+    for k, p in problems.items():
+        counter.add(k, p)
+    assert counter.total == 3 and counter.counts == {"unreadable image": 2, "missing caption": 1}
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([
+        json.dumps({"image": str(root / "img_000.png"), "caption": "ok"}),
+        "{this is not json",
+        json.dumps({"image": str(root / "img_004.png")}),
+        json.dumps({"caption": "no image"}),
+        json.dumps({"image": str(root / "missing.png"), "caption": "gone"}),
+    ]) + "\n")
+    items = _one_pass(D.open_source(str(manifest)))
+    assert [it.problem is None for it in items] == [True, False, False, False, False]
+    assert "bad JSON" in items[1].problem and items[2].problem == "missing caption"
+
+    tars = write_tars(tmp_path / "t", samples, per_shard=4)
+    with tarfile.open(tars / "shard-000.tar", "a") as tf:  # an entry with no caption
+        info = tarfile.TarInfo("lonely.png")
+        png = samples[0][1]
+        info.size = len(png)
+        import io
+        tf.addfile(info, io.BytesIO(png))
+    (tars / "shard-009.tar").write_bytes(b"garbage, not a tar")
+    items = _one_pass(D.open_source(str(tars)))
+    bad = {it.key: it.problem for it in items if it.problem}
+    assert bad["lonely"] == "missing caption"
+    assert any("unreadable shard" in p for p in bad.values())
+    assert sum(it.problem is None for it in items) == len(samples)
+
+
+def test_order_is_resumable_sharded_and_worker_independent(tmp_path: Path, samples) -> None:
+    src = D.open_source(str(write_folder(tmp_path / "f", samples)))
+    spec = D.StreamSpec(seed=3, shuffle=True, resolution=RES)
+    stream = D.iterate(src, spec, D.Position())
+    first = [next(stream) for _ in range(17)]  # crosses two epoch boundaries (7 per epoch)
+    assert sorted(it.key for it in first[:7]) == sorted(k for k, _, _ in samples)
+    assert [it.key for it in first[:7]] != [it.key for it in first[7:14]]  # reshuffled per epoch
+    resumed = D.iterate(src, spec, D.Position(first[9].epoch, first[9].position))
+    assert [it.key for it in first[10:]] == [next(resumed).key for _ in range(7)]
+
+    # two processes together see exactly the single process's samples
+    r0 = D.iterate(src, D.StreamSpec(seed=3, shuffle=True, resolution=RES, rank=0, world=2), D.Position())
+    r1 = D.iterate(src, D.StreamSpec(seed=3, shuffle=True, resolution=RES, rank=1, world=2), D.Position())
+    a, b = [next(r0).key for _ in range(3)], [next(r1).key for _ in range(3)]
+    assert [k for pair in zip(a, b) for k in pair] == [it.key for it in first[:6]]
+
+    # any number of data-loader workers gives the stream order
+    loaded = D.loader(D.SampleStream(src, spec, D.Position()), num_workers=2)
+    assert [next(loaded).key for _ in range(9)] == [it.key for it in first[:9]]
+
+
+def test_tar_shards_split_by_process(tmp_path: Path, samples) -> None:
+    src = D.open_source(str(write_tars(tmp_path / "t", samples, per_shard=2)))  # 4 shards
+    keys = []
+    for rank in range(2):
+        spec = D.StreamSpec(seed=0, shuffle=True, resolution=RES, rank=rank, world=2, epochs=1, shuffle_buffer=3)
+        keys.append([it.key for it in D.iterate(src, spec, D.Position())])
+    assert not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == sorted(k for k, _, _ in samples)
+
+
+def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("base_model: a.safetensors\nllm: llm\ndata: d\nlr: 0.002\nbatch-size: 3\n"
+                   "validation_prompts: [a cat, a dog]\ngradient_checkpointing: true\n")
+    opts = parse_options(["--config", str(cfg), "--lr", "0.005"])
+    assert opts.lr == 0.005 and opts.batch_size == 3 and opts.gradient_checkpointing
+    assert opts.validation_prompts == ["a cat", "a dog"]
+    cfg.write_text("base_model: a\nllm: b\ndata: c\nlearning_rate: 1\n")
+    with pytest.raises(OptionsError, match="unknown option 'learning_rate'"):
+        parse_options(["--config", str(cfg)])
+    with pytest.raises(OptionsError, match="--base-model"):
+        parse_options(["--llm", "x", "--data", "y"])
+
+
+def test_help_documents_every_option_with_its_default() -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.dest in ("help",):
+            continue
+        assert action.help, action.dest
+        assert "default:" in parser._get_formatter()._get_help_string(action) or "(default" in text
+    assert text.count("(default:") >= len([a for a in parser._actions if a.dest != "help"])

@@ -1,0 +1,81 @@
+"""The loss in x0 space equals the standard epsilon / v losses under ComfyUI's own model_sampling;
+min-SNR weighting; per-sample draws; LR schedule; EMA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import comfy.model_sampling as cms
+import comfy.supported_models
+from llmdiff_core.training import objective
+from llmdiff_core.training.ema import EMA
+from llmdiff_core.training.schedule import lr_lambda
+
+
+def _sampling(kind: type) -> object:
+    class MS(cms.ModelSamplingDiscrete, kind):
+        pass
+    return MS(comfy.supported_models.SD15({}))
+
+
+@pytest.mark.parametrize("kind,prediction", [(cms.EPS, "eps"), (cms.V_PREDICTION, "v")])
+def test_x0_space_loss_is_the_standard_loss(kind: type, prediction: str) -> None:
+    ms = _sampling(kind)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=g)
+    eps = torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([5.0, 500.0, 990.0])
+    sigma = ms.sigma(t)
+    x_t = ms.noise_scaling(sigma, eps, x0)
+    model_out = torch.randn(3, 4, 8, 8, generator=g)  # what a U-Net would predict (eps or v)
+    x0_hat = ms.calculate_denoised(sigma, model_out, x_t)
+    if prediction == "eps":
+        target = eps
+    else:  # v = alpha * eps - sigma_vp * x0 in the variance-preserving form
+        alpha = 1 / torch.sqrt(1 + sigma ** 2)
+        target = alpha.view(-1, 1, 1, 1) * eps - (sigma * alpha).view(-1, 1, 1, 1) * x0
+    standard = (model_out - target).pow(2).flatten(1).mean(1)
+    ours = objective.diffusion_loss(x0_hat, x0, sigma, prediction)
+    torch.testing.assert_close(ours, standard, rtol=1e-4, atol=1e-5)
+    # min-SNR-gamma: standard weight min(snr, gamma)/snr (eps) or /(snr+1) (v)
+    snr = 1 / sigma.double() ** 2
+    w = torch.clamp(snr, max=5.0) / (snr if prediction == "eps" else snr + 1)
+    torch.testing.assert_close(objective.diffusion_loss(x0_hat, x0, sigma, prediction, 5.0),
+                               (w * standard.double()).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_draws_depend_only_on_the_sample_seed() -> None:
+    a = objective.draw([11, 22, 33], (4, 2, 2), 1000, 0.5)
+    b = objective.draw([22], (4, 2, 2), 1000, 0.5)
+    assert int(a.timesteps[1]) == int(b.timesteps[0])
+    assert torch.equal(a.noise[1], b.noise[0]) and a.drop_caption[1] == b.drop_caption[0]
+    many = objective.draw(list(range(2000)), (1, 1, 1), 1000, 0.1)
+    assert 0.07 < sum(many.drop_caption) / 2000 < 0.13
+    assert int(many.timesteps.min()) >= 0 and int(many.timesteps.max()) <= 999
+
+
+def test_lr_schedule() -> None:
+    f = lr_lambda(10, 110, "cosine", 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert lr_lambda(0, 100, "constant")(50) == 1.0
+
+
+def test_ema() -> None:
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, decay=0.5)
+    start = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)  # warm-up decay: min(0.5, 2/11)
+    d = 2 / 11
+    torch.testing.assert_close(ema.shadow["weight"], d * start + (1 - d) * (start + 1))
+    other = torch.nn.Linear(2, 2)
+    ema2 = EMA(other, 0.5)
+    ema2.load_state_dict(ema.state_dict())
+    ema2.copy_to(other)
+    torch.testing.assert_close(other.weight, ema.shadow["weight"])
+    assert not math.isnan(float(other.bias.detach().sum()))

@@ -1,0 +1,270 @@
+"""Training in process (hybrid / CLIP mode, tiny SD1.5-layout U-Net with 16 sites, 64-wide CLIP,
+TAESD, tiny Llama): overfitting, only adapter parameters change, resume = uninterrupted, cache =
+on the fly, NaN handling, bad data, gradient checkpointing, and the export through the nodes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmdiff_core.adapter_file import load_adapter, read_adapter_config
+from llmdiff_core.llm import load_llm
+from llmdiff_core.training import loop, runner
+from llmdiff_core.training.encoders import FrozenEncoders
+from llmdiff_core.training.options import TrainOptions
+from llmdiff_core.training.patching import TrainingHooks, enable_gradient_checkpointing, patch_for_training
+from train_support import make_images, shared_assets, tiny_clip, tiny_vae, write_folder
+from tiny_unets import tiny_sd15
+
+RES = 64  # 8x8 latents: the SD1.5 layout's three downsamplings still have something to halve
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~10x faster than two fighting
+    other processes for the cores (and no slower alone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    return shared_assets(str(tmp_path_factory.getbasetemp() / "train_assets"))
+
+
+@pytest.fixture(scope="module")
+def frozen(assets):
+    """Frozen models shared by the tests of this module (training never changes them: checked)."""
+    return {"clip": tiny_clip(), "vae": tiny_vae(), "llm": load_llm(str(assets["llm"]), dtype=torch.float32)}
+
+
+def components(frozen) -> runner.Components:
+    return runner.Components(tiny_sd15(), frozen["clip"], frozen["vae"], frozen["llm"], "tiny_sd15", "tiny-llama")
+
+
+def options(data: Path, out: Path, **kw) -> TrainOptions:
+    base = dict(base_model="", llm="tiny-llama", data=str(data), output_dir=str(out), resolution=RES, batch_size=2,
+                max_steps=4, lr=2e-3, warmup_steps=0, num_workers=0, mixed_precision="no", progress=False,
+                tensorboard=False, log_every=1, checkpoint_every=0, max_tokens=32, seed=0, caption_dropout=0.0)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def eval_loss(adapter, frozen, data: Path, n_draws: int = 6) -> float:
+    """Loss of an adapter on every image with fixed timesteps/noise (no Langevin noise)."""
+    comps = components(frozen)
+    hooks = TrainingHooks(langevin_noise=False)
+    patched, _ = patch_for_training(comps.model_patcher, adapter, hooks)
+    module = loop.TrainModule(adapter, patched, hooks, adapter.config.llm, "eps", 0.0, adapter.config.context_dim)
+    from llmdiff_core.training import data as D, objective
+
+    items = list(D.iterate(D.open_source(str(data)), D.StreamSpec(seed=0, shuffle=False, resolution=RES, epochs=1),
+                           D.Position()))
+    enc = FrozenEncoders(comps.vae, comps.llm, comps.clip, 32, need_clip=True, need_pooled=False)
+    cond = enc.encode([i.key for i in items], torch.stack([i.pixels for i in items]), [i.caption for i in items],
+                      [(0, 0, 0, 0)] * len(items))
+    model = patched.model
+    total = 0.0
+    with torch.no_grad():
+        for d in range(n_draws):
+            draw = objective.draw([1000 * d + i for i in range(len(items))], tuple(cond.latents.shape[1:]), 1000, 0.0)
+            total += float(module(model.process_latent_in(cond.latents), draw.noise, draw.timesteps,
+                                  cond.features.hidden, cond.features.scores, cond.features.mask, cond.clip, None,
+                                  draw.encoder_seeds).mean())
+    return total / n_draws
+
+
+@pytest.mark.slow
+def test_overfit_drives_loss_down_and_only_the_adapter_changes(tmp_path: Path, frozen) -> None:
+    data = write_folder(tmp_path / "data", make_images(4))
+    comps = components(frozen)
+    frozen_before = {name: state(m) for name, m in (("unet", comps.model_patcher.model), ("llm", frozen["llm"].model),
+                                                    ("clip", frozen["clip"].cond_stage_model),
+                                                    ("vae", frozen["vae"].first_stage_model))}
+    opts = options(data, tmp_path / "out", batch_size=4, max_steps=60, lr=1e-2, warmup_steps=5)
+    fresh = runner.build_adapter(opts, comps, torch.device("cpu"))
+    before = eval_loss(fresh, frozen, data)
+    assert runner.run_with(opts, comps) == 0
+    trained = load_adapter(tmp_path / "out" / opts.export_name)
+    after = eval_loss(trained, frozen, data)
+    assert after < 0.7 * before, (before, after)
+    # the frozen models are bit-for-bit unchanged
+    for name, m in (("unet", comps.model_patcher.model), ("llm", frozen["llm"].model),
+                    ("clip", frozen["clip"].cond_stage_model), ("vae", frozen["vae"].first_stage_model)):
+        for k, v in state(m).items():
+            assert torch.equal(v, frozen_before[name][k]), (name, k)
+    # ... and every kind of adapter parameter moved, the gates included
+    changed = {k for k, v in trained.state_dict().items() if not torch.equal(v, fresh.state_dict()[k].cpu())}
+    for key in ("a_new", "b_new", "a_orig", "encoder.gate", "encoder.rho", "encoder.norm.weight",
+                "sites.0.to_k.weight", "sites.15.to_q.weight"):
+        assert key in changed, key
+    assert float(trained.gate_weights()[1].detach().abs().min()) > 0  # w_new left zero for every layer
+
+
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_adapter(tmp_path: Path, frozen, monkeypatch) -> None:
+    data = write_folder(tmp_path / "data", make_images(5))
+    common = dict(max_steps=6, warmup_steps=2, ema_decay=0.9, caption_dropout=0.5, batch_size=2, grad_accum=2)
+    whole = options(data, tmp_path / "whole", **common)
+    assert runner.run_with(whole, components(frozen)) == 0
+
+    original = loop.Trainer.train_step
+
+    def stop_after_3(self: loop.Trainer) -> float:  # like SIGTERM arriving during step 3
+        loss = original(self)
+        if self.state.step + 1 == 3:
+            self.stop.requested = "SIGTERM"
+        return loss
+    monkeypatch.setattr(loop.Trainer, "train_step", stop_after_3)
+    part = options(data, tmp_path / "part", **common)
+    assert runner.run_with(part, components(frozen)) == 0
+    assert (tmp_path / "part" / "checkpoints" / "step-00000003").is_dir()
+    assert not (tmp_path / "part" / part.export_name).exists()
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    assert runner.run_with(replace(part, resume="latest"), components(frozen)) == 0
+
+    a = load_adapter(tmp_path / "whole" / whole.export_name).state_dict()
+    b = load_adapter(tmp_path / "part" / part.export_name).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen) -> None:
+    data = write_folder(tmp_path / "data", make_images(6))
+    common = dict(max_steps=3, caption_dropout=0.3, batch_size=2)
+    fly = options(data, tmp_path / "fly", **common)
+    assert runner.run_with(fly, components(frozen)) == 0
+    cache = tmp_path / "cache"
+    cached = options(data, tmp_path / "cached", cache_dir=str(cache), cache_dtype="fp32", cache_shard_size=4,
+                     cache_batch_size=3, **common)
+    assert runner.run_with(replace(cached, cache_only=True), components(frozen)) == 0
+    shards = sorted(p.name for p in cache.glob("rank0-*.safetensors"))
+    assert shards == ["rank0-00000.safetensors", "rank0-00001.safetensors"]  # 6 samples, 4 per shard
+    # training from the cache needs no LLM at all
+    comps = components(frozen)
+    comps.llm = None
+    assert runner.run_with(cached, comps) == 0
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "fly"), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, frozen) -> None:
+    data = write_folder(tmp_path / "data", make_images(4))
+    opts = options(data, tmp_path / "out", max_steps=6, checkpoint_every=2, debug_nan_at_step=3)
+    assert runner.run_with(opts, components(frozen)) == loop.TrainingStopped.exit_code
+    ckpts = sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000002"]
+    assert not (tmp_path / "out" / opts.export_name).exists()
+    good = load_adapter(tmp_path / "out" / "checkpoints" / "step-00000002" / "adapter.safetensors")
+    assert all(torch.isfinite(v).all() for v in good.state_dict().values())
+
+
+@pytest.mark.slow
+def test_corrupt_images_and_missing_captions_are_skipped_and_counted(tmp_path: Path, frozen) -> None:
+    data = write_folder(tmp_path / "data", make_images(8))
+    (data / "img_002.png").write_bytes(b"\x89PNG broken")
+    (data / "img_005.txt").unlink()
+    opts = options(data, tmp_path / "out", max_steps=3, batch_size=4)  # 12 samples: one pass and more
+    assert runner.run_with(opts, components(frozen)) == 0
+    cfg = read_adapter_config(tmp_path / "out" / opts.export_name)
+    assert cfg.training["skipped_entries"] >= 2
+    assert cfg.training["steps"] == 3
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_gradients(frozen) -> None:
+    comps = components(frozen)
+    opts = options(Path("."), Path("."))
+    adapter = runner.build_adapter(opts, comps, torch.device("cpu"))
+    with torch.no_grad():
+        adapter.a_new.fill_(0.5)  # the new path contributes, so every site gets gradients
+    hooks = TrainingHooks(langevin_noise=True)
+    patched, _ = patch_for_training(comps.model_patcher, adapter, hooks)
+    module = loop.TrainModule(adapter, patched, hooks, adapter.config.llm, "eps", 0.0, adapter.config.context_dim)
+    enc = FrozenEncoders(comps.vae, comps.llm, comps.clip, 32, need_clip=True, need_pooled=False)
+    cond = enc.encode(["a", "b"], torch.rand(2, RES, RES, 3), ["a red cube", "a blue ball"], [(0, 0, 0, 0)] * 2)
+
+    def grads() -> dict[str, torch.Tensor]:
+        adapter.zero_grad()
+        from llmdiff_core.training import objective
+
+        draw = objective.draw([1, 2], tuple(cond.latents.shape[1:]), 1000, 0.0)
+        module(patched.model.process_latent_in(cond.latents), draw.noise, draw.timesteps, cond.features.hidden,
+               cond.features.scores, cond.features.mask, cond.clip, None, draw.encoder_seeds).mean().backward()
+        return {k: p.grad.clone() for k, p in adapter.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    undo = enable_gradient_checkpointing(patched.model.diffusion_model)
+    try:
+        ckpt = grads()
+    finally:
+        undo()
+    assert set(plain) == set(ckpt) and "sites.15.to_k.weight" in plain
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+def test_exported_adapter_loads_through_the_node_and_changes_the_output(tmp_path: Path, frozen, assets,
+                                                                       node_classes) -> None:
+    import comfy.sample
+    import folder_paths
+
+    from llmdiff_core.comfy_llm import load_managed_llm
+
+    data = write_folder(tmp_path / "data", make_images(4))
+    opts = options(data, tmp_path / "out", max_steps=8, lr=1e-2, export_name="trained_llmdiff.safetensors")
+    assert runner.run_with(opts, components(frozen)) == 0
+    folder_paths.add_model_folder_path("llmdiff", str(tmp_path / "out"))
+
+    adapter = node_classes["LLMDiffAdapterLoader"].execute(adapter_name=opts.export_name).result[0]
+    assert adapter.config.training["steps"] == 8 and adapter.config.training["trainer"].startswith("ComfyUI-LLMDiff")
+    patched = node_classes["LLMDiffApply"].execute(model=tiny_sd15(), adapter=adapter, strength=1.0,
+                                                   start_percent=0.0, end_percent=1.0).result[0]
+    llm = load_managed_llm(str(assets["llm"]), "tiny-llama", dtype="fp32", device="cpu")
+    encode = node_classes["LLMDiffTextEncode"]
+
+    def cond(text: str) -> list:
+        return encode.execute(llm=llm, text=text, max_tokens=32, overflow="error", prompt_per_line=False,
+                              clip=frozen["clip"]).result[0]
+    pos, neg = cond("a red square on blue"), cond("")
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def sample(model) -> torch.Tensor:
+        return comfy.sample.sample(model, noise, 3, 5.0, "euler", "normal", pos, neg, latent, denoise=1.0,
+                                   disable_pbar=True, seed=0)
+    with_adapter, base = sample(patched), sample(tiny_sd15())
+    assert torch.isfinite(with_adapter).all()
+    assert (with_adapter - base).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_sdxl_paper_mode_trains_with_size_conditioning(tmp_path: Path, frozen) -> None:
+    from tiny_unets import tiny_sdxl
+
+    data = write_folder(tmp_path / "data", make_images(2))
+    comps = runner.Components(tiny_sdxl(), None, frozen["vae"], frozen["llm"], "tiny_sdxl", "tiny-llama")
+    opts = options(data, tmp_path / "out", original_path="llm", max_steps=2, batch_size=2, resolution=32)
+    assert runner.run_with(opts, comps) == 0
+    trained = load_adapter(tmp_path / "out" / opts.export_name)
+    assert trained.config.base == "sdxl" and len(trained.config.sites) == 70 and trained.phi_pool is not None
+    fresh = runner.build_adapter(opts, comps, torch.device("cpu"))
+    assert not torch.equal(trained.phi_pool.weight, fresh.phi_pool.weight.cpu())  # the pooled path learned
