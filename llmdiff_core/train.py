@@ -1,4 +1,4 @@
-"""Train an LLMDiff adapter: `python llmdiff_core/train.py --help` (DESIGN.md §1.3, docs/training.md).
+"""Train an LLMDiff adapter: `python llmdiff_core/train.py --help` (DESIGN.md §1.3, README "Training").
 
 Runs from the repository root as a plain script, or under `accelerate launch llmdiff_core/train.py`.
 The pack's modules use relative imports, so as a script this file first puts the repository root on
