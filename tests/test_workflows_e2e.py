@@ -1,0 +1,292 @@
+"""End to end: the example workflows (API format) run in a real ComfyUI server with the demo models.
+
+One server per module (tests/server_harness.py: free loopback port, temp dirs, stopped by PID) sees
+a temp models folder linked to the demo stand-ins (llmdiff_core/demo_models.py). The stand-ins are
+generated once per machine into a cache (~1.4 GB, under a minute), keyed by the sources and versions
+that shape them, so later runs only link them. Sizes and steps are cut down before posting (64x64,
+2 steps): the graphs stay the shipped ones, CPU time stays small.
+
+Helpers here are also used by tests/test_browser.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server_harness import ComfyServer
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+API_WORKFLOWS = WORKFLOWS / "api"
+LLMDIFF_NODES = ("LLMDiffLLMLoader", "LLMDiffTextEncode", "LLMDiffAdapterLoader", "LLMDiffApply",
+                 "LLMDiffApplyAdvanced", "LLMDiffInspect")
+PACK_MODULE = "custom_nodes.ComfyUI-LLMDiff"
+CPU_SIZE, CPU_STEPS = 64, 2
+RUN_TIMEOUT = 600.0  # one prompt on a slow shared CPU; typical: seconds
+DEMO_TIMEOUT = 1200.0  # generating the stand-ins from scratch; typical: about a minute
+
+# llmdiff_core modules whose code decides what the demo files contain (a change regenerates the cache)
+DEMO_SOURCES = ("demo_models", "adapter", "adapter_file", "config", "features", "unet_sites")
+
+pytestmark = pytest.mark.slow
+
+
+# ---- workflows -----------------------------------------------------------------------------------
+def workflow_names() -> list[str]:
+    """Workflows shipped in both formats (workflows/<name>.json + workflows/api/<name>.json)."""
+    return sorted(p.stem for p in API_WORKFLOWS.glob("*.json"))
+
+
+def load_api(name: str) -> dict[str, Any]:
+    return json.loads((API_WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def load_editor(name: str) -> dict[str, Any]:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def shrink_for_cpu(api: dict[str, Any], size: int = CPU_SIZE, steps: int = CPU_STEPS) -> dict[str, Any]:
+    """A copy with every EmptyLatentImage at size x size and every KSampler at `steps` steps."""
+    api = copy.deepcopy(api)
+    for node in api.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=size, height=size)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = steps
+    return api
+
+
+def _source(api: dict[str, Any], node_id: str, input_name: str) -> tuple[str, dict[str, Any]]:
+    link = api[node_id]["inputs"][input_name]
+    assert isinstance(link, list), f"node {node_id}.{input_name} is not linked"
+    return str(link[0]), api[str(link[0])]
+
+
+def expected_image_sizes(api: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """{output node id: (width, height)} for every SaveImage / PreviewImage, traced back through the
+    graph: VAEDecode <- KSampler <- EmptyLatentImage (pixels = the latent's requested size), or
+    LLMDiffInspect (its width/height widgets)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for node_id, node in api.items():
+        if node["class_type"] not in ("SaveImage", "PreviewImage"):
+            continue
+        src_id, src = _source(api, node_id, "images")
+        while src["class_type"] in ("VAEDecode", "KSampler"):
+            src_id, src = _source(api, src_id, "samples" if src["class_type"] == "VAEDecode" else "latent_image")
+        if src["class_type"] not in ("EmptyLatentImage", "LLMDiffInspect"):
+            raise AssertionError(f"cannot tell the image size of output node {node_id} (fed by {src['class_type']})")
+        sizes[node_id] = (src["inputs"]["width"], src["inputs"]["height"])
+    return sizes
+
+
+# ---- demo models (cached per machine) ------------------------------------------------------------
+def _demo_cache_dir(comfy_root: Path) -> Path:
+    """~/.cache/comfyui-llmdiff/demo-models-<key>, key = the sources that shape the files + ComfyUI,
+    torch and transformers versions ($LLMDIFF_DEMO_CACHE overrides the parent folder)."""
+    import torch
+
+    import transformers
+
+    key = hashlib.sha256()
+    for module in DEMO_SOURCES:
+        key.update((REPO / "llmdiff_core" / f"{module}.py").read_bytes())
+    key.update(transformers.__version__.encode())
+    key.update((comfy_root / "comfyui_version.py").read_bytes() if (comfy_root / "comfyui_version.py").exists() else b"")
+    key.update(torch.__version__.encode())
+    parent = Path(os.environ.get("LLMDIFF_DEMO_CACHE", Path.home() / ".cache" / "comfyui-llmdiff"))
+    return parent / f"demo-models-{key.hexdigest()[:12]}"
+
+
+def demo_models_dir(comfy_root: Path) -> Path:
+    """The cached demo models folder, generated by the real CLI when absent (under a file lock, so two
+    test runs never write it at once). Older caches of other generator versions are removed."""
+    cache = _demo_cache_dir(comfy_root)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = cache / ".complete"
+    with open(cache.parent / "demo-models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            for old in cache.parent.glob("demo-models-*"):
+                if old != cache and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+            cmd = [sys.executable, "-m", "llmdiff_core.demo_models", str(comfy_root), "--models-dir", str(cache)]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=DEMO_TIMEOUT)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            done.write_text(proc.stdout)
+    return cache
+
+
+def link_models(cache: Path, models_dir: Path) -> Path:
+    """models_dir/<folder>/<entry> -> the cached stand-ins (symlinks: nothing is copied)."""
+    for folder in cache.iterdir():
+        if not folder.is_dir():
+            continue
+        (models_dir / folder.name).mkdir(parents=True, exist_ok=True)
+        for entry in folder.iterdir():
+            if not entry.name.startswith("."):
+                (models_dir / folder.name / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    return models_dir
+
+
+def start_demo_server(comfy_root: Path, work: Path) -> ComfyServer:
+    """A started ComfyServer whose models folder holds the demo stand-ins."""
+    models = link_models(demo_models_dir(comfy_root), work / "models")
+    return ComfyServer(comfy_root, sys.executable, models_dir=models).start()
+
+
+def run_prompt(server: ComfyServer, api: dict[str, Any], timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
+    """POST a prompt that must validate; return its /history entry (finished, success or not)."""
+    status, body = server.post_prompt(api)
+    assert status == 200, f"/prompt answered {status}: {json.dumps(body)[:3000]}"
+    assert body.get("node_errors") == {}, f"node_errors: {json.dumps(body['node_errors'])[:3000]}"
+    return server.wait_history(body["prompt_id"], timeout=timeout)
+
+
+def execution_error(entry: dict[str, Any]) -> dict[str, Any] | None:
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return data
+    return None
+
+
+def cached_nodes(entry: dict[str, Any]) -> set[str]:
+    """Ids of the nodes ComfyUI answered from its cache instead of running them."""
+    return {str(n) for kind, data in entry.get("status", {}).get("messages", []) if kind == "execution_cached"
+            for n in data.get("nodes", [])}
+
+
+def assert_success(entry: dict[str, Any], server: ComfyServer) -> None:
+    status = entry.get("status", {})
+    if status.get("status_str") != "success" or not status.get("completed"):
+        err = execution_error(entry) or {}
+        raise AssertionError(
+            f"prompt failed in node {err.get('node_id')} ({err.get('node_type')}): {err.get('exception_type')}: "
+            f"{err.get('exception_message')}\n{''.join(err.get('traceback', []))[-3000:]}\n"
+            f"--- server log ---\n{server.log_tail(3000)}")
+
+
+def image_sizes_written(server: ComfyServer, entry: dict[str, Any], node_id: str) -> list[tuple[int, int]]:
+    """Fetch every image the node wrote through /view and return their sizes."""
+    from PIL import Image
+
+    images = entry["outputs"].get(node_id, {}).get("images", [])
+    sizes = []
+    for img in images:
+        data = server.fetch_image(img["filename"], img.get("subfolder", ""), img.get("type", "output"))
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            sizes.append(im.size)
+    return sizes
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_server(comfy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+    server = start_demo_server(comfy_root, tmp_path_factory.mktemp("e2e"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+@pytest.mark.server
+def test_object_info_lists_every_node_with_inputs_and_tooltips(demo_server: ComfyServer) -> None:
+    info = demo_server.get_json("/object_info")
+    missing = [n for n in LLMDIFF_NODES if n not in info]
+    assert not missing, f"/object_info lacks {missing}; server log:\n{demo_server.log_tail()}"
+    for node_id in LLMDIFF_NODES:
+        node = info[node_id]
+        assert node["python_module"] == PACK_MODULE, node["python_module"]
+        assert node["display_name"] and node["category"] and node["description"], node_id
+        inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
+        assert inputs, f"{node_id} has no inputs"
+        assert list(inputs) == node["input_order"]["required"] + node["input_order"].get("optional", []), node_id
+        no_tip = [name for name, spec in inputs.items() if not (len(spec) > 1 and spec[1].get("tooltip"))]
+        assert not no_tip, f"{node_id}: inputs without a tooltip: {no_tip}"
+        assert node["output"], f"{node_id} has no outputs"
+    # The loaders list the stand-ins the workflows name.
+    llm_options = info["LLMDiffLLMLoader"]["input"]["required"]["model_dir"]
+    adapter_options = info["LLMDiffAdapterLoader"]["input"]["required"]["adapter_name"]
+    assert "llmdiff-demo-llama" in json.dumps(llm_options)
+    for name in ("llmdiff_demo_sd15_paper", "llmdiff_demo_sd15_hybrid", "llmdiff_demo_sdxl_paper"):
+        assert f"{name}.safetensors" in json.dumps(adapter_options)
+
+
+@pytest.mark.server
+def test_editor_workflows_are_served_as_templates(demo_server: ComfyServer) -> None:
+    """ComfyUI lists a pack's workflows/*.json under "Browse Templates"; only editor files live there."""
+    templates = demo_server.get_json("/api/workflow_templates").get("ComfyUI-LLMDiff", [])
+    assert sorted(templates) == workflow_names()
+    for name in templates:
+        assert demo_server.get_json(f"/api/workflow_templates/ComfyUI-LLMDiff/{name}.json")["version"] == 0.4
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", workflow_names())
+def test_api_workflow_runs_and_writes_images_of_the_requested_size(demo_server: ComfyServer, name: str) -> None:
+    api = shrink_for_cpu(load_api(name))
+    expected = expected_image_sizes(api)
+    assert expected, f"{name} has no image output"
+    t0 = time.monotonic()
+    entry = run_prompt(demo_server, api)
+    assert_success(entry, demo_server)
+    for node_id, size in expected.items():
+        written = image_sizes_written(demo_server, entry, node_id)
+        assert written == [size], f"{name}: node {node_id} wrote {written}, expected [{size}]"
+    print(f"{name}: {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.server
+def test_wrong_adapter_fails_with_our_message_then_the_server_recovers(demo_server: ComfyServer) -> None:
+    good = shrink_for_cpu(load_api("sd15_llmdiff_paper"))
+    bad = copy.deepcopy(good)
+    loader = next(i for i, n in bad.items() if n["class_type"] == "LLMDiffAdapterLoader")
+    bad[loader]["inputs"]["adapter_name"] = "llmdiff_demo_sdxl_paper.safetensors"  # SDXL adapter, SD1.5 model
+    entry = run_prompt(demo_server, bad)  # valid graph: the mismatch shows when the adapter meets the MODEL
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    err = execution_error(entry)
+    assert err is not None, entry["status"]
+    assert err["node_type"] == "LLMDiffApply", err
+    assert err["exception_type"].endswith("AdapterMismatchError"), err["exception_type"]
+    message = err["exception_message"]
+    assert "SDXL" in message and "SD1.5" in message, message
+    assert "Traceback" not in message
+    # The same server then runs a valid prompt for real: a new seed, so the sampler is not served from cache.
+    sampler = next(i for i, n in good.items() if n["class_type"] == "KSampler")
+    good[sampler]["inputs"]["seed"] += 1
+    entry = run_prompt(demo_server, good)
+    assert_success(entry, demo_server)
+    assert sampler not in cached_nodes(entry)
+
+
+def test_demo_files_have_the_real_cross_attention_layout(comfy_root: Path) -> None:
+    """The stand-ins keep the real block layout: the adapters cover 16 (SD1.5) and 70 (SDXL) sites
+    with the real ComfyUI block keys, so the demo exercises the same patch sites as real models."""
+    from llmdiff_core.adapter_file import read_adapter_config
+
+    cache = demo_models_dir(comfy_root)
+    sd15 = read_adapter_config(cache / "llmdiff" / "llmdiff_demo_sd15_paper.safetensors")
+    sdxl = read_adapter_config(cache / "llmdiff" / "llmdiff_demo_sdxl_paper.safetensors")
+    assert (sd15.base, len(sd15.sites), sd15.context_dim) == ("sd15", 16, 768)
+    assert (sdxl.base, len(sdxl.sites), sdxl.context_dim) == ("sdxl", 70, 2048)
+    assert [s.block for s in sd15.sites] == ([("input", i) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0)]
+                                             + [("output", i) for i in range(3, 12)])
+    assert sorted({s.block for s in sdxl.sites}) == sorted(
+        [("input", i) for i in (4, 5, 7, 8)] + [("middle", 0)] + [("output", i) for i in range(6)])
+    assert read_adapter_config(cache / "llmdiff" / "llmdiff_demo_sd15_hybrid.safetensors").original_path == "clip"
