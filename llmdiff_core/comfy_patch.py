@@ -7,7 +7,9 @@ Wiring (comfyui-internals.md §3-§4):
   U-Net call and puts a per-call state into transformer_options, where the attention patches read it.
   In paper mode it also swaps the U-Net context for phi(c) and (SDXL) the pooled part of y.
 - An OUTER_SAMPLE wrapper brackets each sampling run: what is constant over a run (c, phi(c), the
-  pooled vector, every site's K/V) is computed on first use and reused by every step.
+  pooled vector, every site's K/V) is computed at the first U-Net call and reused by every step.
+- Training (training/patching.py) runs the same patches: a TrainingCall in transformer_options makes
+  one U-Net call a training step (gates as tensors, Langevin noise, nothing cached). See TrainingCall.
 - hybrid (original_path "clip"): a composable attn2_patch / attn2_output_patch pair, so other packs'
   attention patches (IP-Adapter) keep working. paper (original_path "llm"): attn2 replace patches.
 
@@ -18,7 +20,8 @@ copy would duplicate the U-Net and the adapter) and have no .to(): the adapter m
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -28,17 +31,36 @@ import comfy.patcher_extension
 from comfy.model_patcher import ModelPatcher
 
 from .adapter import LLMDiffAdapter
-from .attention import (KeyMask, effective_gates, hybrid_output, is_identity, masked_attention,
+from .attention import (Gate, KeyMask, effective_gates, hybrid_output, is_identity, masked_attention,
                         paper_fusion)
 from .conditioning import COND_KEY, FeatureBatch
 from .config import SDXL_POOLED_DIM, SiteSpec
 from .errors import LLMDiffError
+from .features import LLMFeatures
 from .unet_sites import find_sites
 from .validation import check_adapter_matches_model, check_features_match
 
 WRAPPER_KEY = "llmdiff"
 FEATURES_KEY = "llmdiff_features"  # transformer_options: the FeatureBatch of the current U-Net call
+TRAINING_KEY = "llmdiff_training"  # transformer_options: a TrainingCall makes the U-Net call a training step
 _runtime_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class TrainingCall:
+    """transformer_options[TRAINING_KEY] of a U-Net call that trains the adapter. Such a call:
+
+    - keeps the gates 0-d tensors of the adapter's parameters, so they get gradients (inference
+      turns them into python floats, and gates (1, 0) skip the new path there);
+    - adds the score encoding's Langevin noise when noise_seeds is given: one seed per feature row,
+      row i drawn from torch.Generator(features' device).manual_seed(noise_seeds[i]), so a sample's
+      noise depends on its seed alone (not on its batch or process); None = no noise;
+    - caches nothing: c and every site's K/V are computed by the call itself, before the U-Net runs
+      (outside any gradient-checkpointed block, so a recomputation in the backward pass finds them).
+    Everything else (strength, block weights, the math) is what sampling runs.
+    """
+
+    noise_seeds: tuple[int, ...] | None = None
 
 
 class _Shared:
@@ -79,12 +101,12 @@ class RunEntry:
     dtype: torch.dtype
     c: torch.Tensor  # [R, T, D] float32
     key_mask: KeyMask
-    w_orig: list[float]
-    w_new: list[float]
+    w_orig: list[Gate]  # per site: python floats (sampling) or 0-d tensors (TrainingCall)
+    w_new: list[Gate]
+    new_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per site: tau_k(c), tau_v(c) in dtype
+    orig_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # paper: k(phi c), v(phi c) per site
     context: torch.Tensor | None = None  # paper: phi(c) [R, T, context_dim] in dtype
     pooled: torch.Tensor | None = None  # paper, SDXL: [R, 1280]
-    new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    orig_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> bool:
         return self.device == device and self.dtype == dtype and self.batch.same_rows(batch)
@@ -95,7 +117,7 @@ class CallState:
     """One U-Net call: its run entry and each site's effective (w_orig, w_new)."""
 
     entry: RunEntry
-    gates: list[tuple[float, float]]
+    gates: list[tuple[Gate, Gate]]
 
 
 @dataclass(frozen=True)
@@ -142,50 +164,65 @@ class AdapterRuntime(_Shared):
         return self.sigma_end <= sigma <= self.sigma_start
 
     # per-run cache
-    def entry_for(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> RunEntry:
-        if self.cache_enabled and self._entries is not None:
-            for entry in self._entries:
+    def entry_for(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype,
+                  training: TrainingCall | None = None) -> RunEntry:
+        cache = self._entries if self.cache_enabled and training is None else None
+        if cache is not None:
+            for entry in cache:
                 if entry.matches(batch, device, dtype):
                     return entry
-        entry = self._build_entry(batch, device, dtype)
-        if self.cache_enabled and self._entries is not None:
-            self._entries.append(entry)
+        entry = self._build_entry(batch, device, dtype, training)
+        if cache is not None:
+            cache.append(entry)
         return entry
 
-    def _build_entry(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> RunEntry:
+    def _build_entry(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype,
+                     training: TrainingCall | None) -> RunEntry:
+        """c, the gates and every site's K/V (and in paper mode phi(c), the pooled vector)."""
         features = batch.materialize()
         check_features_match(self.config, features.spec)
         features = features.to(device)
-        c = self.adapter.encode(features)
-        w_orig, w_new = (g.tolist() for g in self.adapter.gate_weights())
-        entry = RunEntry(batch, device, dtype, c, KeyMask.from_mask(features.mask), w_orig, w_new)
+        c = self._encode(features, None if training is None else training.noise_seeds)
+        w_orig, w_new = self.adapter.gate_weights()
+        if training is None:  # floats: no autograd per call, and gates (1, 0) are seen to be the identity
+            gates_orig, gates_new = w_orig.tolist(), w_new.tolist()
+        else:
+            gates_orig, gates_new = list(w_orig.unbind()), list(w_new.unbind())
+        context = pooled = orig_kv = None
         if self.paper:
-            entry.context = self.adapter.original_context(c).to(dtype)
+            context = self.adapter.original_context(c).to(dtype)
             if self.config.needs_pooled:
-                entry.pooled = self.adapter.pooled(c, features.mask)
-        return entry
+                pooled = self.adapter.pooled(c, features.mask)
+            orig_kv = []
+        new_kv = []
+        for i, site in enumerate(self.sites):
+            k, v = self.adapter.site_keys_values(i, c)
+            new_kv.append((k.to(dtype), v.to(dtype)))
+            if orig_kv is not None:
+                orig_kv.append((_project(site.attn2.to_k, context), _project(site.attn2.to_v, context)))
+        return RunEntry(batch, device, dtype, c, KeyMask.from_mask(features.mask), gates_orig, gates_new,
+                        new_kv=new_kv, orig_kv=orig_kv, context=context, pooled=pooled)
 
-    def new_kv(self, entry: RunEntry, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """tau_k(c), tau_v(c) of site i, computed when the site is first reached."""
-        if i not in entry.new_kv:
-            k, v = self.adapter.site_keys_values(i, entry.c)
-            entry.new_kv[i] = (k.to(entry.dtype), v.to(entry.dtype))
-        return entry.new_kv[i]
+    def _encode(self, features: LLMFeatures, noise_seeds: Sequence[int] | None) -> torch.Tensor:
+        """c; with noise_seeds, row i adds its Langevin noise drawn from its own seed (TrainingCall)."""
+        if noise_seeds is None:
+            return self.adapter.encode(features)
+        if len(noise_seeds) != features.batch_size:
+            raise ValueError(f"{len(noise_seeds)} noise seeds for {features.batch_size} feature rows")
+        rows = []
+        for i, seed in enumerate(noise_seeds):
+            g = torch.Generator(device=features.hidden.device).manual_seed(seed)
+            rows.append(self.adapter.encode(features.select([i]), noise=True, generator=g))
+        return torch.cat(rows)
 
-    def orig_kv(self, entry: RunEntry, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Paper mode: the frozen original k(phi(c)), v(phi(c)) of site i."""
-        if i not in entry.orig_kv:
-            attn2 = self.sites[i].attn2
-            entry.orig_kv[i] = (_project(attn2.to_k, entry.context), _project(attn2.to_v, entry.context))
-        return entry.orig_kv[i]
-
-    def call_state(self, batch: FeatureBatch, x: torch.Tensor, sigmas: torch.Tensor | None) -> CallState | None:
+    def call_state(self, batch: FeatureBatch, x: torch.Tensor, sigmas: torch.Tensor | None,
+                   training: TrainingCall | None = None) -> CallState | None:
         scale = self.strength if self.is_active(sigmas) else 0.0
         if scale == 0.0 and not self.paper:
             return None  # hybrid: exactly the unpatched model, nothing to compute
         if batch.num_rows != x.shape[0]:
             raise RuntimeError(f"LLMDiff: {batch.num_rows} feature rows for a U-Net batch of {x.shape[0]}")
-        entry = self.entry_for(batch, x.device, x.dtype)
+        entry = self.entry_for(batch, x.device, x.dtype, training)
         gates = [effective_gates(wo, wn, scale * s.weight)
                  for wo, wn, s in zip(entry.w_orig, entry.w_new, self.sites)]
         return CallState(entry, gates)
@@ -198,7 +235,7 @@ class AdapterRuntime(_Shared):
     def new_path(self, state: CallState, i: int, n: torch.Tensor) -> torch.Tensor:
         """Attn(tau_q(n), tau_k(c), tau_v(c)) with the padding/BOS mask, in n's dtype."""
         q = _project(self.adapter.sites[i].to_q, n)
-        k, v = self.new_kv(state.entry, i)
+        k, v = state.entry.new_kv[i]
         return masked_attention(q, k, v, self.sites[i].spec.heads, state.entry.key_mask)
 
     def missing_features_error(self, transformer_options: dict[str, Any]) -> LLMDiffError:
@@ -226,7 +263,7 @@ class DiffusionModelWrapper(_Shared):
         to = {**transformer_options, FEATURES_KEY: batch}  # _forward writes into it: keep ours apart
         state = None
         if batch is not None:
-            state = rt.call_state(batch, x, to.get("sigmas"))
+            state = rt.call_state(batch, x, to.get("sigmas"), to.get(TRAINING_KEY))
         elif rt.paper:
             raise rt.missing_features_error(to)
         to[rt.state_key] = state
@@ -313,8 +350,8 @@ class PaperAttention(_SitePatch):
         n = eo.pop(self.stash_key, None)
         if state is None or n is None:
             raise self.runtime.missing_features_error(eo)
-        # k, v are the projections of the 1-token context slice: unused, the cached ones are complete.
-        k_orig, v_orig = self.runtime.orig_kv(state.entry, i)
+        # k, v are the projections of the 1-token context slice: unused, the entry's are complete.
+        k_orig, v_orig = state.entry.orig_kv[i]
         heads = self.runtime.sites[i].spec.heads
         a_orig = masked_attention(q, k_orig, v_orig, heads, state.entry.key_mask)
         w_orig, w_new = state.gates[i]

@@ -22,7 +22,8 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy.patcher_extension import WrappersMP
 
 from llmdiff_core.attention import KeyMask, effective_gates, hybrid_output, masked_attention, paper_fusion
-from llmdiff_core.comfy_patch import FEATURES_KEY, WRAPPER_KEY, AdapterRuntime, apply_adapter
+from llmdiff_core.comfy_patch import (FEATURES_KEY, TRAINING_KEY, WRAPPER_KEY, AdapterRuntime, TrainingCall,
+                                      apply_adapter)
 from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, attach_features
 from llmdiff_core.errors import AdapterMismatchError, LLMDiffError
 from llmdiff_core.features import LLMFeatures
@@ -81,14 +82,18 @@ def sample(mp: Any, positive: list, negative: list, noise_: torch.Tensor, steps:
 
 
 def diffusion_output(mp: Any, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                     y: torch.Tensor | None, batch: FeatureBatch | None = None) -> torch.Tensor:
-    """One BaseModel.apply_model call with the patcher's options and wrappers, as a sampler makes it."""
+                     y: torch.Tensor | None, batch: FeatureBatch | None = None,
+                     training: TrainingCall | None = None) -> torch.Tensor:
+    """One BaseModel.apply_model call with the patcher's options and wrappers, as a sampler makes it
+    (with `training`: a training step, with autograd, as training/loop.py makes it)."""
     to = comfy.patcher_extension.copy_nested_dicts(mp.model_options["transformer_options"])
     comfy.patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), mp.wrappers, copy_dict1=False)
     kwargs: dict[str, Any] = {} if y is None else {"y": y}
     if batch is not None:
         kwargs["llmdiff"] = batch
-    with torch.no_grad():
+    if training is not None:
+        to[TRAINING_KEY] = training
+    with torch.set_grad_enabled(training is not None):
         return mp.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to, **kwargs)
 
 
@@ -265,6 +270,84 @@ def test_weights_made_at_call_time_are_the_ones_used(mode: str, kind: str) -> No
     want = reference_output(patched_weights, adapter, features, x, sigma, context, y, paper=mode == "llm")
     assert max_rel(got, want) < 1e-5
     assert max_rel(reference_output(mp, adapter, features, x, sigma, context, y, paper=mode == "llm"), want) > 1e-4
+
+
+# --- training mode (TrainingCall) ------------------------------------------------------------------------
+
+PARAMETER_GROUPS = {  # every kind of adapter parameter; per site, every site's
+    "clip": ("a_orig", "b_orig", "a_new", "b_new", "encoder.gate", "encoder.rho", "encoder.norm.weight",
+             "encoder.norm.bias", "to_q", "to_k", "to_v"),
+}
+PARAMETER_GROUPS["llm"] = PARAMETER_GROUPS["clip"] + ("phi.weight", "phi.bias")
+
+
+@pytest.mark.parametrize("family, mode", [("sd15", "clip"), ("sd15", "llm"), ("sdxl", "llm")])
+def test_training_call_gives_every_adapter_parameter_a_gradient(family: str, mode: str) -> None:
+    mp = UNETS[family][0]()
+    adapter = adapter_for(mp, mode)
+    features = make_features([5, 11], seed=3)
+    x, sigma, context, y = direct_inputs(family)
+    m = apply_adapter(mp, adapter)
+    out = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]), TrainingCall((7, 8)))
+    out.square().mean().backward()
+    grads = {name: p.grad for name, p in adapter.named_parameters()}
+    missing = [name for name, g in grads.items() if g is None or not bool(g.abs().sum() > 0)]
+    assert not missing  # every parameter of every site, phi_pool (SDXL paper) and the noise scales rho included
+    for group in PARAMETER_GROUPS[mode]:
+        assert any(group in name for name in grads), group
+    n_sites = len(adapter.sites)
+    assert all(f"sites.{i}.{proj}.weight" in grads for i in range(n_sites) for proj in ("to_q", "to_k", "to_v"))
+    assert all(bool((grads[g] != 0).all()) for g in ("a_orig", "b_orig", "a_new", "b_new"))  # every site's gates
+
+
+def test_fresh_hybrid_adapter_gets_a_gate_gradient_in_training() -> None:
+    """w_new = 0 (a_new = 0): sampling skips the new path, a training step must still move a_new."""
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip", trained=False)
+    x, sigma, context, y = direct_inputs("sd15")
+    batch = CONDLLMDiff(make_features([5, 11], seed=3)).concat([])
+    out = diffusion_output(apply_adapter(mp, adapter), x, sigma, context, y, batch, TrainingCall())
+    assert torch.equal(out.detach(), diffusion_output(mp, x, sigma, context, y))  # still the unpatched model
+    out.square().mean().backward()
+    assert bool((adapter.a_new.grad != 0).all())
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_langevin_noise_only_in_training_calls_and_from_the_row_seeds(mode: str) -> None:
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, mode)
+    m = apply_adapter(mp, adapter)
+    x, sigma, context, y = direct_inputs("sd15")
+    batch = CONDLLMDiff(make_features([5, 11], seed=3)).concat([])
+
+    def run(training: TrainingCall | None) -> torch.Tensor:
+        torch.manual_seed(len(str(training)))  # the global RNG plays no part
+        return diffusion_output(m, x, sigma, context, y, batch, training).detach()
+
+    inference = run(None)
+    assert torch.equal(run(None), inference)
+    assert max_rel(run(TrainingCall()), inference) < 1e-6  # no seeds: no noise (tensor gates: same to rounding)
+    noisy = run(TrainingCall((1, 2)))
+    assert max_rel(noisy, inference) > 1e-4
+    assert torch.equal(run(TrainingCall((1, 2))), noisy)  # a row's noise comes from its seed alone
+    other = run(TrainingCall((1, 3)))
+    assert max_rel(other[0], noisy[0]) < 1e-6 and max_rel(other[1], noisy[1]) > 1e-4
+    with pytest.raises(ValueError, match="noise seeds"):
+        run(TrainingCall((1,)))
+
+    # nothing is cached across training calls, not even inside a sampling run; every site's K/V per call
+    runtime = runtime_of(m)
+    counts: dict[str, int] = {}
+    count_calls(adapter, "encode", counts)
+    count_calls(adapter, "site_keys_values", counts)
+    runtime.begin_run(m.get_model_object("model_sampling"))
+    try:
+        run(TrainingCall())
+        run(TrainingCall())
+        assert runtime._entries == []
+    finally:
+        runtime.end_run()
+    assert counts == {"encode": 2, "site_keys_values": 2 * len(adapter.sites)}
 
 
 # --- sampling: identity, batching, the per-run cache ---------------------------------------------------

@@ -16,7 +16,7 @@ from llmdiff_core.llm import load_llm
 from llmdiff_core.training import loop, runner
 from llmdiff_core.training.encoders import FrozenEncoders
 from llmdiff_core.training.options import TrainOptions
-from llmdiff_core.training.patching import TrainingHooks, enable_gradient_checkpointing, patch_for_training
+from llmdiff_core.training.patching import enable_gradient_checkpointing, patch_for_training
 from train_support import make_images, shared_assets, tiny_clip, tiny_vae, write_folder
 from tiny_unets import tiny_sd15
 
@@ -68,9 +68,9 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def eval_loss(adapter, frozen, data: Path, n_draws: int = 6) -> float:
     """Loss of an adapter on every image with fixed timesteps/noise (no Langevin noise)."""
     comps = components(frozen)
-    hooks = TrainingHooks(langevin_noise=False)
-    patched, _ = patch_for_training(comps.model_patcher, adapter, hooks)
-    module = loop.TrainModule(adapter, patched, hooks, adapter.config.llm, "eps", 0.0, adapter.config.context_dim)
+    patched = patch_for_training(comps.model_patcher, adapter)
+    module = loop.TrainModule(adapter, patched, adapter.config.llm, "eps", 0.0, adapter.config.context_dim,
+                              langevin_noise=False)
     from llmdiff_core.training import data as D, objective
 
     items = list(D.iterate(D.open_source(str(data)), D.StreamSpec(seed=0, shuffle=False, resolution=RES, epochs=1),
@@ -195,9 +195,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(frozen) -> None:
     adapter = runner.build_adapter(opts, comps, torch.device("cpu"))
     with torch.no_grad():
         adapter.a_new.fill_(0.5)  # the new path contributes, so every site gets gradients
-    hooks = TrainingHooks(langevin_noise=True)
-    patched, _ = patch_for_training(comps.model_patcher, adapter, hooks)
-    module = loop.TrainModule(adapter, patched, hooks, adapter.config.llm, "eps", 0.0, adapter.config.context_dim)
+    patched = patch_for_training(comps.model_patcher, adapter)
+    module = loop.TrainModule(adapter, patched, adapter.config.llm, "eps", 0.0, adapter.config.context_dim,
+                              langevin_noise=True)
     enc = FrozenEncoders(comps.vae, comps.llm, comps.clip, 32, need_clip=True, need_pooled=False)
     cond = enc.encode(["a", "b"], torch.rand(2, RES, RES, 3), ["a red cube", "a blue ball"], [(0, 0, 0, 0)] * 2)
 

@@ -28,7 +28,7 @@ from .data import Position, SkipCounter, sample_seed
 from .encoders import Conditioning, drop_captions
 from .ema import EMA
 from .options import TrainOptions
-from .patching import TrainingHooks, feature_batch, transformer_options
+from .patching import feature_batch, training_options
 from .schedule import lr_lambda
 from .tracking import Tracker
 
@@ -43,14 +43,15 @@ class TrainingStopped(Exception):
 
 class TrainModule(nn.Module):
     """adapter + the frozen patched U-Net; forward = per-sample loss. accelerate wraps this module
-    (DDP sees only the adapter's parameters: the U-Net is held outside the module tree)."""
+    (DDP sees only the adapter's parameters: the U-Net is held outside the module tree).
+    langevin_noise: the score encoding adds its noise, each sample's from its encoder seed."""
 
-    def __init__(self, adapter: LLMDiffAdapter, patched: Any, hooks: TrainingHooks, spec: LLMSpec,
-                 prediction: str, min_snr_gamma: float, context_dim: int) -> None:
+    def __init__(self, adapter: LLMDiffAdapter, patched: Any, spec: LLMSpec, prediction: str,
+                 min_snr_gamma: float, context_dim: int, langevin_noise: bool) -> None:
         super().__init__()
         self.adapter = adapter
         self._frozen = (patched,)  # a tuple is not registered as a submodule
-        self.hooks = hooks
+        self.langevin_noise = langevin_noise
         self.spec = spec
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma
@@ -70,9 +71,8 @@ class TrainModule(nn.Module):
         if context is None:  # paper mode: the DIFFUSION_MODEL wrapper puts phi(c) in its place
             context = latents.new_zeros(latents.shape[0], 1, self.context_dim)
         features = LLMFeatures(self.spec, hidden, scores, mask)
-        self.hooks.row_seeds = list(encoder_seeds)
-        kwargs: dict[str, Any] = {"c_crossattn": context, "transformer_options": transformer_options(self.patched),
-                                  "llmdiff": feature_batch(features)}
+        to = training_options(self.patched, encoder_seeds if self.langevin_noise else None)
+        kwargs: dict[str, Any] = {"c_crossattn": context, "transformer_options": to, "llmdiff": feature_batch(features)}
         if y is not None:
             kwargs["y"] = y
         x0_hat = model.apply_model(x_t, sigma, **kwargs)
@@ -283,7 +283,6 @@ class Trainer:
 
     def train_step(self) -> float:
         opts = self.opts
-        self.module.hooks.langevin_noise = opts.langevin_noise
         self.ddp_module.train()
         losses = []
         for micro in range(opts.grad_accum):
@@ -373,8 +372,6 @@ class Trainer:
         if not self.validation:
             return
         if self.acc.is_main_process:
-            hooks = self.module.hooks
-            noise, hooks.langevin_noise = hooks.langevin_noise, False
             backup = None
             if self.ema is not None:  # sample with the weights that will be exported
                 backup = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
@@ -390,7 +387,6 @@ class Trainer:
                 tracker.image(self.state.step, "validation (base | adapter)", grid)
                 tracker.message(f"validation images: {path}")
             finally:
-                hooks.langevin_noise = noise
                 if backup is not None:
                     self.adapter.load_state_dict(backup)
                 # ComfyUI's model management may have moved the adapter while sampling

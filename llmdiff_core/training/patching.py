@@ -1,4 +1,4 @@
-"""The adapter inside the frozen U-Net for training: the nodes' own patch code, made trainable.
+"""The adapter inside the frozen U-Net for training: the nodes' own patch code, in its training mode.
 
 The patched model comes from comfy_patch.apply_adapter on the ModelPatcher that ComfyUI's checkpoint
 loader returned, and the forward is BaseModel.apply_model with the same transformer_options, wrappers
@@ -6,21 +6,16 @@ and `llmdiff` keyword the sampler passes (comfy/sampler_helpers.py prepare_model
 patcher's wrappers into transformer_options; comfy/samplers.py calc_cond_batch calls apply_model).
 So the trained layers are exactly the layers the nodes run.
 
-Three things differ from sampling, and apply_adapter has no switch for them yet, so the runtime's
-per-call entry builder is overridden on this one runtime instance (see TrainableRuntime):
-- the gates w_orig / w_new stay tensors (the runtime turns them into python floats for speed, which
-  would cut their gradients; attention.py accepts tensors);
-- the score encoding adds its Langevin noise sqrt(2 h_l) eps, drawn per sample from the sample's seed;
-- every site's K/V is computed up front, outside gradient-checkpointed blocks, so a recomputation in
-  the backward pass finds them and saves nothing new.
-The per-run cache needs nothing: outside a sampling run (no OUTER_SAMPLE wrapper) the runtime
-recomputes every call, and a validation run opens and closes its own cache.
+What differs from sampling is asked for per call with comfy_patch.TrainingCall (training_options):
+the gates stay tensors, the score encoding adds its Langevin noise from each sample's seed, and c and
+every site's K/V are computed by the call itself, outside gradient-checkpointed blocks. A validation
+run samples through the same patched model without it, i.e. exactly as the nodes do.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -30,81 +25,24 @@ from torch.utils.checkpoint import checkpoint
 import comfy.patcher_extension as pe
 
 from ..adapter import LLMDiffAdapter
-from ..attention import KeyMask
-from ..comfy_patch import WRAPPER_KEY, AdapterRuntime, DiffusionModelWrapper, RunEntry, apply_adapter
+from ..comfy_patch import TRAINING_KEY, TrainingCall, apply_adapter
 from ..conditioning import FeatureBatch, FeaturePart
 from ..features import LLMFeatures
-from ..validation import check_features_match
 
 
-@dataclass
-class TrainingHooks:
-    """What the next U-Net call should do differently from inference (set by the training step)."""
-
-    langevin_noise: bool = False
-    row_seeds: list[int] = field(default_factory=list)  # one per feature row; empty = one batch draw
+def patch_for_training(model_patcher: Any, adapter: LLMDiffAdapter) -> Any:
+    """The patched ModelPatcher clone the training forward runs (strength 1, every block)."""
+    return apply_adapter(model_patcher, adapter, strength=1.0)
 
 
-def find_runtime(patched: Any, adapter: LLMDiffAdapter) -> AdapterRuntime:
-    wrappers = patched.wrappers.get(pe.WrappersMP.DIFFUSION_MODEL, {}).get(WRAPPER_KEY, [])
-    for w in wrappers:
-        if isinstance(w, DiffusionModelWrapper) and w.runtime.adapter is adapter:
-            return w.runtime
-    raise RuntimeError("apply_adapter did not register its DIFFUSION_MODEL wrapper: comfy_patch changed?")
-
-
-def encode_rows(adapter: LLMDiffAdapter, features: LLMFeatures, hooks: TrainingHooks) -> torch.Tensor:
-    """c for every row; with Langevin noise, row i draws its noise from row_seeds[i]."""
-    if not hooks.langevin_noise:
-        return adapter.encode(features)
-    if len(hooks.row_seeds) != features.batch_size:
-        return adapter.encode(features, noise=True)
-    rows = []
-    for i, seed in enumerate(hooks.row_seeds):
-        g = torch.Generator(device=features.hidden.device).manual_seed(seed)
-        rows.append(adapter.encode(features.select([i]), noise=True, generator=g))
-    return torch.cat(rows)
-
-
-def make_trainable(runtime: AdapterRuntime, hooks: TrainingHooks) -> None:
-    """Override this runtime's entry builder (instance attribute; other runtimes are untouched)."""
-    adapter = runtime.adapter
-
-    def build_entry(batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> RunEntry:
-        features = batch.materialize()
-        check_features_match(runtime.config, features.spec)
-        features = features.to(device)
-        c = encode_rows(adapter, features, hooks)
-        w_orig, w_new = adapter.gate_weights()
-        entry = RunEntry(batch, device, dtype, c, KeyMask.from_mask(features.mask),
-                         list(w_orig.unbind()), list(w_new.unbind()))
-        if runtime.paper:
-            entry.context = adapter.original_context(c).to(dtype)
-            if runtime.config.needs_pooled:
-                entry.pooled = adapter.pooled(c, features.mask)
-        for i in range(len(runtime.sites)):
-            runtime.new_kv(entry, i)
-            if runtime.paper:
-                runtime.orig_kv(entry, i)
-        return entry
-
-    runtime._build_entry = build_entry  # type: ignore[method-assign]
-
-
-def patch_for_training(model_patcher: Any, adapter: LLMDiffAdapter, hooks: TrainingHooks) -> tuple[Any, AdapterRuntime]:
-    """(patched ModelPatcher clone, its adapter runtime)."""
-    patched = apply_adapter(model_patcher, adapter, strength=1.0)
-    runtime = find_runtime(patched, adapter)
-    make_trainable(runtime, hooks)
-    return patched, runtime
-
-
-def transformer_options(patched: Any) -> dict[str, Any]:
-    """transformer_options as the sampler builds them: the patcher's model_options plus its wrappers
-    and callbacks (comfy/sampler_helpers.py prepare_model_patcher)."""
+def training_options(patched: Any, noise_seeds: Sequence[int] | None) -> dict[str, Any]:
+    """transformer_options for one training forward: as the sampler builds them (the patcher's
+    model_options plus its wrappers and callbacks, comfy/sampler_helpers.py prepare_model_patcher),
+    plus the TrainingCall. noise_seeds: one per sample for the Langevin noise, None for none."""
     to = pe.copy_nested_dicts(patched.model_options.get("transformer_options", {}))
     pe.merge_nested_dicts(to.setdefault("wrappers", {}), patched.wrappers, copy_dict1=False)
     pe.merge_nested_dicts(to.setdefault("callbacks", {}), patched.callbacks, copy_dict1=False)
+    to[TRAINING_KEY] = TrainingCall(None if noise_seeds is None else tuple(noise_seeds))
     return to
 
 

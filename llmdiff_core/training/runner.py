@@ -26,7 +26,7 @@ from .encoders import Conditioning, FrozenEncoders
 from .loop import Trainer, TrainingStopped, TrainModule
 from .objective import prediction_type
 from .options import TrainOptions
-from .patching import TrainingHooks, enable_gradient_checkpointing, patch_for_training
+from .patching import enable_gradient_checkpointing, patch_for_training
 from .tracking import Tracker
 
 log = logging.getLogger("llmdiff.train")
@@ -191,8 +191,7 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
         if components.llm_spec is None:
             raise LLMDiffError("no LLM loaded and no finished feature cache to train from")
     adapter = build_adapter(opts, components, device)
-    hooks = TrainingHooks(langevin_noise=opts.langevin_noise)
-    patched, _ = patch_for_training(mp, adapter, hooks)
+    patched = patch_for_training(mp, adapter)
     undo_ckpt = enable_gradient_checkpointing(mp.model.diffusion_model) if opts.gradient_checkpointing else None
 
     encoders = FrozenEncoders(components.vae, components.llm, components.clip, opts.max_tokens,
@@ -261,8 +260,8 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
     if empty is None:
         raise LLMDiffError("no LLM loaded to encode the empty prompt")
 
-    module = TrainModule(adapter, patched, hooks, adapter.config.llm, prediction, opts.min_snr_gamma,
-                         adapter.config.context_dim)
+    module = TrainModule(adapter, patched, adapter.config.llm, prediction, opts.min_snr_gamma,
+                         adapter.config.context_dim, opts.langevin_noise)
     trainer = Trainer(opts, accelerator, module, mp, iter(()), make_conditioning, empty, components.vae,
                       validation, summary)
     trainer.build_optimizer()
