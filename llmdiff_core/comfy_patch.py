@@ -238,6 +238,13 @@ class AdapterRuntime(_Shared):
         k, v = state.entry.new_kv[i]
         return masked_attention(q, k, v, self.sites[i].spec.heads, state.entry.key_mask)
 
+    def no_clip_error(self, width: int) -> LLMDiffError:
+        """Hybrid mode reads CLIP; without it Text Encode (LLMDiff) leaves a 1-wide placeholder."""
+        return LLMDiffError(
+            f"This hybrid (clip-mode) LLMDiff adapter keeps the original CLIP path, but the conditioning holds "
+            f"no CLIP tensor of width {self.config.context_dim} (width {width}: a Text Encode (LLMDiff) without "
+            f"a CLIP connected). Connect the checkpoint's CLIP to Text Encode (LLMDiff), or use a paper-mode adapter.")
+
     def missing_features_error(self, transformer_options: dict[str, Any]) -> LLMDiffError:
         kinds = set(transformer_options.get("cond_or_uncond") or [])
         which = {frozenset({0}): "positive", frozenset({1}): "negative"}.get(frozenset(kinds), "positive or negative")
@@ -269,6 +276,8 @@ class DiffusionModelWrapper(_Shared):
         to[rt.state_key] = state
         if rt.paper:
             context, y = _paper_unet_inputs(state.entry, y)
+        elif context is not None and context.shape[-1] != rt.config.context_dim:
+            raise rt.no_clip_error(context.shape[-1])
         return executor(x, timesteps, context, y, control, to, **kwargs)
 
 

@@ -158,6 +158,17 @@ def test_adapter_for_another_llm_is_refused_at_sampling(llm, model_folders):
         _sample(patched, cond, cond)
 
 
+def test_hybrid_adapter_without_clip_says_to_connect_clip(llm, model_folders):
+    name = _save_adapter(llm, model_folders, "hybrid_noclip.safetensors", original_path="clip")
+    (adapter,) = run("LLMDiffAdapterLoader", adapter_name=name)
+    (cond,) = run("LLMDiffTextEncode", llm=llm, text="a cat", max_tokens=8, overflow="error",
+                  prompt_per_line=False, clip=None)
+    (patched,) = run("LLMDiffApply", model=tiny_sd15(), adapter=adapter, strength=1.0, start_percent=0.0,
+                     end_percent=1.0)
+    with pytest.raises(LLMDiffError, match="Connect the checkpoint's CLIP"):
+        _sample(patched, cond, cond)
+
+
 def test_adapter_loader_refuses_a_pickle(model_folders):
     bad = model_folders / "llmdiff" / "looks_fine.safetensors"
     bad.write_bytes(b"PK\x03\x04" + b"\0" * 64)  # a zip (torch.save) renamed to .safetensors
