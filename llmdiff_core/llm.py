@@ -205,20 +205,26 @@ def _load_config(path: str, raw: dict[str, Any], trust_remote_code: bool) -> Any
 
 
 def _from_pretrained(path: str, config: Any, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """AutoModelForCausalLM (AutoModel for configs without a causal-LM class); sdpa attention,
-    eager where the family has no sdpa (Gemma 2: its attention logit soft-capping)."""
+    """AutoModel first: the base decoder without the LM head, which the encoding never runs (an untied
+    head is ~1 GB in bf16 for Llama-3-8B); AutoModelForCausalLM for configs without a base-model class.
+    sdpa attention, eager where the family has no sdpa (Gemma 2: its attention logit soft-capping)."""
     from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     kwargs = dict(config=config, dtype=dtype, local_files_only=True, use_safetensors=True,
                   trust_remote_code=trust_remote_code, output_loading_info=True)
     last_error: Exception | None = None
-    for auto in (AutoModelForCausalLM, AutoModel):
+    for auto in (AutoModel, AutoModelForCausalLM):
         for attn in ("sdpa", "eager"):
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the skipped LM head is reported as "unexpected" keys
             try:
                 model, info = auto.from_pretrained(path, attn_implementation=attn, **kwargs)
             except ValueError as e:  # no sdpa for this family, or no class of this auto kind
                 last_error = e
                 continue
+            finally:
+                hf_logging.set_verbosity(verbosity)
             _check_loading_info(path, model, info)
             return model
     raise LLMDiffError(f"LLM folder {path}: transformers cannot build a model from it ({last_error}). "
