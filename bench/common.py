@@ -1,0 +1,306 @@
+"""Shared benchmark plumbing: ComfyUI setup, environment header, timers, memory, Markdown tables.
+
+Every bench script:
+    python bench/<script>.py [--small] [--comfyui-root ROOT] [--repeats N] [--warmup N] [--json OUT]
+prints a header (device, torch, CUDA, ComfyUI, commit) and one Markdown table per measurement.
+
+Timing rules (issue 5): medians of repeats after warmup; A/B comparisons run interleaved in one
+process (A B, B A, A B, ... so that clock or thermal drift hits both sides alike); CUDA is
+synchronised around every timed region; peak GPU memory comes from torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1024 ** 3
+
+
+# --- ComfyUI setup ------------------------------------------------------------------------------
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--comfyui-root", default=os.environ.get("LLMDIFF_COMFYUI_ROOT"),
+                   help="ComfyUI root (folder with comfy/); default $LLMDIFF_COMFYUI_ROOT "
+                        "(scripts/setup_env.sh prints the pinned one)")
+    p.add_argument("--small", action="store_true",
+                   help="tiny shapes that run on a CPU in seconds (ratios only, not the GPU targets)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = cuda when available")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default per script)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warmup runs per variant (default per script)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --clock cpu, else torch's choice)")
+    p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                   help="wall = perf_counter; cpu = this process's CPU time (robust on a shared, loaded CPU "
+                        "machine; forces 1 thread unless --threads). auto = cpu for --small on CPU, else wall")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON here")
+    p.add_argument("--markdown", dest="markdown_out", default=None, help="also append the Markdown output here")
+    return p
+
+
+def setup_comfy(opts: argparse.Namespace, extra_args: dict[str, Any] | None = None) -> Any:
+    """Put ComfyUI and this repository on sys.path and set ComfyUI's args before anything imports
+    comfy.model_management (the dance of tests/conftest.py). Returns the torch device to use."""
+    root = opts.comfyui_root
+    if not root or not (Path(root) / "comfy").is_dir():
+        sys.exit("--comfyui-root (or LLMDIFF_COMFYUI_ROOT) must point to a ComfyUI root with comfy/ in it; "
+                 "`scripts/setup_env.sh` prints the pinned one on its second line")
+    root = str(Path(root).resolve())
+    for path in (root, str(REPO)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    want = opts.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible to torch")
+    if opts.clock == "auto":
+        opts.clock = "cpu" if (want == "cpu" and opts.small) else "wall"
+    if opts.clock == "cpu" and want == "cuda":
+        sys.exit("--clock cpu measures CPU time: use --clock wall on a GPU")
+    if opts.threads is None and opts.clock == "cpu":
+        opts.threads = 1  # process CPU time counts every thread's spinning: one thread keeps it honest
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    CLOCK["now"] = time.process_time if opts.clock == "cpu" else time.perf_counter
+    CLOCK["name"] = opts.clock
+    from comfy.cli_args import args  # parses [] (not our argv)
+
+    args.cpu = want == "cpu"
+    args.use_pytorch_cross_attention = True  # torch SDPA: flash / mem-efficient on GPU, fastest on CPU too
+    for k, v in (extra_args or {}).items():
+        setattr(args, k, v)
+    import utils.extra_config  # noqa: F401  (ComfyUI 0.3.x: before anything imports `nodes`)
+    import comfy.model_management as mm
+
+    opts.root = root
+    return mm.get_torch_device()
+
+
+def comfyui_version(root: str) -> str:
+    try:
+        ns: dict[str, Any] = {}
+        exec((Path(root) / "comfyui_version.py").read_text(), ns)
+        return str(ns["__version__"])
+    except Exception:
+        return "unknown"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def env_header(device: Any, root: str, **extra: Any) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device"] = f"{props.name} ({props.total_memory / GIB:.0f} GiB)"
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    info.update({"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": CLOCK["name"],
+                 "ComfyUI": comfyui_version(root), "python": platform.python_version(),
+                 "commit": git_commit()})
+    info.update(extra)
+    return info
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+CLOCK: dict[str, Any] = {"now": time.perf_counter, "name": "wall"}
+
+
+def now() -> float:
+    """The benchmark clock (seconds): perf_counter, or process CPU time with --clock cpu."""
+    return CLOCK["now"]()
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: Any) -> Callable[[], float]:
+    """A measurement: fn's wall time in seconds, CUDA synchronised before and after."""
+    def measure() -> float:
+        sync(device)
+        t0 = now()
+        fn()
+        sync(device)
+        return now() - t0
+    return measure
+
+
+Measurement = Callable[[], "float | dict[str, float]"]
+
+
+def interleaved(variants: dict[str, Measurement], repeats: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Run each variant's measurement warmup + repeats times, interleaved A B / B A / A B ...
+
+    A measurement returns seconds, or a dict of named metrics (e.g. per-step and per-run times).
+    Returns {variant: {metric: [values per repeat]}} ("time" for plain floats)."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            value = variants[name]()
+            metrics = value if isinstance(value, dict) else {"time": float(value)}
+            for k, v in metrics.items():
+                out[name].setdefault(k, []).append(float(v))
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs: Sequence[float]) -> float:
+    """Relative half-range of the middle values (robust noise estimate): (q3 - q1) / 2 / median."""
+    if len(xs) < 4:
+        return (max(xs) - min(xs)) / 2 / median(xs) if xs and median(xs) else float("nan")
+    q = statistics.quantiles(xs, n=4)
+    return (q[2] - q[0]) / 2 / median(xs)
+
+
+# --- FLOPs --------------------------------------------------------------------------------------
+
+def flop_counter() -> Any:
+    """torch.utils.flop_counter.FlopCounterMode that also counts the CPU flash-attention kernel (torch
+    registers only the CUDA SDPA kernels; on a CPU attention would count as 0 FLOPs). On meta tensors SDPA
+    decomposes into bmm, which is counted anyway."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    mapping: dict[Any, Any] = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None and cpu_sdpa not in fc.flop_registry and hasattr(fc, "sdpa_flop_count"):
+        def count(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                  **kwargs: Any) -> int:
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+        mapping[cpu_sdpa] = count
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+@dataclass
+class PeakMemory:
+    """Context manager: peak CUDA memory allocated inside it (GiB), None on CPU."""
+
+    device: Any
+    peak_gib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak_gib = torch.cuda.max_memory_allocated(self.device) / GIB
+
+
+def gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "n/a"
+        if x != 0 and (abs(x) >= 10 ** 5 or abs(x) < 10 ** -digits):
+            return f"{x:.{digits}g}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+@dataclass
+class Report:
+    """Collects the header, tables and notes of one script run; prints Markdown, writes JSON."""
+
+    title: str
+    header: dict[str, Any]
+    sections: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def table(self, name: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.sections.append({"name": name, "headers": list(headers), "rows": [list(r) for r in rows]})
+
+    def markdown(self) -> str:
+        head = ", ".join(f"{k} {v}" for k, v in self.header.items())
+        parts = [f"### {self.title}", "", head, ""]
+        for s in self.sections:
+            parts += [f"**{s['name']}**", "", markdown_table(s["headers"], s["rows"]), ""]
+        parts += [f"- {n}" for n in self.notes]
+        return "\n".join(parts).rstrip() + "\n"
+
+    def emit(self, opts: argparse.Namespace) -> None:
+        text = self.markdown()
+        print(text, flush=True)
+        if opts.markdown_out:
+            with open(opts.markdown_out, "a", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        if opts.json_out:
+            def clean(v: Any) -> Any:
+                if isinstance(v, float) and not math.isfinite(v):
+                    return None
+                return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+            data = {"title": self.title, "header": {k: clean(v) for k, v in self.header.items()},
+                    "sections": [{**s, "rows": [[clean(c) for c in r] for r in s["rows"]]} for s in self.sections],
+                    "notes": self.notes}
+            Path(opts.json_out).write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+def defaults(opts: argparse.Namespace, repeats: int, warmup: int) -> None:
+    if opts.repeats is None:
+        opts.repeats = repeats
+    if opts.warmup is None:
+        opts.warmup = warmup

@@ -1,0 +1,136 @@
+"""Peak GPU memory of an SDXL + 8B-LLM workflow: LLM encode -> (LLM offloaded) -> sample with the adapter.
+
+    python bench/workflow_memory.py                   # GPU only: SDXL 1024 px, Llama-3-8B shape, bf16 LLM
+    python bench/workflow_memory.py --cpu-dry-run     # runs the same code path at tiny shapes (no numbers)
+
+The models start on the offload device (CPU) like freshly loaded checkpoints, and go to the GPU
+through ComfyUI's model management, as in a graph: the LLM via the pack's ManagedLLM.encode (what the
+Text Encode node runs), the SDXL U-Net + adapter via comfy.sample.sample on apply_adapter's clone (what
+KSampler runs). Scenarios (each starts with nothing loaded):
+  comfy   - ComfyUI's own policy: it only evicts the LLM if the U-Net does not fit next to it;
+  24gib   - the same, on a card that ComfyUI believes has 24 GiB (reserve_vram = total - 24 GiB);
+  offload - the LLM explicitly unloaded right after encoding (what "offloaded after encoding" means).
+Target (issue 5): <= 20 GiB peak (torch.cuda.max_memory_allocated). The VAE decode is not included.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGET_GIB = 20.0
+
+
+def parse() -> Any:
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--cpu-dry-run", action="store_true", help="no GPU: run the code path at tiny shapes")
+    p.add_argument("--scenarios", default="comfy,24gib,offload")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps (memory peaks in the first)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--adapter-dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="fp32 = what training exports and the loader keeps")
+    opts = p.parse_args()
+    common.defaults(opts, repeats=1, warmup=0)
+    if opts.cpu_dry_run:
+        opts.small, opts.device = True, "cpu"
+    return opts
+
+
+def main() -> None:
+    opts = parse()
+    if not opts.cpu_dry_run:
+        import torch
+
+        if not torch.cuda.is_available() or opts.device == "cpu":
+            print("### SDXL + 8B-LLM workflow peak GPU memory\n\nneeds a CUDA GPU: skipped (run it on a lent GPU; "
+                  "--cpu-dry-run exercises the code path without measuring).")
+            return
+    device = common.setup_comfy(opts)
+    import torch
+
+    import builders
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sample
+    from llmdiff_core.comfy_llm import ManagedLLM, _HFHolder
+    from llmdiff_core.comfy_patch import apply_adapter
+
+    cuda = device.type == "cuda"
+    offload = mm.unet_offload_device()
+    small = opts.small
+    shape = builders.unet_shape("sdxl", small)
+    llm_shape = "tiny" if small else "8b"
+    llm_dtype = torch.bfloat16 if cuda else torch.float32
+
+    # Models built on the compute device (fast random init), then parked on the offload device.
+    mp = builders.build_unet("sdxl", small, torch.float16 if cuda else torch.float32, device, offload_device=offload)
+    mp.model.to(offload)
+    mp.model.device = offload
+    loaded = builders.build_llm(llm_shape, llm_dtype, device)
+    loaded.model.to(offload)
+    spec = loaded.spec
+    adapter = builders.build_adapter(mp, spec, "clip", max_tokens=opts.tokens)
+    if opts.adapter_dtype == "fp16":
+        adapter = adapter.half()
+    llm = ManagedLLM(loaded, comfy.model_patcher.ModelPatcher(_HFHolder(loaded.model, llm_dtype), load_device=device,
+                                                             offload_device=offload), "random-8b")
+    patched = apply_adapter(mp, adapter, strength=1.0)
+    if cuda:
+        torch.cuda.empty_cache()
+
+    def size_gib(module: Any) -> float:
+        return sum(p.numel() * p.element_size() for p in module.parameters()) / common.GIB
+
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else 0
+    report = common.Report("SDXL + 8B-LLM workflow peak GPU memory", common.env_header(
+        device, opts.root, unet=f"SDXL {shape.pixels} px {size_gib(mp.model.diffusion_model):.2f} GiB",
+        llm=f"{llm_shape} {size_gib(loaded.model):.2f} GiB",
+        adapter=f"{opts.adapter_dtype} {size_gib(adapter):.2f} GiB",
+        steps=opts.steps))
+    rows = []
+    default_reserve = mm.EXTRA_RESERVED_VRAM
+    for scenario in [s for s in opts.scenarios.split(",") if s]:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        mm.EXTRA_RESERVED_VRAM = default_reserve
+        if scenario == "24gib" and cuda:
+            mm.EXTRA_RESERVED_VRAM = max(default_reserve, int(total - 24 * common.GIB))
+        with common.PeakMemory(device) as whole:
+            with common.PeakMemory(device) as enc:
+                pos_f = llm.encode([builders.prompt_of(60)], opts.tokens, "error")
+                neg_f = llm.encode([""], opts.tokens, "error")
+            if scenario == "offload":
+                mm.unload_all_models()  # nothing else is loaded yet: this unloads the LLM
+                mm.soft_empty_cache()
+            from llmdiff_core.conditioning import attach_features
+            pos = attach_features(builders.clip_conditioning(shape, 1, 1), pos_f)
+            neg = attach_features(builders.clip_conditioning(shape, 1, 2), neg_f)
+            noise = torch.randn(1, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
+            with common.PeakMemory(device) as samp:
+                with torch.inference_mode():
+                    comfy.sample.sample(patched, noise, opts.steps, 5.0, "euler", "normal", pos, neg,
+                                        torch.zeros_like(noise), disable_pbar=True, seed=0)
+        resident = any(getattr(lm.model, "model", None) is llm.patcher.model for lm in mm.current_loaded_models)
+        rows.append([scenario, common.gib(enc.peak_gib), common.gib(samp.peak_gib), common.gib(whole.peak_gib),
+                     "yes" if resident else "no", TARGET_GIB,
+                     "n/a" if whole.peak_gib is None else ("met" if whole.peak_gib <= TARGET_GIB else "missed")])
+    mm.EXTRA_RESERVED_VRAM = default_reserve
+    report.table("peak torch.cuda.max_memory_allocated (GiB)", ["scenario", "encode peak", "sampling peak",
+                                                                  "workflow peak", "LLM resident while sampling",
+                                                                  "target GiB", "met"], rows)
+    report.notes += [
+        "comfy: nothing evicts the LLM on a card with room for both; 24gib: ComfyUI told the card has 24 GiB; "
+        "offload: LLM unloaded right after encoding.",
+        "sampling: 1 latent with CFG (2 U-Net rows), euler; features reach the GPU once per run (per-run cache).",
+    ]
+    if opts.cpu_dry_run:
+        report.notes.append("--cpu-dry-run: tiny shapes on CPU; memory columns are n/a by design.")
+    report.emit(opts)
+
+
+if __name__ == "__main__":
+    main()
