@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,34 @@ def _stacked_mask(mask: torch.Tensor | None, pad_mask: torch.Tensor, batch: int,
     return torch.cat([mask, diagonal])
 
 
+# inspect.signature per block forward function (not per call): blocks of one class share it. A forward
+# replaced on the instance (e.g. accelerate's offload hooks) is not a method and is inspected per call.
+_SIGNATURES: weakref.WeakKeyDictionary[Any, inspect.Signature] = weakref.WeakKeyDictionary()
+# The base decoder and its blocks per model (found by walking the module tree once, not per encode).
+_STRUCTURE: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, nn.ModuleList]] = weakref.WeakKeyDictionary()
+
+
+def _signature(block: nn.Module) -> inspect.Signature:
+    forward = block.forward
+    func = getattr(forward, "__func__", None) if getattr(forward, "__self__", None) is block else None
+    if func is None:
+        return inspect.signature(forward)
+    sig = _SIGNATURES.get(func)
+    if sig is None:
+        sig = _SIGNATURES[func] = inspect.signature(forward)
+    return sig
+
+
+def _structure(loaded: LoadedLLM) -> tuple[nn.Module, nn.ModuleList]:
+    """(base decoder, decoder blocks) of the loaded LLM, cached per model object."""
+    model = loaded.model
+    found = _STRUCTURE.get(model)
+    if found is None or len(found[1]) != loaded.spec.num_layers:
+        found = (loaded.decoder(), loaded.decoder_blocks())
+        _STRUCTURE[model] = found
+    return found
+
+
 class _ScoreHooks:
     """Forward hooks that record H_0..H_L and B_l^0(H_{l-1}) while the decoder runs once."""
 
@@ -161,6 +190,9 @@ class _ScoreHooks:
         self.context_free: list[torch.Tensor] = []  # B_l^0(H_{l-1}), l = 1..L
         self.batch = 0
         self.handles: list[Any] = []
+        # stacked masks of this encode: the model passes every block the same mask object (Gemma: one
+        # per attention kind), so [causal; diagonal] is built once per distinct mask, not per block
+        self._masks: list[tuple[Any, int, int, torch.Tensor]] = []
 
     def __enter__(self) -> _ScoreHooks:
         for block in self.blocks:
@@ -174,7 +206,7 @@ class _ScoreHooks:
         self.handles.clear()
 
     def _before(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        sig = inspect.signature(block.forward)
+        sig = _signature(block)
         if MASK_ARG not in sig.parameters:
             raise LLMDiffError(f"decoder block {type(block).__name__} takes no {MASK_ARG}: the score encoding "
                                f"cannot run it with a diagonal mask")
@@ -187,8 +219,16 @@ class _ScoreHooks:
         for name, value in bound.arguments.items():
             if name != MASK_ARG:
                 bound.arguments[name] = _duplicate(value, self.batch)
-        bound.arguments[MASK_ARG] = _stacked_mask(mask, self.pad_mask, self.batch, n)
+        bound.arguments[MASK_ARG] = self._stacked(mask, n)
         return bound.args, bound.kwargs
+
+    def _stacked(self, mask: Any, n: int) -> torch.Tensor:
+        for seen, batch, length, stacked in self._masks:
+            if seen is mask and batch == self.batch and length == n:
+                return stacked
+        stacked = _stacked_mask(mask, self.pad_mask, self.batch, n)
+        self._masks.append((mask, self.batch, n, stacked))  # holds `mask`: its identity stays unique
+        return stacked
 
     def _after(self, block: nn.Module, args: tuple, output: Any) -> Any:
         b = self.batch
@@ -221,12 +261,14 @@ def encode(loaded: LoadedLLM, texts: list[str], max_tokens: int = 128, overflow:
     batch = tokenize(loaded, texts, max_tokens, overflow)
     device = loaded.device
     input_ids, pad_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    loaded.model.eval()
+    if loaded.model.training:  # eval() walks every module: only when something switched it to training
+        loaded.model.eval()
+    decoder, blocks = _structure(loaded)
     # no_grad, not inference_mode: inference tensors cannot be saved for backward, and training
     # feeds these features to the adapter under autograd.
-    with torch.no_grad(), _ScoreHooks(loaded.decoder_blocks(), pad_mask) as hooks:
+    with torch.no_grad(), _ScoreHooks(blocks, pad_mask) as hooks:
         # The base decoder, not the LM: the final norm runs (cheap), the LM head and logits do not.
-        loaded.decoder()(input_ids=input_ids, attention_mask=pad_mask, use_cache=False)
+        decoder(input_ids=input_ids, attention_mask=pad_mask, use_cache=False)
     hidden = torch.stack(hooks.hidden, dim=1)  # [B, L+1, n, D]
     scores = hidden[:, 1:] - torch.stack(hooks.context_free, dim=1)
     real = pad_mask.bool()

@@ -67,12 +67,16 @@ class LLMFeatures:
 
     def select(self, rows: torch.Tensor | list[int]) -> LLMFeatures:
         """Rows in the given order (repeats allowed): batching, CFG, repeat-to-batch."""
+        if isinstance(rows, (list, tuple, range)) and list(rows) == list(range(self.batch_size)):
+            # every row in order: the same tensors (no copy of [B, L+1, T, D])
+            return LLMFeatures(self.spec, self.hidden, self.scores, self.mask)
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.hidden.device)
-        return LLMFeatures(self.spec, self.hidden[idx], self.scores[idx], self.mask[idx.to(self.mask.device)])
+        return LLMFeatures(self.spec, _take_rows(self.hidden, idx), _take_rows(self.scores, idx),
+                           self.mask[idx.to(self.mask.device)])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LLMFeatures:
-        return LLMFeatures(self.spec, self.hidden.to(device=device, dtype=dtype),
-                           self.scores.to(device=device, dtype=dtype), self.mask.to(device=device))
+        return LLMFeatures(self.spec, _broadcast_to(self.hidden, device, dtype),
+                           _broadcast_to(self.scores, device, dtype), self.mask.to(device=device))
 
     @staticmethod
     def cat(parts: list[LLMFeatures]) -> LLMFeatures:
@@ -80,5 +84,44 @@ class LLMFeatures:
         for p in parts[1:]:
             if p.spec != first.spec or p.num_tokens != first.num_tokens:
                 raise ValueError("cannot batch LLM features of different LLMs or token buckets")
-        return LLMFeatures(first.spec, torch.cat([p.hidden for p in parts]),
-                           torch.cat([p.scores for p in parts]), torch.cat([p.mask for p in parts]))
+        if len(parts) == 1:
+            return LLMFeatures(first.spec, first.hidden, first.scores, first.mask)
+        return LLMFeatures(first.spec, _cat_rows([p.hidden for p in parts]),
+                           _cat_rows([p.scores for p in parts]), torch.cat([p.mask for p in parts]))
+
+
+# Broadcast (stride-0) dimensions: a layer or token axis that holds one value for all its positions
+# (e.g. the training step's features, where layers the encoding never reads are an expanded view
+# instead of zeros in memory) stays a view through select / cat / to instead of being materialised.
+
+def _broadcast_dims(t: torch.Tensor) -> list[int]:
+    return [d for d in range(1, t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
+
+
+def _base(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    for d in dims:
+        t = t.narrow(d, 0, 1)
+    return t
+
+
+def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    dims = _broadcast_dims(t)
+    if not dims:
+        return t[idx]
+    base = _base(t, dims)[idx]
+    return base.expand(idx.shape[0], *t.shape[1:])
+
+
+def _broadcast_to(t: torch.Tensor, device: Any, dtype: torch.dtype | None) -> torch.Tensor:
+    dims = _broadcast_dims(t)
+    if not dims:
+        return t.to(device=device, dtype=dtype)
+    return _base(t, dims).to(device=device, dtype=dtype).expand(t.shape)
+
+
+def _cat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
+    dims = _broadcast_dims(ts[0])
+    if dims and all(_broadcast_dims(t) == dims for t in ts[1:]):
+        base = torch.cat([_base(t, dims) for t in ts])
+        return base.expand(base.shape[0], *ts[0].shape[1:])
+    return torch.cat(ts)

@@ -272,3 +272,30 @@ def test_bad_arguments(llms: dict[str, LoadedLLM]) -> None:
         encode(loaded, [])
     with pytest.raises(LLMDiffError, match="positions"):
         encode(loaded, ["x"], max_tokens=10_000)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_per_encode_host_work_is_done_once(llms: dict[str, LoadedLLM], family: str, monkeypatch) -> None:
+    """The stacked [causal; diagonal] mask is built once per distinct mask the model passes (not per
+    block), a model left in training mode is switched to eval, and repeated encodes agree exactly."""
+    loaded = llms[family]
+    built: list[object] = []
+    original = encoding._stacked_mask
+
+    def counting(mask, *args):
+        built.append(mask)
+        return original(mask, *args)
+    monkeypatch.setattr(encoding, "_stacked_mask", counting)
+    first = encode(loaded, PROMPTS, max_tokens=MAX_TOKENS)
+    assert 1 <= len(built) <= 2  # Gemma: one sliding-window and one global mask
+    assert len({id(m) for m in built}) == len(built)  # each distinct mask object once
+    if family == "llama":
+        assert len(built) == 1
+    loaded.model.train()
+    try:
+        again = encode(loaded, PROMPTS, max_tokens=MAX_TOKENS)
+        assert not any(m.training for m in loaded.model.modules())
+    finally:
+        loaded.model.eval()
+    for a, b in ((first.hidden, again.hidden), (first.scores, again.scores), (first.mask, again.mask)):
+        assert torch.equal(a, b)

@@ -145,3 +145,95 @@ def test_help_documents_every_option_with_its_default() -> None:
         assert action.help, action.dest
         assert "default:" in parser._get_formatter()._get_help_string(action) or "(default" in text
     assert text.count("(default:") >= len([a for a in parser._actions if a.dest != "help"])
+
+
+# --- the cache's compact batches (issue 5: bytes per step) ---------------------------------------
+
+def _features(spec, lengths: list[int], max_tokens: int, seed: int):
+    from llmdiff_core.features import LLMFeatures
+
+    g = torch.Generator().manual_seed(seed)
+    B, L, D = len(lengths), spec.num_layers, spec.hidden_size
+    hidden = torch.zeros(B, L + 1, max_tokens, D)
+    scores = torch.zeros(B, L, max_tokens, D)
+    mask = torch.zeros(B, max_tokens, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        hidden[i, :, :n] = torch.randn(L + 1, n, D, generator=g)
+        scores[i, :, :n] = torch.randn(L, n, D, generator=g)
+        mask[i, 1:n] = True
+        mask[i, 0] = n == 1
+    return LLMFeatures(spec, hidden, scores, mask)
+
+
+@pytest.mark.parametrize("mode", ["score", "score-zeros", "last", "mean", "layer"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_compact_cache_batches_expand_to_the_padded_features(mode: str, dtype: str) -> None:
+    """collate (stored layers, stored dtype, batch-longest tokens) + caption dropout in place +
+    expand_features on the device give exactly the values the encoding reads from the old
+    full-size batch (every layer, float32, padded to the bucket), in fewer bytes."""
+    from llmdiff_core.features import LLMFeatures, LLMSpec
+    from llmdiff_core.training import encoders as E, feature_cache as FC
+
+    spec = LLMSpec("llama", "t", 16, 3)
+    T, lengths = 12, [5, 1, 7, 3]
+    layers, scores, read = {"score": ([0], True, [0]), "score-zeros": ([], True, []), "last": ([3], False, [3]),
+                            "mean": ([1, 2, 3], False, [1, 2, 3]), "layer": ([2], False, [2])}[mode]
+    cspec = FC.CacheSpec(fingerprint={}, llm=spec, max_tokens=T, layers=layers, scores=scores, dtype=dtype)
+    feats = _features(spec, lengths, T, 0)
+    cond = E.Conditioning([f"k{i}" for i in range(4)], torch.zeros(4, 4, 2, 2), feats, None, None, [(0, 0, 0, 0)] * 4)
+    samples = [FC.CachedSample(f"k{i}", i, 0, i + 1, "", (0, 0, 0, 0), FC._record(cond, i, cspec, FC.DTYPES[dtype]))
+               for i in range(4)]
+    e_cond = E.Conditioning([""], torch.zeros(1, 0), _features(spec, [1], T, 1), None, None, [(0, 0, 0, 0)])
+    e_rec = FC._record(e_cond, 0, cspec, FC.DTYPES[dtype])
+    e_rec.pop("latent")
+    empty = (FC.features_from(e_rec, cspec), None, None)
+    drop = [False, True, False, True]
+
+    # before: every row rebuilt at full size, then dropped rows swapped in by select + cat
+    old = LLMFeatures.cat([FC.features_from(s.tensors, cspec) for s in samples])
+    old = LLMFeatures.cat([empty[0] if d else old.select([i]) for i, d in enumerate(drop)])
+
+    batch = FC.collate(samples, cspec)
+    compact = batch.features
+    assert isinstance(compact, E.CompactFeatures)
+    assert compact.num_tokens == max(lengths) and compact.hidden.dtype == FC.DTYPES[dtype]
+    stored = compact.hidden.nbytes + (0 if compact.scores is None else compact.scores.nbytes)
+    assert stored * (2 if dtype == "bf16" else 1) < old.hidden.nbytes + old.scores.nbytes
+    batch = E.drop_captions(batch, drop, empty)
+    new = E.expand_features(spec, batch.features.hidden, batch.features.scores, batch.features.mask,
+                            batch.features.layers, batch.features.max_tokens)
+    assert new.hidden.shape == old.hidden.shape and new.hidden.dtype == torch.float32
+    assert torch.equal(new.mask, old.mask)
+    for k in read:
+        assert torch.equal(new.hidden[:, k], old.hidden[:, k]), k
+    if mode == "mean":
+        assert torch.equal(new.hidden[:, 1:].mean(dim=1), old.hidden[:, 1:].mean(dim=1))
+    if scores:
+        assert torch.equal(new.scores, old.scores)
+    # rows and the per-row select the training forward does keep the layer broadcast a view
+    row = new.select([2])
+    for k in read:
+        assert torch.equal(row.hidden[:, k], old.hidden[2:3, k])
+    if len(layers) == 1:
+        assert row.hidden.stride(1) == 0 and new.to("cpu").hidden.stride(1) == 0
+
+
+def test_feature_rows_keep_broadcast_views_and_values() -> None:
+    """LLMFeatures.select / cat / to on a layer-broadcast batch: the values of a materialised copy."""
+    from llmdiff_core.features import LLMFeatures, LLMSpec
+
+    spec = LLMSpec("llama", "t", 8, 4)
+    base = torch.randn(3, 1, 5, 8)
+    f = LLMFeatures(spec, base.expand(3, 5, 5, 8), torch.randn(3, 4, 5, 8), torch.rand(3, 5) > 0.5)
+    full = LLMFeatures(spec, f.hidden.contiguous(), f.scores, f.mask)
+    for rows in ([2, 0], [1], [0, 1, 2], [1, 1, 0]):
+        a, b = f.select(rows), full.select(rows)
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.scores, b.scores) and torch.equal(a.mask, b.mask)
+    assert f.select([0, 1, 2]).hidden is f.hidden  # every row in order: no copy
+    both = LLMFeatures.cat([f.select([1]), f.select([0, 2])])
+    assert both.hidden.stride(1) == 0 and torch.equal(both.hidden, full.select([1, 0, 2]).hidden)
+    mixed = LLMFeatures.cat([f.select([1]), full.select([0])])
+    assert torch.equal(mixed.hidden, full.select([1, 0]).hidden)
+    assert LLMFeatures.cat([f]).hidden is f.hidden
+    moved = f.to("cpu", torch.float64)
+    assert moved.hidden.stride(1) == 0 and torch.equal(moved.hidden, full.hidden.double())

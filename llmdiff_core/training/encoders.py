@@ -14,7 +14,7 @@ import torch
 
 from ..encoding import encode as llm_encode
 from ..errors import LLMDiffError
-from ..features import LLMFeatures
+from ..features import LLMFeatures, LLMSpec
 
 POOLED_DIM = 1280  # SDXL's pooled CLIP-G width (SD1.5 ignores pooled_output)
 
@@ -25,7 +25,7 @@ class Conditioning:
 
     keys: list[str]
     latents: torch.Tensor  # [B, 4, h, w] raw VAE latents (before process_latent_in)
-    features: LLMFeatures  # [B, ...] padded to the token bucket
+    features: LLMFeatures | CompactFeatures  # [B, ...] padded to the token bucket, or compact (feature cache)
     clip: torch.Tensor | None  # [B, 77k, C] CLIP conditioning (hybrid mode), else None
     pooled: torch.Tensor | None  # [B, 1280] CLIP pooled (SDXL hybrid), else None
     sizes: list[tuple[int, int, int, int]]  # (orig_h, orig_w, crop_top, crop_left) for SDXL
@@ -89,14 +89,108 @@ class FrozenEncoders:
         return self.captions([""]), clip, pooled
 
 
+@dataclass
+class CompactFeatures:
+    """A batch of LLM features as the feature cache holds them: only the layers the adapter's encoding
+    reads, in the stored dtype, padded only to the batch's longest caption (on the host; pinned when
+    training on CUDA). `expand_features` turns them, on the device, into exactly the LLMFeatures the
+    on-the-fly path gives (float32, the `max_tokens` bucket): ~10x fewer bytes to copy and to move.
+
+    hidden: [B, len(layers), n, D]  the hidden states H_k for k in `layers` (no layers: [B, 0, n, D])
+    scores: [B, L, n, D] or None    s_1..s_L when the encoding reads them
+    mask:   [B, n] bool
+    """
+
+    spec: LLMSpec
+    layers: tuple[int, ...]
+    hidden: torch.Tensor
+    scores: torch.Tensor | None
+    mask: torch.Tensor
+    max_tokens: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.mask.shape[1]
+
+    def grown_to(self, n: int) -> CompactFeatures:
+        """The same rows with room for n tokens (zero padding)."""
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((*t.shape[:2], n, t.shape[3]))
+            out[:, :, :t.shape[2]] = t
+            return out
+        mask = self.mask.new_zeros((self.batch_size, n))
+        mask[:, :self.num_tokens] = self.mask
+        return CompactFeatures(self.spec, self.layers, grow(self.hidden),
+                               None if self.scores is None else grow(self.scores), mask, self.max_tokens)
+
+    def set_row(self, i: int, hidden: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> None:
+        """Row i := one trimmed prompt (hidden [L+1, k, D], scores [L, k, D], mask [k]), in place."""
+        k = mask.shape[0]
+        if self.layers:
+            self.hidden[i].zero_()
+            self.hidden[i, :, :k] = hidden[list(self.layers)]
+        if self.scores is not None:
+            self.scores[i].zero_()
+            self.scores[i, :, :k] = scores
+        self.mask[i] = False
+        self.mask[i, :k] = mask
+
+
+def expand_features(spec: LLMSpec, hidden: torch.Tensor, scores: torch.Tensor | None, mask: torch.Tensor,
+                    layers: tuple[int, ...], max_tokens: int) -> LLMFeatures:
+    """CompactFeatures' tensors (on the device) -> LLMFeatures [B, L+1, T, D] float32 at the bucket T,
+    as the on-the-fly path gives them: the same values wherever the encoding reads. Layers it does
+    not read are a broadcast view, not memory (one stored layer: that layer, expanded; none: zeros)."""
+    B, n = mask.shape
+    L, D, T = spec.num_layers, spec.hidden_size, max_tokens
+    dev = mask.device
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # [B, k, n, D] any dtype -> [B, k, T, D] float32
+        out = torch.empty((t.shape[0], t.shape[1], T, D), dtype=torch.float32, device=dev)
+        out[:, :, :n] = t
+        out[:, :, n:] = 0
+        return out
+
+    if not layers:
+        h = torch.zeros((), device=dev).expand(B, L + 1, T, D)
+    elif len(layers) == 1:
+        h = padded(hidden).expand(B, L + 1, T, D)
+    else:
+        h = torch.zeros((B, L + 1, T, D), dtype=torch.float32, device=dev)
+        h[:, list(layers), :n] = hidden.float()
+    s = torch.zeros((), device=dev).expand(B, L, T, D) if scores is None else padded(scores)
+    m = torch.zeros((B, T), dtype=torch.bool, device=dev)
+    m[:, :n] = mask
+    return LLMFeatures(spec, h, s, m)
+
+
 def drop_captions(cond: Conditioning, drop: list[bool], empty: tuple[LLMFeatures, torch.Tensor | None,
                                                                        torch.Tensor | None]) -> Conditioning:
-    """Rows with drop[i] get the empty prompt's features (and CLIP conditioning)."""
+    """Rows with drop[i] get the empty prompt's features (and CLIP conditioning). The LLM features
+    of the batch are replaced in place, row by row (they belong to this batch only)."""
     if not any(drop):
         return cond
     e_feat, e_clip, e_pooled = empty
-    rows = [e_feat if d else cond.features.select([i]) for i, d in enumerate(drop)]
-    features = LLMFeatures.cat([r if r.batch_size == 1 else r.select([0]) for r in rows])
+    rows = [i for i, d in enumerate(drop) if d]
+    features = cond.features
+    if isinstance(features, CompactFeatures):
+        eh, es, em = trim(e_feat, 0)
+        if em.shape[0] > features.num_tokens:
+            features = features.grown_to(em.shape[0])
+        for i in rows:
+            features.set_row(i, eh, es, em)
+    elif e_feat.num_tokens == features.num_tokens and e_feat.spec == features.spec:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        features.hidden[idx] = e_feat.hidden[:1].to(features.hidden.dtype)
+        features.scores[idx] = e_feat.scores[:1].to(features.scores.dtype)
+        features.mask[idx] = e_feat.mask[:1]
+    else:
+        parts = [e_feat if d else features.select([i]) for i, d in enumerate(drop)]
+        features = LLMFeatures.cat([r if r.batch_size == 1 else r.select([0]) for r in parts])
     clip = cond.clip
     if clip is not None and e_clip is not None:
         parts = [e_clip[0] if d else clip[i] for i, d in enumerate(drop)]

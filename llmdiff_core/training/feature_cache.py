@@ -36,7 +36,7 @@ from ..config import AdapterConfig, parse_encoding
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
-from .encoders import Conditioning, FrozenEncoders, pad, trim
+from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
 
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
@@ -320,10 +320,33 @@ def features_from(rec: dict[str, torch.Tensor], spec: CacheSpec) -> LLMFeatures:
     return pad(spec.llm, hidden, scores, mask, spec.max_tokens)
 
 
-def collate(samples: list[CachedSample], spec: CacheSpec) -> Conditioning:
+def compact_features(samples: list[CachedSample], spec: CacheSpec, pin: bool = False) -> CompactFeatures:
+    """The stored LLM features of a batch, one copy: the stored layers in the stored dtype, padded
+    to the batch's longest caption (pinned for an asynchronous copy to CUDA when `pin`)."""
+    B = len(samples)
+    L, D = spec.llm.num_layers, spec.llm.hidden_size
+    lengths = [int(s.tensors["mask"].shape[0]) for s in samples]
+    n = max(lengths)
+    dtype = DTYPES[spec.dtype]
+    hidden = torch.empty((B, len(spec.layers), n, D), dtype=dtype, pin_memory=pin)
+    scores = torch.empty((B, L, n, D), dtype=dtype, pin_memory=pin) if spec.scores else None
+    mask = torch.zeros((B, n), dtype=torch.bool, pin_memory=pin)
+    for i, (s, k) in enumerate(zip(samples, lengths)):
+        if spec.layers:
+            hidden[i, :, :k] = s.tensors["hidden"]
+            hidden[i, :, k:] = 0
+        if scores is not None:
+            scores[i, :, :k] = s.tensors["scores"]
+            scores[i, :, k:] = 0
+        mask[i, :k] = s.tensors["mask"].bool()
+    return CompactFeatures(spec.llm, tuple(spec.layers), hidden, scores, mask, spec.max_tokens)
+
+
+def collate(samples: list[CachedSample], spec: CacheSpec, pin: bool = False) -> Conditioning:
+    """A batch from the cache; its LLM features stay compact (`encoders.expand_features` on the device)."""
     from .encoders import repeat_to_common_length
 
-    feats = LLMFeatures.cat([features_from(s.tensors, spec) for s in samples])
+    feats = compact_features(samples, spec, pin)
     has_clip = all("clip" in s.tensors for s in samples)
     has_pooled = all("pooled" in s.tensors for s in samples)
     return Conditioning(

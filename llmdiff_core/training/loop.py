@@ -25,7 +25,7 @@ from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from . import checkpointing, objective, previews
 from .data import Position, SkipCounter, sample_seed
-from .encoders import Conditioning, drop_captions
+from .encoders import CompactFeatures, Conditioning, drop_captions, expand_features
 from .ema import EMA
 from .options import TrainOptions
 from .patching import feature_batch, training_options
@@ -63,14 +63,18 @@ class TrainModule(nn.Module):
 
     def forward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
                 scores: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None,
-                encoder_seeds: list[int]) -> torch.Tensor:
+                encoder_seeds: list[int], layers: tuple[int, ...] | None = None,
+                num_tokens: int | None = None) -> torch.Tensor:
         model = self.patched.model
         ms = self.patched.get_model_object("model_sampling")
         sigma = ms.sigma(timesteps).to(latents.device, torch.float32)
         x_t = ms.noise_scaling(sigma, noise, latents)
         if context is None:  # paper mode: the DIFFUSION_MODEL wrapper puts phi(c) in its place
             context = latents.new_zeros(latents.shape[0], 1, self.context_dim)
-        features = LLMFeatures(self.spec, hidden, scores, mask)
+        if layers is None:
+            features = LLMFeatures(self.spec, hidden, scores, mask)
+        else:  # compact features from the cache (encoders.CompactFeatures), expanded here on the device
+            features = expand_features(self.spec, hidden, scores, mask, layers, int(num_tokens or mask.shape[1]))
         to = training_options(self.patched, encoder_seeds if self.langevin_noise else None)
         kwargs: dict[str, Any] = {"c_crossattn": context, "transformer_options": to, "llmdiff": feature_batch(features)}
         if y is not None:
@@ -238,9 +242,18 @@ class Trainer:
         dev = self.acc.device
         latents = self.model.process_latent_in(cond.latents).to(dev)
         y = self._adm(cond)
-        return {"latents": latents, "noise": draw.noise.to(dev), "timesteps": draw.timesteps.to(dev),
-                "hidden": cond.features.hidden.to(dev), "scores": cond.features.scores.to(dev),
-                "mask": cond.features.mask.to(dev), "context": None if cond.clip is None else cond.clip.to(dev),
+        feats = cond.features
+        llm: dict[str, Any]
+        if isinstance(feats, CompactFeatures):  # stored layers, stored dtype, batch-longest tokens
+            nb = dev.type == "cuda" and feats.mask.is_pinned()
+            llm = {"hidden": feats.hidden.to(dev, non_blocking=nb),
+                   "scores": None if feats.scores is None else feats.scores.to(dev, non_blocking=nb),
+                   "mask": feats.mask.to(dev, non_blocking=nb), "layers": feats.layers,
+                   "num_tokens": feats.max_tokens}
+        else:
+            llm = {"hidden": feats.hidden.to(dev), "scores": feats.scores.to(dev), "mask": feats.mask.to(dev)}
+        return {"latents": latents, "noise": draw.noise.to(dev), "timesteps": draw.timesteps.to(dev), **llm,
+                "context": None if cond.clip is None else cond.clip.to(dev),
                 "y": None if y is None else y.to(dev), "encoder_seeds": draw.encoder_seeds}
 
     # --- the loop -------------------------------------------------------------------------------

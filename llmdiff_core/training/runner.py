@@ -250,8 +250,10 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
         cache_source = feature_cache.CachedSource(cache_dir)
         empty = feature_cache.load_empty(cache_dir, cspec)
 
+        pin = device.type == "cuda"  # page-locked batches: asynchronous host->device copies
+
         def make_conditioning(samples: list[Any]) -> Conditioning:
-            return feature_cache.collate(samples, cspec)
+            return feature_cache.collate(samples, cspec, pin=pin)
     else:
         def make_conditioning(items: list[Any]) -> Conditioning:
             return encoders.encode([it.key for it in items], torch.stack([it.pixels for it in items]),
