@@ -89,3 +89,84 @@ def hybrid_output(out: torch.Tensor, a_new: torch.Tensor, out_weight: torch.Tens
 def paper_fusion(a_orig: torch.Tensor, a_new: torch.Tensor, w_orig: Gate, w_new: Gate) -> torch.Tensor:
     """w_orig*A_orig + w_new*A_new, before the original output projection."""
     return w_orig * a_orig + w_new * a_new.to(a_orig.dtype)
+
+
+# --- prepared once per sampling run (comfy_patch.RunEntry) -------------------------------------------
+
+@dataclass(frozen=True)
+class RunMask:
+    """A KeyMask prepared once per run for one U-Net dtype/device, over the attended token span only.
+
+    start, stop: the token span [start, stop) that holds every attended token of every row; keys
+    outside it are masked for every row, so dropping them is exact (they contribute exp(-inf) = 0).
+    bias: [B, 1, 1, stop-start] additive 0 / -inf in the U-Net dtype (what SDPA makes of a bool mask
+          on every call), or None when every row attends to the whole span (no mask at all).
+    keep: [B, 1, 1] in the U-Net dtype, 0 for rows without any attended token (their result is
+          zeroed, as KeyMask's), or None when every row has one.
+    """
+
+    start: int
+    stop: int
+    bias: torch.Tensor | None
+    keep: torch.Tensor | None
+
+    @classmethod
+    def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> RunMask:
+        """mask: [B, T] bool, True = the token takes part in attention (one host sync, once per run)."""
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"key mask must be bool [B, T], got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.to(device)
+        has_key = mask.any(dim=1)
+        columns = mask.any(dim=0).nonzero().flatten().tolist()
+        start, stop = (columns[0], columns[-1] + 1) if columns else (0, 1)
+        span = mask[:, start:stop] | ~has_key[:, None]  # rows without keys attend to all (finite), then zeroed
+        keep = None if bool(has_key.all()) else has_key.to(dtype)[:, None, None]
+        bias = None
+        if not bool(span.all()):
+            bias = torch.zeros(span.shape, dtype=dtype, device=device).masked_fill_(~span, float("-inf"))
+            bias = bias[:, None, None, :]
+        return cls(start, stop, bias, keep)
+
+    def heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        """[B, T, H*d] -> [B, H, stop-start, d], contiguous: the keys or values SDPA reads every call."""
+        b, _, inner = t.shape
+        return t[:, self.start:self.stop].reshape(b, -1, heads, inner // heads).transpose(1, 2).contiguous()
+
+
+def attend(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: RunMask) -> torch.Tensor:
+    """masked_attention with prepared keys: q [B, N, H*d], kh / vh [B, H, T', d] (RunMask.heads) -> [B, N, H*d].
+
+    kh and vh are meant to be in q's dtype already (they are cast per call otherwise).
+    """
+    b, n, inner = q.shape
+    heads = kh.shape[1]
+    bias, keep = mask.bias, mask.keep
+    if kh.dtype != q.dtype or vh.dtype != q.dtype:  # not on the prepared path: cast per call
+        kh, vh = kh.to(q.dtype), vh.to(q.dtype)
+        bias = None if bias is None else bias.to(q.dtype)
+        keep = None if keep is None else keep.to(q.dtype)
+    qh = q.view(b, n, heads, inner // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias).transpose(1, 2).reshape(b, n, inner)
+    if keep is not None:
+        out = out * keep
+    return out
+
+
+def fuse_at_core(a_orig: torch.Tensor, scaled_new: torch.Tensor, w_orig: Gate) -> torch.Tensor:
+    """w_orig*A_orig + S, S = w_new*A_new already scaled (before the output projection)."""
+    if isinstance(w_orig, torch.Tensor):
+        return w_orig * a_orig + scaled_new.to(a_orig.dtype)
+    if w_orig == 1.0:
+        return a_orig + scaled_new.to(a_orig.dtype)
+    return torch.add(scaled_new.to(a_orig.dtype), a_orig, alpha=w_orig)
+
+
+def fuse_after_out(out: torch.Tensor, scaled_new: torch.Tensor, out_weight: torch.Tensor,
+                   out_bias: torch.Tensor | None, w_orig: Gate) -> torch.Tensor:
+    """hybrid_output with S = w_new*A_new already scaled: w_orig*out + W S + (1 - w_orig)*b."""
+    s, weight = scaled_new.to(out.dtype), out_weight.to(out.dtype)
+    if isinstance(w_orig, torch.Tensor):
+        fused = w_orig * out + F.linear(s, weight)
+        return fused if out_bias is None else fused + (1.0 - w_orig) * out_bias.to(out.dtype)
+    bias = None if out_bias is None or w_orig == 1.0 else (1.0 - w_orig) * out_bias.to(out.dtype)
+    return torch.add(F.linear(s, weight, bias), out, alpha=w_orig)

@@ -10,8 +10,13 @@ Wiring (comfyui-internals.md §3-§4):
   pooled vector, every site's K/V) is computed at the first U-Net call and reused by every step.
 - Training (training/patching.py) runs the same patches: a TrainingCall in transformer_options makes
   one U-Net call a training step (gates as tensors, Langevin noise, nothing cached). See TrainingCall.
-- hybrid (original_path "clip"): a composable attn2_patch / attn2_output_patch pair, so other packs'
-  attention patches (IP-Adapter) keep working. paper (original_path "llm"): attn2 replace patches.
+- hybrid (original_path "clip"): composable patches, so other packs' attention patches (IP-Adapter)
+  keep working: an attn2_patch computes w_new*A_new, ComfyUI's attention-core hook
+  (transformer_options["optimized_attention_override"], chained) adds it to w_orig*A_orig before the
+  site's own to_out, so the output projection runs once; at a site another pack's replace patch
+  occupies, the replace's output is fused the same way (FusedReplace); an attn2_output_patch fuses
+  after to_out only where neither happened (a ComfyUI without the hook).
+  paper (original_path "llm"): attn2 replace patches.
 
 Patch objects deep-copy to themselves (ComfyUI 0.3.75 deep-copies model_options on every clone; a
 copy would duplicate the U-Net and the adapter) and have no .to(): the adapter moves as a model.
@@ -21,18 +26,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+import comfy.ldm.modules.attention
 import comfy.ops
 import comfy.patcher_extension
 from comfy.model_patcher import ModelPatcher
 
 from .adapter import LLMDiffAdapter
-from .attention import (Gate, KeyMask, effective_gates, hybrid_output, is_identity, masked_attention,
-                        paper_fusion)
+from .attention import Gate, RunMask, attend, effective_gates, fuse_after_out, fuse_at_core, is_identity
 from .conditioning import COND_KEY, FeatureBatch
 from .config import SDXL_POOLED_DIM, SiteSpec
 from .errors import LLMDiffError
@@ -43,6 +48,10 @@ from .validation import check_adapter_matches_model, check_features_match
 WRAPPER_KEY = "llmdiff"
 FEATURES_KEY = "llmdiff_features"  # transformer_options: the FeatureBatch of the current U-Net call
 TRAINING_KEY = "llmdiff_training"  # transformer_options: a TrainingCall makes the U-Net call a training step
+OVERRIDE_KEY = "optimized_attention_override"  # transformer_options: ComfyUI's hook at the attention core
+# ComfyUI >= 0.3.6x calls transformer_options[OVERRIDE_KEY](func, q, k, v, heads, ...) from every attention
+# function (wrap_attn). Where it does not, the left-over A_new is fused after to_out (attn2_output_patch).
+CORE_OVERRIDE_SUPPORTED = hasattr(comfy.ldm.modules.attention, "wrap_attn")
 _runtime_ids = itertools.count()
 
 
@@ -94,30 +103,64 @@ def _weight_bias(linear: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Ten
 
 @dataclass
 class RunEntry:
-    """Everything derived from one FeatureBatch for one U-Net device/dtype (rows = the call's rows)."""
+    """Everything derived from one FeatureBatch for one U-Net device/dtype (rows = the call's rows).
+
+    K/V are kept trimmed to the attended token span and split into heads, in the U-Net dtype
+    (RunMask.heads), and the mask as SDPA's additive bias: nothing of this is redone per call.
+    """
 
     batch: FeatureBatch
     device: torch.device
     dtype: torch.dtype
     c: torch.Tensor  # [R, T, D] float32
-    key_mask: KeyMask
+    mask: RunMask
     w_orig: list[Gate]  # per site: python floats (sampling) or 0-d tensors (TrainingCall)
     w_new: list[Gate]
-    new_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per site: tau_k(c), tau_v(c) in dtype
-    orig_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # paper: k(phi c), v(phi c) per site
+    q_weights: list[torch.Tensor]  # per site: tau_q's weight in dtype on device (cast / LoRA-patched once)
+    new_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per site: tau_k(c), tau_v(c) [R, H, T', d] in dtype
+    orig_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # paper: k(phi c), v(phi c), as new_kv
     context: torch.Tensor | None = None  # paper: phi(c) [R, T, context_dim] in dtype
     pooled: torch.Tensor | None = None  # paper, SDXL: [R, 1280]
+    scaled_v: dict[tuple[int, bool, float], torch.Tensor] = field(default_factory=dict)  # gate * V, per run
 
     def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> bool:
         return self.device == device and self.dtype == dtype and self.batch.same_rows(batch)
 
+    def values(self, i: int, new: bool, gate: Gate) -> torch.Tensor:
+        """gate * V of site i (new: tau_v(c), else v(phi c)): gate * Attn(q, k, v) = Attn(q, k, gate * v).
+
+        Float gates (sampling) are folded into V once per run and gate value; tensor gates
+        (TrainingCall, one entry per call) multiply per call and keep their gradient.
+        """
+        v = (self.new_kv if new else self.orig_kv)[i][1]
+        if isinstance(gate, torch.Tensor):
+            return v * gate.to(v.dtype)
+        if gate == 1.0:
+            return v
+        key = (i, new, gate)
+        scaled = self.scaled_v.get(key)
+        if scaled is None:
+            scaled = self.scaled_v[key] = v * gate
+        return scaled
+
 
 @dataclass(frozen=True)
 class CallState:
-    """One U-Net call: its run entry and each site's effective (w_orig, w_new)."""
+    """One U-Net call: its run entry and each site's effective (w_orig, w_new).
+
+    pending: site -> w_new*A_new, from the attn2_patch until the attention core (CoreFusion) or,
+    failing that, the attn2_output_patch takes it. It lives here, not in the patches' extra_options,
+    because the core override sees transformer_options itself (both hold this object).
+    at_core: per site, whether the attention core may fuse (no replace patch occupies the site).
+    """
 
     entry: RunEntry
     gates: list[tuple[Gate, Gate]]
+    at_core: list[bool] = field(default_factory=list)
+    pending: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def any_new_path(self) -> bool:
+        return not all(is_identity(wo, wn) for wo, wn in self.gates)
 
 
 @dataclass(frozen=True)
@@ -140,6 +183,7 @@ class AdapterRuntime(_Shared):
         self.strength = strength
         self.start_percent = start_percent
         self.end_percent = end_percent
+        self.whole_run = start_percent <= 0.0 and end_percent >= 1.0  # the default window: always active
         self.cache_enabled = True  # off: recompute every call (tests compare the two)
         self.state_key = f"llmdiff_state_{next(_runtime_ids)}"  # several adapters may be stacked
         self._entries: list[RunEntry] | None = None  # None outside a sampling run: no caching
@@ -158,8 +202,8 @@ class AdapterRuntime(_Shared):
         self._entries = None
 
     def is_active(self, sigmas: torch.Tensor | None) -> bool:
-        if sigmas is None:  # called outside a sampler (training, direct calls)
-            return True
+        if sigmas is None or self.whole_run:  # outside a sampler (training, direct calls), or every sigma
+            return True  # (no float(sigmas): a device->host sync per U-Net call on a GPU)
         sigma = float(sigmas.detach().reshape(-1)[0])
         return self.sigma_end <= sigma <= self.sigma_start
 
@@ -194,13 +238,18 @@ class AdapterRuntime(_Shared):
             if self.config.needs_pooled:
                 pooled = self.adapter.pooled(c, features.mask)
             orig_kv = []
-        new_kv = []
+        mask = RunMask.prepare(features.mask, dtype, device)
+        like = torch.empty(0, dtype=dtype, device=device)
+        new_kv, q_weights = [], []
         for i, site in enumerate(self.sites):
+            heads = site.spec.heads
             k, v = self.adapter.site_keys_values(i, c)
-            new_kv.append((k.to(dtype), v.to(dtype)))
+            new_kv.append((mask.heads(k.to(dtype), heads), mask.heads(v.to(dtype), heads)))
+            q_weights.append(_weight_bias(self.adapter.sites[i].to_q, like)[0].to(device=device, dtype=dtype))
             if orig_kv is not None:
-                orig_kv.append((_project(site.attn2.to_k, context), _project(site.attn2.to_v, context)))
-        return RunEntry(batch, device, dtype, c, KeyMask.from_mask(features.mask), gates_orig, gates_new,
+                orig_kv.append((mask.heads(_project(site.attn2.to_k, context), heads),
+                                mask.heads(_project(site.attn2.to_v, context), heads)))
+        return RunEntry(batch, device, dtype, c, mask, gates_orig, gates_new, q_weights,
                         new_kv=new_kv, orig_kv=orig_kv, context=context, pooled=pooled)
 
     def _encode(self, features: LLMFeatures, noise_seeds: Sequence[int] | None) -> torch.Tensor:
@@ -216,7 +265,7 @@ class AdapterRuntime(_Shared):
         return torch.cat(rows)
 
     def call_state(self, batch: FeatureBatch, x: torch.Tensor, sigmas: torch.Tensor | None,
-                   training: TrainingCall | None = None) -> CallState | None:
+                   training: TrainingCall | None = None, replaced: Any = None) -> CallState | None:
         scale = self.strength if self.is_active(sigmas) else 0.0
         if scale == 0.0 and not self.paper:
             return None  # hybrid: exactly the unpatched model, nothing to compute
@@ -225,7 +274,13 @@ class AdapterRuntime(_Shared):
         entry = self.entry_for(batch, x.device, x.dtype, training)
         gates = [effective_gates(wo, wn, scale * s.weight)
                  for wo, wn, s in zip(entry.w_orig, entry.w_new, self.sites)]
-        return CallState(entry, gates)
+        if self.paper or not CORE_OVERRIDE_SUPPORTED:
+            at_core = [False] * len(self.sites)
+        elif replaced:  # a replace patch (IP-Adapter) computes that site's attention: FusedReplace fuses there
+            at_core = [s.spec.key not in replaced and s.spec.block not in replaced for s in self.sites]
+        else:
+            at_core = [True] * len(self.sites)
+        return CallState(entry, gates, at_core)
 
     # attention-patch helpers
     def site_of(self, eo: dict[str, Any]) -> int | None:
@@ -233,10 +288,15 @@ class AdapterRuntime(_Shared):
         return None if block is None else self.site_index.get((block[0], block[1], eo.get("block_index", 0)))
 
     def new_path(self, state: CallState, i: int, n: torch.Tensor) -> torch.Tensor:
-        """Attn(tau_q(n), tau_k(c), tau_v(c)) with the padding/BOS mask, in n's dtype."""
-        q = _project(self.adapter.sites[i].to_q, n)
-        k, v = state.entry.new_kv[i]
-        return masked_attention(q, k, v, self.sites[i].spec.heads, state.entry.key_mask)
+        """w_new * Attn(tau_q(n), tau_k(c), tau_v(c)) with the padding/BOS mask, in n's dtype.
+
+        w_new is folded into tau_v(c) (RunEntry.values); tau_q's weight is the entry's, already
+        in the U-Net dtype.
+        """
+        entry = state.entry
+        w = entry.q_weights[i]
+        q = torch.nn.functional.linear(n, w) if n.dtype == w.dtype else _project(self.adapter.sites[i].to_q, n)
+        return attend(q, entry.new_kv[i][0], entry.values(i, True, state.gates[i][1]), entry.mask)
 
     def no_clip_error(self, width: int) -> LLMDiffError:
         """Hybrid mode reads CLIP; without it Text Encode (LLMDiff) leaves a 1-wide placeholder."""
@@ -270,10 +330,17 @@ class DiffusionModelWrapper(_Shared):
         to = {**transformer_options, FEATURES_KEY: batch}  # _forward writes into it: keep ours apart
         state = None
         if batch is not None:
-            state = rt.call_state(batch, x, to.get("sigmas"), to.get(TRAINING_KEY))
+            replaced = to.get("patches_replace", {}).get("attn2")
+            state = rt.call_state(batch, x, to.get("sigmas"), to.get(TRAINING_KEY), replaced)
         elif rt.paper:
             raise rt.missing_features_error(to)
         to[rt.state_key] = state
+        if state is not None and not rt.paper and state.any_new_path():
+            if any(state.at_core):
+                to[OVERRIDE_KEY] = CoreFusion(rt, state, to.get(OVERRIDE_KEY))
+            if replaced:  # fuse at the replace patch's output, before to_out, as at the core
+                to["patches_replace"] = {**to["patches_replace"],
+                                         "attn2": {k: FusedReplace(rt, state, p) for k, p in replaced.items()}}
         if rt.paper:
             context, y = _paper_unet_inputs(state.entry, y)
         elif context is not None and context.shape[-1] != rt.config.context_dim:
@@ -318,29 +385,92 @@ class _SitePatch(_Shared):
 
 
 class HybridNewPath(_SitePatch):
-    """attn2_patch: computes the LLM path's attention on the block's normed input; inputs unchanged."""
+    """attn2_patch: computes the LLM path's attention (w_new*A_new) on the block's normed input and
+    leaves it pending in the CallState; inputs unchanged."""
 
     def __call__(self, n: torch.Tensor, context: Any, value: Any, eo: dict[str, Any]) -> tuple[Any, Any, Any]:
         state, i = self._state_and_site(eo)
         if state is not None and i is not None and not is_identity(*state.gates[i]):
-            eo[self.stash_key] = self.runtime.new_path(state, i, n)
+            state.pending[i] = self.runtime.new_path(state, i, n)
         return n, context, value
 
 
-class HybridFusion(_SitePatch):
-    """attn2_output_patch: out' = to_out(w_orig*A_orig + w_new*A_new), from out = to_out(A_orig).
+class CoreFusion:
+    """transformer_options["optimized_attention_override"] of one U-Net call (hybrid mode).
 
-    Whatever earlier output patches added to `out` counts as part of the original path.
+    At the attention core of a site's attn2 whose w_new*A_new is pending, it returns
+    w_orig*attn(q, k, v) + w_new*A_new, so the module's own to_out projects the fused result once:
+    to_out(w_orig*A_orig + w_new*A_new) is Eq. 10 with no second output projection. Every other
+    call (attn1, other sites, other attention users) goes through unchanged. An override that was
+    already set is chained: it computes attn(q, k, v) in place of the default.
+    """
+
+    __slots__ = ("runtime", "state", "previous")
+
+    def __init__(self, runtime: AdapterRuntime, state: CallState, previous: Callable | None) -> None:
+        self.runtime, self.state, self.previous = runtime, state, previous
+
+    def __deepcopy__(self, memo: dict) -> CoreFusion:
+        return self
+
+    def __call__(self, func: Callable, *args: Any, **kwargs: Any) -> Any:
+        pending = self.state.pending
+        s_new = None
+        if pending:
+            i = self.runtime.site_of(kwargs.get("transformer_options") or {})
+            if i is not None and self.state.at_core[i] and i in pending:
+                q = args[0] if args else None
+                s = pending[i]
+                if (isinstance(q, torch.Tensor) and q.shape == s.shape and not kwargs.get("skip_reshape")
+                        and not kwargs.get("skip_output_reshape")):
+                    s_new = pending.pop(i)
+                    w_orig = self.state.gates[i][0]
+        out = func(*args, **kwargs) if self.previous is None else self.previous(func, *args, **kwargs)
+        return out if s_new is None else fuse_at_core(out, s_new, w_orig)
+
+
+class FusedReplace:
+    """Wraps another pack's attn2 replace patch (IP-Adapter) for one U-Net call (hybrid mode): its output
+    is that site's A_orig, so w_orig*replace(q, k, v) + w_new*A_new goes into the block's to_out,
+    as CoreFusion does at sites without a replace patch. Attributes are the wrapped patch's.
+    """
+
+    def __init__(self, runtime: AdapterRuntime, state: CallState, inner: Callable) -> None:
+        self.runtime, self.state, self.inner = runtime, state, inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def __deepcopy__(self, memo: dict) -> FusedReplace:
+        return self
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eo: dict[str, Any]) -> torch.Tensor:
+        out = self.inner(q, k, v, eo)
+        i = self.runtime.site_of(eo)
+        s_new = None if i is None else self.state.pending.get(i)
+        if s_new is None or s_new.shape != out.shape:
+            return out  # the output patch fuses it after to_out
+        del self.state.pending[i]
+        return fuse_at_core(out, s_new, self.state.gates[i][0])
+
+
+class HybridFusion(_SitePatch):
+    """attn2_output_patch, the fallback: out' = to_out(w_orig*A_orig + w_new*A_new), from out = to_out(A_orig),
+    for a pending w_new*A_new the attention core did not take (a replace patch such as IP-Adapter's
+    occupies the site, or a ComfyUI without the core override).
+
+    Whatever earlier output patches added to `out` counts as part of the original path here.
     """
 
     def __call__(self, out: torch.Tensor, eo: dict[str, Any]) -> torch.Tensor:
-        a_new = eo.pop(self.stash_key, None)
-        if a_new is None:
-            return out
         state, i = self._state_and_site(eo)
-        w_orig, w_new = state.gates[i]
+        if state is None or not state.pending or i is None:
+            return out
+        s_new = state.pending.pop(i, None)
+        if s_new is None:
+            return out
         weight, bias = _weight_bias(self.runtime.sites[i].attn2.to_out[0], out)
-        return hybrid_output(out, a_new, weight, bias, w_orig, w_new)
+        return fuse_after_out(out, s_new, weight, bias, state.gates[i][0])
 
 
 class PaperInput(_SitePatch):
@@ -360,13 +490,13 @@ class PaperAttention(_SitePatch):
         if state is None or n is None:
             raise self.runtime.missing_features_error(eo)
         # k, v are the projections of the 1-token context slice: unused, the entry's are complete.
-        k_orig, v_orig = state.entry.orig_kv[i]
-        heads = self.runtime.sites[i].spec.heads
-        a_orig = masked_attention(q, k_orig, v_orig, heads, state.entry.key_mask)
+        entry = state.entry
         w_orig, w_new = state.gates[i]
+        # w_orig*Attn(q, k, v) = Attn(q, k, w_orig*v): both gates are folded into the cached values
+        a_orig = attend(q, entry.orig_kv[i][0], entry.values(i, False, w_orig), entry.mask)
         if is_identity(w_orig, w_new):
             return a_orig
-        return paper_fusion(a_orig, self.runtime.new_path(state, i, n), w_orig, w_new)
+        return a_orig + self.runtime.new_path(state, i, n).to(a_orig.dtype)
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         # IPAdapter_plus calls .add() on whatever replace patch occupies a cross-attention key.

@@ -578,3 +578,115 @@ def test_patches_are_shared_by_clones_and_have_no_to() -> None:
         assert objects and all(a is b for a, b in zip(objects, cloned_objects, strict=True))
         assert not any(hasattr(p, "to") for p in objects)
         assert "patches" not in mp.model_options["transformer_options"]  # the input MODEL is untouched
+
+
+# --- once-per-run preparation and the fusion at the attention core (issue 5) ---------------------------
+
+def test_prepared_mask_trims_to_the_attended_span_exactly() -> None:
+    from llmdiff_core.attention import RunMask, attend
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(3, 5, 16, generator=g), torch.randn(3, 9, 16, generator=g), torch.randn(3, 9, 16, generator=g)
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[0, 1:3], mask[1, 1:6] = True, True  # row 2: nothing to attend to; tokens 0 and 6.. unused by all
+    rm = RunMask.prepare(mask, torch.float32, torch.device("cpu"))
+    assert (rm.start, rm.stop) == (1, 6)
+    assert rm.bias is not None and rm.bias.dtype == torch.float32 and rm.keep is not None
+    out = attend(q, rm.heads(k, 2), rm.heads(v, 2), rm)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    torch.testing.assert_close(out, masked_attention(q, k, v, 2, KeyMask.from_mask(mask)), atol=1e-6, rtol=1e-5)
+    full_span = torch.zeros(3, 9, dtype=torch.bool)
+    full_span[:, 2:7] = True  # every row attends to the whole span: no mask at all
+    rm = RunMask.prepare(full_span, torch.float16, torch.device("cpu"))
+    assert rm.bias is None and rm.keep is None and rm.heads(k, 2).shape == (3, 2, 5, 8)
+    torch.testing.assert_close(attend(q, rm.heads(k, 2), rm.heads(v, 2), rm),
+                               literal_attention(q, k, v, 2, full_span), atol=1e-6, rtol=1e-5)
+    nothing = RunMask.prepare(torch.zeros(2, 9, dtype=torch.bool), torch.float32, torch.device("cpu"))
+    out = attend(q[:2], nothing.heads(k[:2], 2), nothing.heads(v[:2], 2), nothing)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+class CountingOverride:
+    """Another pack's optimized_attention_override: passes through, counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, func: Callable, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return func(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> CountingOverride:
+        return self
+
+
+@pytest.mark.parametrize("path", ["core", "core_chained", "after_out"])
+def test_hybrid_fuses_at_the_attention_core_without_a_second_projection(path: str, monkeypatch: Any) -> None:
+    import llmdiff_core.comfy_patch as cp
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")
+    features = make_features([5, 11], seed=3)
+    x, sigma, context, y = direct_inputs("sd15")
+    counts: dict[str, int] = {}
+    count_calls(cp, "fuse_after_out", counts)  # the fallback's extra output projection
+    count_calls(cp, "fuse_at_core", counts)
+    if path == "after_out":  # a ComfyUI without the core override
+        monkeypatch.setattr(cp, "CORE_OVERRIDE_SUPPORTED", False)
+    base = mp
+    other = CountingOverride()
+    if path == "core_chained":
+        base = mp.clone()
+        base.model_options["transformer_options"][cp.OVERRIDE_KEY] = other
+    m = apply_adapter(base, adapter)
+    got = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]))
+    want = reference_output(mp, adapter, features, x, sigma, context, y, paper=False)
+    assert max_rel(got, want) < 1e-5
+    sites = len(adapter.sites)
+    if path == "after_out":
+        assert counts == {"fuse_after_out": sites, "fuse_at_core": 0}
+    else:
+        assert counts == {"fuse_after_out": 0, "fuse_at_core": sites}
+    if path == "core_chained":
+        assert other.calls == 2 * sites  # attn1 and attn2 of every block still go through it
+        assert cp.OVERRIDE_KEY not in mp.model_options["transformer_options"]
+    # strength 0: no override is installed at all, the unpatched model bit for bit
+    assert torch.equal(diffusion_output(apply_adapter(mp, adapter, strength=0.0), x, sigma, context, y,
+                                        CONDLLMDiff(features).concat([])), diffusion_output(mp, x, sigma, context, y))
+
+
+def test_replace_patch_site_fuses_before_to_out() -> None:
+    """A site occupied by a replace patch (IP-Adapter): Eq. 10 with the replace's output as A_orig, before to_out."""
+    import llmdiff_core.comfy_patch as cp
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")
+    features = make_features([5, 11], seed=3)
+    x, sigma, context, y = direct_inputs("sd15")
+    counts: dict[str, int] = {}
+    count_calls(cp, "fuse_after_out", counts)
+    dummy = DummyReplace(0.0)
+    got = diffusion_output(apply_adapter(with_dummy(mp, dummy), adapter), x, sigma, context, y,
+                           CONDLLMDiff(features).concat([]))
+    assert dummy.calls == len(adapter.sites) and counts["fuse_after_out"] == 0
+    assert max_rel(got, reference_output(mp, adapter, features, x, sigma, context, y, paper=False)) < 1e-5
+
+
+def test_once_per_run_work_is_prepared_in_the_unet_dtype() -> None:
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")  # float32 adapter
+    half = half_copy(mp, torch.float16)
+    m = apply_adapter(half, adapter)
+    rt = runtime_of(m)
+    features = make_features([4, 9], seed=5)
+    entry = rt.entry_for(CONDLLMDiff(features).concat([]), torch.device("cpu"), torch.float16)
+    assert all(w.dtype == torch.float16 for w in entry.q_weights)
+    assert all(k.dtype == torch.float16 and k.shape[2] == 9 for k, _ in entry.new_kv)  # tokens 1..9 of 16
+    assert entry.mask.bias is not None and entry.mask.bias.dtype == torch.float16
+    assert adapter.sites[0].to_q.weight.dtype == torch.float32  # the adapter itself is untouched
+
+    class NoRead(torch.Tensor):
+        def __float__(self) -> float:
+            raise AssertionError("sigmas read (a device->host sync on a GPU)")
+
+    sigmas = torch.tensor([3.0]).as_subclass(NoRead)
+    assert rt.is_active(sigmas)  # the default window 0..1: always active, sigmas not read
+    windowed = runtime_of(apply_adapter(mp, adapter, start_percent=0.5))
+    assert windowed.is_active(torch.tensor([0.0])) and not windowed.is_active(torch.tensor([1e6]))
