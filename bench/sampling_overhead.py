@@ -13,8 +13,9 @@ interleaved in one process; the table gives the median over repeats.
 FLOP floor (issue 5): torch.utils.flop_counter.FlopCounterMode counts
   - on the timed device: step 2 of a 2-step run of each variant (the adapter's per-run cache is
     warm by then), patched minus unpatched = the adapter's extra work per step;
-  - at the real SD1.5 / SDXL shapes on the meta device (no weights, no GPU needed): one U-Net call
-    with the adapter's per-run entry prepared, so the table shows the real-shape floor even on a CPU.
+  - at the real SD1.5 / SDXL shapes on the meta device (no weights, no GPU needed): the patched U-Net's
+    own forward, step 2 of a run (bench/flop_floor.py), so the table counts what the product code executes
+    per step (a prompt of --floor-tokens attended tokens in both rows, and --prompt-tokens + an empty negative).
 "measured / FLOP" = (time overhead) / (FLOP overhead): 1.0 means the adapter costs exactly its FLOPs.
 """
 
@@ -28,8 +29,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-ISSUE_FLOOR = {"sd15": 0.028, "sdxl": 0.048}  # issue 5, counted with the U-Net attention left out
-ISSUE_TARGET = {"sd15": 0.04, "sdxl": 0.06}
 MODE_NAMES = {"clip": "hybrid (clip)", "llm": "paper (llm)"}
 
 
@@ -49,7 +48,10 @@ def parse() -> Any:
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting on the timed device")
     p.add_argument("--no-real-flops", action="store_true", help="skip the real-shape FLOP floor (meta device)")
     p.add_argument("--floor-only", action="store_true", help="only the real-shape FLOP floor table (no timing)")
+    p.add_argument("--floor-tokens", type=int, default=128,
+                   help="real-shape FLOP table: attended LLM tokens of both rows in its first case (issue 5: 128)")
     opts = p.parse_args()
+    opts.floor_prompt_tokens = opts.prompt_tokens  # the real-shape table's second case is never shrunk
     common.defaults(opts, repeats=5 if opts.small else 7, warmup=1 if opts.small else 2)
     if opts.steps is None:
         opts.steps = 6 if opts.small else 20
@@ -163,113 +165,44 @@ def main() -> None:
                      rows_out)
 
     if not opts.no_real_flops:
+        import flop_floor
+        n, p_len = opts.floor_tokens, opts.floor_prompt_tokens
+        cases = [(f"{n} + {n}", [n, n]), (f"{p_len} + empty", [p_len, 0])]
+        bucket = max(opts.tokens, n + 1, p_len + 1)  # the BOS is never attended (except by an empty prompt)
         for family in models:
-            for mode in modes:
-                flop_rows.append(real_shape_floor(family, mode, opts.rows, builders.llm_spec("8b"), 128))
-        report.table("FLOP floor at the real shapes (meta device: shapes only; Llama-3-8B features, 128 tokens)",
-                     ["model", "px", "adapter", "sites", "U-Net TFLOP/sample", "U-Net w/o attention core",
-                      "floor GFLOP/sample (tau_q + attn)", "floor %", "floor % of U-Net w/o attention",
-                      "issue floor %", "fusion extra GFLOP/sample", "total extra %", "issue target %",
-                      "once-per-run GFLOP/row"],
+            for r in flop_floor.real_shape_steps(family, modes, builders.llm_spec("8b"), cases, bucket):
+                no_attn = r.unet - r.unet_attn
+                flop_rows.append([r.family, builders.unet_shape(r.family, False).pixels, MODE_NAMES[r.mode],
+                                  r.prompt, r.span, r.sites, r.unet / r.rows / 1e12, no_attn / r.rows / 1e12,
+                                  r.extra / r.rows / 1e9, r.extra_attn / r.rows / 1e9, 100 * r.extra / r.unet,
+                                  100 * r.extra / no_attn, 100 * flop_floor.ISSUE_FLOOR[r.family],
+                                  100 * flop_floor.ISSUE_TARGET[r.family],
+                                  r.core_fusions if r.mode == "clip" else "n/a", r.out_fusions,
+                                  r.once / r.rows / 1e9])
+        report.table(f"FLOP floor at the real shapes: the patched U-Net's forward per step (meta device: shapes "
+                     f"only; Llama-3-8B features, fp16, {bucket}-token bucket, per U-Net row)",
+                     ["model", "px", "adapter", "prompt (pos + neg tokens)", "attended span", "sites",
+                      "U-Net TFLOP/sample", "U-Net w/o attention core", "extra GFLOP/sample/step",
+                      "of which attention GFLOP", "extra % of U-Net", "extra % of U-Net w/o attention",
+                      "issue floor %", "issue target %", "fused at core/step", "2nd to_out projections/step",
+                      "once-per-run GFLOP/sample"],
                      flop_rows)
     report.notes += [
         "overhead % = adapter ms/step / unpatched ms/step - 1; noise = the larger relative half-IQR of the two.",
         "measured / FLOP = overhead % / FLOP overhead %: the issue's target is within about 1.25 of the floor.",
-        "hybrid (clip) does one more output projection per site than the floor the issue counted (its fusion "
-        "W(w_new A_new) rides behind the original to_out), so its floor is higher than paper (llm) mode's.",
+        "real-shape table: counted by FlopCounterMode on the product code path (bench/flop_floor.py: "
+        "apply_adapter, step 2 of a run, minus the unpatched U-Net), not by formula. hybrid (clip) fuses at "
+        "ComfyUI's attention core (to_out runs once: '2nd to_out projections' = 0), K/V trimmed to the attended "
+        "span; paper (llm)'s extra also holds its original attention reading the span instead of 77 CLIP tokens "
+        "(minus the CLIP to_k / to_v it no longer projects).",
         "issue floor % was counted without the U-Net's own attention core in the denominator (0.677 TFLOP for "
-        "SD1.5 at 512 px is exactly the U-Net without its attention bmm/SDPA FLOPs); see the column next to it.",
+        "SD1.5 at 512 px is exactly the U-Net without its attention bmm/SDPA FLOPs): compare it with "
+        "'extra % of U-Net w/o attention'.",
     ]
     if opts.small:
         report.notes.append("--small: tiny widths on CPU. These ratios show per-call overheads of the patch code, "
                             "not the GPU targets (whose shapes are 10-1000x more compute per site).")
     report.emit(opts)
-
-
-def real_shape_floor(family: str, mode: str, rows: int, spec: Any, tokens: int) -> list[Any]:
-    """FLOPs at the real shapes, counted on the meta device (shapes only, no weights, any machine).
-
-    The unpatched U-Net is run once (hooks record what each cross-attention layer sees); the
-    adapter's per-step work is then counted by running the pack's own per-site math on tensors of
-    those shapes (llmdiff_core.attention: tau_q, masked attention over the LLM tokens, the fusion),
-    and its once-per-run work by the adapter's encode + every site's tau_k / tau_v."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import builders
-    from llmdiff_core.adapter import LLMDiffAdapter
-    from llmdiff_core.attention import KeyMask, hybrid_output, masked_attention, paper_fusion
-    from llmdiff_core.config import AdapterConfig
-    from llmdiff_core.features import LLMFeatures
-    from llmdiff_core.unet_sites import base_family, find_sites
-
-    meta, dt = torch.device("meta"), torch.float16
-    shape = builders.unet_shape(family, False)
-    mp = builders.build_unet(family, False, dt, meta)
-    unet = mp.model.diffusion_model
-    sites, modules = find_sites(unet)
-    with torch.device(meta):
-        adapter = LLMDiffAdapter(AdapterConfig(base=base_family(mp.model), sites=sites, llm=spec, original_path=mode,
-                                               max_tokens=tokens)).to(dt)
-    seen: dict[int, torch.Size] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0].shape))
-               for i, m in enumerate(modules)]
-    x = torch.empty(rows, 4, shape.latent, shape.latent, device=meta, dtype=dt)
-    ts = torch.full((rows,), 500.0, device=meta)
-    clip = torch.empty(rows, 77, shape.context_dim, device=meta, dtype=dt)
-    y = torch.empty(rows, shape.adm, device=meta, dtype=dt) if shape.adm else None
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        unet(x, ts, clip, y, transformer_options={})
-    for h in handles:
-        h.remove()
-    by_op = {str(k): float(v) for k, v in fc.get_flop_counts()["Global"].items()}
-    base = float(fc.get_total_flops())
-    base_attn = sum(v for k, v in by_op.items() if "bmm" in k or "attention" in k)
-
-    mask = torch.zeros(rows, tokens, dtype=torch.bool, device=meta)
-    key_mask = KeyMask(mask[:, None, None, :], None)
-    e = lambda *s: torch.empty(*s, device=meta, dtype=dt)  # noqa: E731
-    with torch.no_grad(), FlopCounterMode(display=False) as floor:  # the issue's floor: tau_q + attention over T
-        a_new = {}
-        for i, (site, attn2) in enumerate(zip(sites, modules)):
-            q = adapter.sites[i].to_q(e(*seen[i]))
-            a_new[i] = masked_attention(q, e(rows, tokens, site.inner_dim), e(rows, tokens, site.inner_dim),
-                                        site.heads, key_mask)
-    with torch.no_grad(), FlopCounterMode(display=False) as impl:  # what the fusion adds on top
-        for i, (site, attn2) in enumerate(zip(sites, modules)):
-            n_tokens = seen[i][1]
-            if mode == "clip":  # to_out(w_new A_new) after the original to_out
-                out = e(rows, n_tokens, attn2.to_out[0].out_features)
-                hybrid_output(out, a_new[i], attn2.to_out[0].weight, attn2.to_out[0].bias, 0.9, 0.5)
-            else:  # the original attention reads T LLM tokens instead of 77 CLIP tokens
-                q = e(rows, n_tokens, site.inner_dim)
-                paper_fusion(masked_attention(q, e(rows, tokens, site.inner_dim), e(rows, tokens, site.inner_dim),
-                                              site.heads, key_mask), a_new[i], 0.9, 0.5)
-    with torch.no_grad(), FlopCounterMode(display=False) as clip_attn:
-        if mode == "llm":
-            for i, site in enumerate(sites):
-                q = e(rows, seen[i][1], site.inner_dim)
-                masked_attention(q, e(rows, 77, site.inner_dim), e(rows, 77, site.inner_dim), site.heads, None)
-    L, D = spec.num_layers, spec.hidden_size
-    features = LLMFeatures(spec, torch.empty(rows, L + 1, tokens, D, device=meta),
-                           torch.empty(rows, L, tokens, D, device=meta), mask)
-    with torch.no_grad(), FlopCounterMode(display=False) as once:
-        c = adapter.encode(features).to(dt)
-        for i in range(len(sites)):
-            adapter.site_keys_values(i, c)
-        if mode == "llm":
-            ctx = adapter.original_context(c)
-            if adapter.phi_pool is not None:
-                adapter.pooled(c, mask)
-            for attn2 in modules:
-                attn2.to_k(ctx), attn2.to_v(ctx)
-    f_floor = float(floor.get_total_flops())
-    f_impl = float(impl.get_total_flops()) - float(clip_attn.get_total_flops())
-    no_attn = base - base_attn
-    return [family, shape.pixels, MODE_NAMES[mode], len(sites), base / rows / 1e12, no_attn / rows / 1e12,
-            f_floor / rows / 1e9, 100 * f_floor / base, 100 * f_floor / no_attn, 100 * ISSUE_FLOOR[family],
-            f_impl / rows / 1e9, 100 * (f_floor + f_impl) / base, 100 * ISSUE_TARGET[family],
-            float(once.get_total_flops()) / rows / 1e9]
 
 
 if __name__ == "__main__":

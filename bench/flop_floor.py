@@ -1,0 +1,173 @@
+"""The adapter's FLOPs per sampling step at the real SD1.5 / SDXL shapes, counted by running the product code.
+
+No formula here: the patched U-Net (llmdiff_core.comfy_patch.apply_adapter on a random-weight
+ComfyUI U-Net) runs its forward on the meta device (shapes only, no weights, any machine) under
+FlopCounterMode, exactly as a sampler step calls it: the DIFFUSION_MODEL wrapper, the per-run
+entry (c, K/V trimmed to the attended span, gates folded into V, tau_q cast once), the attn2
+patches, and in hybrid mode the fusion at ComfyUI's attention core (CoreFusion). Whatever the
+sampling path executes is what is counted, so the table follows the code when it changes.
+
+Per run, as a sampler: begin_run, U-Net call 1 (builds the entry: the once-per-run work), U-Net
+call 2 (the cached entry: the per-step work), end_run. Extra per step = call 2 minus the unpatched
+U-Net's call. Two host reads cannot happen on meta tensors and are answered from the host values
+the bench chose (the same values a real run reads there): which tokens the mask attends
+(RunMask.prepare runs on the real mask on the CPU, its result moved to meta) and the gate values
+(adapter.gate_weights returns CPU floats). Calls of the after-to_out fallback (fuse_after_out, a
+second output projection) and of the core fusion are counted per step, so a table shows which
+path ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+import builders
+import common
+
+ISSUE_FLOOR = {"sd15": 0.028, "sdxl": 0.048}  # issue 5, counted with the U-Net attention core left out
+ISSUE_TARGET = {"sd15": 0.04, "sdxl": 0.06}
+
+
+@dataclass
+class StepFlops:
+    family: str
+    mode: str
+    prompt: str  # e.g. "128 + 128", "60 + empty"
+    span: int  # attended token span after trimming (keys per attention call)
+    sites: int
+    rows: int
+    unet: float  # unpatched U-Net FLOPs per call (all rows)
+    unet_attn: float  # of which its attention core (SDPA / bmm)
+    extra: float  # patched step 2 - unpatched, all rows
+    extra_attn: float  # of which attention (SDPA / bmm)
+    once: float  # step 1 - step 2 (the per-run entry), all rows
+    core_fusions: int  # per step: sites fused at the attention core (no second output projection)
+    out_fusions: int  # per step: sites fused after to_out (a second output projection each)
+
+
+def feature_mask(lengths: list[int], tokens: int) -> torch.Tensor:
+    """[B, tokens] bool as llmdiff_core.encoding.encode masks: tokens 1..n after the BOS, the BOS alone
+    for an empty prompt (builders.make_features' layout)."""
+    mask = torch.zeros(len(lengths), tokens, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        if n == 0:
+            mask[row, 0] = True
+        else:
+            mask[row, 1:1 + n] = True
+    return mask
+
+
+def _is_attention(op: str) -> bool:
+    return "bmm" in op or "attention" in op
+
+
+def _counted(fn: Any) -> tuple[float, float]:
+    """(total FLOPs, attention FLOPs) of fn()."""
+    with torch.no_grad(), common.flop_counter() as fc:
+        fn()
+    by_op = {str(k): float(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
+    return float(fc.get_total_flops()), sum(v for k, v in by_op.items() if _is_attention(k))
+
+
+@contextlib.contextmanager
+def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
+                 calls: dict[str, int]) -> Iterator[None]:
+    """Answers the two host reads of a meta run from host values, and counts the fusion calls."""
+    import llmdiff_core.comfy_patch as cp
+    from llmdiff_core.attention import RunMask
+
+    original = RunMask.__dict__["prepare"]
+    n = len(adapter.sites)
+
+    def prepare(cls: type, m: torch.Tensor, dtype: torch.dtype, device: torch.device) -> RunMask:
+        if m.device.type != "meta":
+            return original.__func__(cls, m, dtype, device)
+        if m.shape != mask.shape:
+            raise RuntimeError(f"meta mask {tuple(m.shape)} is not the host mask {tuple(mask.shape)}")
+        host = original.__func__(cls, mask, dtype, torch.device("cpu"))
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return cls(host.start, host.stop, move(host.bias), move(host.keep))
+
+    def counting(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    saved = {name: getattr(cp, name) for name in ("fuse_at_core", "fuse_after_out")}
+    RunMask.prepare = classmethod(prepare)
+    adapter.gate_weights = lambda: (torch.full((n,), gates[0]), torch.full((n,), gates[1]))
+    for name, fn in saved.items():
+        setattr(cp, name, counting(name, fn))
+    try:
+        yield
+    finally:
+        RunMask.prepare = original
+        del adapter.gate_weights
+        for name, fn in saved.items():
+            setattr(cp, name, fn)
+
+
+def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple[str, list[int]]],
+                     bucket: int, gates: tuple[float, float] = (0.9, 0.5)) -> list[StepFlops]:
+    """StepFlops for every mode x case (case = (label, attended tokens per row, 0 = empty prompt)).
+    Rows = len(lengths) (2: cond + uncond of one CFG step)."""
+    from llmdiff_core.adapter import LLMDiffAdapter
+    from llmdiff_core.comfy_patch import DiffusionModelWrapper, apply_adapter
+    from llmdiff_core.conditioning import CONDLLMDiff
+    from llmdiff_core.config import AdapterConfig
+    from llmdiff_core.features import LLMFeatures
+    from llmdiff_core.unet_sites import base_family, find_sites
+
+    import comfy.patcher_extension as pe
+
+    meta, dt = torch.device("meta"), torch.float16
+    shape = builders.unet_shape(family, False)
+    mp = builders.build_unet(family, False, dt, meta)
+    unet = mp.model.diffusion_model
+    sites, _ = find_sites(unet)
+    rows = len(cases[0][1])
+    x = torch.empty(rows, 4, shape.latent, shape.latent, device=meta, dtype=dt)
+    ts = torch.full((rows,), 500.0, device=meta)
+    clip = torch.empty(rows, 77, shape.context_dim, device=meta, dtype=dt)
+    y = torch.empty(rows, shape.adm, device=meta, dtype=dt) if shape.adm else None
+    base, base_attn = _counted(lambda: unet(x, ts, clip, y, transformer_options={}))
+
+    out: list[StepFlops] = []
+    for mode in modes:
+        with torch.device(meta):
+            adapter = LLMDiffAdapter(AdapterConfig(base=base_family(mp.model), sites=sites, llm=spec,
+                                                   original_path=mode, max_tokens=bucket)).to(dt).eval()
+        patched = apply_adapter(mp, adapter, strength=1.0)
+        # what comfy.sampler_helpers.prepare_model_patcher hands the U-Net: the patches plus the patcher's wrappers
+        options = dict(patched.model_options["transformer_options"])
+        options["wrappers"] = pe.merge_nested_dicts(options.get("wrappers", {}), patched.wrappers)
+        (runtime,) = [w.runtime for w in pe.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL, options)
+                      if isinstance(w, DiffusionModelWrapper)]
+        for label, lengths in cases:
+            if len(lengths) != rows:
+                raise ValueError(f"case {label}: {len(lengths)} rows, expected {rows}")
+            mask = feature_mask(lengths, bucket)
+            L, D = spec.num_layers, spec.hidden_size
+            features = LLMFeatures(spec, torch.empty(rows, L + 1, bucket, D, device=meta),
+                                   torch.empty(rows, L, bucket, D, device=meta), mask)
+            batch = CONDLLMDiff(features).concat([])
+            calls: dict[str, int] = {}
+            step = lambda: unet(x, ts, clip, y, transformer_options=dict(options), llmdiff=batch)  # noqa: E731
+            with _host_values(adapter, mask, gates, calls):
+                runtime.begin_run(patched.get_model_object("model_sampling"))
+                try:
+                    first, _ = _counted(step)
+                    calls.clear()
+                    second, second_attn = _counted(step)
+                    span = runtime._entries[0].mask.stop - runtime._entries[0].mask.start
+                finally:
+                    runtime.end_run()
+            out.append(StepFlops(family, mode, label, span, len(sites), rows, base, base_attn,
+                                 second - base, second_attn - base_attn, first - second,
+                                 calls.get("fuse_at_core", 0), calls.get("fuse_after_out", 0)))
+    return out
