@@ -140,7 +140,7 @@ def host_overhead(device: Any, top: int) -> None:
     import torch.nn.functional as F
 
     from llmdiff_core import comfy_patch
-    from llmdiff_core.attention import KeyMask, hybrid_output, masked_attention
+    from llmdiff_core.attention import RunMask, attend, fuse_after_out
 
     def per_call_us(fn: Any, n: int = 2000) -> float:
         for _ in range(100):
@@ -161,21 +161,22 @@ def host_overhead(device: Any, top: int) -> None:
     to_out = torch.nn.Linear(heads * d, heads * d).to(device, dt)
     mask = torch.zeros(2, t, dtype=torch.bool, device=device)
     mask[0, 1:20], mask[1, 0] = True, True
-    km = KeyMask.from_mask(mask)
-    additive = torch.zeros(2, 1, 1, t, device=device, dtype=dt).masked_fill(~km.attn, float("-inf"))
+    rm = RunMask.prepare(mask, dt, device)
+    kh_prepared, vh_prepared = rm.heads(k, heads), rm.heads(v, heads)
+    additive = torch.zeros(2, 1, 1, t, device=device, dtype=dt).masked_fill(~mask[:, None, None, :], float("-inf"))
     w_q = to_q.weight.to(dt)
     q = F.linear(n, w_q)
     qh, kh, vh = (x.view(2, -1, heads, d).transpose(1, 2) for x in (q, k, v))
-    a = masked_attention(q, k, v, heads, km)
+    a = attend(q, kh_prepared, vh_prepared, rm)
     w_scaled, b_scaled = 0.5 * to_out.weight, (1 - 0.9) * to_out.bias
     project = getattr(comfy_patch, "_project", None)
     rows = [
         ["tau_q projection", per_call_us(lambda: project(to_q, n)) if project else float("nan"),
          per_call_us(lambda: F.linear(n, w_q)), "weight cast to the U-Net dtype once per run"],
-        ["masked attention", per_call_us(lambda: masked_attention(q, k, v, heads, km)),
+        ["masked attention", per_call_us(lambda: attend(q, kh_prepared, vh_prepared, rm)),
          per_call_us(lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=additive)),
          "additive mask made once per run; K/V pre-split into heads once per run"],
-        ["hybrid fusion", per_call_us(lambda: hybrid_output(out, a, to_out.weight, to_out.bias, 0.9, 0.5)),
+        ["hybrid fusion (after to_out)", per_call_us(lambda: fuse_after_out(out, 0.5 * a, to_out.weight, to_out.bias, 0.9)),
          per_call_us(lambda: torch.add(F.linear(a, w_scaled, b_scaled), out, alpha=0.9)),
          "w_new*W and (1-w_orig)*b made once per run: one GEMM with bias + one add"],
     ]

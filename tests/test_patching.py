@@ -21,7 +21,7 @@ import comfy.sample
 from comfy.ldm.modules.attention import optimized_attention
 from comfy.patcher_extension import WrappersMP
 
-from llmdiff_core.attention import KeyMask, effective_gates, hybrid_output, masked_attention, paper_fusion
+from llmdiff_core.attention import RunMask, attend, effective_gates, fuse_after_out, fuse_at_core
 from llmdiff_core.comfy_patch import (FEATURES_KEY, TRAINING_KEY, WRAPPER_KEY, AdapterRuntime, TrainingCall,
                                       apply_adapter)
 from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, attach_features
@@ -182,17 +182,19 @@ def half_copy(mp: Any, dtype: torch.dtype) -> Any:
 
 # --- pure math (attention.py) -------------------------------------------------------------------------
 
-def test_masked_attention_matches_literal_and_empty_rows_give_zero() -> None:
+def test_attention_matches_literal_and_empty_rows_give_zero() -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(3, 5, 16, generator=g), torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 16, generator=g)
     mask = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1], [0] * 7], dtype=torch.bool)
-    out = masked_attention(q, k, v, heads=2, key_mask=KeyMask.from_mask(mask))
+    rm = RunMask.prepare(mask, torch.float32, torch.device("cpu"))
+    out = attend(q, rm.heads(k, 2), rm.heads(v, 2), rm)
     assert torch.isfinite(out).all()
     assert torch.equal(out[2], torch.zeros_like(out[2]))  # nothing to attend to: contributes nothing
     torch.testing.assert_close(out[:2], literal_attention(q[:2], k[:2], v[:2], 2, mask[:2]), atol=1e-6, rtol=1e-5)
     full = torch.ones(3, 7, dtype=torch.bool)
-    assert KeyMask.from_mask(full).keep is None
-    torch.testing.assert_close(masked_attention(q, k, v, 2, KeyMask.from_mask(full)),
+    rm = RunMask.prepare(full, torch.float32, torch.device("cpu"))
+    assert rm.keep is None and rm.bias is None
+    torch.testing.assert_close(attend(q, rm.heads(k, 2), rm.heads(v, 2), rm),
                                literal_attention(q, k, v, 2, None), atol=1e-6, rtol=1e-5)
 
 
@@ -205,9 +207,9 @@ def test_fusions_equal_eq10_through_the_output_projection() -> None:
     assert effective_gates(1.7, 0.6, 0.0) == (1.0, 0.0)
     want = to_out(w_orig * a_orig + w_new * a_new)
     with torch.no_grad():
-        got = hybrid_output(to_out(a_orig), a_new, to_out.weight, to_out.bias, w_orig, w_new)
+        got = fuse_after_out(to_out(a_orig), w_new * a_new, to_out.weight, to_out.bias, w_orig)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(to_out(paper_fusion(a_orig, a_new, w_orig, w_new)), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(to_out(fuse_at_core(a_orig, w_new * a_new, w_orig)), want, atol=1e-6, rtol=1e-5)
 
 
 # --- Eq. 10 end to end through the U-Net ----------------------------------------------------------------
@@ -583,7 +585,6 @@ def test_patches_are_shared_by_clones_and_have_no_to() -> None:
 # --- once-per-run preparation and the fusion at the attention core (issue 5) ---------------------------
 
 def test_prepared_mask_trims_to_the_attended_span_exactly() -> None:
-    from llmdiff_core.attention import RunMask, attend
     g = torch.Generator().manual_seed(4)
     q, k, v = torch.randn(3, 5, 16, generator=g), torch.randn(3, 9, 16, generator=g), torch.randn(3, 9, 16, generator=g)
     mask = torch.zeros(3, 9, dtype=torch.bool)
@@ -593,7 +594,7 @@ def test_prepared_mask_trims_to_the_attended_span_exactly() -> None:
     assert rm.bias is not None and rm.bias.dtype == torch.float32 and rm.keep is not None
     out = attend(q, rm.heads(k, 2), rm.heads(v, 2), rm)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
-    torch.testing.assert_close(out, masked_attention(q, k, v, 2, KeyMask.from_mask(mask)), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[:2], literal_attention(q[:2], k[:2], v[:2], 2, mask[:2]), atol=1e-6, rtol=1e-5)
     full_span = torch.zeros(3, 9, dtype=torch.bool)
     full_span[:, 2:7] = True  # every row attends to the whole span: no mask at all
     rm = RunMask.prepare(full_span, torch.float16, torch.device("cpu"))
