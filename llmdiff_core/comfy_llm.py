@@ -76,8 +76,27 @@ class ManagedLLM:
 
         # force_full_load: plain HF Linear layers cannot be partially loaded (lowvram) like comfy ops.
         mm.load_models_gpu([self.patcher], force_full_load=True)
-        features = encode(self.loaded, texts, max_tokens=max_tokens, overflow=overflow)
-        return features.to(mm.intermediate_device(), torch.float32)
+        try:
+            features = encode(self.loaded, texts, max_tokens=max_tokens, overflow=overflow)
+            return features.to(mm.intermediate_device(), torch.float32)
+        finally:
+            release(self.patcher)
+
+
+def release(patcher: Any) -> None:
+    """Unload `patcher` from ComfyUI's loaded models now (weights back to its offload device).
+
+    ComfyUI would keep the LLM on the GPU until something else needs the room, so an 8B LLM (16 GB
+    in bf16) would sit beside the U-Net during sampling. Encodings are cached by ComfyUI's node
+    cache, so only a changed prompt pays for the reload."""
+    import comfy.model_management as mm
+
+    for i, loaded in enumerate(mm.current_loaded_models):
+        if loaded.model is patcher:
+            if loaded.model_unload():
+                mm.current_loaded_models.pop(i)
+                mm.soft_empty_cache()
+            return
 
 
 def load_managed_llm(path: str, folder: str, dtype: str = "auto", device: str = "default",

@@ -121,6 +121,14 @@ def test_whole_graph_runs_and_the_adapter_changes_the_image(llm, clip, model_fol
         assert not torch.equal(out, plain)
 
 
+def test_llm_is_released_after_encoding(llm):
+    import comfy.model_management as mm
+
+    run("LLMDiffTextEncode", llm=llm, text="a cat", max_tokens=8, overflow="error", prompt_per_line=False)
+    assert not any(loaded.model is llm.patcher for loaded in mm.current_loaded_models)
+    run("LLMDiffTextEncode", llm=llm, text="a dog", max_tokens=8, overflow="error", prompt_per_line=False)  # reloads
+
+
 def test_prompt_per_line_makes_a_batch(llm, clip):
     (cond,) = run("LLMDiffTextEncode", llm=llm, text="one\ntwo two\n\nthree", max_tokens=16,
                   overflow="error", prompt_per_line=True, clip=clip)
