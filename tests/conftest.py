@@ -68,3 +68,33 @@ def comfy_root() -> Path:
 @pytest.fixture(scope="session")
 def node_classes() -> dict:
     return nodes.NODE_CLASS_MAPPINGS
+
+
+# --- node graphs in process (test_nodes.py, test_sdxl_hybrid.py) -----------------------------------
+
+def run_node(node_id: str, **inputs):
+    """Execute a registered node class the way ComfyUI does for V3 nodes; returns its outputs."""
+    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
+
+
+@pytest.fixture(scope="session")
+def model_folders(tmp_path_factory):
+    """models/LLM/tiny-llama (a tiny random Llama + tokenizer) and models/llmdiff/, registered with
+    ComfyUI's folder_paths like a user's model folders."""
+    import folder_paths
+    from tiny_llms import make_tiny_llm
+
+    root = tmp_path_factory.mktemp("models")
+    make_tiny_llm("llama", root / "LLM" / "tiny-llama")
+    (root / "llmdiff").mkdir()
+    folder_paths.add_model_folder_path("LLM", str(root / "LLM"))
+    folder_paths.add_model_folder_path("llmdiff", str(root / "llmdiff"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def llm(model_folders):
+    """The tiny Llama loaded through LLMDiffLLMLoader (an LLMDIFF_LLM value)."""
+    (out,) = run_node("LLMDiffLLMLoader", model_dir="tiny-llama", dtype="auto", device="default",
+                      trust_remote_code=False)
+    return out

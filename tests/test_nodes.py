@@ -13,20 +13,15 @@ import comfy.sample
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models_base
-import folder_paths
 import nodes
 from llmdiff_core.adapter_file import save_adapter
 from llmdiff_core.errors import LLMDiffError
-from tiny_llms import make_tiny_llm
+from conftest import run_node as run
 from tiny_unets import SD15_CONTEXT_DIM, make_adapter, make_adapter_config, tiny_llm_spec, tiny_sd15
 
 NODE_IDS = ["LLMDiffLLMLoader", "LLMDiffTextEncode", "LLMDiffAdapterLoader", "LLMDiffApply",
             "LLMDiffApplyAdvanced", "LLMDiffInspect"]
 CORE_TYPES = {"MODEL", "CONDITIONING", "CLIP", "IMAGE", "STRING", "INT", "FLOAT", "BOOLEAN", "COMBO"}
-
-
-def run(node_id: str, **inputs):
-    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
 
 
 @pytest.mark.parametrize("node_id", NODE_IDS)
@@ -44,24 +39,9 @@ def test_schema_tooltips_and_namespaced_types(node_id):
         assert kind in CORE_TYPES or kind.startswith("LLMDIFF_")
 
 
-@pytest.fixture(scope="module")
-def model_folders(tmp_path_factory):
-    """A models/LLM/<tiny-llama> folder and a models/llmdiff folder registered with ComfyUI."""
-    root = tmp_path_factory.mktemp("models")
-    make_tiny_llm("llama", root / "LLM" / "tiny-llama")
-    (root / "llmdiff").mkdir()
-    folder_paths.add_model_folder_path("LLM", str(root / "LLM"))
-    folder_paths.add_model_folder_path("llmdiff", str(root / "llmdiff"))
-    return root
-
-
-@pytest.fixture(scope="module")
-def llm(model_folders):
+def test_llm_loader_lists_the_registered_folder(model_folders):
     loader = nodes.NODE_CLASS_MAPPINGS["LLMDiffLLMLoader"]
     assert "tiny-llama" in loader.GET_NODE_INFO_V1()["input"]["required"]["model_dir"][1]["options"]
-    (out,) = run("LLMDiffLLMLoader", model_dir="tiny-llama", dtype="auto", device="default",
-                 trust_remote_code=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,11 @@ import comfy.sample
 import comfy.sd
 import comfy.sdxl_clip
 import comfy.supported_models_base
-import folder_paths
-import nodes
 from llmdiff_core.adapter_file import load_adapter, save_adapter
 from llmdiff_core.llm import load_llm
 from llmdiff_core.training import runner
 from llmdiff_core.training.options import TrainOptions
-from tiny_llms import make_tiny_llm
+from conftest import run_node as run
 from tiny_unets import SDXL_CONTEXT_DIM, make_adapter, make_adapter_config, tiny_sdxl
 from train_support import CAPTIONS, _seeded_init, make_images, tiny_vae, write_folder
 
@@ -38,10 +36,6 @@ CLIP_L_WIDTH = 32
 CLIP_G_WIDTH = SDXL_CONTEXT_DIM - CLIP_L_WIDTH  # 48: [CLIP-L | CLIP-G] is the U-Net's context
 POOLED = 1280  # SDXL's ADM: pooled CLIP-G 1280 + 6 x 256 size/crop embeddings
 LATENT = 8  # 64 px
-
-
-def run(node_id: str, **inputs):
-    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,23 +64,6 @@ def tiny_sdxl_clip(seed: int = 11):
 @pytest.fixture(scope="module")
 def clip():
     return tiny_sdxl_clip()
-
-
-@pytest.fixture(scope="module")
-def model_folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdxl_models")
-    make_tiny_llm("llama", root / "LLM" / "tiny-llama-sdxl")
-    (root / "llmdiff").mkdir()
-    folder_paths.add_model_folder_path("LLM", str(root / "LLM"))
-    folder_paths.add_model_folder_path("llmdiff", str(root / "llmdiff"))
-    return root
-
-
-@pytest.fixture(scope="module")
-def llm(model_folders):
-    (out,) = run("LLMDiffLLMLoader", model_dir="tiny-llama-sdxl", dtype="auto", device="default",
-                 trust_remote_code=False)
-    return out
 
 
 def encode(llm, clip, text: str):
@@ -198,9 +175,9 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_sdxl_hybrid_trains_with_the_sdxl_clip_and_size_conditioning(tmp_path: Path, clip, model_folders):
     data = write_folder(tmp_path / "data", make_images(2, size=40))
-    loaded = load_llm(str(model_folders / "LLM" / "tiny-llama-sdxl"), dtype=torch.float32)
-    comps = runner.Components(tiny_sdxl(), clip, tiny_vae(), loaded, "tiny_sdxl", "tiny-llama-sdxl")
-    opts = TrainOptions(base_model="", llm="tiny-llama-sdxl", data=str(data), output_dir=str(tmp_path / "out"),
+    loaded = load_llm(str(model_folders / "LLM" / "tiny-llama"), dtype=torch.float32)
+    comps = runner.Components(tiny_sdxl(), clip, tiny_vae(), loaded, "tiny_sdxl", "tiny-llama")
+    opts = TrainOptions(base_model="", llm="tiny-llama", data=str(data), output_dir=str(tmp_path / "out"),
                         original_path="clip", resolution=32, batch_size=2, max_steps=2, lr=2e-3, warmup_steps=0,
                         num_workers=0, mixed_precision="no", progress=False, tensorboard=False, log_every=1,
                         checkpoint_every=0, max_tokens=16, seed=0, caption_dropout=0.0)
