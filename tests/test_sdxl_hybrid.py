@@ -30,7 +30,8 @@ from llmdiff_core.training import runner
 from llmdiff_core.training.options import TrainOptions
 from conftest import run_node as run
 from tiny_unets import SDXL_CONTEXT_DIM, make_adapter, make_adapter_config, tiny_sdxl
-from train_support import CAPTIONS, _seeded_init, make_images, tiny_vae, write_folder
+from seeded_weights import seeded_init
+from train_support import CAPTIONS, make_images, tiny_vae, write_folder
 
 CLIP_L_WIDTH = 32
 CLIP_G_WIDTH = SDXL_CONTEXT_DIM - CLIP_L_WIDTH  # 48: [CLIP-L | CLIP-G] is the U-Net's context
@@ -57,7 +58,7 @@ def tiny_sdxl_clip(seed: int = 11):
     g = clip.cond_stage_model.clip_g.transformer
     old = g.text_projection
     g.text_projection = type(old)(CLIP_G_WIDTH, POOLED, bias=False, dtype=old.weight.dtype, device=old.weight.device)
-    _seeded_init(clip.cond_stage_model, seed)  # variance-preserving: a pooled vector of order 1
+    seeded_init(clip.cond_stage_model, seed)  # variance-preserving: a pooled vector of order 1
     return clip
 
 

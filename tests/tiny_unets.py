@@ -22,6 +22,7 @@ from llmdiff_core.adapter import LLMDiffAdapter
 from llmdiff_core.config import AdapterConfig
 from llmdiff_core.features import LLMSpec
 from llmdiff_core.unet_sites import base_family, find_sites
+from seeded_weights import seeded_init
 
 SD15_CONTEXT_DIM = 64
 SDXL_CONTEXT_DIM = 80
@@ -58,31 +59,12 @@ class _TinySDXL(comfy.supported_models.SDXL):
     unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
 
 
-def _init_weights(model: torch.nn.Module, seed: int) -> None:
-    """Seeded random values on every parameter.
-
-    comfy ops skip weight init (weights start as uninitialised memory) and SD zero-initialises its
-    output convs and proj_out: with those zeros the output would not depend on the context at all.
-    A private generator keeps the global RNG untouched.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if p.dim() >= 2:  # Linear / Conv weights: variance-preserving scale
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):  # norm scales near 1
-                p.copy_(1.0 + 0.1 * noise)
-            else:  # biases
-                p.copy_(0.05 * noise)
-
-
 def _build(config_cls: type, unet_config: dict[str, Any]) -> comfy.model_patcher.ModelPatcher:
     model_config = config_cls(dict(unet_config, dtype=torch.float32))
     model_config.set_inference_dtype(torch.float32, None)
     device = comfy.model_management.unet_offload_device()
     model = model_config.get_model({}, "", device=device)
-    _init_weights(model.diffusion_model, WEIGHT_SEED)
+    seeded_init(model.diffusion_model, WEIGHT_SEED)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 

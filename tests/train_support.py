@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from seeded_weights import seeded_init
+
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red square on blue", "a green circle", "two yellow stripes", "a purple dot in the corner",
             "a black and white checkerboard", "an orange gradient", "a cyan cross", "a pink frame"]
@@ -97,19 +99,6 @@ CKPT_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_
              "use_temporal_attention": False, "use_temporal_resblock": False}
 
 
-def _seeded_init(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.dim() >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
-
-
 def make_checkpoint(path: Path) -> Path:
     """A single-file SD1.5 checkpoint (tiny one-level U-Net + TAESD VAE) for comfy's real loader."""
     import comfy.supported_models
@@ -121,11 +110,11 @@ def make_checkpoint(path: Path) -> Path:
     cfg = comfy.supported_models.SD15(dict(CKPT_UNET, dtype=torch.float32))
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, "", device="cpu")
-    _seeded_init(model.diffusion_model, 1234)
+    seeded_init(model.diffusion_model, 1234)
     sd = {"model.diffusion_model." + k: v.half() for k, v in model.diffusion_model.state_dict().items()}
     torch.manual_seed(0)
     taesd = comfy.taesd.taesd.TAESD()
-    _seeded_init(taesd, 99)
+    seeded_init(taesd, 99)
     sd.update({"first_stage_model." + k: v for k, v in taesd.state_dict().items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(sd, str(path))
@@ -158,7 +147,7 @@ def tiny_clip() -> Any:
     clip = comfy.sd.CLIP(target=_clip_target(), model_options={"clip_l_model_config": {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
         "projection_dim": 64}})
-    _seeded_init(clip.cond_stage_model, 7)
+    seeded_init(clip.cond_stage_model, 7)
     return clip
 
 
@@ -174,7 +163,7 @@ def tiny_vae() -> Any:
     import comfy.taesd.taesd
 
     taesd = comfy.taesd.taesd.TAESD()
-    _seeded_init(taesd, 99)
+    seeded_init(taesd, 99)
     return comfy.sd.VAE(sd=taesd.state_dict())
 
 
