@@ -2,7 +2,7 @@
 
 No formula here: the patched U-Net (llmdiff_core.comfy_patch.apply_adapter on a random-weight
 ComfyUI U-Net) runs its forward on the meta device (shapes only, no weights, any machine) under
-FlopCounterMode, exactly as a sampler step calls it: the DIFFUSION_MODEL wrapper, the per-run
+FlopCounterMode, exactly as a sampler step calls it: the APPLY_MODEL wrapper, the per-run
 entry (c, K/V trimmed to the attended span, gates folded into V, tau_q cast once), the attn2
 patches, and in hybrid mode the fusion at ComfyUI's attention core (CoreFusion). Whatever the
 sampling path executes is what is counted, so the table follows the code when it changes.
@@ -112,12 +112,23 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
             setattr(cp, name, fn)
 
 
+class _UNetCall:
+    """The executor ApplyModelWrapper gets: the U-Net forward itself (no _apply_model around it)."""
+
+    def __init__(self, base_model: Any) -> None:
+        self.class_obj = base_model
+
+    def __call__(self, x: Any, t: Any, c_concat: Any, context: Any, control: Any, transformer_options: dict,
+                 **kwargs: Any) -> Any:
+        return self.class_obj.diffusion_model(x, t, context, kwargs.get("y"), transformer_options=transformer_options)
+
+
 def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple[str, list[int]]],
                      bucket: int, gates: tuple[float, float] = (0.9, 0.5)) -> list[StepFlops]:
     """StepFlops for every mode x case (case = (label, attended tokens per row, 0 = empty prompt)).
     Rows = len(lengths) (2: cond + uncond of one CFG step)."""
     from llmdiff_core.adapter import LLMDiffAdapter
-    from llmdiff_core.comfy_patch import DiffusionModelWrapper, apply_adapter
+    from llmdiff_core.comfy_patch import ApplyModelWrapper, apply_adapter
     from llmdiff_core.conditioning import CONDLLMDiff
     from llmdiff_core.config import AdapterConfig
     from llmdiff_core.features import LLMFeatures
@@ -146,8 +157,11 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
         # what comfy.sampler_helpers.prepare_model_patcher hands the U-Net: the patches plus the patcher's wrappers
         options = dict(patched.model_options["transformer_options"])
         options["wrappers"] = pe.merge_nested_dicts(options.get("wrappers", {}), patched.wrappers)
-        (runtime,) = [w.runtime for w in pe.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL, options)
-                      if isinstance(w, DiffusionModelWrapper)]
+        (wrapper,) = [w for w in pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options) if isinstance(w, ApplyModelWrapper)]
+        runtime = wrapper.runtime
+        # BaseModel._apply_model's own work (sigma scaling, casts) needs model_sampling's real buffers:
+        # the wrapper calls the U-Net directly here, as _apply_model would after its casts.
+        unet_call = _UNetCall(mp.model)
         for label, lengths in cases:
             if len(lengths) != rows:
                 raise ValueError(f"case {label}: {len(lengths)} rows, expected {rows}")
@@ -157,7 +171,7 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
                                    torch.empty(rows, L, bucket, D, device=meta), mask)
             batch = CONDLLMDiff(features).concat([])
             calls: dict[str, int] = {}
-            step = lambda: unet(x, ts, clip, y, transformer_options=dict(options), llmdiff=batch)  # noqa: E731
+            step = lambda: wrapper(unet_call, x, ts, None, clip, None, dict(options), y=y, llmdiff=batch)  # noqa: E731
             with _host_values(adapter, mask, gates, calls):
                 runtime.begin_run(patched.get_model_object("model_sampling"))
                 try:

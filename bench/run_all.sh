@@ -5,6 +5,7 @@
 #   BENCH_ARGS="--repeats 3" bench/run_all.sh    # extra arguments for every script
 #   BENCH_ONLY="score_encoding" bench/run_all.sh # a subset (space-separated script names)
 #   BENCH_JSON=0 bench/run_all.sh                 # no .json files (the device tool returns at most 8 files)
+#   BENCH_ONLY="sampling-compiled" bench/run_all.sh  # GPU, opt-in: sampling under torch.compile (inductor)
 #
 # Interpreter and ComfyUI root as in test.sh: LLMDIFF_COMFYUI_ROOT (+ LLMDIFF_PYTHON, default python3),
 # else the pinned runtime from scripts/setup_env.sh. Output: bench/results/<UTC stamp>-<gpu|cpu-small>.md
@@ -47,6 +48,11 @@ run sampling sampling_overhead
 if [ "$MODE" = gpu ]; then
   # the adapter as training exports it (fp32) vs cast to the U-Net's dtype: tau_q then runs in fp16
   run sampling-unet-dtype sampling_overhead --modes clip,llm --adapter-dtype unet --no-real-flops
+fi
+if [ "$MODE" = gpu ] && [[ "$ONLY" == *" sampling-compiled "* ]]; then
+  # opt-in (minutes of inductor compile): both models under ComfyUI's torch.compile wrapper
+  # (TorchCompileModel), unpatched vs adapter, each compiled; BENCH_ONLY="sampling-compiled"
+  ONLY="$ONLY sampling_overhead " run sampling-compiled sampling_overhead --compile inductor --no-real-flops
 fi
 run encoding score_encoding
 run training training_throughput

@@ -45,6 +45,12 @@ def parse() -> Any:
     p.add_argument("--prompt-tokens", type=int, default=60, help="real tokens of the positive prompt (negative: empty)")
     p.add_argument("--adapter-dtype", choices=("fp32", "unet"), default="fp32",
                    help="fp32 = what training exports and the loader keeps; unet = cast to the U-Net dtype")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="time every variant under ComfyUI's torch.compile wrapper (what TorchCompileModel does): "
+                        "inductor or cudagraphs as in that node, or any torch.compile backend (eager, aot_eager); "
+                        "implies --no-flops")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode with --compile inductor (e.g. reduce-overhead = CUDA graphs, max-autotune)")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting on the timed device")
     p.add_argument("--no-real-flops", action="store_true", help="skip the real-shape FLOP floor (meta device)")
     p.add_argument("--floor-only", action="store_true", help="only the real-shape FLOP floor table (no timing)")
@@ -52,6 +58,7 @@ def parse() -> Any:
                    help="real-shape FLOP table: attended LLM tokens of both rows in its first case (issue 5: 128)")
     opts = p.parse_args()
     opts.floor_prompt_tokens = opts.prompt_tokens  # the real-shape table's second case is never shrunk
+    opts.no_flops = opts.no_flops or bool(opts.compile)  # FlopCounterMode does not see into compiled graphs
     common.defaults(opts, repeats=5 if opts.small else 7, warmup=1 if opts.small else 2)
     if opts.steps is None:
         opts.steps = 6 if opts.small else 20
@@ -81,7 +88,8 @@ def main() -> None:
     report = common.Report("Sampling overhead per step (adapter vs unpatched)", common.env_header(
         device, opts.root, unet_dtype=str(dtype).replace("torch.", ""), shapes="small" if opts.small else "real",
         llm=f"{opts.llm} (D={spec.hidden_size}, L={spec.num_layers})", tokens=opts.tokens,
-        adapter_dtype=opts.adapter_dtype, steps=opts.steps, repeats=opts.repeats, warmup=opts.warmup))
+        adapter_dtype=opts.adapter_dtype, steps=opts.steps, repeats=opts.repeats, warmup=opts.warmup,
+        compile=f"{opts.compile} (mode {opts.compile_mode})" if opts.compile else "no (eager)"))
     rows_out: list[list[Any]] = []
     flop_rows: list[list[Any]] = []
 
@@ -97,6 +105,8 @@ def main() -> None:
             if opts.adapter_dtype == "unet":
                 adapter = adapter.to(dtype)
             variants[mode] = (apply_adapter(base, adapter, strength=1.0), pos, neg)
+        if opts.compile:  # warmup runs compile; each variant is its own dynamo graph of the same U-Net code
+            variants = {name: (compiled(mp, opts), p_, n_) for name, (mp, p_, n_) in variants.items()}
         noise = torch.randn(latent_batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
         n_sites = len(builders.find_sites(base.model.diffusion_model)[0])
 
@@ -203,6 +213,17 @@ def main() -> None:
         report.notes.append("--small: tiny widths on CPU. These ratios show per-call overheads of the patch code, "
                             "not the GPU targets (whose shapes are 10-1000x more compute per site).")
     report.emit(opts)
+
+
+def compiled(model_patcher: Any, opts: Any) -> Any:
+    """A clone with ComfyUI's torch.compile wrapper, as the TorchCompileModel node makes it."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # 3 variants x runs
+    m = model_patcher.clone()
+    set_torch_compile_wrapper(m, backend=opts.compile, mode=opts.compile_mode)
+    return m
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Wiring (comfyui-internals.md §3-§4):
 - The adapter lives in its own ModelPatcher, registered as an additional model, so ComfyUI's model
   management loads and offloads it with the U-Net.
-- A DIFFUSION_MODEL wrapper takes the `llmdiff` keyword (a FeatureBatch, conditioning.py) off the
-  U-Net call and puts a per-call state into transformer_options, where the attention patches read it.
-  In paper mode it also swaps the U-Net context for phi(c) and (SDXL) the pooled part of y.
+- An APPLY_MODEL wrapper takes the `llmdiff` keyword (a FeatureBatch, conditioning.py) off the
+  model call and puts a per-call state into transformer_options, where the attention patches read it.
+  In paper mode it also swaps the U-Net context for phi(c) and (SDXL) the pooled part of y. It runs
+  outside `diffusion_model`, so a torch.compile'd U-Net (TorchCompileModel) traces only the patches.
 - An OUTER_SAMPLE wrapper brackets each sampling run: what is constant over a run (c, phi(c), the
   pooled vector, every site's K/V) is computed at the first U-Net call and reused by every step.
 - Training (training/patching.py) runs the same patches: a TrainingCall in transformer_options makes
@@ -24,7 +25,6 @@ copy would duplicate the U-Net and the adapter) and have no .to(): the adapter m
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -52,7 +52,6 @@ OVERRIDE_KEY = "optimized_attention_override"  # transformer_options: ComfyUI's 
 # ComfyUI >= 0.3.6x calls transformer_options[OVERRIDE_KEY](func, q, k, v, heads, ...) from every attention
 # function (wrap_attn). Where it does not, the left-over A_new is fused after to_out (attn2_output_patch).
 CORE_OVERRIDE_SUPPORTED = hasattr(comfy.ldm.modules.attention, "wrap_attn")
-_runtime_ids = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -148,6 +147,10 @@ class RunEntry:
 class CallState:
     """One U-Net call: its run entry and each site's effective (w_orig, w_new).
 
+    new_values / orig_values: per site, w_new*tau_v(c) and (paper) w_orig*v(phi c), looked up or built
+    here, before the U-Net runs, so the patches inside it only read (nothing for a compiled U-Net to
+    trace but tensor math; None where the site skips that path).
+
     pending: site -> w_new*A_new, from the attn2_patch until the attention core (CoreFusion) or,
     failing that, the attn2_output_patch takes it. It lives here, not in the patches' extra_options,
     because the core override sees transformer_options itself (both hold this object).
@@ -156,6 +159,8 @@ class CallState:
 
     entry: RunEntry
     gates: list[tuple[Gate, Gate]]
+    new_values: list[torch.Tensor | None]
+    orig_values: list[torch.Tensor] | None = None
     at_core: list[bool] = field(default_factory=list)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -174,7 +179,7 @@ class AdapterRuntime(_Shared):
     """One applied adapter: its sites, settings and the per-run cache, shared by all its patches."""
 
     def __init__(self, adapter: LLMDiffAdapter, sites: list[SiteBinding], strength: float,
-                 start_percent: float, end_percent: float, model_sampling: Any) -> None:
+                 start_percent: float, end_percent: float, model_sampling: Any, stack_position: int = 0) -> None:
         self.adapter = adapter
         self.config = adapter.config
         self.paper = adapter.config.original_path == "llm"
@@ -185,7 +190,9 @@ class AdapterRuntime(_Shared):
         self.end_percent = end_percent
         self.whole_run = start_percent <= 0.0 and end_percent >= 1.0  # the default window: always active
         self.cache_enabled = True  # off: recompute every call (tests compare the two)
-        self.state_key = f"llmdiff_state_{next(_runtime_ids)}"  # several adapters may be stacked
+        # Several adapters may be stacked: one key each. The key is their place in the stack, not a
+        # fresh id, so a re-applied adapter (new strength) keeps the key and a compiled U-Net its graph.
+        self.state_key = f"llmdiff_state_{stack_position}"
         self._entries: list[RunEntry] | None = None  # None outside a sampling run: no caching
         self._set_window(model_sampling)
 
@@ -264,14 +271,16 @@ class AdapterRuntime(_Shared):
             rows.append(self.adapter.encode(features.select([i]), noise=True, generator=g))
         return torch.cat(rows)
 
-    def call_state(self, batch: FeatureBatch, x: torch.Tensor, sigmas: torch.Tensor | None,
-                   training: TrainingCall | None = None, replaced: Any = None) -> CallState | None:
+    def call_state(self, batch: FeatureBatch, rows: int, device: torch.device, dtype: torch.dtype,
+                   sigmas: torch.Tensor | None, training: TrainingCall | None = None,
+                   replaced: Any = None) -> CallState | None:
+        """The state of one U-Net call of `rows` rows that runs in `dtype` on `device`."""
         scale = self.strength if self.is_active(sigmas) else 0.0
         if scale == 0.0 and not self.paper:
             return None  # hybrid: exactly the unpatched model, nothing to compute
-        if batch.num_rows != x.shape[0]:
-            raise RuntimeError(f"LLMDiff: {batch.num_rows} feature rows for a U-Net batch of {x.shape[0]}")
-        entry = self.entry_for(batch, x.device, x.dtype, training)
+        if batch.num_rows != rows:
+            raise RuntimeError(f"LLMDiff: {batch.num_rows} feature rows for a U-Net batch of {rows}")
+        entry = self.entry_for(batch, device, dtype, training)
         gates = [effective_gates(wo, wn, scale * s.weight)
                  for wo, wn, s in zip(entry.w_orig, entry.w_new, self.sites)]
         if self.paper or not CORE_OVERRIDE_SUPPORTED:
@@ -280,7 +289,9 @@ class AdapterRuntime(_Shared):
             at_core = [s.spec.key not in replaced and s.spec.block not in replaced for s in self.sites]
         else:
             at_core = [True] * len(self.sites)
-        return CallState(entry, gates, at_core)
+        new_values = [None if is_identity(wo, wn) else entry.values(i, True, wn) for i, (wo, wn) in enumerate(gates)]
+        orig_values = [entry.values(i, False, wo) for i, (wo, _) in enumerate(gates)] if self.paper else None
+        return CallState(entry, gates, new_values, orig_values, at_core)
 
     # attention-patch helpers
     def site_of(self, eo: dict[str, Any]) -> int | None:
@@ -296,7 +307,7 @@ class AdapterRuntime(_Shared):
         entry = state.entry
         w = entry.q_weights[i]
         q = torch.nn.functional.linear(n, w) if n.dtype == w.dtype else _project(self.adapter.sites[i].to_q, n)
-        return attend(q, entry.new_kv[i][0], entry.values(i, True, state.gates[i][1]), entry.mask)
+        return attend(q, entry.new_kv[i][0], state.new_values[i], entry.mask)
 
     def no_clip_error(self, width: int) -> LLMDiffError:
         """Hybrid mode reads CLIP; without it Text Encode (LLMDiff) leaves a 1-wide placeholder."""
@@ -316,22 +327,36 @@ class AdapterRuntime(_Shared):
 
 # --- wrappers -----------------------------------------------------------------------------------
 
-class DiffusionModelWrapper(_Shared):
-    """Moves the `llmdiff` keyword into transformer_options as this adapter's per-call state."""
+def _unet_dtype(base_model: Any) -> torch.dtype:
+    """The dtype BaseModel._apply_model runs the U-Net in (its manual-cast dtype, else the weights')."""
+    return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+
+
+class ApplyModelWrapper(_Shared):
+    """An APPLY_MODEL wrapper: moves the `llmdiff` keyword into transformer_options as this adapter's
+    per-call state, and in paper mode puts phi(c) and phi_pool in place of CLIP's context and pooled.
+
+    It runs around BaseModel._apply_model, i.e. outside the diffusion model: when ComfyUI's
+    TorchCompileModel compiles `diffusion_model`, this Python (feature lookup, the once-per-run
+    entry with its host syncs) stays eager and the compiled U-Net sees only tensors and the patches.
+    """
 
     def __init__(self, runtime: AdapterRuntime) -> None:
         self.runtime = runtime
 
-    def __call__(self, executor: Callable, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
-                 y: torch.Tensor | None, control: Any, transformer_options: dict[str, Any], **kwargs: Any) -> Any:
+    def __call__(self, executor: Callable, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None,
+                 c_crossattn: torch.Tensor | None = None, control: Any = None,
+                 transformer_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         rt = self.runtime
+        transformer_options = transformer_options or {}
         # An outer LLMDiff wrapper (a stacked adapter) may already have taken the keyword.
         batch = kwargs.pop(COND_KEY, None) or transformer_options.get(FEATURES_KEY)
-        to = {**transformer_options, FEATURES_KEY: batch}  # _forward writes into it: keep ours apart
+        to = {**transformer_options, FEATURES_KEY: batch}  # the U-Net writes into it: keep ours apart
         state = None
         if batch is not None:
             replaced = to.get("patches_replace", {}).get("attn2")
-            state = rt.call_state(batch, x, to.get("sigmas"), to.get(TRAINING_KEY), replaced)
+            state = rt.call_state(batch, x.shape[0], x.device, _unet_dtype(executor.class_obj), to.get("sigmas"),
+                                  to.get(TRAINING_KEY), replaced)
         elif rt.paper:
             raise rt.missing_features_error(to)
         to[rt.state_key] = state
@@ -342,10 +367,12 @@ class DiffusionModelWrapper(_Shared):
                 to["patches_replace"] = {**to["patches_replace"],
                                          "attn2": {k: FusedReplace(rt, state, p) for k, p in replaced.items()}}
         if rt.paper:
-            context, y = _paper_unet_inputs(state.entry, y)
-        elif context is not None and context.shape[-1] != rt.config.context_dim:
-            raise rt.no_clip_error(context.shape[-1])
-        return executor(x, timesteps, context, y, control, to, **kwargs)
+            c_crossattn, y = _paper_unet_inputs(state.entry, kwargs.get("y"))
+            if y is not None:
+                kwargs["y"] = y
+        elif c_crossattn is not None and c_crossattn.shape[-1] != rt.config.context_dim:
+            raise rt.no_clip_error(c_crossattn.shape[-1])
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
 
 def _paper_unet_inputs(entry: RunEntry, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -390,7 +417,7 @@ class HybridNewPath(_SitePatch):
 
     def __call__(self, n: torch.Tensor, context: Any, value: Any, eo: dict[str, Any]) -> tuple[Any, Any, Any]:
         state, i = self._state_and_site(eo)
-        if state is not None and i is not None and not is_identity(*state.gates[i]):
+        if state is not None and i is not None and state.new_values[i] is not None:  # None: gates are the identity
             state.pending[i] = self.runtime.new_path(state, i, n)
         return n, context, value
 
@@ -491,10 +518,9 @@ class PaperAttention(_SitePatch):
             raise self.runtime.missing_features_error(eo)
         # k, v are the projections of the 1-token context slice: unused, the entry's are complete.
         entry = state.entry
-        w_orig, w_new = state.gates[i]
         # w_orig*Attn(q, k, v) = Attn(q, k, w_orig*v): both gates are folded into the cached values
-        a_orig = attend(q, entry.orig_kv[i][0], entry.values(i, False, w_orig), entry.mask)
-        if is_identity(w_orig, w_new):
+        a_orig = attend(q, entry.orig_kv[i][0], state.orig_values[i], entry.mask)
+        if state.new_values[i] is None:  # gates (1, 0): the new path adds nothing
             return a_orig
         return a_orig + self.runtime.new_path(state, i, n).to(a_orig.dtype)
 
@@ -558,11 +584,11 @@ def apply_adapter(model_patcher: ModelPatcher, adapter: LLMDiffAdapter, strength
     """
     sites = _bind_sites(model_patcher, adapter, block_weights)
     m = model_patcher.clone()
+    stacked = m.get_additional_models_with_key(WRAPPER_KEY)
     runtime = AdapterRuntime(adapter, sites, strength, start_percent, end_percent,
-                             m.get_model_object("model_sampling"))
-    m.set_additional_models(WRAPPER_KEY, m.get_additional_models_with_key(WRAPPER_KEY) + [_adapter_patcher(adapter, m)])
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                           DiffusionModelWrapper(runtime))
+                             m.get_model_object("model_sampling"), stack_position=len(stacked))
+    m.set_additional_models(WRAPPER_KEY, stacked + [_adapter_patcher(adapter, m)])
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, ApplyModelWrapper(runtime))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, OuterSampleWrapper(runtime))
     if runtime.paper:
         _refuse_replaced_sites(m, sites)

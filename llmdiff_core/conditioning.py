@@ -2,7 +2,7 @@
 
 Each conditioning entry carries `entry[1]["model_conds"]["llmdiff"] = CONDLLMDiff(features)`.
 ComfyUI batches model_conds per sampling call and hands the result to the U-Net forward as the
-keyword `llmdiff`; the Apply patch's DIFFUSION_MODEL wrapper takes it from there. Entries without
+keyword `llmdiff`; the Apply patch's APPLY_MODEL wrapper takes it from there. Entries without
 the key (a negative from plain CLIPTextEncode) run as their own forward, and the patch leaves them
 alone (hybrid mode).
 

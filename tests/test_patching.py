@@ -98,11 +98,12 @@ def diffusion_output(mp: Any, x: torch.Tensor, sigma: torch.Tensor, context: tor
 
 
 def runtime_of(mp: Any) -> AdapterRuntime:
-    return mp.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)[-1].runtime
+    return mp.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY)[-1].runtime
 
 
-def count_calls(obj: Any, name: str, counts: dict[str, int]) -> None:
-    """Counts calls of obj.name (an instance attribute shadows the method)."""
+def count_calls(obj: Any, name: str, counts: dict[str, int], monkeypatch: Any = None) -> None:
+    """Counts calls of obj.name (an instance attribute shadows the method). Shared objects (modules) need
+    monkeypatch, so the counter goes away with the test."""
     original = getattr(obj, name)
     counts[name] = 0
 
@@ -110,7 +111,10 @@ def count_calls(obj: Any, name: str, counts: dict[str, int]) -> None:
         counts[name] += 1
         return original(*args, **kwargs)
 
-    setattr(obj, name, counted)
+    if monkeypatch is None:
+        setattr(obj, name, counted)
+    else:
+        monkeypatch.setattr(obj, name, counted)
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -628,8 +632,8 @@ def test_hybrid_fuses_at_the_attention_core_without_a_second_projection(path: st
     features = make_features([5, 11], seed=3)
     x, sigma, context, y = direct_inputs("sd15")
     counts: dict[str, int] = {}
-    count_calls(cp, "fuse_after_out", counts)  # the fallback's extra output projection
-    count_calls(cp, "fuse_at_core", counts)
+    count_calls(cp, "fuse_after_out", counts, monkeypatch)  # the fallback's extra output projection
+    count_calls(cp, "fuse_at_core", counts, monkeypatch)
     if path == "after_out":  # a ComfyUI without the core override
         monkeypatch.setattr(cp, "CORE_OVERRIDE_SUPPORTED", False)
     base = mp
@@ -654,7 +658,7 @@ def test_hybrid_fuses_at_the_attention_core_without_a_second_projection(path: st
                                         CONDLLMDiff(features).concat([])), diffusion_output(mp, x, sigma, context, y))
 
 
-def test_replace_patch_site_fuses_before_to_out() -> None:
+def test_replace_patch_site_fuses_before_to_out(monkeypatch: Any) -> None:
     """A site occupied by a replace patch (IP-Adapter): Eq. 10 with the replace's output as A_orig, before to_out."""
     import llmdiff_core.comfy_patch as cp
     mp = tiny_sd15_minimal()
@@ -662,7 +666,7 @@ def test_replace_patch_site_fuses_before_to_out() -> None:
     features = make_features([5, 11], seed=3)
     x, sigma, context, y = direct_inputs("sd15")
     counts: dict[str, int] = {}
-    count_calls(cp, "fuse_after_out", counts)
+    count_calls(cp, "fuse_after_out", counts, monkeypatch)
     dummy = DummyReplace(0.0)
     got = diffusion_output(apply_adapter(with_dummy(mp, dummy), adapter), x, sigma, context, y,
                            CONDLLMDiff(features).concat([]))
@@ -691,3 +695,63 @@ def test_once_per_run_work_is_prepared_in_the_unet_dtype() -> None:
     assert rt.is_active(sigmas)  # the default window 0..1: always active, sigmas not read
     windowed = runtime_of(apply_adapter(mp, adapter, start_percent=0.5))
     assert windowed.is_active(torch.tensor([0.0])) and not windowed.is_active(torch.tensor([1e6]))
+
+
+# --- torch.compile (ComfyUI's TorchCompileModel) ------------------------------------------------------
+
+class GraphCounter:
+    """A torch.compile backend that runs dynamo's graphs as they are and counts them and their calls
+    (dynamo's tracing, guards and graph breaks are what is tested; no inductor, so seconds)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+        index = len(self.calls)
+        self.calls.append(0)
+
+        def run(*args: Any) -> Any:
+            self.calls[index] += 1
+            return gm.forward(*args)
+        return run
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_compiled_unet_runs_the_patches_in_one_graph(mode: str) -> None:
+    """set_torch_compile_wrapper (what TorchCompileModel does) on a patched model: the once-per-run work
+    stays outside the compiled U-Net, the patches trace into the U-Net's single graph (no graph break,
+    one graph call per U-Net call), the result is the eager one, and a new prompt or a re-applied adapter
+    (another strength) does not pile up recompiles."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    def compiled(m: Any, backend: GraphCounter) -> Any:
+        c = m.clone()
+        set_torch_compile_wrapper(c, backend=backend)
+        return c
+
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, mode)
+    neg = prompt("minimal", [3], 2)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        backend = GraphCounter()
+        m = apply_adapter(mp, adapter)
+        pos = prompt("minimal", [6], 1)
+        out = sample(compiled(m, backend), pos, neg, noise(1), steps=3)
+        assert max_rel(out, sample(m, pos, neg, noise(1), steps=3)) < 1e-6
+        assert backend.calls == [3], backend.calls  # one graph, called once per step (cond + uncond batched)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+
+        for strength, seed in ((1.0, 7), (0.6, 8), (0.3, 9)):  # new prompts, re-applied adapters
+            m = apply_adapter(mp, adapter, strength=strength)
+            pos = prompt("minimal", [6], seed)
+            out = sample(compiled(m, backend), pos, neg, noise(1), steps=3)
+            assert max_rel(out, sample(m, pos, neg, noise(1), steps=3)) < 1e-6
+        # a new prompt reuses the graph; the first new strength recompiles hybrid once (w_orig is a float
+        # of the fusion; dynamo then makes it symbolic), paper mode folds both gates into V: none
+        assert len(backend.calls) == (2 if mode == "clip" else 1), backend.calls
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()

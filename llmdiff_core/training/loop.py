@@ -69,7 +69,7 @@ class TrainModule(nn.Module):
         ms = self.patched.get_model_object("model_sampling")
         sigma = ms.sigma(timesteps).to(latents.device, torch.float32)
         x_t = ms.noise_scaling(sigma, noise, latents)
-        if context is None:  # paper mode: the DIFFUSION_MODEL wrapper puts phi(c) in its place
+        if context is None:  # paper mode: the APPLY_MODEL wrapper puts phi(c) in its place
             context = latents.new_zeros(latents.shape[0], 1, self.context_dim)
         if layers is None:
             features = LLMFeatures(self.spec, hidden, scores, mask)
