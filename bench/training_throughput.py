@@ -49,6 +49,8 @@ def parse() -> Any:
     p.add_argument("--caption-words", type=int, default=48, help="mean caption length in tokens")
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 4 GPU, 0 --small)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="prepare each batch in the step (train.py --no-prefetch) instead of in the background")
     p.add_argument("--keep", default=None, help="keep the cache and run folders here (default: a temp dir)")
     opts = p.parse_args()
     common.defaults(opts, repeats=1, warmup=3 if not opts.small else 1)
@@ -122,13 +124,13 @@ def main() -> None:
     cuda = device.type == "cuda"
     report = common.Report("Adapter training throughput (U-Net frozen, from the feature cache)", common.env_header(
         device, opts.root, mode=opts.mode, llm=opts.llm, steps=opts.steps, warmup_steps=opts.warmup,
-        workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing))
+        workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch))
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="llmdiff-bench-train-"))
     rows = []
     # Per-step timing and the data/compute split, by wrapping the Trainer's own methods (this process only).
-    marks: dict[str, list[float]] = {"step": [], "next": [], "inputs": []}
-    orig_step, orig_next = loop.Trainer.train_step, loop.Trainer.next_batch
-    orig_inputs = getattr(loop.Trainer, "_inputs", None)
+    marks: dict[str, list[float]] = {"step": [], "wait": [], "prep": []}
+    orig_step, orig_take = loop.Trainer.train_step, loop.Trainer.take_batch
+    orig_prep, orig_device = loop.Trainer._prepare_batch, loop.Trainer._device_inputs
     moved: list[int] = []
 
     def train_step(self: Any) -> float:
@@ -139,28 +141,31 @@ def main() -> None:
         marks["step"].append(common.now() - t0)
         return out
 
-    def next_batch(self: Any) -> Any:
+    def take_batch(self: Any) -> Any:  # what the step waits for: the (prefetched) batch + host->device
         t0 = common.now()
-        out = orig_next(self)
-        marks["next"].append(common.now() - t0)
+        out = orig_take(self)
+        common.sync(device)
+        marks["wait"].append(common.now() - t0)
         return out
 
-    def inputs(self: Any, batch: Any) -> Any:
+    def prepare_batch(self: Any) -> Any:  # cache read + collate + draws: in the prefetch thread when prefetching
         t0 = common.now()
-        out = orig_inputs(self, batch)
-        common.sync(device)
-        marks["inputs"].append(common.now() - t0)
+        out = orig_prep(self)
+        marks["prep"].append(common.now() - t0)
+        return out
+
+    def device_inputs(self: Any, host: Any) -> Any:
+        out = orig_device(self, host)
         moved.append(sum(v.numel() * v.element_size() for v in out.values() if isinstance(v, torch.Tensor)))
         return out
 
     # Not timed and not wanted here: the end-of-run checkpoint (adapter + AdamW state: ~10 GB for SDXL with
     # an 8B LLM) and the export. Other tests cover both.
     orig_ckpt, orig_export = loop.Trainer.checkpoint, runner.checkpointing.export
-    loop.Trainer.train_step, loop.Trainer.next_batch = train_step, next_batch
+    loop.Trainer.train_step, loop.Trainer.take_batch = train_step, take_batch
+    loop.Trainer._prepare_batch, loop.Trainer._device_inputs = prepare_batch, device_inputs
     loop.Trainer.checkpoint = lambda self: None
     runner.checkpointing.export = lambda adapter, path, *a, **k: path
-    if orig_inputs is not None:
-        loop.Trainer._inputs = inputs
     try:
         for family in [m for m in opts.models.split(",") if m]:
             res = opts.resolution or (64 if opts.small else (512 if family == "sd15" else 1024))
@@ -175,7 +180,7 @@ def main() -> None:
                              original_path=opts.mode, batch_size=bsz, num_workers=opts.num_workers,
                              cache_dir=str(cache), warmup_steps=0, lr=1e-5, progress=False, tensorboard=False,
                              log_every=1, checkpoint_every=0, keep_checkpoints=1, max_tokens=128,
-                             gradient_checkpointing=opts.gradient_checkpointing,
+                             gradient_checkpointing=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
                              mixed_precision="auto" if cuda else "no", seed=0)
             # 1. the cache pre-pass (LLM loaded), not timed
             llm = builders.build_llm(opts.llm, torch.bfloat16 if cuda else torch.float32, device)
@@ -208,11 +213,11 @@ def main() -> None:
                 k = max(1, len(xs) // max(1, len(marks["step"])))
                 return [sum(xs[i * k:(i + 1) * k]) for i in range(len(marks["step"]))][opts.warmup:]
 
-            t_next = common.median(per_step(marks["next"])) if marks["next"] else float("nan")
-            t_in = common.median(per_step(marks["inputs"])) if marks["inputs"] else float("nan")
+            t_wait = common.median(per_step(marks["wait"])) if marks["wait"] else float("nan")
+            t_prep = common.median(per_step(marks["prep"][:len(marks["wait"])])) if marks["prep"] else float("nan")
             loss = _last_loss(out_dir)
             rows.append([family, res, bsz, f"{spec.hidden_size}x{spec.num_layers}", step * 1e3, bsz / step,
-                         t_next * 1e3, t_in * 1e3, (step - t_next - t_in) * 1e3, 100 * common.spread(steps),
+                         t_wait * 1e3, t_prep * 1e3, (step - t_wait) * 1e3, 100 * common.spread(steps),
                          (sum(moved) / len(moved) / 2 ** 20) if moved else float("nan"), common.gib(pm.peak_gib),
                          TARGET[family] if not opts.small else "n/a (GPU)", loss])
             del mp, comps
@@ -220,20 +225,20 @@ def main() -> None:
             gc.collect()
             mm.soft_empty_cache()
     finally:
-        loop.Trainer.train_step, loop.Trainer.next_batch = orig_step, orig_next
+        loop.Trainer.train_step, loop.Trainer.take_batch = orig_step, orig_take
+        loop.Trainer._prepare_batch, loop.Trainer._device_inputs = orig_prep, orig_device
         loop.Trainer.checkpoint, runner.checkpointing.export = orig_ckpt, orig_export
-        if orig_inputs is not None:
-            loop.Trainer._inputs = orig_inputs
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)
     report.table("per optimizer step (medians after warmup)",
-                 ["model", "px", "batch", "LLM D x L", "step ms", "img/s", "next_batch ms", "inputs ms", "compute ms",
+                 ["model", "px", "batch", "LLM D x L", "step ms", "img/s", "data wait ms", "host prep ms", "compute ms",
                   "noise ±%",
                   "MiB to device/step", "peak GiB", "target img/s", "last loss"], rows)
     report.notes += [
-        "next_batch = cache loader + collate (in the training process, incl. waiting for workers); inputs = "
-        "Trainer._inputs (noise draw, caption dropout, host->device); compute = the rest of the step (forward, "
-        "backward, clip, AdamW). MiB to device = the tensors _inputs hands the step.",
+        "data wait = what the step waits for its batch (Trainer.take_batch: the prefetched batch, or preparing it "
+        "without prefetch, plus host->device); host prep = cache loader + collate + draws (Trainer._prepare_batch, in "
+        "the prefetch thread, overlapping the previous step, unless --no-prefetch); compute = step - data wait "
+        "(forward, backward, clip, AdamW). MiB to device = the tensors handed to the step.",
         "issue 5 reference (H100, plain attn2 replace adapter): SD1.5 " + ISSUE_REF["sd15"] + "; SDXL "
         + ISSUE_REF["sdxl"] + ".",
     ]

@@ -89,6 +89,7 @@ def test_training_throughput_small(tmp_path: Path) -> None:
     (row,) = section(json.loads(out.read_text()), "per optimizer step")
     assert finite(row["img/s"]) and row["img/s"] > 0
     assert finite(row["MiB to device/step"]) and row["MiB to device/step"] > 0
+    assert finite(row["data wait ms"]) and finite(row["host prep ms"])  # the hooks saw the prefetch path
     assert finite(row["last loss"])
     assert (tmp_path / "work" / "run-sd15" / "metrics.jsonl").exists()  # the real training loop ran
 

@@ -165,6 +165,69 @@ def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen) -> None:
 
 
 @pytest.mark.slow
+def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, frozen, monkeypatch) -> None:
+    """Batches from the cache are prepared in a background thread (default): the same run as without it,
+    and a stop + resume (the batch prepared ahead is dropped and read again) = the uninterrupted run."""
+    data = write_folder(tmp_path / "data", make_images(5))  # odd count: epochs end mid-batch
+    common = dict(max_steps=6, warmup_steps=2, caption_dropout=0.5, batch_size=2, grad_accum=2, ema_decay=0.9,
+                  cache_dir=str(tmp_path / "cache"), cache_dtype="fp32", cache_shard_size=2)
+    assert runner.run_with(options(data, tmp_path / "prepass", cache_only=True, **common), components(frozen)) == 0
+    takes = {"n": 0}
+    original_take = loop.Prefetcher.take
+
+    def counted_take(self: loop.Prefetcher) -> object:
+        takes["n"] += 1
+        return original_take(self)
+    monkeypatch.setattr(loop.Prefetcher, "take", counted_take)
+
+    serial = options(data, tmp_path / "serial", prefetch=False, **common)
+    assert runner.run_with(serial, components(frozen)) == 0
+    assert takes["n"] == 0
+    whole = options(data, tmp_path / "whole", **common)
+    assert runner.run_with(whole, components(frozen)) == 0
+    assert takes["n"] == 12  # 6 steps x 2 micro-batches, every one through the prefetcher
+    a = load_adapter(tmp_path / "serial" / serial.export_name).state_dict()
+    b = load_adapter(tmp_path / "whole" / whole.export_name).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert losses(tmp_path / "whole") == losses(tmp_path / "serial")
+
+    original_step = loop.Trainer.train_step
+
+    def stop_after_3(self: loop.Trainer) -> float:
+        loss = original_step(self)
+        if self.state.step + 1 == 3:
+            self.stop.requested = "SIGTERM"
+        return loss
+    monkeypatch.setattr(loop.Trainer, "train_step", stop_after_3)
+    part = options(data, tmp_path / "part", **common)
+    assert runner.run_with(part, components(frozen)) == 0
+    monkeypatch.setattr(loop.Trainer, "train_step", original_step)
+    assert runner.run_with(replace(part, resume="latest"), components(frozen)) == 0
+    c = load_adapter(tmp_path / "part" / part.export_name).state_dict()
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+
+
+def test_prefetcher_keeps_order_and_raises_where_the_batch_is_taken() -> None:
+    produced = iter([1, 2, 3])
+
+    def prepare() -> int:
+        value = next(produced, None)
+        if value is None:
+            raise RuntimeError("stream broken")
+        return value
+    p = loop.Prefetcher(prepare)
+    try:
+        assert [p.take(), p.take(), p.take()] == [1, 2, 3]
+        with pytest.raises(RuntimeError, match="stream broken"):
+            p.take()
+    finally:
+        p.close()
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, frozen) -> None:
     data = write_folder(tmp_path / "data", make_images(4))
     opts = options(data, tmp_path / "out", max_steps=6, checkpoint_every=2, debug_nan_at_step=3)

@@ -13,9 +13,10 @@ import logging
 import math
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -124,7 +125,41 @@ class StopFlag:
 class Batch:
     cond: Conditioning
     seeds: list[int]
-    position: Position
+    position: Position  # the data position after this batch's last entry
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, problem) of entries passed over for it
+
+
+T = TypeVar("T")
+
+
+class Prefetcher(Generic[T]):
+    """Runs prepare() for the next micro-batch in a background thread while the caller trains on the
+    current one, so the host work of a batch (cache read, collate into a pinned buffer, noise draws)
+    overlaps the device's compute instead of following it.
+
+    Only for pure host work: the trainer uses it when batches come from the feature cache (on-the-fly
+    encoding runs models through ComfyUI's model management, which is not thread-safe). The order of
+    batches is unchanged, and the run state moves only when a batch is taken (Trainer.take_batch), so a
+    checkpoint never counts a batch that was prepared but not trained on.
+    """
+
+    def __init__(self, prepare: Callable[[], T]) -> None:
+        self._prepare = prepare
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmdiff-prefetch")
+        self._next: Future[T] | None = None
+
+    def take(self) -> T:
+        """The prepared batch (or what preparing it raised); starts preparing the one after it."""
+        future = self._next if self._next is not None else self._pool.submit(self._prepare)
+        self._next = None
+        result = future.result()
+        self._next = self._pool.submit(self._prepare)
+        return result
+
+    def close(self) -> None:
+        """Waits for a batch in preparation and drops it (its entries are read again after a resume)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._next = None
 
 
 class Trainer:
@@ -149,6 +184,8 @@ class Trainer:
         self.is_sdxl = module.adapter.config.base == "sdxl"
         self.resolution = summary["resolution"]
         self.stop = StopFlag()
+        self.prefetch = False  # runner: True when batches come from the feature cache (pure host work)
+        self._prefetcher: Prefetcher[tuple[Batch, dict[str, Any]]] | None = None
 
     # --- setup ----------------------------------------------------------------------------------
     def build_optimizer(self) -> None:
@@ -204,14 +241,20 @@ class Trainer:
 
     # --- data -----------------------------------------------------------------------------------
     def next_batch(self) -> Batch:
-        """B usable samples of this process's stream; broken ones are counted and skipped."""
+        """B usable samples of this process's stream; broken ones are passed over and listed in the batch.
+
+        Reads only the data stream (it may run in the prefetch thread): the run state takes the batch's
+        position and skipped entries in take_batch.
+        """
         got: list[Any] = []
+        skipped: list[tuple[str, str]] = []
+        position = self.state.position
         skipped_in_a_row = 0
         while len(got) < self.opts.batch_size:
             item = next(self.items)
-            self.state.position = Position(item.epoch, item.position)
+            position = Position(item.epoch, item.position)
             if item.problem is not None:
-                self.state.skipped.add(item.key, item.problem)
+                skipped.append((item.key, item.problem))
                 skipped_in_a_row += 1
                 if skipped_in_a_row > 10000:
                     raise LLMDiffError("10000 dataset entries in a row were unusable; see the skipped examples in "
@@ -220,7 +263,26 @@ class Trainer:
             skipped_in_a_row = 0
             got.append(item)
         seeds = [sample_seed(self.opts.seed, it.epoch, it.key) for it in got]
-        return Batch(self.make_conditioning(got), seeds, self.state.position)
+        return Batch(self.make_conditioning(got), seeds, position, skipped)
+
+    def _prepare_batch(self) -> tuple[Batch, dict[str, Any]]:
+        batch = self.next_batch()
+        return batch, self._host_inputs(batch)
+
+    def take_batch(self) -> dict[str, Any]:
+        """The next micro-batch's inputs on the device; the run state moves past it."""
+        if self.prefetch and self._prefetcher is None:
+            self._prefetcher = Prefetcher(self._prepare_batch)
+        batch, host = self._prepare_batch() if self._prefetcher is None else self._prefetcher.take()
+        self.state.position = batch.position
+        for key, problem in batch.skipped:
+            self.state.skipped.add(key, problem)
+        return self._device_inputs(host)
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def _adm(self, cond: Conditioning) -> torch.Tensor | None:
         """SDXL's y: pooled vector + size conditioning (original size, crop, target), per sample."""
@@ -234,27 +296,32 @@ class Trainer:
                                               target_height=self.resolution))
         return torch.cat(rows)
 
-    def _inputs(self, batch: Batch) -> dict[str, Any]:
+    def _host_inputs(self, batch: Batch) -> dict[str, Any]:
+        """The module's inputs on the host: draws, caption dropout, latent scaling, SDXL's y."""
         cond = batch.cond
         shape = tuple(cond.latents.shape[1:])
         draw = objective.draw(batch.seeds, shape, self.n_timesteps, self.opts.caption_dropout, self.opts.noise_offset)
         cond = drop_captions(cond, draw.drop_caption, self.empty)
-        dev = self.acc.device
-        latents = self.model.process_latent_in(cond.latents).to(dev)
-        y = self._adm(cond)
         feats = cond.features
         llm: dict[str, Any]
         if isinstance(feats, CompactFeatures):  # stored layers, stored dtype, batch-longest tokens
-            nb = dev.type == "cuda" and feats.mask.is_pinned()
-            llm = {"hidden": feats.hidden.to(dev, non_blocking=nb),
-                   "scores": None if feats.scores is None else feats.scores.to(dev, non_blocking=nb),
-                   "mask": feats.mask.to(dev, non_blocking=nb), "layers": feats.layers,
+            llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask, "layers": feats.layers,
                    "num_tokens": feats.max_tokens}
         else:
-            llm = {"hidden": feats.hidden.to(dev), "scores": feats.scores.to(dev), "mask": feats.mask.to(dev)}
-        return {"latents": latents, "noise": draw.noise.to(dev), "timesteps": draw.timesteps.to(dev), **llm,
-                "context": None if cond.clip is None else cond.clip.to(dev),
-                "y": None if y is None else y.to(dev), "encoder_seeds": draw.encoder_seeds}
+            llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask}
+        return {"latents": self.model.process_latent_in(cond.latents), "noise": draw.noise,
+                "timesteps": draw.timesteps, **llm, "context": cond.clip, "y": self._adm(cond),
+                "encoder_seeds": draw.encoder_seeds}
+
+    def _device_inputs(self, host: dict[str, Any]) -> dict[str, Any]:
+        """Tensors to the device; page-locked ones (the cache's feature buffers) without blocking."""
+        dev = self.acc.device
+
+        def move(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            return t.to(dev, non_blocking=dev.type == "cuda" and t.is_pinned())
+        return {k: move(v) for k, v in host.items()}
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self, tracker: Tracker) -> str:
@@ -292,6 +359,7 @@ class Trainer:
                 self.validate(tracker)
             return "done"
         finally:
+            self.close()
             self.stop.restore()
 
     def train_step(self) -> float:
@@ -299,8 +367,7 @@ class Trainer:
         self.ddp_module.train()
         losses = []
         for micro in range(opts.grad_accum):
-            batch = self.next_batch()
-            inputs = self._inputs(batch)
+            inputs = self.take_batch()
             last = micro == opts.grad_accum - 1
             ctx = self.acc.no_sync(self.ddp_module) if not last else _nullcontext()
             with ctx, self.acc.autocast():

@@ -74,6 +74,8 @@ class TrainOptions:
     shuffle: bool = _opt(True, "shuffle the data each epoch (seeded)", group="data")
     shuffle_buffer: int = _opt(1000, ".tar shards: size of the streaming shuffle buffer", group="data")
     num_workers: int = _opt(2, "data-loading worker processes per training process (0 = in process)", group="data")
+    prefetch: bool = _opt(True, "with a feature cache: prepare the next batch (cache read, collate, noise draws) in a "
+                          "background thread while the device trains on the current one", group="data")
     caption_dropout: float = _opt(0.1, "fraction of captions replaced by the empty prompt (for classifier-free "
                                   "guidance); the empty prompt goes through the same encoder path as a "
                                   "negative prompt in the nodes", group="data")

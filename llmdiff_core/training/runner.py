@@ -275,6 +275,7 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
     start: Position = trainer.state.position
     if cache_source is not None:
         trainer.items = feature_cache.iter_items(cache_source, spec, start, opts.num_workers)
+        trainer.prefetch = opts.prefetch  # pure host work; on-the-fly encoding runs models: never in a thread
     else:
         trainer.items = loader(SampleStream(source, spec, start), opts.num_workers)
 
