@@ -49,6 +49,10 @@ def parse() -> Any:
     p.add_argument("--caption-words", type=int, default=48, help="mean caption length in tokens")
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 4 GPU, 0 --small)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="train.py --channels-last (frozen U-Net memory format)")
+    p.add_argument("--compile", default="", metavar="BACKEND",
+                   help="train.py --compile-unet BACKEND (inductor on a GPU); the warmup steps compile")
+    p.add_argument("--compile-mode", default="", help="train.py --compile-mode")
     p.add_argument("--no-prefetch", action="store_true",
                    help="prepare each batch in the step (train.py --no-prefetch) instead of in the background")
     p.add_argument("--keep", default=None, help="keep the cache and run folders here (default: a temp dir)")
@@ -124,7 +128,8 @@ def main() -> None:
     cuda = device.type == "cuda"
     report = common.Report("Adapter training throughput (U-Net frozen, from the feature cache)", common.env_header(
         device, opts.root, mode=opts.mode, llm=opts.llm, steps=opts.steps, warmup_steps=opts.warmup,
-        workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch))
+        workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
+        channels_last=opts.channels_last, compile=opts.compile or "no"))
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="llmdiff-bench-train-"))
     rows = []
     # Per-step timing and the data/compute split, by wrapping the Trainer's own methods (this process only).
@@ -181,6 +186,8 @@ def main() -> None:
                              cache_dir=str(cache), warmup_steps=0, lr=1e-5, progress=False, tensorboard=False,
                              log_every=1, checkpoint_every=0, keep_checkpoints=1, max_tokens=128,
                              gradient_checkpointing=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
+                             channels_last=opts.channels_last, compile_unet=opts.compile,
+                             compile_mode=opts.compile_mode,
                              mixed_precision="auto" if cuda else "no", seed=0)
             # 1. the cache pre-pass (LLM loaded), not timed
             llm = builders.build_llm(opts.llm, torch.bfloat16 if cuda else torch.float32, device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -208,6 +209,48 @@ def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, froz
     for k in a:
         torch.testing.assert_close(c[k], a[k], rtol=0, atol=1e-6, msg=k)
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fast", [{"channels_last": True}, {"compile_unet": "aot_eager"}], ids=["channels_last",
+                                                                                          "compiled"])
+def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, fast: dict, monkeypatch) -> None:
+    """--channels-last and --compile-unet change how the frozen U-Net runs, not what is trained. The compiled
+    run uses AOTAutograd (forward + backward graphs, no inductor: seconds on a CPU) and must not break the
+    graph; the shared U-Net is left as it came."""
+    from torch._dynamo.utils import counters
+
+    data = write_folder(tmp_path / "data", make_images(4))
+    common = dict(max_steps=3, caption_dropout=0.5, batch_size=2)
+    eager = options(data, tmp_path / "eager", **common)
+    assert runner.run_with(eager, components(frozen)) == 0
+    seen_formats: list[bool] = []
+    forward = loop.TrainModule.forward
+
+    def spy(self: loop.TrainModule, *args: Any, **kwargs: Any) -> torch.Tensor:
+        conv = next(m for m in self.patched.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d))
+        seen_formats.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(loop.TrainModule, "forward", spy)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        comps = components(frozen)
+        run = options(data, tmp_path / "fast", **common, **fast)
+        assert runner.run_with(run, comps) == 0
+        if "compile_unet" in fast:
+            assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+            assert not counters["graph_break"], dict(counters["graph_break"])
+        assert seen_formats and all(seen_formats) == bool(fast.get("channels_last"))
+    finally:
+        torch._dynamo.reset()
+    assert losses(tmp_path / "fast") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4, abs=1e-6)
+    a = load_adapter(tmp_path / "eager" / eager.export_name).state_dict()
+    b = load_adapter(tmp_path / "fast" / run.export_name).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    conv = next(m for m in comps.model_patcher.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()  # channels-last undone after the run
 
 
 def test_prefetcher_keeps_order_and_raises_where_the_batch_is_taken() -> None:

@@ -108,6 +108,12 @@ class TrainOptions:
                            choices=("auto", "fp32", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "recompute U-Net activations in the backward pass (less memory, "
                                         "~30%% slower)")
+    channels_last: bool = _opt(False, "keep the frozen U-Net and its input in channels-last memory format "
+                               "(faster convolutions on recent NVIDIA GPUs; measure with bench/training_throughput.py)")
+    compile_unet: str = _opt("", "torch.compile the frozen U-Net with the adapter's patches traced into it, with this "
+                             "backend (inductor on a GPU; the first steps compile); empty = eager", metavar="BACKEND")
+    compile_mode: str = _opt("", "torch.compile mode with --compile-unet (e.g. max-autotune-no-cudagraphs); "
+                             "empty = the default")
     ema_decay: float = _opt(0.0, "EMA of the adapter weights (e.g. 0.999; 0 = off); the export uses the EMA")
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (e.g. 5; 0 = off)")
     noise_offset: float = _opt(0.0, "offset noise strength (0 = off)")

@@ -35,6 +35,16 @@ def patch_for_training(model_patcher: Any, adapter: LLMDiffAdapter) -> Any:
     return apply_adapter(model_patcher, adapter, strength=1.0)
 
 
+def compile_unet(patched: Any, backend: str, mode: str | None = None) -> None:
+    """torch.compile the patched model's U-Net the way ComfyUI's TorchCompileModel node does: an
+    APPLY_MODEL wrapper swaps the compiled module in for each call. The adapter's per-call work runs
+    outside it (comfy_patch.ApplyModelWrapper) and its attention patches trace into the U-Net's graph,
+    forward and backward."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    set_torch_compile_wrapper(patched, backend=backend, mode=mode)
+
+
 def training_options(patched: Any, noise_seeds: Sequence[int] | None) -> dict[str, Any]:
     """transformer_options for one training forward: as the sampler builds them (the patcher's
     model_options plus its wrappers and callbacks, comfy/sampler_helpers.py prepare_model_patcher),

@@ -26,7 +26,7 @@ from .encoders import Conditioning, FrozenEncoders
 from .loop import Trainer, TrainingStopped, TrainModule
 from .objective import prediction_type
 from .options import TrainOptions
-from .patching import enable_gradient_checkpointing, patch_for_training
+from .patching import compile_unet, enable_gradient_checkpointing, patch_for_training
 from .tracking import Tracker
 
 log = logging.getLogger("llmdiff.train")
@@ -192,7 +192,15 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
             raise LLMDiffError("no LLM loaded and no finished feature cache to train from")
     adapter = build_adapter(opts, components, device)
     patched = patch_for_training(mp, adapter)
-    undo_ckpt = enable_gradient_checkpointing(mp.model.diffusion_model) if opts.gradient_checkpointing else None
+    undo: list[Any] = []  # run_with may be called in-process (bench, tests): leave the U-Net as it came
+    if opts.gradient_checkpointing:
+        undo.append(enable_gradient_checkpointing(mp.model.diffusion_model))
+    if opts.channels_last:
+        unet = mp.model.diffusion_model
+        unet.to(memory_format=torch.channels_last)
+        undo.append(lambda: unet.to(memory_format=torch.contiguous_format))
+    if opts.compile_unet:
+        compile_unet(patched, opts.compile_unet, opts.compile_mode or None)
 
     encoders = FrozenEncoders(components.vae, components.llm, components.clip, opts.max_tokens,
                               need_clip=adapter.config.original_path == "clip", need_pooled=family == "sdxl")
@@ -245,7 +253,7 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
         accelerator.wait_for_everyone()
         if opts.cache_only:
             accelerator.print(f"feature cache complete in {cache_dir}")
-            _cleanup(undo_ckpt)
+            _undo(undo)
             return 0
         cache_source = feature_cache.CachedSource(cache_dir)
         empty = feature_cache.load_empty(cache_dir, cspec)
@@ -294,11 +302,11 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
         code = TrainingStopped.exit_code
     finally:
         tracker.close()
-        _cleanup(undo_ckpt)
+        _undo(undo)
     accelerator.wait_for_everyone()
     return code
 
 
-def _cleanup(undo_ckpt: Any) -> None:
-    if undo_ckpt is not None:
-        undo_ckpt()
+def _undo(undo: list[Any]) -> None:
+    for fn in reversed(undo):
+        fn()
