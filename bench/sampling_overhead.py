@@ -220,7 +220,9 @@ def compiled(model_patcher: Any, opts: Any) -> Any:
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # 3 variants x runs
+    cfg = torch._dynamo.config  # 3 variants, each its own graph of the same U-Net code: above the default 8
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 16))
     m = model_patcher.clone()
     set_torch_compile_wrapper(m, backend=opts.compile, mode=opts.compile_mode)
     return m

@@ -66,6 +66,24 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def interrupted_then_resumed(opts: TrainOptions, frozen, monkeypatch, stop_at: int) -> None:
+    """Runs opts stopped as by a SIGTERM during step `stop_at` (a checkpoint, no export), then --resume latest."""
+    original = loop.Trainer.train_step
+
+    def stop_during(self: loop.Trainer) -> float:
+        loss = original(self)
+        if self.state.step + 1 == stop_at:
+            self.stop.requested = "SIGTERM"
+        return loss
+    monkeypatch.setattr(loop.Trainer, "train_step", stop_during)
+    assert runner.run_with(opts, components(frozen)) == 0
+    out = Path(opts.output_dir)
+    assert (out / "checkpoints" / f"step-{stop_at:08d}").is_dir()
+    assert not (out / opts.export_name).exists()
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    assert runner.run_with(replace(opts, resume="latest"), components(frozen)) == 0
+
+
 def eval_loss(adapter, frozen, data: Path, n_draws: int = 6) -> float:
     """Loss of an adapter on every image with fixed timesteps/noise (no Langevin noise)."""
     comps = components(frozen)
@@ -124,20 +142,8 @@ def test_resume_gives_the_uninterrupted_adapter(tmp_path: Path, frozen, monkeypa
     whole = options(data, tmp_path / "whole", **common)
     assert runner.run_with(whole, components(frozen)) == 0
 
-    original = loop.Trainer.train_step
-
-    def stop_after_3(self: loop.Trainer) -> float:  # like SIGTERM arriving during step 3
-        loss = original(self)
-        if self.state.step + 1 == 3:
-            self.stop.requested = "SIGTERM"
-        return loss
-    monkeypatch.setattr(loop.Trainer, "train_step", stop_after_3)
     part = options(data, tmp_path / "part", **common)
-    assert runner.run_with(part, components(frozen)) == 0
-    assert (tmp_path / "part" / "checkpoints" / "step-00000003").is_dir()
-    assert not (tmp_path / "part" / part.export_name).exists()
-    monkeypatch.setattr(loop.Trainer, "train_step", original)
-    assert runner.run_with(replace(part, resume="latest"), components(frozen)) == 0
+    interrupted_then_resumed(part, frozen, monkeypatch, stop_at=3)
 
     a = load_adapter(tmp_path / "whole" / whole.export_name).state_dict()
     b = load_adapter(tmp_path / "part" / part.export_name).state_dict()
@@ -193,18 +199,8 @@ def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, froz
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
     assert losses(tmp_path / "whole") == losses(tmp_path / "serial")
 
-    original_step = loop.Trainer.train_step
-
-    def stop_after_3(self: loop.Trainer) -> float:
-        loss = original_step(self)
-        if self.state.step + 1 == 3:
-            self.stop.requested = "SIGTERM"
-        return loss
-    monkeypatch.setattr(loop.Trainer, "train_step", stop_after_3)
     part = options(data, tmp_path / "part", **common)
-    assert runner.run_with(part, components(frozen)) == 0
-    monkeypatch.setattr(loop.Trainer, "train_step", original_step)
-    assert runner.run_with(replace(part, resume="latest"), components(frozen)) == 0
+    interrupted_then_resumed(part, frozen, monkeypatch, stop_at=3)
     c = load_adapter(tmp_path / "part" / part.export_name).state_dict()
     for k in a:
         torch.testing.assert_close(c[k], a[k], rtol=0, atol=1e-6, msg=k)
