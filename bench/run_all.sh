@@ -47,8 +47,8 @@ profile() {  # profile <label> [args...]: torch/cProfile tables, as text
 
 run sampling sampling_overhead
 if [ "$MODE" = gpu ]; then
-  # the adapter as training exports it (fp32) vs cast to the U-Net's dtype: tau_q then runs in fp16
-  run sampling-unet-dtype sampling_overhead --modes clip,llm --adapter-dtype unet --no-real-flops
+  # the adapter as training exports it (fp32) vs the loader's default (projections in fp16 on a GPU)
+  run sampling-fp32-adapter sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
 fi
 if [ "$MODE" = gpu ] && [[ "$ONLY" == *" sampling-compiled "* ]]; then
   # opt-in (minutes of inductor compile): both models under ComfyUI's torch.compile wrapper

@@ -43,8 +43,9 @@ def parse() -> Any:
                    help="LLM feature shape (default 8b; tiny --small)")
     p.add_argument("--tokens", type=int, default=128, help="LLM token bucket (max_tokens)")
     p.add_argument("--prompt-tokens", type=int, default=60, help="real tokens of the positive prompt (negative: empty)")
-    p.add_argument("--adapter-dtype", choices=("fp32", "unet"), default="fp32",
-                   help="fp32 = what training exports and the loader keeps; unet = cast to the U-Net dtype")
+    p.add_argument("--adapter-dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="the adapter's projections as Adapter Loader (LLMDiff) loads them: auto = its default "
+                        "(fp16 on most GPUs, fp32 on CPU); fp32 = the training export as it is")
     p.add_argument("--compile", default=None, metavar="BACKEND",
                    help="time every variant under ComfyUI's torch.compile wrapper (what TorchCompileModel does): "
                         "inductor or cudagraphs as in that node, or any torch.compile backend (eager, aot_eager); "
@@ -77,6 +78,7 @@ def main() -> None:
 
     import builders
     import comfy.model_management as mm
+    from llmdiff_core.comfy_adapter import inference_dtype
     from llmdiff_core.comfy_patch import apply_adapter
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -102,8 +104,7 @@ def main() -> None:
         variants: dict[str, tuple[Any, list, list]] = {"unpatched": (base, clip_pos, clip_neg)}
         for mode in modes:
             adapter = builders.build_adapter(base, spec, mode, max_tokens=opts.tokens)
-            if opts.adapter_dtype == "unet":
-                adapter = adapter.to(dtype)
+            adapter.cast_projections(inference_dtype(opts.adapter_dtype, device))  # as the loader node does
             variants[mode] = (apply_adapter(base, adapter, strength=1.0), pos, neg)
         if opts.compile:  # warmup runs compile; each variant is its own dynamo graph of the same U-Net code
             variants = {name: (compiled(mp, opts), p_, n_) for name, (mp, p_, n_) in variants.items()}

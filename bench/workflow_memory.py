@@ -31,8 +31,9 @@ def parse() -> Any:
     p.add_argument("--scenarios", default="comfy,24gib,offload")
     p.add_argument("--steps", type=int, default=4, help="sampler steps (memory peaks in the first)")
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--adapter-dtype", choices=("fp32", "fp16"), default="fp32",
-                   help="fp32 = what training exports and the loader keeps")
+    p.add_argument("--adapter-dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="the adapter's projections as Adapter Loader (LLMDiff) loads them (auto: fp16 on most "
+                        "GPUs); fp32 = the training export as it is")
     opts = p.parse_args()
     common.defaults(opts, repeats=1, warmup=0)
     if opts.cpu_dry_run:
@@ -57,6 +58,7 @@ def main() -> None:
     import comfy.model_patcher
     import comfy.sample
     from llmdiff_core.comfy_llm import ManagedLLM, _HFHolder
+    from llmdiff_core.comfy_adapter import inference_dtype
     from llmdiff_core.comfy_patch import apply_adapter
 
     cuda = device.type == "cuda"
@@ -74,8 +76,7 @@ def main() -> None:
     loaded.model.to(offload)
     spec = loaded.spec
     adapter = builders.build_adapter(mp, spec, "clip", max_tokens=opts.tokens)
-    if opts.adapter_dtype == "fp16":
-        adapter = adapter.half()
+    adapter.cast_projections(inference_dtype(opts.adapter_dtype, device))  # as the loader node does
     llm = ManagedLLM(loaded, comfy.model_patcher.ModelPatcher(_HFHolder(loaded.model, llm_dtype), load_device=device,
                                                              offload_device=offload), "random-8b")
     patched = apply_adapter(mp, adapter, strength=1.0)

@@ -117,6 +117,16 @@ class LLMDiffAdapter(nn.Module):
                 for site, w in zip(self.sites, query_weights):
                     site.to_q.weight.copy_(w.to(site.to_q.weight))
 
+    def cast_projections(self, dtype: torch.dtype) -> LLMDiffAdapter:
+        """The linear projections (every site's tau_q/k/v, phi, phi_pool: all but a few thousand of the
+        parameters) to dtype, in place. The gates, g_l, rho and the norm stay as they are: they are tiny
+        and the encoder computes in float32 anyway (features, scores and c), so half-precision storage
+        cannot overflow there; c is layer-normed before any projection sees it."""
+        for module in [*self.sites, self.phi, self.phi_pool]:
+            if module is not None:
+                module.to(dtype)
+        return self
+
     # --- the method -----------------------------------------------------------------------------
     def gate_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_orig [N], w_new [N]) = (a1 e^b1, a2 e^b2) in float32."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..llmdiff_core import paths
-from ..llmdiff_core.adapter_file import load_adapter
+from ..llmdiff_core.comfy_adapter import ADAPTER_DTYPES, load_for_inference
 from ..llmdiff_core.comfy_llm import load_managed_llm
 from .sockets import ADAPTER, CATEGORY, LLM
 
@@ -53,10 +53,15 @@ class LLMDiffAdapterLoader(io.ComfyNode):
                 io.Combo.Input("adapter_name", options=paths.list_adapters(),
                                tooltip="An LLMDiff adapter .safetensors under models/llmdiff/. It knows which "
                                        "base model and LLM it was trained for."),
+                io.Combo.Input("dtype", options=list(ADAPTER_DTYPES), default="auto", optional=True,
+                               tooltip="Precision of the adapter's projections (nearly all of its weights). auto: "
+                                       "what ComfyUI runs the U-Net in on this machine (fp16 on most GPUs: half "
+                                       "the memory of the float32 training export; fp32 on CPU). The gates and "
+                                       "the text-feature math stay float32."),
             ],
             outputs=[ADAPTER.Output(display_name="adapter")],
         )
 
     @classmethod
-    def execute(cls, adapter_name: str) -> io.NodeOutput:
-        return io.NodeOutput(load_adapter(paths.adapter_path(adapter_name)))
+    def execute(cls, adapter_name: str, dtype: str = "auto") -> io.NodeOutput:
+        return io.NodeOutput(load_for_inference(paths.adapter_path(adapter_name), dtype))

@@ -101,6 +101,44 @@ def test_whole_graph_runs_and_the_adapter_changes_the_image(llm, clip, model_fol
         assert not torch.equal(out, plain)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_adapter_loader_half_projections_sample_like_fp32(llm, clip, model_folders, dtype):
+    """The loader's dtype: the projections (nearly all weights) in half, the gates and the encoder's own
+    parameters kept float32; sampling matches the float32 adapter closely. auto on a CPU = float32."""
+    name = _save_adapter(llm, model_folders, "tiny_dtype.safetensors", original_path="clip")
+    (full,) = run("LLMDiffAdapterLoader", adapter_name=name, dtype="auto")  # CPU: fp32
+    (half,) = run("LLMDiffAdapterLoader", adapter_name=name, dtype=dtype)
+    assert all(p.dtype == torch.float32 for p in full.parameters())
+    want = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    assert {p.dtype for p in half.sites.parameters()} == {want}
+    assert {p.dtype for p in half.encoder.parameters()} == {torch.float32}
+    assert half.a_orig.dtype == half.a_new.dtype == torch.float32
+    assert torch.equal(half.gate_weights()[1], full.gate_weights()[1])
+    (pos,) = run("LLMDiffTextEncode", llm=llm, text="a red fox in the snow", max_tokens=16, overflow="error",
+                 prompt_per_line=False, clip=clip)
+    (neg,) = run("LLMDiffTextEncode", llm=llm, text="", max_tokens=16, overflow="error", prompt_per_line=False,
+                 clip=clip)
+    outs = []
+    for adapter in (full, half):
+        (patched,) = run("LLMDiffApply", model=tiny_sd15(), adapter=adapter, strength=1.0, start_percent=0.0,
+                         end_percent=1.0)
+        outs.append(_sample(patched, pos, neg))
+    plain = _sample(tiny_sd15(), pos, neg)
+    effect = (outs[0] - plain).abs().max()
+    assert effect > 1e-3  # the adapter does change the image, so the comparison below means something
+    assert (outs[1] - outs[0]).abs().max() < 0.05 * effect
+
+
+def test_adapter_dtype_names() -> None:
+    from llmdiff_core.comfy_adapter import inference_dtype
+
+    cpu = torch.device("cpu")
+    assert inference_dtype("auto", cpu) == torch.float32
+    assert inference_dtype("fp16", cpu) == torch.float16 and inference_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(LLMDiffError, match="unknown adapter dtype 'int8'"):
+        inference_dtype("int8", cpu)
+
+
 def test_llm_is_released_after_encoding(llm):
     import comfy.model_management as mm
 

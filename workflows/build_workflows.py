@@ -56,7 +56,7 @@ SCHEMAS: dict[str, tuple[list[Input], list[tuple[str, str]]]] = {
     "PreviewImage": ([("images", "IMAGE", False)], []),
     "LLMDiffLLMLoader": ([("model_dir", "COMBO", True), ("dtype", "COMBO", True), ("device", "COMBO", True),
                           ("trust_remote_code", "BOOLEAN", True)], [("llm", "LLMDIFF_LLM")]),
-    "LLMDiffAdapterLoader": ([("adapter_name", "COMBO", True)], [("adapter", "LLMDIFF_ADAPTER")]),
+    "LLMDiffAdapterLoader": ([("adapter_name", "COMBO", True), ("dtype", "COMBO", True)], [("adapter", "LLMDIFF_ADAPTER")]),
     "LLMDiffTextEncode": ([("llm", "LLMDIFF_LLM", False), ("text", "STRING", True), ("max_tokens", "INT", True),
                            ("overflow", "COMBO", True), ("prompt_per_line", "BOOLEAN", True), ("clip", "CLIP", False)],
                           [("CONDITIONING", "CONDITIONING")]),
@@ -229,8 +229,8 @@ def _txt2img(name: str, checkpoint: str, adapter: str, hybrid: bool, size: int, 
     ckpt = g.add("CheckpointLoaderSimple", (40, 130), (360, 100), ckpt_name=checkpoint)
     llm = g.add("LLMDiffLLMLoader", (40, 290), (360, 154), model_dir=LLM_DIR, dtype="auto", device="default",
                 trust_remote_code=False)
-    ad = g.add("LLMDiffAdapterLoader", (40, 500), (360, 60), adapter_name=adapter)
-    apply = g.add("LLMDiffApply", (40, 620), (360, 130), strength=1.0, start_percent=0.0, end_percent=1.0)
+    ad = g.add("LLMDiffAdapterLoader", (40, 490), (360, 82), adapter_name=adapter, dtype="auto")
+    apply = g.add("LLMDiffApply", (40, 632), (360, 130), strength=1.0, start_percent=0.0, end_percent=1.0)
     g.connect(ckpt, 0, apply, "model")
     g.connect(ad, 0, apply, "adapter")
     pos = g.add("LLMDiffTextEncode", (470, 130), (420, 260), title="Positive prompt (LLMDiff)", text=POSITIVE,
@@ -269,7 +269,7 @@ def _txt2img(name: str, checkpoint: str, adapter: str, hybrid: bool, size: int, 
 
 def _inspect() -> Graph:
     g = Graph("inspect_adapter")
-    ad = g.add("LLMDiffAdapterLoader", (40, 130), (380, 60), adapter_name=SD15_PAPER)
+    ad = g.add("LLMDiffAdapterLoader", (40, 130), (380, 82), adapter_name=SD15_PAPER, dtype="auto")
     ins = g.add("LLMDiffInspect", (40, 250), (380, 110), width=1024, height=768)
     g.connect(ad, 0, ins, "adapter")
     prev = g.add("PreviewImage", (480, 130), (760, 620))
