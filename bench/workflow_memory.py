@@ -100,13 +100,11 @@ def main() -> None:
         mm.EXTRA_RESERVED_VRAM = default_reserve
         if scenario == "24gib" and cuda:
             mm.EXTRA_RESERVED_VRAM = max(default_reserve, int(total - 24 * common.GIB))
+        llm.keep_loaded = scenario != "offload"  # LLM Loader's after_encoding: offload (default) or keep
         with common.PeakMemory(device) as whole:
             with common.PeakMemory(device) as enc:
                 pos_f = llm.encode([builders.prompt_of(60)], opts.tokens, "error")
                 neg_f = llm.encode([""], opts.tokens, "error")
-            if scenario == "offload":
-                mm.unload_all_models()  # nothing else is loaded yet: this unloads the LLM
-                mm.soft_empty_cache()
             from llmdiff_core.conditioning import attach_features
             pos = attach_features(builders.clip_conditioning(shape, 1, 1), pos_f)
             neg = attach_features(builders.clip_conditioning(shape, 1, 2), neg_f)
@@ -124,8 +122,9 @@ def main() -> None:
                                                                   "workflow peak", "LLM resident while sampling",
                                                                   "target GiB", "met"], rows)
     report.notes += [
-        "comfy: nothing evicts the LLM on a card with room for both; 24gib: ComfyUI told the card has 24 GiB; "
-        "offload: LLM unloaded right after encoding.",
+        "offload: the LLM Loader's default (after_encoding offload: unloaded right after each encode); comfy: "
+        "after_encoding keep, nothing evicts the LLM on a card with room for both; 24gib: keep, with ComfyUI told "
+        "the card has 24 GiB (it evicts what sampling needs the room for).",
         "sampling: 1 latent with CFG (2 U-Net rows), euler; features reach the GPU once per run (per-run cache).",
     ]
     if opts.cpu_dry_run:

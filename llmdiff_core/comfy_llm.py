@@ -1,7 +1,7 @@
 """A Hugging Face LLM living under ComfyUI's model management (the LLMDIFF_LLM socket value).
 
-ComfyUI moves the model to the GPU for encoding and offloads it afterwards, so an 8B LLM and an
-SDXL U-Net need not share the GPU at once. Needs ComfyUI; imported by the nodes only.
+ComfyUI moves the model to the GPU for encoding; by default it is offloaded right afterwards, so an
+8B LLM and an SDXL U-Net never share the GPU. Needs ComfyUI; imported by the nodes only.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ class ManagedLLM:
     loaded: Any  # llmdiff_core.llm.LoadedLLM
     patcher: Any  # comfy.model_patcher.ModelPatcher around _HFHolder
     folder: str
+    # False: offload right after each encode (lowest peak). True: leave it to ComfyUI, which keeps it
+    # loaded until something needs the room (no reload when only the prompt changes, on a large card).
+    keep_loaded: bool = False
 
     @property
     def spec(self) -> LLMSpec:
@@ -80,7 +83,8 @@ class ManagedLLM:
             features = encode(self.loaded, texts, max_tokens=max_tokens, overflow=overflow)
             return features.to(mm.intermediate_device(), torch.float32)
         finally:
-            release(self.patcher)
+            if not self.keep_loaded:
+                release(self.patcher)
 
 
 def release(patcher: Any) -> None:
@@ -99,8 +103,11 @@ def release(patcher: Any) -> None:
             return
 
 
+AFTER_ENCODING = ("offload", "keep")
+
+
 def load_managed_llm(path: str, folder: str, dtype: str = "auto", device: str = "default",
-                     trust_remote_code: bool = False) -> ManagedLLM:
+                     trust_remote_code: bool = False, after_encoding: str = "offload") -> ManagedLLM:
     import comfy.model_patcher
 
     from .llm import load_llm
@@ -112,4 +119,4 @@ def load_managed_llm(path: str, folder: str, dtype: str = "auto", device: str = 
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
     log.info("LLMDiff: loaded %s as %s on %s (offload %s)", loaded.spec.describe(), torch_dtype,
              load_device, offload_device)
-    return ManagedLLM(loaded=loaded, patcher=patcher, folder=folder)
+    return ManagedLLM(loaded=loaded, patcher=patcher, folder=folder, keep_loaded=after_encoding == "keep")

@@ -6,7 +6,7 @@ from comfy_api.v0_0_2 import io
 
 from ..llmdiff_core import paths
 from ..llmdiff_core.comfy_adapter import ADAPTER_DTYPES, load_for_inference
-from ..llmdiff_core.comfy_llm import load_managed_llm
+from ..llmdiff_core.comfy_llm import AFTER_ENCODING, load_managed_llm
 from .sockets import ADAPTER, CATEGORY, LLM
 
 
@@ -26,19 +26,25 @@ class LLMDiffLLMLoader(io.ComfyNode):
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
                                tooltip="auto: bf16 where the GPU supports it, else fp16 on GPUs; fp32 on CPU."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
-                               tooltip="default: encode on ComfyUI's GPU and offload afterwards; cpu: stay on CPU."),
+                               tooltip="default: encode on ComfyUI's GPU; cpu: load and encode on the CPU."),
                 io.Boolean.Input("trust_remote_code", default=False,
                                  tooltip="Run Python code shipped inside the model folder. Only for folders "
                                          "you trust; needed only for architectures transformers lacks."),
+                io.Combo.Input("after_encoding", options=list(AFTER_ENCODING), default="offload", optional=True,
+                               tooltip="offload: the LLM leaves the GPU right after each encode, so it never "
+                                       "shares it with the U-Net (lowest peak; a changed prompt loads it again, "
+                                       "seconds for an 8B). keep: ComfyUI keeps it loaded until something needs "
+                                       "the room (faster prompt edits on a large card)."),
             ],
             outputs=[LLM.Output(display_name="llm")],
         )
 
     @classmethod
-    def execute(cls, model_dir: str, dtype: str, device: str, trust_remote_code: bool) -> io.NodeOutput:
+    def execute(cls, model_dir: str, dtype: str, device: str, trust_remote_code: bool,
+                after_encoding: str = "offload") -> io.NodeOutput:
         path = paths.llm_folder_path(model_dir)
         return io.NodeOutput(load_managed_llm(path, model_dir, dtype=dtype, device=device,
-                                              trust_remote_code=trust_remote_code))
+                                              trust_remote_code=trust_remote_code, after_encoding=after_encoding))
 
 
 class LLMDiffAdapterLoader(io.ComfyNode):

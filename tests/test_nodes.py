@@ -139,12 +139,27 @@ def test_adapter_dtype_names() -> None:
         inference_dtype("int8", cpu)
 
 
-def test_llm_is_released_after_encoding(llm):
+def test_llm_is_released_after_encoding_unless_kept(llm, model_folders):
     import comfy.model_management as mm
 
-    run("LLMDiffTextEncode", llm=llm, text="a cat", max_tokens=8, overflow="error", prompt_per_line=False)
-    assert not any(loaded.model is llm.patcher for loaded in mm.current_loaded_models)
+    def resident(managed) -> bool:
+        return any(loaded.model is managed.patcher for loaded in mm.current_loaded_models)
+
+    (first,) = run("LLMDiffTextEncode", llm=llm, text="a cat", max_tokens=8, overflow="error", prompt_per_line=False)
+    assert not resident(llm)  # the default: offloaded right after the encode
     run("LLMDiffTextEncode", llm=llm, text="a dog", max_tokens=8, overflow="error", prompt_per_line=False)  # reloads
+    (kept,) = run("LLMDiffLLMLoader", model_dir="tiny-llama", dtype="auto", device="default",
+                  trust_remote_code=False, after_encoding="keep")
+    try:
+        (again,) = run("LLMDiffTextEncode", llm=kept, text="a cat", max_tokens=8, overflow="error",
+                       prompt_per_line=False)
+        assert resident(kept)  # left to ComfyUI's model management
+        a, b = (c[0][1]["model_conds"]["llmdiff"].cond for c in (first, again))
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.scores, b.scores)
+    finally:
+        from llmdiff_core.comfy_llm import release
+        release(kept.patcher)
+    assert not resident(kept)
 
 
 def test_prompt_per_line_makes_a_batch(llm, clip):

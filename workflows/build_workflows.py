@@ -55,7 +55,8 @@ SCHEMAS: dict[str, tuple[list[Input], list[tuple[str, str]]]] = {
     "SaveImage": ([("images", "IMAGE", False), ("filename_prefix", "STRING", True)], []),
     "PreviewImage": ([("images", "IMAGE", False)], []),
     "LLMDiffLLMLoader": ([("model_dir", "COMBO", True), ("dtype", "COMBO", True), ("device", "COMBO", True),
-                          ("trust_remote_code", "BOOLEAN", True)], [("llm", "LLMDIFF_LLM")]),
+                          ("trust_remote_code", "BOOLEAN", True), ("after_encoding", "COMBO", True)],
+                         [("llm", "LLMDIFF_LLM")]),
     "LLMDiffAdapterLoader": ([("adapter_name", "COMBO", True), ("dtype", "COMBO", True)], [("adapter", "LLMDIFF_ADAPTER")]),
     "LLMDiffTextEncode": ([("llm", "LLMDIFF_LLM", False), ("text", "STRING", True), ("max_tokens", "INT", True),
                            ("overflow", "COMBO", True), ("prompt_per_line", "BOOLEAN", True), ("clip", "CLIP", False)],
@@ -227,9 +228,9 @@ def _txt2img(name: str, checkpoint: str, adapter: str, hybrid: bool, size: int, 
              family_label: str) -> Graph:
     g = Graph(name)
     ckpt = g.add("CheckpointLoaderSimple", (40, 130), (360, 100), ckpt_name=checkpoint)
-    llm = g.add("LLMDiffLLMLoader", (40, 290), (360, 154), model_dir=LLM_DIR, dtype="auto", device="default",
-                trust_remote_code=False)
-    ad = g.add("LLMDiffAdapterLoader", (40, 490), (360, 82), adapter_name=adapter, dtype="auto")
+    llm = g.add("LLMDiffLLMLoader", (40, 280), (360, 176), model_dir=LLM_DIR, dtype="auto", device="default",
+                trust_remote_code=False, after_encoding="offload")
+    ad = g.add("LLMDiffAdapterLoader", (40, 500), (360, 82), adapter_name=adapter, dtype="auto")
     apply = g.add("LLMDiffApply", (40, 632), (360, 130), strength=1.0, start_percent=0.0, end_percent=1.0)
     g.connect(ckpt, 0, apply, "model")
     g.connect(ad, 0, apply, "adapter")
