@@ -24,6 +24,7 @@ import comfy.model_patcher
 import comfy.supported_models
 
 from llmdiff_core.adapter import LLMDiffAdapter
+from llmdiff_core.comfy_adapter import inference_dtype
 from llmdiff_core.conditioning import attach_features
 from llmdiff_core.config import AdapterConfig
 from llmdiff_core.features import LLMFeatures, LLMSpec
@@ -214,9 +215,11 @@ def build_llm(shape: str, dtype: torch.dtype, device: torch.device) -> Any:
 # ---------------------------------------------------------------------------------------------------
 # adapters, features, conditioning
 
-def build_adapter(model_patcher: Any, spec: LLMSpec, mode: str, dtype: torch.dtype = torch.float32,
+def build_adapter(model_patcher: Any, spec: LLMSpec, mode: str, loader_dtype: str = "auto",
                   max_tokens: int = 128, seed: int = 0) -> LLMDiffAdapter:
-    """A 'trained' adapter: xavier projections, tau_q from the U-Net, every gate non-zero."""
+    """A 'trained' adapter: xavier projections, tau_q from the U-Net, every gate non-zero; float32 as
+    training exports it, then with the projections in the dtype Adapter Loader (LLMDiff) gives them
+    for `loader_dtype` on the U-Net's load device (auto: fp16 on most GPUs, fp32 on a CPU)."""
     sites, modules = find_sites(model_patcher.model.diffusion_model)
     config = AdapterConfig(base=base_family(model_patcher.model), sites=sites, llm=spec, original_path=mode,
                            max_tokens=max_tokens)
@@ -231,7 +234,8 @@ def build_adapter(model_patcher: Any, spec: LLMSpec, mode: str, dtype: torch.dty
         adapter.a_new.copy_(0.2 + 0.5 * torch.rand(n, generator=g))
         adapter.b_orig.copy_(0.1 * torch.randn(n, generator=g))
         adapter.b_new.copy_(0.1 * torch.randn(n, generator=g))
-    return adapter.to(dtype).eval().requires_grad_(False)
+    adapter.cast_projections(inference_dtype(loader_dtype, model_patcher.load_device))
+    return adapter.eval().requires_grad_(False)
 
 
 def make_features(spec: LLMSpec, lengths: list[int], tokens: int, seed: int = 0,

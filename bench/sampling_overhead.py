@@ -78,7 +78,6 @@ def main() -> None:
 
     import builders
     import comfy.model_management as mm
-    from llmdiff_core.comfy_adapter import inference_dtype
     from llmdiff_core.comfy_patch import apply_adapter
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -103,8 +102,7 @@ def main() -> None:
         pos, neg = builders.prompt_pair(shape, spec, opts.tokens, opts.prompt_tokens, 0, latent_batch)
         variants: dict[str, tuple[Any, list, list]] = {"unpatched": (base, clip_pos, clip_neg)}
         for mode in modes:
-            adapter = builders.build_adapter(base, spec, mode, max_tokens=opts.tokens)
-            adapter.cast_projections(inference_dtype(opts.adapter_dtype, device))  # as the loader node does
+            adapter = builders.build_adapter(base, spec, mode, opts.adapter_dtype, max_tokens=opts.tokens)
             variants[mode] = (apply_adapter(base, adapter, strength=1.0), pos, neg)
         if opts.compile:  # warmup runs compile; each variant is its own dynamo graph of the same U-Net code
             variants = {name: (compiled(mp, opts), p_, n_) for name, (mp, p_, n_) in variants.items()}

@@ -58,7 +58,6 @@ def main() -> None:
     import comfy.model_patcher
     import comfy.sample
     from llmdiff_core.comfy_llm import ManagedLLM, _HFHolder
-    from llmdiff_core.comfy_adapter import inference_dtype
     from llmdiff_core.comfy_patch import apply_adapter
 
     cuda = device.type == "cuda"
@@ -75,8 +74,7 @@ def main() -> None:
     loaded = builders.build_llm(llm_shape, llm_dtype, device)
     loaded.model.to(offload)
     spec = loaded.spec
-    adapter = builders.build_adapter(mp, spec, "clip", max_tokens=opts.tokens)
-    adapter.cast_projections(inference_dtype(opts.adapter_dtype, device))  # as the loader node does
+    adapter = builders.build_adapter(mp, spec, "clip", opts.adapter_dtype, max_tokens=opts.tokens)
     llm = ManagedLLM(loaded, comfy.model_patcher.ModelPatcher(_HFHolder(loaded.model, llm_dtype), load_device=device,
                                                              offload_device=offload), "random-8b")
     patched = apply_adapter(mp, adapter, strength=1.0)
