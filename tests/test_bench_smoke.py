@@ -103,12 +103,21 @@ def test_workflow_memory_cpu(tmp_path: Path) -> None:
     assert row["LLM resident while sampling"] == "no"
 
 
+def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu_checks.py is meant for a GPU session; on the CPU it runs the same code (device == reference)."""
+    out = tmp_path / "checks.json"
+    run_bench("gpu_checks.py", "--device", "cpu", json_out=out)
+    rows = section(json.loads(out.read_text()), "checks")
+    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["result"] == "pass" for r in rows), rows
+
+
 def test_profile_sampling_small() -> None:
     text = run_bench("profile_sampling.py", "--small", "--steps", "2")
     assert "llmdiff_core functions per step" in text and "aten ops per step" in text
 
 
 @pytest.mark.parametrize("script", ["sampling_overhead.py", "score_encoding.py", "training_throughput.py",
-                                    "workflow_memory.py", "profile_sampling.py"])
+                                    "workflow_memory.py", "profile_sampling.py", "gpu_checks.py"])
 def test_help(script: str) -> None:
     assert "--comfyui-root" in run_bench(script, "--help", timeout=60)

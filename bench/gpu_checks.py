@@ -1,0 +1,248 @@
+"""GPU correctness checks for a session that has a GPU (the test suite runs on CPU only).
+
+    python bench/gpu_checks.py            # on a GPU: every check on CUDA; exit status 1 if one fails
+    python bench/gpu_checks.py --device cpu   # the same code on the CPU (a smoke run: CPU vs CPU)
+
+Tiny real-layout models (bench/builders.py --small shapes), so the whole run takes about a minute:
+1. sampling on the device in fp16 (the loader's default adapter dtype) reproduces the adapter's effect
+   computed on the CPU in fp32, hybrid and paper mode;
+2. the patches add no device->host sync per sampling step (torch.cuda.set_sync_debug_mode counts every
+   sync; the once-per-run entry may sync, the steps may not);
+3. ComfyUI's torch.compile wrapper with inductor: one graph per U-Net call, no graph break, the eager result;
+4. Adapter Loader's dtype auto picks half precision on a GPU (fp32 on CPU);
+5. the LLM leaves the GPU after encoding (after_encoding offload) and stays with keep;
+6. training from the feature cache on the device: pinned batches copied without blocking, prefetch on ==
+   off, finite losses.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+FP16_EFFECT_TOL = 0.1  # relative error of the adapter's effect on the sampled latent, fp16 vs fp32
+
+
+def parse() -> Any:
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="", help="comma list of check numbers to run (default all)")
+    opts = p.parse_args()
+    opts.small = True
+    common.defaults(opts, repeats=1, warmup=0)
+    return opts
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.rows: list[list[Any]] = []
+
+    def run(self, number: int, name: str, fn: Callable[[], tuple[bool, str]], only: set[int]) -> None:
+        if only and number not in only:
+            return
+        try:
+            ok, detail = fn()
+        except Exception as e:  # a crash is a failed check, reported with the others
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        self.rows.append([number, name, "pass" if ok else "FAIL", detail])
+        print(f"[{'pass' if ok else 'FAIL'}] {number}. {name}: {detail}", file=sys.stderr, flush=True)
+
+    @property
+    def failed(self) -> bool:
+        return any(r[2] == "FAIL" for r in self.rows)
+
+
+def main() -> None:
+    opts = parse()
+    device = common.setup_comfy(opts)
+    import torch
+
+    import builders
+    import comfy.model_management as mm
+    import comfy.sample
+
+    cuda = device.type == "cuda"
+    cpu = torch.device("cpu")
+    spec = builders.llm_spec("tiny")
+    shape = builders.unet_shape("sd15", True)
+    noise = torch.randn(1, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
+    pos, neg = builders.prompt_pair(shape, spec, 32, 20, 0, 1)
+    clip_pos, clip_neg = builders.clip_conditioning(shape, 1, 1), builders.clip_conditioning(shape, 1, 2)
+    unet_dtype = torch.float16 if cuda else torch.float32
+    only = {int(x) for x in opts.only.split(",") if x.strip()}
+    checks = Checks()
+
+    def sample(mp: Any, positive: list, negative: list, steps: int = 4) -> torch.Tensor:
+        with torch.inference_mode():
+            return comfy.sample.sample(mp, noise, steps, 5.0, "euler", "normal", positive, negative,
+                                       torch.zeros_like(noise), disable_pbar=True, seed=0).float().cpu()
+
+    def models(dev: torch.device, dtype: torch.dtype) -> Any:
+        return builders.build_unet("sd15", True, dtype, dev, offload_device=mm.unet_offload_device())
+
+    from llmdiff_core.comfy_patch import apply_adapter
+
+    # 1. device fp16 vs CPU fp32
+    def device_matches_cpu() -> tuple[bool, str]:
+        details, ok = [], True
+        ref_base, dev_base = models(cpu, torch.float32), models(device, unet_dtype)
+        plain_ref, plain_dev = sample(ref_base, clip_pos, clip_neg), sample(dev_base, clip_pos, clip_neg)
+        for mode in ("clip", "llm"):
+            ref = sample(apply_adapter(ref_base, builders.build_adapter(ref_base, spec, mode, "fp32", 32)), pos, neg)
+            got = sample(apply_adapter(dev_base, builders.build_adapter(dev_base, spec, mode, "auto", 32)), pos, neg)
+            # hybrid: the effect over the unpatched model; paper mode has no CLIP baseline, so the output
+            effect_ref, effect_got = (ref - plain_ref, got - plain_dev) if mode == "clip" else (ref, got)
+            err = float((effect_got - effect_ref).abs().max() / effect_ref.abs().max().clamp_min(1e-12))
+            ok &= err < FP16_EFFECT_TOL and bool(torch.isfinite(got).all())
+            details.append(f"{mode}: rel. error of the adapter's effect {err:.2e}")
+        return ok, "; ".join(details) + f" (limit {FP16_EFFECT_TOL}, {unet_dtype} vs float32 on CPU)"
+
+    # 2. no host sync per step
+    def no_sync_per_step() -> tuple[bool, str]:
+        if not cuda:
+            return True, "skipped: needs CUDA (torch.cuda.set_sync_debug_mode)"
+        base = models(device, unet_dtype)
+        patched = apply_adapter(base, builders.build_adapter(base, spec, "clip", "auto", 32))
+
+        def syncs(mp: Any, p: list, n: list, steps: int) -> int:
+            sample(mp, p, n, 1)  # loaded and warm
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    sample(mp, p, n, steps)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            return sum("synchroniz" in str(w.message) for w in caught)
+
+        extra_short = syncs(patched, pos, neg, 2) - syncs(base, clip_pos, clip_neg, 2)
+        extra_long = syncs(patched, pos, neg, 8) - syncs(base, clip_pos, clip_neg, 8)
+        per_step = (extra_long - extra_short) / 6
+        return per_step <= 0, (f"extra syncs per run: {extra_short} (2 steps), {extra_long} (8 steps) -> "
+                               f"{per_step:.2f} per step (must be 0; per-run ones are the entry's)")
+
+    # 3. torch.compile
+    def compiled() -> tuple[bool, str]:
+        import torch._dynamo
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+        from torch._dynamo.utils import counters
+
+        backend = "inductor" if cuda else "eager"
+        base = models(device, unet_dtype)
+        patched = apply_adapter(base, builders.build_adapter(base, spec, "clip", "auto", 32))
+        eager = sample(patched, pos, neg, 3)
+        torch._dynamo.reset()
+        counters.clear()
+        c = patched.clone()
+        set_torch_compile_wrapper(c, backend=backend)
+        got = sample(c, pos, neg, 3)
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        torch._dynamo.reset()
+        err = float((got - eager).abs().max() / eager.abs().max().clamp_min(1e-12))
+        return graphs == 1 and breaks == 0 and err < 2e-2, (f"{backend}: {graphs} graph(s), {breaks} graph "
+                                                          f"break(s), rel. difference to eager {err:.2e}")
+
+    # 4. adapter dtype
+    def loader_dtype() -> tuple[bool, str]:
+        from llmdiff_core.comfy_adapter import inference_dtype
+
+        got = inference_dtype("auto", device)
+        want = (torch.float16, torch.bfloat16) if cuda else (torch.float32,)
+        return got in want, f"auto -> {got} on {device.type}"
+
+    # 5. LLM offload / keep
+    def llm_offload() -> tuple[bool, str]:
+        import comfy.model_patcher
+        from llmdiff_core.comfy_llm import ManagedLLM, _HFHolder, release
+
+        dtype = torch.bfloat16 if cuda else torch.float32
+        loaded = builders.build_llm("tiny", dtype, mm.text_encoder_offload_device())
+        patcher = comfy.model_patcher.ModelPatcher(_HFHolder(loaded.model, dtype), load_device=device,
+                                                   offload_device=mm.text_encoder_offload_device())
+        llm = ManagedLLM(loaded, patcher, "tiny")
+
+        def state() -> tuple[bool, str]:
+            resident = any(lm.model is patcher for lm in mm.current_loaded_models)
+            return resident, next(loaded.model.parameters()).device.type
+
+        llm.encode(["a red fox"], 32, "error")
+        after_offload = state()
+        llm.keep_loaded = True
+        llm.encode(["a red fox"], 32, "error")
+        after_keep = state()
+        release(patcher)
+        ok = not after_offload[0] and after_keep[0] and (not cuda or (after_offload[1] == "cpu"
+                                                                      and after_keep[1] == "cuda"))
+        return ok, f"offload: resident {after_offload[0]}, weights on {after_offload[1]}; keep: resident " \
+                   f"{after_keep[0]}, weights on {after_keep[1]}"
+
+    # 6. training from the cache
+    def training() -> tuple[bool, str]:
+        import json
+
+        import training_throughput as tt
+        from llmdiff_core.training import loop, runner
+        from llmdiff_core.training.options import TrainOptions
+
+        pinned: list[bool] = []
+        original = loop.Trainer._device_inputs
+
+        def spy(self: Any, host: dict) -> dict:
+            pinned.append(bool(host["hidden"].is_pinned()) if isinstance(host.get("hidden"), torch.Tensor) else False)
+            return original(self, host)
+        loop.Trainer._device_inputs = spy  # type: ignore[method-assign]
+        try:
+            with tempfile.TemporaryDirectory(prefix="llmdiff-gpu-checks-") as tmp:
+                work = Path(tmp)
+                data = tt.write_dataset(work / "data", 6, 64, 12)
+                mp = builders.build_unet("sd15", True, torch.bfloat16 if cuda else torch.float32, device,
+                                         offload_device=mm.unet_offload_device())
+                llm = builders.build_llm("tiny", torch.float32, device)
+                common_kw = dict(base_model="", llm="tiny", data=str(data), resolution=64, batch_size=2,
+                                 num_workers=0, cache_dir=str(work / "cache"), warmup_steps=0, lr=1e-3,
+                                 progress=False, tensorboard=False, log_every=1, checkpoint_every=0,
+                                 max_tokens=32, mixed_precision="auto" if cuda else "no", seed=0, max_steps=3)
+                width = builders.unet_config("sd15", True)[1]["context_dim"]
+                comps = runner.Components(mp, tt.StandInCLIP(width), tt.StandInVAE(), llm, "random", "tiny")
+                if runner.run_with(TrainOptions(output_dir=str(work / "pre"), cache_only=True, **common_kw), comps):
+                    return False, "cache pre-pass failed"
+                losses = {}
+                for prefetch in (True, False):
+                    out = work / f"run-{prefetch}"
+                    comps = runner.Components(mp, tt.StandInCLIP(width), tt.StandInVAE(), None, "random", "tiny",
+                                              llm_spec=llm.spec)
+                    if runner.run_with(TrainOptions(output_dir=str(out), prefetch=prefetch, **common_kw), comps):
+                        return False, f"training (prefetch {prefetch}) failed"
+                    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+                    losses[prefetch] = [r["loss"] for r in rows if "loss" in r]
+        finally:
+            loop.Trainer._device_inputs = original  # type: ignore[method-assign]
+        a, b = torch.tensor(losses[True]), torch.tensor(losses[False])
+        same = a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5))
+        ok = same and bool(torch.isfinite(a).all()) and (not cuda or all(pinned))
+        return ok, (f"losses prefetch {[round(x, 4) for x in losses[True]]} vs off "
+                    f"{[round(x, 4) for x in losses[False]]}; pinned batches {sum(pinned)}/{len(pinned)}")
+
+    checks.run(1, "device sampling reproduces the CPU fp32 adapter effect", device_matches_cpu, only)
+    checks.run(2, "no device->host sync per sampling step", no_sync_per_step, only)
+    checks.run(3, "torch.compile: one graph, no break, eager result", compiled, only)
+    checks.run(4, "Adapter Loader dtype auto", loader_dtype, only)
+    checks.run(5, "LLM offloaded after encoding, kept with keep", llm_offload, only)
+    checks.run(6, "training from the cache on the device", training, only)
+
+    report = common.Report("GPU correctness checks", common.env_header(device, opts.root))
+    report.table("checks", ["#", "check", "result", "detail"], checks.rows)
+    if not cuda:
+        report.notes.append("CPU run: the code paths only (device == reference); the numbers that matter come "
+                            "from a CUDA run.")
+    report.emit(opts)
+    sys.exit(1 if checks.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
