@@ -134,6 +134,10 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
         parse_options(["--config", str(cfg)])
     with pytest.raises(OptionsError, match="--base-model"):
         parse_options(["--llm", "x", "--data", "y"])
+    with pytest.raises(OptionsError, match="--compile-mode needs --compile-unet"):
+        parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-mode", "max-autotune"])
+    assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-unet", "inductor",
+                          "--no-prefetch", "--channels-last"]).compile_unet == "inductor"
 
 
 def test_help_documents_every_option_with_its_default() -> None:

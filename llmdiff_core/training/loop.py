@@ -248,7 +248,7 @@ class Trainer:
         """
         got: list[Any] = []
         skipped: list[tuple[str, str]] = []
-        position = self.state.position
+        position = Position()  # set by every entry read (batch_size >= 1)
         skipped_in_a_row = 0
         while len(got) < self.opts.batch_size:
             item = next(self.items)

@@ -287,3 +287,5 @@ def check_options(opts: TrainOptions) -> None:
         raise OptionsError("--validation-size must be a multiple of 8")
     if opts.cache_only and not opts.cache_dir:
         raise OptionsError("--cache-only needs --cache-dir")
+    if opts.compile_mode and not opts.compile_unet:
+        raise OptionsError("--compile-mode needs --compile-unet BACKEND (e.g. --compile-unet inductor)")
