@@ -21,6 +21,7 @@ import torch
 
 import comfy.model_detection
 import comfy.model_patcher
+import comfy.ops
 import comfy.supported_models
 
 from llmdiff_core.adapter import LLMDiffAdapter
@@ -223,7 +224,7 @@ def build_adapter(model_patcher: Any, spec: LLMSpec, mode: str, loader_dtype: st
     sites, modules = find_sites(model_patcher.model.diffusion_model)
     config = AdapterConfig(base=base_family(model_patcher.model), sites=sites, llm=spec, original_path=mode,
                            max_tokens=max_tokens)
-    adapter = LLMDiffAdapter(config)
+    adapter = LLMDiffAdapter(config, operations=comfy.ops.disable_weight_init)  # the loader's layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapter.reset_parameters([m.to_q.weight.detach().float().cpu() for m in modules])

@@ -26,7 +26,7 @@ checks() {  # the correctness table goes next to the benchmark tables; a failed 
     | tee "$BENCH_OUT/gpu-checks-part-$2.log" || echo "gpu_checks: a check FAILED (see the table)" >&2
 }
 case "$1" in
-  1) checks 1,2,4,5,6 1 ;;
+  1) checks 1,2,4,5,6,7 1 ;;
   3) checks 3 3 ;;
 esac
 bench/run_all.sh 2>&1 | tee "$BENCH_OUT/device-part-$1.log"

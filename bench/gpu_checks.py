@@ -12,7 +12,9 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 4. Adapter Loader's dtype auto picks half precision on a GPU (fp32 on CPU);
 5. the LLM leaves the GPU after encoding (after_encoding offload) and stays with keep;
 6. training from the feature cache on the device: pinned batches copied without blocking, prefetch on ==
-   off, finite losses.
+   off, finite losses;
+7. with ComfyUI short of memory (--novram) the adapter is loaded partially like the U-Net (comfy.ops layers
+   fetch their weights per call) and samples what the fully loaded one does.
 """
 
 from __future__ import annotations
@@ -228,12 +230,39 @@ def main() -> None:
         return ok, (f"losses prefetch {[round(x, 4) for x in losses[True]]} vs off "
                     f"{[round(x, 4) for x in losses[False]]}; pinned batches {sum(pinned)}/{len(pinned)}")
 
+    # 7. partial loading (--novram): every comfy.ops layer offloaded, weights fetched per call
+    def partial_loading() -> tuple[bool, str]:
+        if not cuda:
+            return True, "skipped: needs CUDA (on a CPU nothing is offloaded)"
+        from llmdiff_core.comfy_patch import WRAPPER_KEY
+
+        details, ok = [], True
+        base = models(device, unet_dtype)
+        for mode in ("clip", "llm"):
+            patched = apply_adapter(base, builders.build_adapter(base, spec, mode, "auto", 32))
+            want = sample(patched, pos, neg)
+            mm.unload_all_models()
+            saved = mm.vram_state
+            mm.vram_state = mm.VRAMState.NO_VRAM  # what --novram does: load_models_gpu loads (almost) nothing
+            try:
+                got = sample(patched, pos, neg)
+                (adapter_patcher,) = patched.get_additional_models_with_key(WRAPPER_KEY)
+                partial = bool(getattr(adapter_patcher.model, "model_lowvram", False))
+            finally:
+                mm.vram_state = saved
+                mm.unload_all_models()
+            err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+            ok &= partial and err < 1e-2
+            details.append(f"{mode}: adapter loaded partially {partial}, rel. difference to full load {err:.2e}")
+        return ok, "; ".join(details)
+
     checks.run(1, "device sampling reproduces the CPU fp32 adapter effect", device_matches_cpu, only)
     checks.run(2, "no device->host sync per sampling step", no_sync_per_step, only)
     checks.run(3, "torch.compile: one graph, no break, eager result", compiled, only)
     checks.run(4, "Adapter Loader dtype auto", loader_dtype, only)
     checks.run(5, "LLM offloaded after encoding, kept with keep", llm_offload, only)
     checks.run(6, "training from the cache on the device", training, only)
+    checks.run(7, "adapter partially loaded (--novram) computes the same", partial_loading, only)
 
     report = common.Report("GPU correctness checks", common.env_header(device, opts.root))
     report.table("checks", ["#", "check", "result", "detail"], checks.rows)

@@ -69,8 +69,9 @@ class ScoreEncoder(nn.Module):
             c = hidden[:, 1:].mean(dim=1)
         else:
             c = hidden[:, self.layer]
-        return F.layer_norm(c, self.norm.normalized_shape, self.norm.weight.float(), self.norm.bias.float(),
-                            self.norm.eps)
+        # .to(c.device): under ComfyUI's partial loading these small parameters may stay on the CPU
+        return F.layer_norm(c, self.norm.normalized_shape, self.norm.weight.float().to(c.device),
+                            self.norm.bias.float().to(c.device), self.norm.eps)
 
 
 class LLMDiffAdapter(nn.Module):

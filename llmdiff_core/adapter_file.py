@@ -11,6 +11,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -101,15 +102,16 @@ def read_adapter_config(path: PathLike) -> AdapterConfig:
     return config
 
 
-def load_adapter(path: PathLike, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None) -> LLMDiffAdapter:
-    """Load and validate an adapter file. dtype=None keeps the dtypes stored in the file."""
+def load_adapter(path: PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 operations: Any = None) -> LLMDiffAdapter:
+    """Load and validate an adapter file. dtype=None keeps the dtypes stored in the file. operations:
+    the Linear class provider (LLMDiffAdapter's; comfy.ops for ComfyUI's partial loading), default torch.nn."""
     config = read_adapter_config(path)
     tensors = _read_tensors(path, device)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     with torch.device("meta"):  # no allocation: assign=True below adopts the loaded tensors
-        adapter = LLMDiffAdapter(config)
+        adapter = LLMDiffAdapter(config) if operations is None else LLMDiffAdapter(config, operations)
     adapter.load_state_dict(tensors, strict=True, assign=True)
     return adapter
 

@@ -8,6 +8,7 @@ import os
 import torch
 
 import comfy.model_management as mm
+import comfy.ops
 
 from .adapter import LLMDiffAdapter
 from .adapter_file import load_adapter
@@ -36,6 +37,10 @@ def inference_dtype(name: str, device: torch.device | None = None) -> torch.dtyp
 def load_for_inference(path: str | os.PathLike, dtype: str = "auto",
                        device: torch.device | None = None) -> LLMDiffAdapter:
     """The adapter file at `path` (validated, on the CPU; ComfyUI moves it with the U-Net), with its
-    projections in inference_dtype(dtype, device)."""
-    adapter = load_adapter(path)
+    projections in inference_dtype(dtype, device).
+
+    Its Linear layers are ComfyUI's (comfy.ops.disable_weight_init): when memory is short, ComfyUI
+    loads the adapter partially and those layers fetch their weights to the GPU at call time, as the
+    U-Net's do; plain torch layers would stay on the CPU and meet GPU inputs."""
+    adapter = load_adapter(path, operations=comfy.ops.disable_weight_init)
     return adapter.cast_projections(inference_dtype(dtype, device)).eval().requires_grad_(False)

@@ -697,6 +697,30 @@ def test_once_per_run_work_is_prepared_in_the_unet_dtype() -> None:
     assert windowed.is_active(torch.tensor([0.0])) and not windowed.is_active(torch.tensor([1e6]))
 
 
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_partially_loaded_adapter_computes_the_same(mode: str) -> None:
+    """Adapter Loader builds the adapter from comfy.ops layers, so when memory is short ComfyUI can load it
+    partially (layers offloaded, weights fetched per call, like the U-Net's) instead of leaving plain torch
+    layers on the CPU to meet GPU inputs. Loaded that way it computes exactly what the plain one does."""
+    import comfy.ops
+    from llmdiff_core.adapter import LLMDiffAdapter
+
+    mp = tiny_sd15_minimal()
+    plain = adapter_for(mp, mode)
+    layered = LLMDiffAdapter(plain.config, operations=comfy.ops.disable_weight_init)
+    layered.load_state_dict(plain.state_dict())
+    features = make_features([5, 11], seed=3)
+    x, sigma, context, y = direct_inputs("sd15")
+    want = diffusion_output(apply_adapter(mp, plain), x, sigma, context, y, CONDLLMDiff(features).concat([]))
+    m = apply_adapter(mp, layered)
+    (adapter_patcher,) = m.get_additional_models_with_key(WRAPPER_KEY)
+    adapter_patcher.load(device_to=torch.device("cpu"), lowvram_model_memory=1)  # what ComfyUI does when short
+    linears = [l for l in layered.modules() if isinstance(l, torch.nn.Linear)]
+    assert linears and all(l.comfy_cast_weights for l in linears)  # every layer offloaded, cast per call
+    got = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]))
+    assert max_rel(got, want) < 1e-6
+
+
 # --- torch.compile (ComfyUI's TorchCompileModel) ------------------------------------------------------
 
 class GraphCounter:
