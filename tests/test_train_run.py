@@ -323,6 +323,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(frozen) -> None:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-7, msg=k)
 
 
+def test_backward_computes_no_weight_gradients_for_the_frozen_unet(tmp_path: Path, frozen, monkeypatch) -> None:
+    """Training throughput rests on the U-Net staying frozen: autograd then skips every weight-gradient GEMM
+    and convolution, and the backward costs about one forward (activation gradients only) instead of two.
+    FLOPs of a real training step (runner.run_with) against its forward; the control unfreezes the U-Net."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from accelerate import Accelerator
+
+    flops: dict[str, list[int]] = {"forward": [], "backward": []}
+
+    def counted(name: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with FlopCounterMode(display=False) as counter:
+                out = fn(*args, **kwargs)
+            flops[name].append(counter.get_total_flops())
+            return out
+        return run
+    monkeypatch.setattr(loop.TrainModule, "forward", counted("forward", loop.TrainModule.forward))
+    monkeypatch.setattr(Accelerator, "backward", counted("backward", Accelerator.backward))
+    data = write_folder(tmp_path / "data", make_images(2))
+    comps = components(frozen)
+    assert runner.run_with(options(data, tmp_path / "out", max_steps=1), comps) == 0
+    (forward,), (backward,) = flops["forward"], flops["backward"]
+    frozen_ratio = backward / forward
+
+    unet = comps.model_patcher.model.diffusion_model  # control: the same step with the U-Net trainable
+    flops["forward"].clear()
+    flops["backward"].clear()
+    model = comps.model_patcher.model
+    monkeypatch.setattr(model, "requires_grad_", lambda *a, **k: model)  # keep run_with from freezing it
+    for p in unet.parameters():
+        p.requires_grad = True
+    try:
+        assert runner.run_with(options(data, tmp_path / "control", max_steps=1), comps) == 0
+    finally:
+        for p in unet.parameters():
+            p.requires_grad = False
+            p.grad = None
+    (forward,), (backward,) = flops["forward"], flops["backward"]
+    unfrozen_ratio = backward / forward
+    assert frozen_ratio < 1.3, frozen_ratio  # activation gradients (plus attention's own backward) only
+    assert unfrozen_ratio > frozen_ratio + 0.6, (frozen_ratio, unfrozen_ratio)  # weight gradients: ~1 forward more
+
+
 @pytest.mark.slow
 def test_exported_adapter_loads_through_the_node_and_changes_the_output(tmp_path: Path, frozen, assets,
                                                                        node_classes) -> None:
