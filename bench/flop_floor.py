@@ -185,3 +185,66 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
                                  second - base, second_attn - base_attn, first - second,
                                  calls.get("fuse_at_core", 0), calls.get("fuse_after_out", 0)))
     return out
+
+
+# --- training ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainFlops:
+    family: str
+    mode: str
+    rows: int
+    forward: float  # one training forward, all rows: c, every site's K/V, the patched U-Net
+    backward: float  # its backward: activation gradients through the frozen U-Net + the adapter's gradients
+
+
+def real_shape_training(family: str, modes: list[str], spec: Any, bucket: int, caption_tokens: int,
+                        rows: int = 2) -> list[TrainFlops]:
+    """FLOPs of one training step's forward and backward at the real shapes, counted on the product code
+    path on the meta device: apply_adapter's wrapper with a TrainingCall (gates as tensors, nothing
+    cached), the frozen U-Net in bf16 (requires_grad off, as training/runner.py sets it), the adapter
+    trainable. The loss is a mean square of the U-Net output (the objective's own cost is negligible)."""
+    from llmdiff_core.adapter import LLMDiffAdapter
+    from llmdiff_core.comfy_patch import TRAINING_KEY, ApplyModelWrapper, TrainingCall, apply_adapter
+    from llmdiff_core.conditioning import CONDLLMDiff
+    from llmdiff_core.config import AdapterConfig
+    from llmdiff_core.features import LLMFeatures
+    from llmdiff_core.unet_sites import base_family, find_sites
+
+    import comfy.patcher_extension as pe
+
+    meta, dt = torch.device("meta"), torch.bfloat16
+    shape = builders.unet_shape(family, False)
+    mp = builders.build_unet(family, False, dt, meta)
+    mp.model.requires_grad_(False)
+    unet = mp.model.diffusion_model
+    sites, _ = find_sites(unet)
+    x = torch.empty(rows, 4, shape.latent, shape.latent, device=meta, dtype=dt)
+    ts = torch.full((rows,), 500.0, device=meta)
+    clip = torch.empty(rows, 77, shape.context_dim, device=meta, dtype=dt)
+    y = torch.empty(rows, shape.adm, device=meta, dtype=dt) if shape.adm else None
+    mask = feature_mask([caption_tokens] * rows, bucket)
+    L, D = spec.num_layers, spec.hidden_size
+    out: list[TrainFlops] = []
+    for mode in modes:
+        with torch.device(meta):
+            adapter = LLMDiffAdapter(AdapterConfig(base=base_family(mp.model), sites=sites, llm=spec,
+                                                   original_path=mode, max_tokens=bucket)).to(dt).train()
+        patched = apply_adapter(mp, adapter, strength=1.0)
+        options = dict(patched.model_options["transformer_options"])
+        options["wrappers"] = pe.merge_nested_dicts(options.get("wrappers", {}), patched.wrappers)
+        options[TRAINING_KEY] = TrainingCall(None)
+        (wrapper,) = [w for w in pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options)
+                      if isinstance(w, ApplyModelWrapper)]
+        features = LLMFeatures(spec, torch.empty(rows, L + 1, bucket, D, device=meta),
+                               torch.empty(rows, L, bucket, D, device=meta), mask)
+        batch = CONDLLMDiff(features).concat([])
+        with _host_values(adapter, mask, (1.0, 0.5), {}):
+            with common.flop_counter() as forward:
+                loss = wrapper(_UNetCall(mp.model), x, ts, None, clip, None, dict(options), y=y,
+                               llmdiff=batch).float().square().mean()
+            with common.flop_counter() as backward:
+                loss.backward()
+        out.append(TrainFlops(family, mode, rows, float(forward.get_total_flops()),
+                              float(backward.get_total_flops())))
+    return out

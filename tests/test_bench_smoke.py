@@ -90,6 +90,9 @@ def test_training_throughput_small(tmp_path: Path) -> None:
     assert finite(row["img/s"]) and row["img/s"] > 0
     assert finite(row["MiB to device/step"]) and row["MiB to device/step"] > 0
     assert finite(row["data wait ms"]) and finite(row["host prep ms"])  # the hooks saw the prefetch path
+    (floor,) = section(json.loads(out.read_text()), "training FLOPs per image at the real shapes")
+    assert floor["model"] == "sd15" and 0.7 < floor["forward TFLOP"] < 1.0  # SD1.5 512 px: ~0.8 + the adapter
+    assert 1.0 < floor["backward / forward"] < 1.3  # activation gradients only: the U-Net stays frozen
     assert finite(row["last loss"])
     assert (tmp_path / "work" / "run-sd15" / "metrics.jsonl").exists()  # the real training loop ran
 
