@@ -208,9 +208,11 @@ def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, froz
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fast", [{"channels_last": True}, {"compile_unet": "aot_eager"}], ids=["channels_last",
-                                                                                          "compiled"])
-def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, fast: dict, monkeypatch) -> None:
+@pytest.mark.parametrize("fast", [{"channels_last": True}, {"compile_unet": "aot_eager"},
+                                  {"compile_unet": "aot_eager", "gradient_checkpointing": True}],
+                         ids=["channels_last", "compiled", "compiled_checkpointed"])
+def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, fast: dict, monkeypatch,
+                                                        caplog) -> None:
     """--channels-last and --compile-unet change how the frozen U-Net runs, not what is trained. The compiled
     run uses AOTAutograd (forward + backward graphs, no inductor: seconds on a CPU) and must not break the
     graph; the shared U-Net is left as it came."""
@@ -236,6 +238,9 @@ def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, 
         assert runner.run_with(run, comps) == 0
         if "compile_unet" in fast:
             assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+        if fast.get("gradient_checkpointing"):  # correct, but split: the run says so
+            assert "--compile-unet with --gradient-checkpointing" in caplog.text
+        elif "compile_unet" in fast:
             assert not counters["graph_break"], dict(counters["graph_break"])
         assert seen_formats and all(seen_formats) == bool(fast.get("channels_last"))
     finally:

@@ -200,6 +200,10 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
         unet.to(memory_format=torch.channels_last)
         undo.append(lambda: unet.to(memory_format=torch.contiguous_format))
     if opts.compile_unet:
+        if opts.gradient_checkpointing:
+            log.warning("--compile-unet with --gradient-checkpointing: correct, but dynamo splits the U-Net into "
+                        "many graphs (the adapter's fusion state is a side effect inside each checkpointed "
+                        "block), so expect little of compile's speed-up")
         compile_unet(patched, opts.compile_unet, opts.compile_mode or None)
 
     encoders = FrozenEncoders(components.vae, components.llm, components.clip, opts.max_tokens,
