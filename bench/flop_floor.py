@@ -123,65 +123,104 @@ class _UNetCall:
         return self.class_obj.diffusion_model(x, t, context, kwargs.get("y"), transformer_options=transformer_options)
 
 
+@dataclass
+class _MetaModel:
+    """The real-shape U-Net on the meta device and one U-Net call's inputs (rows of x, t, CLIP context, y)."""
+
+    mp: Any
+    sites: list[Any]
+    x: torch.Tensor
+    ts: torch.Tensor
+    clip: torch.Tensor
+    y: torch.Tensor | None
+
+    @classmethod
+    def build(cls, family: str, dtype: torch.dtype, rows: int) -> _MetaModel:
+        from llmdiff_core.unet_sites import find_sites
+
+        meta = torch.device("meta")
+        shape = builders.unet_shape(family, False)
+        mp = builders.build_unet(family, False, dtype, meta)
+        sites, _ = find_sites(mp.model.diffusion_model)
+        return cls(mp, sites, torch.empty(rows, 4, shape.latent, shape.latent, device=meta, dtype=dtype),
+                   torch.full((rows,), 500.0, device=meta),
+                   torch.empty(rows, 77, shape.context_dim, device=meta, dtype=dtype),
+                   torch.empty(rows, shape.adm, device=meta, dtype=dtype) if shape.adm else None)
+
+    def patched(self, spec: Any, mode: str, bucket: int, dtype: torch.dtype,
+                extra_options: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any], Any]:
+        """(adapter on meta, apply_adapter's clone, the transformer_options a sampler hands the U-Net
+        (patches + the patcher's wrappers), the clone's ApplyModelWrapper)."""
+        from llmdiff_core.adapter import LLMDiffAdapter
+        from llmdiff_core.comfy_patch import ApplyModelWrapper, apply_adapter
+        from llmdiff_core.config import AdapterConfig
+        from llmdiff_core.unet_sites import base_family
+
+        import comfy.patcher_extension as pe
+
+        with torch.device("meta"):
+            adapter = LLMDiffAdapter(AdapterConfig(base=base_family(self.mp.model), sites=self.sites, llm=spec,
+                                                   original_path=mode, max_tokens=bucket)).to(dtype)
+        patched = apply_adapter(self.mp, adapter, strength=1.0)
+        # what comfy.sampler_helpers.prepare_model_patcher hands the U-Net: the patches plus the patcher's wrappers
+        options = dict(patched.model_options["transformer_options"])
+        options["wrappers"] = pe.merge_nested_dicts(options.get("wrappers", {}), patched.wrappers)
+        options.update(extra_options or {})
+        (wrapper,) = [w for w in pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options)
+                      if isinstance(w, ApplyModelWrapper)]
+        return adapter, patched, options, wrapper
+
+    def call(self, wrapper: Any, options: dict[str, Any], batch: Any) -> torch.Tensor:
+        """One U-Net call through the wrapper. BaseModel._apply_model's own work (sigma scaling, casts) needs
+        model_sampling's real buffers: the wrapper calls the U-Net directly, as _apply_model would."""
+        return wrapper(_UNetCall(self.mp.model), self.x, self.ts, None, self.clip, None, dict(options), y=self.y,
+                       llmdiff=batch)
+
+
+def _meta_features(spec: Any, mask: torch.Tensor) -> Any:
+    """The `llmdiff` keyword of one call: features of the real LLM shape on meta, with the host mask."""
+    from llmdiff_core.conditioning import CONDLLMDiff
+    from llmdiff_core.features import LLMFeatures
+
+    rows, bucket = mask.shape
+    L, D = spec.num_layers, spec.hidden_size
+    meta = torch.device("meta")
+    features = LLMFeatures(spec, torch.empty(rows, L + 1, bucket, D, device=meta),
+                           torch.empty(rows, L, bucket, D, device=meta), mask)
+    return CONDLLMDiff(features).concat([])
+
+
 def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple[str, list[int]]],
                      bucket: int, gates: tuple[float, float] = (0.9, 0.5)) -> list[StepFlops]:
     """StepFlops for every mode x case (case = (label, attended tokens per row, 0 = empty prompt)).
     Rows = len(lengths) (2: cond + uncond of one CFG step)."""
-    from llmdiff_core.adapter import LLMDiffAdapter
-    from llmdiff_core.comfy_patch import ApplyModelWrapper, apply_adapter
-    from llmdiff_core.conditioning import CONDLLMDiff
-    from llmdiff_core.config import AdapterConfig
-    from llmdiff_core.features import LLMFeatures
-    from llmdiff_core.unet_sites import base_family, find_sites
-
-    import comfy.patcher_extension as pe
-
-    meta, dt = torch.device("meta"), torch.float16
-    shape = builders.unet_shape(family, False)
-    mp = builders.build_unet(family, False, dt, meta)
-    unet = mp.model.diffusion_model
-    sites, _ = find_sites(unet)
+    dt = torch.float16
     rows = len(cases[0][1])
-    x = torch.empty(rows, 4, shape.latent, shape.latent, device=meta, dtype=dt)
-    ts = torch.full((rows,), 500.0, device=meta)
-    clip = torch.empty(rows, 77, shape.context_dim, device=meta, dtype=dt)
-    y = torch.empty(rows, shape.adm, device=meta, dtype=dt) if shape.adm else None
-    base, base_attn = _counted(lambda: unet(x, ts, clip, y, transformer_options={}))
+    m = _MetaModel.build(family, dt, rows)
+    unet = m.mp.model.diffusion_model
+    base, base_attn = _counted(lambda: unet(m.x, m.ts, m.clip, m.y, transformer_options={}))
 
     out: list[StepFlops] = []
     for mode in modes:
-        with torch.device(meta):
-            adapter = LLMDiffAdapter(AdapterConfig(base=base_family(mp.model), sites=sites, llm=spec,
-                                                   original_path=mode, max_tokens=bucket)).to(dt).eval()
-        patched = apply_adapter(mp, adapter, strength=1.0)
-        # what comfy.sampler_helpers.prepare_model_patcher hands the U-Net: the patches plus the patcher's wrappers
-        options = dict(patched.model_options["transformer_options"])
-        options["wrappers"] = pe.merge_nested_dicts(options.get("wrappers", {}), patched.wrappers)
-        (wrapper,) = [w for w in pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options) if isinstance(w, ApplyModelWrapper)]
+        adapter, patched, options, wrapper = m.patched(spec, mode, bucket, dt)
+        adapter.eval()
         runtime = wrapper.runtime
-        # BaseModel._apply_model's own work (sigma scaling, casts) needs model_sampling's real buffers:
-        # the wrapper calls the U-Net directly here, as _apply_model would after its casts.
-        unet_call = _UNetCall(mp.model)
         for label, lengths in cases:
             if len(lengths) != rows:
                 raise ValueError(f"case {label}: {len(lengths)} rows, expected {rows}")
             mask = feature_mask(lengths, bucket)
-            L, D = spec.num_layers, spec.hidden_size
-            features = LLMFeatures(spec, torch.empty(rows, L + 1, bucket, D, device=meta),
-                                   torch.empty(rows, L, bucket, D, device=meta), mask)
-            batch = CONDLLMDiff(features).concat([])
+            batch = _meta_features(spec, mask)
             calls: dict[str, int] = {}
-            step = lambda: wrapper(unet_call, x, ts, None, clip, None, dict(options), y=y, llmdiff=batch)  # noqa: E731
             with _host_values(adapter, mask, gates, calls):
                 runtime.begin_run(patched.get_model_object("model_sampling"))
                 try:
-                    first, _ = _counted(step)
+                    first, _ = _counted(lambda: m.call(wrapper, options, batch))
                     calls.clear()
-                    second, second_attn = _counted(step)
+                    second, second_attn = _counted(lambda: m.call(wrapper, options, batch))
                     span = runtime._entries[0].mask.stop - runtime._entries[0].mask.start
                 finally:
                     runtime.end_run()
-            out.append(StepFlops(family, mode, label, span, len(sites), rows, base, base_attn,
+            out.append(StepFlops(family, mode, label, span, len(m.sites), rows, base, base_attn,
                                  second - base, second_attn - base_attn, first - second,
                                  calls.get("fuse_at_core", 0), calls.get("fuse_after_out", 0)))
     return out
@@ -204,45 +243,19 @@ def real_shape_training(family: str, modes: list[str], spec: Any, bucket: int, c
     path on the meta device: apply_adapter's wrapper with a TrainingCall (gates as tensors, nothing
     cached), the frozen U-Net in bf16 (requires_grad off, as training/runner.py sets it), the adapter
     trainable. The loss is a mean square of the U-Net output (the objective's own cost is negligible)."""
-    from llmdiff_core.adapter import LLMDiffAdapter
-    from llmdiff_core.comfy_patch import TRAINING_KEY, ApplyModelWrapper, TrainingCall, apply_adapter
-    from llmdiff_core.conditioning import CONDLLMDiff
-    from llmdiff_core.config import AdapterConfig
-    from llmdiff_core.features import LLMFeatures
-    from llmdiff_core.unet_sites import base_family, find_sites
+    from llmdiff_core.comfy_patch import TRAINING_KEY, TrainingCall
 
-    import comfy.patcher_extension as pe
-
-    meta, dt = torch.device("meta"), torch.bfloat16
-    shape = builders.unet_shape(family, False)
-    mp = builders.build_unet(family, False, dt, meta)
-    mp.model.requires_grad_(False)
-    unet = mp.model.diffusion_model
-    sites, _ = find_sites(unet)
-    x = torch.empty(rows, 4, shape.latent, shape.latent, device=meta, dtype=dt)
-    ts = torch.full((rows,), 500.0, device=meta)
-    clip = torch.empty(rows, 77, shape.context_dim, device=meta, dtype=dt)
-    y = torch.empty(rows, shape.adm, device=meta, dtype=dt) if shape.adm else None
+    dt = torch.bfloat16
+    m = _MetaModel.build(family, dt, rows)
+    m.mp.model.requires_grad_(False)
     mask = feature_mask([caption_tokens] * rows, bucket)
-    L, D = spec.num_layers, spec.hidden_size
     out: list[TrainFlops] = []
     for mode in modes:
-        with torch.device(meta):
-            adapter = LLMDiffAdapter(AdapterConfig(base=base_family(mp.model), sites=sites, llm=spec,
-                                                   original_path=mode, max_tokens=bucket)).to(dt).train()
-        patched = apply_adapter(mp, adapter, strength=1.0)
-        options = dict(patched.model_options["transformer_options"])
-        options["wrappers"] = pe.merge_nested_dicts(options.get("wrappers", {}), patched.wrappers)
-        options[TRAINING_KEY] = TrainingCall(None)
-        (wrapper,) = [w for w in pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, options)
-                      if isinstance(w, ApplyModelWrapper)]
-        features = LLMFeatures(spec, torch.empty(rows, L + 1, bucket, D, device=meta),
-                               torch.empty(rows, L, bucket, D, device=meta), mask)
-        batch = CONDLLMDiff(features).concat([])
+        adapter, _, options, wrapper = m.patched(spec, mode, bucket, dt, {TRAINING_KEY: TrainingCall(None)})
+        adapter.train()
         with _host_values(adapter, mask, (1.0, 0.5), {}):
             with common.flop_counter() as forward:
-                loss = wrapper(_UNetCall(mp.model), x, ts, None, clip, None, dict(options), y=y,
-                               llmdiff=batch).float().square().mean()
+                loss = m.call(wrapper, options, _meta_features(spec, mask)).float().square().mean()
             with common.flop_counter() as backward:
                 loss.backward()
         out.append(TrainFlops(family, mode, rows, float(forward.get_total_flops()),

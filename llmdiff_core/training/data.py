@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import io
 import itertools
 import json
 import os
