@@ -215,27 +215,46 @@ def flop_counter() -> Any:
 
 # --- memory -------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)  # identity: nested contexts with equal fields are still different contexts
 class PeakMemory:
-    """Context manager: peak CUDA memory allocated inside it (GiB), None on CPU."""
+    """Context manager: peak CUDA memory allocated inside it (GiB), None on CPU.
+
+    Nests: torch keeps one peak counter per device, which each entry resets, so an inner context hands
+    the peak seen so far to the contexts around it before resetting, and its own peak when it exits.
+    """
 
     device: Any
     peak_gib: float | None = None
+    _seen: int = 0
+
+    def _now(self) -> int:
+        import torch
+
+        sync(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device))
 
     def __enter__(self) -> PeakMemory:
         import torch
 
         if self.device.type == "cuda":
-            sync(self.device)
+            now = self._now()
+            for outer in _ACTIVE_PEAKS:
+                outer._seen = max(outer._seen, now)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._seen = 0
+            _ACTIVE_PEAKS.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import torch
-
         if self.device.type == "cuda":
-            sync(self.device)
-            self.peak_gib = torch.cuda.max_memory_allocated(self.device) / GIB
+            now = self._now()
+            _ACTIVE_PEAKS.remove(self)
+            self.peak_gib = max(self._seen, now) / GIB
+            for outer in _ACTIVE_PEAKS:
+                outer._seen = max(outer._seen, now)
+
+
+_ACTIVE_PEAKS: list[PeakMemory] = []
 
 
 def gib(x: float | None) -> str:

@@ -115,6 +115,38 @@ def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
     assert all(r["result"] == "pass" for r in rows), rows
 
 
+def test_peak_memory_contexts_nest(monkeypatch) -> None:
+    """bench/common.PeakMemory around other PeakMemory contexts still sees their peaks (torch has one peak
+    counter per device, which every context resets). A fake CUDA counter stands in for the GPU."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    import common
+
+    state = {"allocated": 0, "peak": 0}
+
+    def allocate(n: int) -> None:
+        state["allocated"] += n
+        state["peak"] = max(state["peak"], state["allocated"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: state.update(peak=state["allocated"]))
+    gpu = types.SimpleNamespace(type="cuda")
+    gib = common.GIB
+    with common.PeakMemory(gpu) as whole:
+        with common.PeakMemory(gpu) as encode:
+            allocate(16 * gib)  # the LLM
+            allocate(-16 * gib)  # offloaded
+        with common.PeakMemory(gpu) as sample:
+            allocate(7 * gib)
+            allocate(-7 * gib)
+    assert (encode.peak_gib, sample.peak_gib, whole.peak_gib) == (16, 7, 16)
+
+
 def test_profile_sampling_small() -> None:
     text = run_bench("profile_sampling.py", "--small", "--steps", "2")
     assert "llmdiff_core functions per step" in text and "aten ops per step" in text
