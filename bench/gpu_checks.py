@@ -87,12 +87,22 @@ def main() -> None:
     def models(dev: torch.device, dtype: torch.dtype) -> Any:
         return builders.build_unet("sd15", True, dtype, dev, offload_device=mm.unet_offload_device())
 
+    def same_weights_on(dev: torch.device, dtype: torch.dtype) -> Any:
+        """The CPU-built U-Net (builders seeds a per-device generator: CUDA draws differ) stored in dtype,
+        loaded to dev by ComfyUI at sampling, like a checkpoint."""
+        import comfy.model_patcher
+
+        model = models(cpu, torch.float32).model
+        model.diffusion_model.to(dtype)
+        model.diffusion_model.dtype = dtype  # BaseModel.get_dtype() reads it
+        return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=mm.unet_offload_device())
+
     from llmdiff_core.comfy_patch import apply_adapter
 
     # 1. device fp16 vs CPU fp32
     def device_matches_cpu() -> tuple[bool, str]:
         details, ok = [], True
-        ref_base, dev_base = models(cpu, torch.float32), models(device, unet_dtype)
+        ref_base, dev_base = models(cpu, torch.float32), same_weights_on(device, unet_dtype)
         plain_ref, plain_dev = sample(ref_base, clip_pos, clip_neg), sample(dev_base, clip_pos, clip_neg)
         for mode in ("clip", "llm"):
             ref = sample(apply_adapter(ref_base, builders.build_adapter(ref_base, spec, mode, "fp32", 32)), pos, neg)
