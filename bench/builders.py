@@ -202,12 +202,12 @@ def build_llm(shape: str, dtype: torch.dtype, device: torch.device) -> Any:
     """A LoadedLLM (llmdiff_core.llm) around a random-weight LlamaForCausalLM built on `device`."""
     import transformers
 
-    from llmdiff_core.llm import LoadedLLM
+    from llmdiff_core.llm import LoadedLLM, dtype_kwarg
 
     cfg = transformers.LlamaConfig(**LLM_SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg._attn_implementation = "sdpa"  # what llmdiff_core.llm.load_llm picks for Llama
     with torch.device(device):  # built (and randomly initialised) in place, in its dtype: no fp32 copy of an 8B
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, **dtype_kwarg(dtype))
     model.eval().requires_grad_(False)
     return LoadedLLM(model=model, tokenizer=StubTokenizer(cfg.vocab_size), spec=llm_spec(shape), dtype=dtype,
                      path=f"<random {shape}>")

@@ -204,29 +204,53 @@ def _load_config(path: str, raw: dict[str, Any], trust_remote_code: bool) -> Any
                            f"({first_line})") from e
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype keyword of from_pretrained / from_config: `dtype` since transformers 4.56, `torch_dtype`
+    before it (requirements.txt allows 4.50.3; those releases reject `dtype` with a TypeError)."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__).release >= (4, 56)
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
 def _from_pretrained(path: str, config: Any, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """AutoModel first: the base decoder without the LM head, which the encoding never runs (an untied
     head is ~1 GB in bf16 for Llama-3-8B); AutoModelForCausalLM for configs without a base-model class.
-    sdpa attention, eager where the family has no sdpa (Gemma 2: its attention logit soft-capping)."""
+    sdpa attention, eager where the family has no sdpa or soft-caps its attention logits (Gemma 2)."""
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    kwargs = dict(config=config, dtype=dtype, local_files_only=True, use_safetensors=True,
-                  trust_remote_code=trust_remote_code, output_loading_info=True)
+    kwargs = dict(config=config, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
+                  output_loading_info=True, **dtype_kwarg(dtype))
+    # Soft-capped attention logits (Gemma 2) exist only in eager attention. Recent transformers refuse sdpa
+    # for such a model; older ones (4.5x) accept it and silently drop the capping: ask for eager directly.
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    implementations = ("eager",) if getattr(text, "attn_logit_softcapping", None) else ("sdpa", "eager")
     last_error: Exception | None = None
+    missing_weights: LLMDiffError | None = None
     for auto in (AutoModel, AutoModelForCausalLM):
-        for attn in ("sdpa", "eager"):
+        for attn in implementations:
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # the skipped LM head is reported as "unexpected" keys
             try:
                 model, info = auto.from_pretrained(path, attn_implementation=attn, **kwargs)
+                break
             except ValueError as e:  # no sdpa for this family, or no class of this auto kind
                 last_error = e
-                continue
             finally:
                 hf_logging.set_verbosity(verbosity)
+        else:
+            continue  # neither attention implementation: try the next auto class
+        try:
             _check_loading_info(path, model, info)
             return model
+        except LLMDiffError as e:
+            # transformers 4.50's Gemma 3 text base model names its weights unlike the causal-LM checkpoint,
+            # so AutoModel finds none of them: the causal-LM class may still match.
+            missing_weights = e
+    if missing_weights is not None:
+        raise missing_weights
     raise LLMDiffError(f"LLM folder {path}: transformers cannot build a model from it ({last_error}). "
                        f"Is it a decoder-only language model?") from last_error
 

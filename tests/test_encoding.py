@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_llms import FAMILIES, SLIDING_WINDOW, make_tiny_llm
+from tiny_llms import FAMILIES, MULTIMODAL_FAMILIES, SLIDING_WINDOW, make_tiny_llm
 
 from llmdiff_core import encoding
 from llmdiff_core.encoding import encode, tokenize
 from llmdiff_core.errors import LLMDiffError
 from llmdiff_core.llm import LoadedLLM, load_llm
 
-ALL_FAMILIES = FAMILIES + ("gemma3_mm",)
+ALL_FAMILIES = FAMILIES + MULTIMODAL_FAMILIES
 MAX_TOKENS = 40
 LONG = "a photo of a cat sitting on a wooden chair"  # > SLIDING_WINDOW tokens: Gemma's windows bite
 PROMPTS = [LONG, "", "café 东京 🍜"]  # different lengths (padding), empty, non-ASCII

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_llms import FAMILIES, make_tiny_llm
+from tiny_llms import FAMILIES, MULTIMODAL_FAMILIES, make_tiny_llm
 
 from llmdiff_core.errors import LLMDiffError
 from llmdiff_core.llm import choose_dtype, find_llm_folders, load_llm
@@ -24,7 +24,7 @@ def llama(tmp_path: Path) -> Path:
     return make_tiny_llm("llama", tmp_path / "tiny-llama")
 
 
-@pytest.mark.parametrize("family", FAMILIES + ("gemma3_mm",))
+@pytest.mark.parametrize("family", FAMILIES + MULTIMODAL_FAMILIES)
 def test_loads_every_family_offline(tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = make_tiny_llm(family, tmp_path / f"my-{family}")

@@ -20,8 +20,22 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "mistral", "phi3", "gpt2")
-# Also "gemma3_mm": a multimodal Gemma3ForConditionalGeneration (tiny SigLIP tower) around the gemma3 text model.
+# The config class of each family; a family whose class the installed transformers lacks is left out of
+# FAMILIES (Qwen3 needs transformers >= 4.51; requirements.txt allows 4.50.3, tested by test_compat.py).
+_CONFIG_CLASS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "gemma2": "Gemma2Config",
+                 "gemma3": "Gemma3TextConfig", "mistral": "MistralConfig", "phi3": "Phi3Config", "gpt2": "GPT2Config",
+                 "gemma3_mm": "Gemma3Config"}
+
+
+def _available(family: str) -> bool:
+    import transformers
+
+    return hasattr(transformers, _CONFIG_CLASS[family])
+
+
+FAMILIES = tuple(f for f in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "mistral", "phi3", "gpt2") if _available(f))
+# "gemma3_mm": a multimodal Gemma3ForConditionalGeneration (tiny SigLIP tower) around the gemma3 text model.
+MULTIMODAL_FAMILIES = tuple(f for f in ("gemma3_mm",) if _available(f))
 VOCAB = 320  # >= tokenizer size (256 byte tokens + merges + specials)
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 SLIDING_WINDOW = 4  # small, so Gemma's sliding layers really differ from its global ones
