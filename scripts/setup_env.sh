@@ -91,6 +91,13 @@ rm -f "$ROOT/extra_model_paths.yaml"
 mkdir -p "$ROOT/user/default"
 echo '{"Comfy.TutorialCompleted": true}' > "$ROOT/user/default/comfy.settings.json"
 
+# requirements.txt's transformers floor with a tokenizers and huggingface-hub it accepts, in a folder of its
+# own (tests/test_compat.py puts it first on PYTHONPATH to test LLM loading and encoding on it).
+COMPAT_TRANSFORMERS=(transformers==4.50.3 tokenizers==0.21.4 huggingface-hub==0.30.2)
+log "compat: ${COMPAT_TRANSFORMERS[*]} (for tests/test_compat.py)"
+"$VPY" -m pip install --disable-pip-version-check -q --no-deps --target "$ENV_DIR/compat/transformers-floor" \
+  "${COMPAT_TRANSFORMERS[@]}" 2> >(grep -v "is ignored: it is neither" >&2)
+
 log "verifying"
 (cd "$ROOT" && "$VPY" -W ignore -c "
 import sys, os; sys.path.insert(0, os.getcwd())
