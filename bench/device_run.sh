@@ -30,3 +30,4 @@ case "$1" in
   3) checks 3 3 ;;
 esac
 bench/run_all.sh 2>&1 | tee "$BENCH_OUT/device-part-$1.log"
+echo "device_run.sh $1: ${SECONDS}s" | tee -a "$BENCH_OUT/device-part-$1.log"  # for planning the next session
