@@ -229,11 +229,22 @@ class AdapterRuntime(_Shared):
 
     def _build_entry(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype,
                      training: TrainingCall | None) -> RunEntry:
-        """c, the gates and every site's K/V (and in paper mode phi(c), the pooled vector)."""
-        features = batch.materialize()
+        """c, the gates and every site's K/V (and in paper mode phi(c), the pooled vector).
+
+        Sampling computes them for the distinct rows of the call and indexes the results (a latent batch
+        of one prompt repeats its row); training rows each have their own noise seed, so all are computed.
+        """
+        if training is None:
+            features, rows = batch.distinct()
+        else:
+            features, rows = batch.materialize(), list(range(batch.num_rows))
         check_features_match(self.config, features.spec)
         features = features.to(device)
         c = self._encode(features, None if training is None else training.noise_seeds)
+        index = None if rows == list(range(features.batch_size)) else torch.tensor(rows, device=device)
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:  # distinct rows -> the call's rows
+            return t if index is None else t.index_select(0, index)
         w_orig, w_new = self.adapter.gate_weights()
         if training is None:  # floats: no autograd per call, and gates (1, 0) are seen to be the identity
             gates_orig, gates_new = w_orig.tolist(), w_new.tolist()
@@ -243,21 +254,21 @@ class AdapterRuntime(_Shared):
         if self.paper:
             context = self.adapter.original_context(c).to(dtype)
             if self.config.needs_pooled:
-                pooled = self.adapter.pooled(c, features.mask)
+                pooled = per_row(self.adapter.pooled(c, features.mask))
             orig_kv = []
-        mask = RunMask.prepare(features.mask, dtype, device)
+        mask = RunMask.prepare(per_row(features.mask), dtype, device)
         like = torch.empty(0, dtype=dtype, device=device)
         new_kv, q_weights = [], []
         for i, site in enumerate(self.sites):
             heads = site.spec.heads
             k, v = self.adapter.site_keys_values(i, c)
-            new_kv.append((mask.heads(k.to(dtype), heads), mask.heads(v.to(dtype), heads)))
+            new_kv.append((per_row(mask.heads(k.to(dtype), heads)), per_row(mask.heads(v.to(dtype), heads))))
             q_weights.append(_weight_bias(self.adapter.sites[i].to_q, like)[0].to(device=device, dtype=dtype))
             if orig_kv is not None:
-                orig_kv.append((mask.heads(_project(site.attn2.to_k, context), heads),
-                                mask.heads(_project(site.attn2.to_v, context), heads)))
-        return RunEntry(batch, device, dtype, c, mask, gates_orig, gates_new, q_weights,
-                        new_kv=new_kv, orig_kv=orig_kv, context=context, pooled=pooled)
+                orig_kv.append((per_row(mask.heads(_project(site.attn2.to_k, context), heads)),
+                                per_row(mask.heads(_project(site.attn2.to_v, context), heads))))
+        return RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
+                        orig_kv=orig_kv, context=None if context is None else per_row(context), pooled=pooled)
 
     def _encode(self, features: LLMFeatures, noise_seeds: Sequence[int] | None) -> torch.Tensor:
         """c; with noise_seeds, row i adds its Langevin noise drawn from its own seed (TrainingCall)."""

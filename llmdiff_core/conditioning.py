@@ -55,6 +55,27 @@ class FeatureBatch:
         """One LLMFeatures with every row of the call, on the features' own device."""
         return LLMFeatures.cat([p.features.select(list(p.rows)) for p in self.parts])
 
+    def distinct(self) -> tuple[LLMFeatures, list[int]]:
+        """(the distinct rows of the call, for each row of the call its index among them).
+
+        A latent batch of N with one prompt repeats that prompt's row N times (process_cond): what is
+        computed from the features (c, every site's K/V) is then computed once and indexed, and only the
+        distinct rows are copied and moved to the U-Net's device.
+        """
+        first: dict[tuple[int, int], int] = {}  # (features object, row) -> its place among the distinct rows
+        rows_of_part: list[list[int]] = [[] for _ in self.parts]  # the distinct rows each part contributes
+        index = []
+        for p, part in enumerate(self.parts):
+            for row in part.rows:
+                key = (id(part.features), row)
+                if key not in first:
+                    first[key] = len(first)
+                    rows_of_part[p].append(row)
+                index.append(first[key])
+        # distinct rows are numbered part by part, so concatenating the parts' selections keeps that order
+        return LLMFeatures.cat([part.features.select(rows) for part, rows in zip(self.parts, rows_of_part)
+                                if rows]), index
+
 
 class CONDLLMDiff(comfy.conds.CONDRegular):
     """A COND whose .cond is an LLMFeatures object (not a tensor); see the module docstring."""

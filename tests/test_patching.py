@@ -24,7 +24,7 @@ from comfy.patcher_extension import WrappersMP
 from llmdiff_core.attention import RunMask, attend, effective_gates, fuse_after_out, fuse_at_core
 from llmdiff_core.comfy_patch import (FEATURES_KEY, TRAINING_KEY, WRAPPER_KEY, AdapterRuntime, TrainingCall,
                                       apply_adapter)
-from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, attach_features
+from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, FeaturePart, attach_features
 from llmdiff_core.errors import AdapterMismatchError, LLMDiffError
 from llmdiff_core.features import LLMFeatures
 from llmdiff_core.unet_sites import find_sites
@@ -398,6 +398,37 @@ def test_batch_of_three_prompts_each_sample_uses_its_own() -> None:
     assert max_rel(out[0], out[1]) > 1e-3 and max_rel(out[1], out[2]) > 1e-3
     # positive and negative (different lengths, same bucket) share every U-Net call
     assert all(rows == 6 and batch is not None and len(batch.parts) == 2 for rows, batch, _ in spy.calls)
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_a_latent_batch_of_one_prompt_encodes_its_rows_once(mode: str) -> None:
+    """4 latents of one prompt: ComfyUI repeats the prompt's row per latent (8 U-Net rows with CFG), but c and
+    every site's K/V are computed for the 2 distinct rows (positive, negative) and indexed; each image is
+    the one sampled alone."""
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, mode)
+    encoded: list[int] = []
+    encode = adapter.encode
+
+    def counting(features: LLMFeatures, **kwargs: Any) -> torch.Tensor:
+        encoded.append(features.batch_size)
+        return encode(features, **kwargs)
+    adapter.encode = counting
+    m = apply_adapter(mp, adapter)
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+    out = sample(m, pos, neg, noise(4))
+    assert encoded == [2]
+    for i in range(4):
+        assert max_rel(sample(m, pos, neg, noise(4)[i:i + 1]), out[i:i + 1]) < 1e-5
+
+
+def test_distinct_rows_of_a_feature_batch() -> None:
+    a, b = make_features([3, 5], seed=1), make_features([4], seed=2)
+    batch = FeatureBatch((FeaturePart(a, (1, 1, 0)), FeaturePart(b, (0, 0)), FeaturePart(a, (0,))))
+    features, index = batch.distinct()
+    assert index == [0, 0, 1, 2, 2, 1]
+    assert torch.equal(features.hidden, torch.cat([a.hidden[[1, 0]], b.hidden[[0]]]))
+    assert torch.equal(features.mask[index], batch.materialize().mask)
 
 
 def test_cache_once_per_run_same_result_as_recomputing() -> None:
