@@ -120,36 +120,52 @@ class RunEntry:
     orig_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # paper: k(phi c), v(phi c), as new_kv
     context: torch.Tensor | None = None  # paper: phi(c) [R, T, context_dim] in dtype
     pooled: torch.Tensor | None = None  # paper, SDXL: [R, 1280]
-    scaled_v: dict[tuple[int, bool, float], torch.Tensor] = field(default_factory=dict)  # gate * V, per run
+    scaled: dict[float, ScaledSites] = field(default_factory=dict)  # per strength, float gates only
 
     def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> bool:
         return self.device == device and self.dtype == dtype and self.batch.same_rows(batch)
 
-    def values(self, i: int, new: bool, gate: Gate) -> torch.Tensor:
-        """gate * V of site i (new: tau_v(c), else v(phi c)): gate * Attn(q, k, v) = Attn(q, k, gate * v).
+    def scaled_sites(self, scale: float, block_weights: Sequence[float]) -> ScaledSites:
+        """Every site's effective gates at strength `scale` and its gate-scaled values
+        (g * Attn(q, k, v) = Attn(q, k, g * v)).
 
-        Float gates (sampling) are folded into V once per run and gate value; tensor gates
-        (TrainingCall, one entry per call) multiply per call and keep their gradient.
+        Float gates (sampling) are worked out once per run and strength, not per U-Net call; tensor gates
+        (TrainingCall: one entry per call) multiply here and keep their gradient.
         """
-        v = (self.new_kv if new else self.orig_kv)[i][1]
-        if isinstance(gate, torch.Tensor):
-            return v * gate.to(v.dtype)
-        if gate == 1.0:
-            return v
-        key = (i, new, gate)
-        scaled = self.scaled_v.get(key)
-        if scaled is None:
-            scaled = self.scaled_v[key] = v * gate
-        return scaled
+        found = self.scaled.get(scale)
+        if found is not None:
+            return found
+        gates = [effective_gates(wo, wn, scale * w) for wo, wn, w in zip(self.w_orig, self.w_new, block_weights)]
+
+        def times(v: torch.Tensor, g: Gate) -> torch.Tensor:
+            if isinstance(g, torch.Tensor):
+                return v * g.to(v.dtype)
+            return v if g == 1.0 else v * g
+
+        new = [None if is_identity(wo, wn) else times(self.new_kv[i][1], wn) for i, (wo, wn) in enumerate(gates)]
+        orig = None if self.orig_kv is None else [times(kv[1], wo) for kv, (wo, _) in zip(self.orig_kv, gates)]
+        found = ScaledSites(gates, new, orig)
+        if not any(isinstance(g, torch.Tensor) for g in self.w_orig):
+            self.scaled[scale] = found
+        return found
+
+
+@dataclass(frozen=True)
+class ScaledSites:
+    """Per site at one strength: the effective (w_orig, w_new) and the values the patches read,
+    w_new*tau_v(c) (None where the gates are the identity) and in paper mode w_orig*v(phi c)."""
+
+    gates: list[tuple[Gate, Gate]]
+    new_values: list[torch.Tensor | None]
+    orig_values: list[torch.Tensor] | None
 
 
 @dataclass(frozen=True)
 class CallState:
     """One U-Net call: its run entry and each site's effective (w_orig, w_new).
 
-    new_values / orig_values: per site, w_new*tau_v(c) and (paper) w_orig*v(phi c), looked up or built
-    here, before the U-Net runs, so the patches inside it only read (nothing for a compiled U-Net to
-    trace but tensor math; None where the site skips that path).
+    gates, new_values, orig_values: the entry's ScaledSites for this call's strength, prepared before the
+    U-Net runs, so the patches inside it only read (nothing for a compiled U-Net to trace but tensor math).
 
     pending: site -> w_new*A_new, from the attn2_patch until the attention core (CoreFusion) or,
     failing that, the attn2_output_patch takes it. It lives here, not in the patches' extra_options,
@@ -185,6 +201,7 @@ class AdapterRuntime(_Shared):
         self.paper = adapter.config.original_path == "llm"
         self.sites = sites
         self.site_index = {s.spec.key: i for i, s in enumerate(sites)}
+        self.block_weights = [s.weight for s in sites]
         self.strength = strength
         self.start_percent = start_percent
         self.end_percent = end_percent
@@ -292,17 +309,14 @@ class AdapterRuntime(_Shared):
         if batch.num_rows != rows:
             raise RuntimeError(f"LLMDiff: {batch.num_rows} feature rows for a U-Net batch of {rows}")
         entry = self.entry_for(batch, device, dtype, training)
-        gates = [effective_gates(wo, wn, scale * s.weight)
-                 for wo, wn, s in zip(entry.w_orig, entry.w_new, self.sites)]
+        scaled = entry.scaled_sites(scale, self.block_weights)
         if self.paper or not CORE_OVERRIDE_SUPPORTED:
             at_core = [False] * len(self.sites)
         elif replaced:  # a replace patch (IP-Adapter) computes that site's attention: FusedReplace fuses there
             at_core = [s.spec.key not in replaced and s.spec.block not in replaced for s in self.sites]
         else:
             at_core = [True] * len(self.sites)
-        new_values = [None if is_identity(wo, wn) else entry.values(i, True, wn) for i, (wo, wn) in enumerate(gates)]
-        orig_values = [entry.values(i, False, wo) for i, (wo, _) in enumerate(gates)] if self.paper else None
-        return CallState(entry, gates, new_values, orig_values, at_core)
+        return CallState(entry, scaled.gates, scaled.new_values, scaled.orig_values, at_core)
 
     # attention-patch helpers
     def site_of(self, eo: dict[str, Any]) -> int | None:
@@ -312,7 +326,7 @@ class AdapterRuntime(_Shared):
     def new_path(self, state: CallState, i: int, n: torch.Tensor) -> torch.Tensor:
         """w_new * Attn(tau_q(n), tau_k(c), tau_v(c)) with the padding/BOS mask, in n's dtype.
 
-        w_new is folded into tau_v(c) (RunEntry.values); tau_q's weight is the entry's, already
+        w_new is folded into tau_v(c) (RunEntry.scaled_sites); tau_q's weight is the entry's, already
         in the U-Net dtype.
         """
         entry = state.entry
