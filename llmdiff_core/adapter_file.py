@@ -16,6 +16,7 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+from torch import nn
 
 from .adapter import LLMDiffAdapter
 from .config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
@@ -103,15 +104,15 @@ def read_adapter_config(path: PathLike) -> AdapterConfig:
 
 
 def load_adapter(path: PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 operations: Any = None) -> LLMDiffAdapter:
+                 operations: Any = nn) -> LLMDiffAdapter:
     """Load and validate an adapter file. dtype=None keeps the dtypes stored in the file. operations:
-    the Linear class provider (LLMDiffAdapter's; comfy.ops for ComfyUI's partial loading), default torch.nn."""
+    the Linear class provider (LLMDiffAdapter's; comfy.ops for ComfyUI's partial loading)."""
     config = read_adapter_config(path)
     tensors = _read_tensors(path, device)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     with torch.device("meta"):  # no allocation: assign=True below adopts the loaded tensors
-        adapter = LLMDiffAdapter(config) if operations is None else LLMDiffAdapter(config, operations)
+        adapter = LLMDiffAdapter(config, operations)
     adapter.load_state_dict(tensors, strict=True, assign=True)
     return adapter
 

@@ -219,7 +219,6 @@ def _from_pretrained(path: str, config: Any, dtype: torch.dtype, trust_remote_co
     head is ~1 GB in bf16 for Llama-3-8B); AutoModelForCausalLM for configs without a base-model class.
     sdpa attention, eager where the family has no sdpa or soft-caps its attention logits (Gemma 2)."""
     from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     kwargs = dict(config=config, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
                   output_loading_info=True, **dtype_kwarg(dtype))
@@ -230,18 +229,11 @@ def _from_pretrained(path: str, config: Any, dtype: torch.dtype, trust_remote_co
     last_error: Exception | None = None
     missing_weights: LLMDiffError | None = None
     for auto in (AutoModel, AutoModelForCausalLM):
-        for attn in implementations:
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # the skipped LM head is reported as "unexpected" keys
-            try:
-                model, info = auto.from_pretrained(path, attn_implementation=attn, **kwargs)
-                break
-            except ValueError as e:  # no sdpa for this family, or no class of this auto kind
-                last_error = e
-            finally:
-                hf_logging.set_verbosity(verbosity)
-        else:
-            continue  # neither attention implementation: try the next auto class
+        try:
+            model, info = _load_with_attention(auto, path, implementations, kwargs)
+        except ValueError as e:  # no such attention implementation for this family, or no class of this kind
+            last_error = e
+            continue
         try:
             _check_loading_info(path, model, info)
             return model
@@ -253,6 +245,25 @@ def _from_pretrained(path: str, config: Any, dtype: torch.dtype, trust_remote_co
         raise missing_weights
     raise LLMDiffError(f"LLM folder {path}: transformers cannot build a model from it ({last_error}). "
                        f"Is it a decoder-only language model?") from last_error
+
+
+def _load_with_attention(auto: Any, path: str, implementations: tuple[str, ...],
+                         kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """auto.from_pretrained with the first attention implementation the family accepts; the last
+    ValueError when none is."""
+    from transformers.utils import logging as hf_logging
+
+    error: ValueError | None = None
+    for attn in implementations:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the skipped LM head is reported as "unexpected" keys
+        try:
+            return auto.from_pretrained(path, attn_implementation=attn, **kwargs)
+        except ValueError as e:
+            error = e
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    raise error if error is not None else ValueError("no attention implementation to try")
 
 
 def _check_loading_info(path: str, model: nn.Module, info: dict[str, Any]) -> None:
