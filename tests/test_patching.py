@@ -729,17 +729,18 @@ def test_once_per_run_work_is_prepared_in_the_unet_dtype() -> None:
 
 
 @pytest.mark.parametrize("mode", ["clip", "llm"])
-def test_partially_loaded_adapter_computes_the_same(mode: str) -> None:
+def test_partially_loaded_adapter_computes_the_same(mode: str, tmp_path: Any) -> None:
     """Adapter Loader builds the adapter from comfy.ops layers, so when memory is short ComfyUI can load it
     partially (layers offloaded, weights fetched per call, like the U-Net's) instead of leaving plain torch
-    layers on the CPU to meet GPU inputs. Loaded that way it computes exactly what the plain one does."""
-    import comfy.ops
-    from llmdiff_core.adapter import LLMDiffAdapter
+    layers on the CPU to meet GPU inputs. Loaded that way (the loader's own code, from a file) it computes
+    exactly what the plain one does."""
+    from llmdiff_core.adapter_file import save_adapter
+    from llmdiff_core.comfy_adapter import load_for_inference
 
     mp = tiny_sd15_minimal()
     plain = adapter_for(mp, mode)
-    layered = LLMDiffAdapter(plain.config, operations=comfy.ops.disable_weight_init)
-    layered.load_state_dict(plain.state_dict())
+    path = save_adapter(plain, tmp_path / "adapter.safetensors")
+    layered = load_for_inference(path, "fp32")
     features = make_features([5, 11], seed=3)
     x, sigma, context, y = direct_inputs("sd15")
     want = diffusion_output(apply_adapter(mp, plain), x, sigma, context, y, CONDLLMDiff(features).concat([]))
