@@ -1,33 +1,76 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (after bench/prepare_device.sh here): one part of bench/run_all.sh per call,
-# so each call stays well inside the device tool's 10-minute limit. Tables go to $OUT (the tool brings
-# them back) or bench/results.
-#   bench/device_run.sh 1   # GPU correctness checks (bench/gpu_checks.py, all but compile), then sampling
-#                           # overhead (fp16-projection and fp32 adapters) + score encoding
-#   bench/device_run.sh 2   # training throughput + workflow memory + the two sampling profiles
-#   bench/device_run.sh 3   # optional: the compile check, sampling under torch.compile, training with
-#                           # channels-last + compile
-set -euo pipefail
+# On the lent GPU machine (after bench/prepare_device.sh here). Tables and logs go to $OUT (the device
+# tool brings them back) or bench/results.
+#   bench/device_run.sh all   # everything, most important first, inside DEVICE_BUDGET_S seconds (default
+#                             # 540): a step that would not fit is skipped and named in the log, so one
+#                             # call of the 15-minute lease brings back the targets' numbers first
+#   bench/device_run.sh 1     # GPU correctness checks (all but compile), sampling overhead, score encoding
+#   bench/device_run.sh 2     # training throughput + workflow memory + the two sampling profiles
+#   bench/device_run.sh 3     # the compile check, sampling under torch.compile, training channels-last + compile
+# SKIP="label ..." leaves steps out (e.g. those a first call already measured); DEVICE_ARGS="--small"
+# tries the script on a CPU (PATH must then start with the pinned venv's bin).
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ -d .bench/ComfyUI ] || { echo "no .bench/ComfyUI: run bench/prepare_device.sh first and carry .bench" >&2; exit 2; }
-python3 -m pip install -q --no-index --no-deps --target /tmp/llmdiff-site .bench/whl/*.whl
-export PYTHONPATH=/tmp/llmdiff-site${PYTHONPATH:+:$PYTHONPATH}
-export LLMDIFF_COMFYUI_ROOT=$PWD/.bench/ComfyUI LLMDIFF_PYTHON=python3 BENCH_JSON=0
-export BENCH_OUT=${OUT:-bench/results}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-case "${1:-}" in
-  1) export BENCH_ONLY="sampling_overhead score_encoding" ;;
-  2) export BENCH_ONLY="training_throughput workflow_memory profile_sampling" ;;
-  3) export BENCH_ONLY="sampling-compiled training-fast" ;;
-  *) echo "usage: bench/device_run.sh 1|2|3" >&2; exit 2 ;;
-esac
-checks() {  # the correctness table goes next to the benchmark tables; a failed check is reported, not fatal
-  python3 bench/gpu_checks.py --only "$1" --markdown "$BENCH_OUT/gpu-checks-part-$2.md" 2>&1 \
-    | tee "$BENCH_OUT/gpu-checks-part-$2.log" || echo "gpu_checks: a check FAILED (see the table)" >&2
+python3 -m pip install -q --no-index --no-deps --target /tmp/llmdiff-site .bench/whl/*.whl || exit 2
+export PYTHONPATH=/tmp/llmdiff-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export LLMDIFF_COMFYUI_ROOT=$PWD/.bench/ComfyUI
+OUTDIR=${OUT:-bench/results}
+mkdir -p "$OUTDIR"
+PART=${1:-}
+MD="$OUTDIR/tables-$PART.md"          # every benchmark table of this call
+LOG="$OUTDIR/device-$PART.log"        # everything printed, and each step's seconds
+DEADLINE=$((SECONDS + ${DEVICE_BUDGET_S:-540}))
+export DEVICE_ARGS=${DEVICE_ARGS:-} MD LOG OUTDIR PART
+
+step() {  # step <label> <seconds it needs at least> command...: run it if that much time is left, never past the deadline
+  local label=$1 need=$2 left=$((DEADLINE - SECONDS)) t0=$SECONDS result=ok; shift 2
+  [[ " ${SKIP:-} " == *" $label "* ]] && return 0
+  if (( left < need )); then echo "== $label: SKIPPED (${left}s left, needs ~${need}s)"; return 0; fi
+  echo "== $label"
+  timeout --signal=INT --kill-after=15 "$left" bash -c '"$@"' step "$@" || result="exit $?"  # (124: out of time)
+  echo "== $label: $result after $((SECONDS - t0))s"
 }
-case "$1" in
-  1) checks 1,2,4,5,6,7 1 ;;
-  3) checks 3 3 ;;
-esac
-bench/run_all.sh 2>&1 | tee "$BENCH_OUT/device-part-$1.log"
-echo "device_run.sh $1: ${SECONDS}s" | tee -a "$BENCH_OUT/device-part-$1.log"  # for planning the next session
+# shellcheck disable=SC2086  # DEVICE_ARGS: words
+bench() { python3 "bench/$1.py" $DEVICE_ARGS "${@:2}" --markdown "$MD"; }
+checks() { python3 bench/gpu_checks.py --only "$1" --markdown "$OUTDIR/gpu-checks-$PART.md"; }
+export -f bench checks
+
+run_part() {
+  case "$1" in
+    core)  # the four targets, then the correctness checks
+      step sampling 90 bench sampling_overhead
+      step encoding 40 bench score_encoding
+      step training 90 bench training_throughput
+      step workflow 60 bench workflow_memory ;;
+    1) step checks 20 checks 1,2,4,5,6,7
+       run_part core-sampling ;;
+    core-sampling)
+      step sampling 90 bench sampling_overhead
+      step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
+      step encoding 40 bench score_encoding ;;
+    2) step training 90 bench training_throughput
+       step workflow 60 bench workflow_memory
+       run_part profiles ;;
+    profiles)
+      step profile-sd15 30 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip > $OUTDIR/profile-sd15-hybrid.txt"
+      step profile-sdxl 40 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sdxl --mode clip --steps 10 > $OUTDIR/profile-sdxl-hybrid.txt" ;;
+    3) step checks-compile 60 checks 3
+       step sampling-compiled 120 bench sampling_overhead --compile inductor --no-real-flops
+       step training-fast 120 bench training_throughput --channels-last --compile inductor --warmup 5 --no-floor ;;
+    all)
+      step checks 20 checks 1,2,4,5,6,7
+      run_part core
+      step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
+      run_part profiles
+      run_part 3 ;;
+    *) echo "usage: bench/device_run.sh all|1|2|3" >&2; exit 2 ;;
+  esac
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__)'
+  run_part "$PART"
+  echo "device_run.sh $PART: ${SECONDS}s"  # for planning the next session
+} 2>&1 | tee "$LOG"
