@@ -235,7 +235,7 @@ def main() -> None:
                          t_wait * 1e3, t_prep * 1e3, (step - t_wait) * 1e3, 100 * common.spread(steps),
                          (sum(moved) / len(moved) / 2 ** 20) if moved else float("nan"), common.gib(pm.peak_gib),
                          TARGET[family] if not opts.small else "n/a (GPU)", loss,
-                         "n/a (--small)" if opts.small or family not in step_tflop
+                         "n/a (--small)" if opts.small else "n/a (--no-floor)" if family not in step_tflop
                          else 100 * bsz / step * step_tflop[family] / H100_DENSE_BF16_TFLOPS])
             del mp, comps
             mm.unload_all_models()
