@@ -29,6 +29,9 @@ def is_identity(w_orig: Gate, w_new: Gate) -> bool:
 
 # --- prepared once per sampling run (comfy_patch.RunEntry) -------------------------------------------
 
+SPAN_BUCKET = 32  # the new path's attention sees key lengths that are multiples of this (RunMask)
+
+
 @dataclass(frozen=True)
 class RunMask:
     """Which key tokens each row may attend to, prepared once per run for one U-Net dtype/device,
@@ -36,6 +39,10 @@ class RunMask:
 
     start, stop: the token span [start, stop) that holds every attended token of every row; keys
     outside it are masked for every row, so dropping them is exact (they contribute exp(-inf) = 0).
+    With bucket > 1 the span's length is rounded up to a multiple of bucket (at most to the last
+    token): a few key lengths over all prompts and training batches instead of one per longest
+    prompt, so cuDNN's attention graphs and torch.compile's graphs are built once per bucket, not once
+    per prompt length (the extra keys are masked: the same result for a few more attention FLOPs).
     bias: [B, 1, 1, stop-start] additive 0 / -inf in the U-Net dtype (what SDPA makes of a bool mask
           on every call), or None when every row attends to the whole span (no mask at all).
     keep: [B, 1, 1] in the U-Net dtype, 0 for rows without any attended token (they attend to all
@@ -49,7 +56,8 @@ class RunMask:
     keep: torch.Tensor | None
 
     @classmethod
-    def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> RunMask:
+    def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                bucket: int = SPAN_BUCKET) -> RunMask:
         """mask: [B, T] bool, True = the token takes part in attention (one host sync, once per run)."""
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"key mask must be bool [B, T], got {mask.dtype} {tuple(mask.shape)}")
@@ -57,6 +65,8 @@ class RunMask:
         has_key = mask.any(dim=1)
         columns = mask.any(dim=0).nonzero().flatten().tolist()
         start, stop = (columns[0], columns[-1] + 1) if columns else (0, 1)
+        if bucket > 1:  # the span's length up to a multiple of bucket (or to the last token)
+            stop = start + min(mask.shape[1] - start, -(-(stop - start) // bucket) * bucket)
         span = mask[:, start:stop] | ~has_key[:, None]  # rows without keys attend to all (finite), then zeroed
         keep = None if bool(has_key.all()) else has_key.to(dtype)[:, None, None]
         bias = None

@@ -624,7 +624,7 @@ def test_prepared_mask_trims_to_the_attended_span_exactly() -> None:
     q, k, v = torch.randn(3, 5, 16, generator=g), torch.randn(3, 9, 16, generator=g), torch.randn(3, 9, 16, generator=g)
     mask = torch.zeros(3, 9, dtype=torch.bool)
     mask[0, 1:3], mask[1, 1:6] = True, True  # row 2: nothing to attend to; tokens 0 and 6.. unused by all
-    rm = RunMask.prepare(mask, torch.float32, torch.device("cpu"))
+    rm = RunMask.prepare(mask, torch.float32, torch.device("cpu"), bucket=1)
     assert (rm.start, rm.stop) == (1, 6)
     assert rm.bias is not None and rm.bias.dtype == torch.float32 and rm.keep is not None
     out = attend(q, rm.heads(k, 2), rm.heads(v, 2), rm)
@@ -632,13 +632,33 @@ def test_prepared_mask_trims_to_the_attended_span_exactly() -> None:
     torch.testing.assert_close(out[:2], literal_attention(q[:2], k[:2], v[:2], 2, mask[:2]), atol=1e-6, rtol=1e-5)
     full_span = torch.zeros(3, 9, dtype=torch.bool)
     full_span[:, 2:7] = True  # every row attends to the whole span: no mask at all
-    rm = RunMask.prepare(full_span, torch.float16, torch.device("cpu"))
+    rm = RunMask.prepare(full_span, torch.float16, torch.device("cpu"), bucket=1)
     assert rm.bias is None and rm.keep is None and rm.heads(k, 2).shape == (3, 2, 5, 8)
     torch.testing.assert_close(attend(q, rm.heads(k, 2), rm.heads(v, 2), rm),
                                literal_attention(q, k, v, 2, full_span), atol=1e-6, rtol=1e-5)
     nothing = RunMask.prepare(torch.zeros(2, 9, dtype=torch.bool), torch.float32, torch.device("cpu"))
     out = attend(q[:2], nothing.heads(k[:2], 2), nothing.heads(v[:2], 2), nothing)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_prepared_span_comes_in_buckets_and_computes_the_same() -> None:
+    """Key lengths are multiples of the bucket (or reach the last token): prompts and training batches of
+    different lengths share the attention's shapes; the padded keys are masked, the result is exact."""
+    g = torch.Generator().manual_seed(5)
+    T = 80
+    q, k, v = torch.randn(2, 5, 16, generator=g), torch.randn(2, T, 16, generator=g), torch.randn(2, T, 16, generator=g)
+    spans = set()
+    for longest in (3, 20, 33, 50, 63, 64, 79):
+        mask = torch.zeros(2, T, dtype=torch.bool)
+        mask[0, 1:longest + 1], mask[1, 1:3] = True, True
+        rm = RunMask.prepare(mask, torch.float32, torch.device("cpu"), bucket=32)
+        length = rm.stop - rm.start
+        assert rm.start == 1 and (length % 32 == 0 or rm.stop == T) and rm.stop > longest
+        assert rm.bias is not None
+        spans.add(length)
+        torch.testing.assert_close(attend(q, rm.heads(k, 2), rm.heads(v, 2), rm),
+                                   literal_attention(q, k, v, 2, mask), atol=1e-6, rtol=1e-5)
+    assert spans == {32, 64, T - 1}
 
 
 class CountingOverride:
@@ -714,7 +734,8 @@ def test_once_per_run_work_is_prepared_in_the_unet_dtype() -> None:
     features = make_features([4, 9], seed=5)
     entry = rt.entry_for(CONDLLMDiff(features).concat([]), torch.device("cpu"), torch.float16)
     assert all(w.dtype == torch.float16 for w in entry.q_weights)
-    assert all(k.dtype == torch.float16 and k.shape[2] == 9 for k, _ in entry.new_kv)  # tokens 1..9 of 16
+    # attended tokens 1..9 of the 16-token bucket: the span's length rounds up to 32, so it reaches token 15
+    assert all(k.dtype == torch.float16 and k.shape[2] == 15 for k, _ in entry.new_kv)
     assert entry.mask.bias is not None and entry.mask.bias.dtype == torch.float16
     assert adapter.sites[0].to_q.weight.dtype == torch.float32  # the adapter itself is untouched
 
