@@ -102,11 +102,13 @@ def attend(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: RunMask) -
 
 def fuse_at_core(a_orig: torch.Tensor, scaled_new: torch.Tensor, w_orig: Gate) -> torch.Tensor:
     """w_orig*A_orig + S, S = w_new*A_new already scaled (before the output projection)."""
+    if scaled_new.dtype != a_orig.dtype:  # (a same-dtype .to() is still a dispatch per site and step)
+        scaled_new = scaled_new.to(a_orig.dtype)
     if isinstance(w_orig, torch.Tensor):
-        return w_orig * a_orig + scaled_new.to(a_orig.dtype)
+        return w_orig * a_orig + scaled_new
     if w_orig == 1.0:
-        return a_orig + scaled_new.to(a_orig.dtype)
-    return torch.add(scaled_new.to(a_orig.dtype), a_orig, alpha=w_orig)
+        return a_orig + scaled_new
+    return torch.add(scaled_new, a_orig, alpha=w_orig)
 
 
 def fuse_after_out(out: torch.Tensor, scaled_new: torch.Tensor, out_weight: torch.Tensor,
