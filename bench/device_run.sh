@@ -4,6 +4,7 @@
 #   bench/device_run.sh all   # everything, most important first, inside DEVICE_BUDGET_S seconds (default
 #                             # 540): a step that would not fit is skipped and named in the log, so one
 #                             # call of the 15-minute lease brings back the targets' numbers first
+#   bench/device_run.sh next  # the A/Bs and profiles session 3's numbers call for (docs/benchmarks.md §5c)
 #   bench/device_run.sh 1     # GPU correctness checks (all but compile), sampling overhead, score encoding
 #   bench/device_run.sh 2     # training throughput + workflow memory + the two sampling profiles
 #   bench/device_run.sh 3     # the compile check, sampling under torch.compile, training channels-last + compile
@@ -58,13 +59,18 @@ run_part() {
     3) step checks-compile 60 checks 3
        step sampling-compiled 120 bench sampling_overhead --compile inductor --no-real-flops
        step training-fast 120 bench training_throughput --channels-last --compile inductor --warmup 5 --no-floor ;;
+    next)  # what session 3's numbers left open: the A/Bs and profiles that explain the missed targets
+      step training-profile 120 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
+      step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops
+      step checks-compile 60 checks 3
+      step sampling-compiled 150 bench sampling_overhead --modes clip --compile inductor --no-real-flops ;;
     all)
       step checks 20 checks 1,2,4,5,6,7
       run_part core
       step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
       run_part profiles
       run_part 3 ;;
-    *) echo "usage: bench/device_run.sh all|1|2|3" >&2; exit 2 ;;
+    *) echo "usage: bench/device_run.sh all|next|1|2|3" >&2; exit 2 ;;
   esac
 }
 

@@ -52,6 +52,10 @@ def parse() -> Any:
                         "implies --no-flops")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode with --compile inductor (e.g. reduce-overhead = CUDA graphs, max-autotune)")
+    p.add_argument("--attend", default="", metavar="IMPLS",
+                   help="also time each adapter with its masked attention done another way (an A/B for the "
+                        "product's llmdiff_core.attention.attend, which lets torch pick the SDPA backend): comma "
+                        "list of efficient, cudnn, math (SDPA with that backend forced) and bmm (matmul-softmax-matmul)")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting on the timed device")
     p.add_argument("--no-real-flops", action="store_true", help="skip the real-shape FLOP floor (meta device)")
     p.add_argument("--floor-only", action="store_true", help="only the real-shape FLOP floor table (no timing)")
@@ -81,6 +85,7 @@ def main() -> None:
     from llmdiff_core.comfy_patch import apply_adapter
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    attend_impls = {name: attend_variant(name) for name in opts.attend.split(",") if name}
     spec = builders.llm_spec(opts.llm)
     models = [m for m in opts.models.split(",") if m]
     modes = [m for m in opts.modes.split(",") if m]
@@ -101,9 +106,13 @@ def main() -> None:
         clip_neg = builders.clip_conditioning(shape, latent_batch, 2)
         pos, neg = builders.prompt_pair(shape, spec, opts.tokens, opts.prompt_tokens, 0, latent_batch)
         variants: dict[str, tuple[Any, list, list]] = {"unpatched": (base, clip_pos, clip_neg)}
+        impl_of: dict[str, str] = {}  # variant -> the attend implementation it runs with ("" = the product's)
         for mode in modes:
             adapter = builders.build_adapter(base, spec, mode, opts.adapter_dtype, max_tokens=opts.tokens)
             variants[mode] = (apply_adapter(base, adapter, strength=1.0), pos, neg)
+            for impl in attend_impls:
+                variants[f"{mode}+{impl}"] = variants[mode]
+                impl_of[f"{mode}+{impl}"] = impl
         if opts.compile:  # warmup runs compile; each variant is its own dynamo graph of the same U-Net code
             variants = {name: (compiled(mp, opts), p_, n_) for name, (mp, p_, n_) in variants.items()}
         noise = torch.randn(latent_batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
@@ -130,12 +139,18 @@ def main() -> None:
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
             return {"step": common.median(gaps), "first": stamps[0] - t0, "run": t1 - t0}
 
-        measurements = {name: (lambda v=v: sampler_run(*v, steps=opts.steps)) for name, v in variants.items()}
+        def measured(name: str, v: tuple[Any, list, list]) -> Any:
+            if name not in impl_of:
+                return lambda: sampler_run(*v, steps=opts.steps)
+            return lambda: with_attend(attend_impls[impl_of[name]], lambda: sampler_run(*v, steps=opts.steps))
+        measurements = {name: measured(name, v) for name, v in variants.items()}
         results = common.interleaved(measurements, opts.repeats, opts.warmup)
 
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:
             for name, v in variants.items():
+                if name in impl_of:
+                    continue  # the same FLOPs as the product's attend
                 counter = common.flop_counter()
                 marks: list[Any] = [counter]
                 with counter:
@@ -145,19 +160,20 @@ def main() -> None:
 
         base_step = common.median(results["unpatched"]["step"])
         base_first = common.median(results["unpatched"]["first"])
-        for mode in modes:
+        for mode in [m for m in variants if m != "unpatched"]:
             r = results[mode]
             step = common.median(r["step"])
             overhead = step / base_step - 1.0
             noise_pct = max(common.spread(r["step"]), common.spread(results["unpatched"]["step"]))
             flop_over = measured_per_flop = per_run = float("nan")
-            if step_flops:
+            if mode in step_flops:
                 b1, b2 = step_flops["unpatched"]
                 a1, a2 = step_flops[mode]
                 flop_over = (a2 - b2) / b2
                 measured_per_flop = overhead / flop_over if flop_over > 0 else float("nan")
                 per_run = ((a1 - b1) - (a2 - b2)) / 1e9
-            rows_out.append([family, shape.pixels, opts.rows, MODE_NAMES[mode], base_step * 1e3, step * 1e3,
+            name = MODE_NAMES[mode.split("+")[0]] + (f", attend={impl_of[mode]}" if mode in impl_of else "")
+            rows_out.append([family, shape.pixels, opts.rows, name, base_step * 1e3, step * 1e3,
                              100 * overhead, 100 * noise_pct, (step - base_step) / n_sites * 1e6,
                              100 * flop_over, measured_per_flop,
                              (common.median(r["first"]) - base_first) * 1e3, per_run])
@@ -212,6 +228,47 @@ def main() -> None:
         report.notes.append("--small: tiny widths on CPU. These ratios show per-call overheads of the patch code, "
                             "not the GPU targets (whose shapes are 10-1000x more compute per site).")
     report.emit(opts)
+
+
+def attend_variant(name: str) -> Any:
+    """An implementation of llmdiff_core.attention.attend(q, kh, vh, mask) for the --attend A/B."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llmdiff_core import attention
+
+    if name == "bmm":
+        def attend(q: Any, kh: Any, vh: Any, mask: Any) -> Any:  # 3-5 plain kernels, no SDPA dispatch
+            b, n, inner = q.shape
+            heads = kh.shape[1]
+            qh = q.view(b, n, heads, inner // heads).transpose(1, 2) * (inner // heads) ** -0.5
+            scores = qh @ kh.transpose(-1, -2)
+            if mask.bias is not None:
+                scores = scores + mask.bias
+            out = (scores.softmax(-1) @ vh).transpose(1, 2).reshape(b, n, inner)
+            return out if mask.keep is None else out * mask.keep
+        return attend
+    backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "math": SDPBackend.MATH}.get(name)
+    if backend is None:
+        raise SystemExit(f"--attend: unknown implementation {name!r} (efficient, cudnn, math, bmm)")
+
+    def forced(q: Any, kh: Any, vh: Any, mask: Any) -> Any:
+        with sdpa_kernel(backend):
+            return attention.attend(q, kh, vh, mask)
+    return forced
+
+
+def with_attend(impl: Any, fn: Any) -> Any:
+    """fn() with the adapter's per-site attention replaced by impl (comfy_patch calls it by this name)."""
+    from llmdiff_core import comfy_patch
+
+    product = comfy_patch.attend
+    comfy_patch.attend = impl
+    try:
+        return fn()
+    finally:
+        comfy_patch.attend = product
 
 
 def compiled(model_patcher: Any, opts: Any) -> Any:

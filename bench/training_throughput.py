@@ -60,6 +60,8 @@ def parse() -> Any:
     p.add_argument("--no-prefetch", action="store_true",
                    help="prepare each batch in the step (train.py --no-prefetch) instead of in the background")
     p.add_argument("--keep", default=None, help="keep the cache and run folders here (default: a temp dir)")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="after the timed steps, K more under torch.profiler: top ops by device and by host time")
     opts = p.parse_args()
     common.defaults(opts, repeats=1, warmup=3 if not opts.small else 1)
     opts.steps = opts.steps or (8 if opts.small else 20)
@@ -146,7 +148,11 @@ def main() -> None:
     orig_prep, orig_device = loop.Trainer._prepare_batch, loop.Trainer._device_inputs
     moved: list[int] = []
 
+    profiler: dict[str, Any] = {}  # the torch.profiler of the current model's last K steps
+
     def train_step(self: Any) -> float:
+        if opts.profile and len(marks["step"]) == opts.warmup + opts.steps:
+            profiler["on"] = start_profiler(cuda)
         common.sync(device)
         t0 = common.now()
         out = orig_step(self)
@@ -218,21 +224,25 @@ def main() -> None:
                 v.clear()
             moved.clear()
             with common.PeakMemory(device) as pm:
-                code = runner.run_with(TrainOptions(output_dir=str(out_dir), max_steps=opts.warmup + opts.steps,
-                                                    **common_kw), comps)
+                code = runner.run_with(TrainOptions(output_dir=str(out_dir),
+                                                    max_steps=opts.warmup + opts.steps + opts.profile, **common_kw), comps)
             if code != 0:
                 raise RuntimeError(f"training run failed with exit code {code}")
-            steps = marks["step"][opts.warmup:]
+            if profiler.get("on") is not None:
+                profile_tables(report, profiler.pop("on"), family, opts.profile, marks["step"][-opts.profile:], cuda)
+            timed = slice(opts.warmup, opts.warmup + opts.steps)
+            steps = marks["step"][timed]
             step = common.median(steps)
             def per_step(xs: list[float]) -> list[float]:  # grad_accum calls per optimizer step
                 k = max(1, len(xs) // max(1, len(marks["step"])))
-                return [sum(xs[i * k:(i + 1) * k]) for i in range(len(marks["step"]))][opts.warmup:]
+                return [sum(xs[i * k:(i + 1) * k]) for i in range(len(marks["step"]))][timed]
 
             t_wait = common.median(per_step(marks["wait"])) if marks["wait"] else float("nan")
             t_prep = common.median(per_step(marks["prep"][:len(marks["wait"])])) if marks["prep"] else float("nan")
             loss = _last_loss(out_dir)
             rows.append([family, res, bsz, f"{spec.hidden_size}x{spec.num_layers}", step * 1e3, bsz / step,
                          t_wait * 1e3, t_prep * 1e3, (step - t_wait) * 1e3, 100 * common.spread(steps),
+                         min(steps) * 1e3, max(steps) * 1e3,
                          (sum(moved) / len(moved) / 2 ** 20) if moved else float("nan"), common.gib(pm.peak_gib),
                          TARGET[family] if not opts.small else "n/a (GPU)", loss,
                          "n/a (--small)" if opts.small else "n/a (--no-floor)" if family not in step_tflop
@@ -249,7 +259,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     report.table("per optimizer step (medians after warmup)",
                  ["model", "px", "batch", "LLM D x L", "step ms", "img/s", "data wait ms", "host prep ms", "compute ms",
-                  "noise ±%",
+                  "noise ±%", "fastest ms", "slowest ms",
                   "MiB to device/step", "peak GiB", "target img/s", "last loss", "% of H100 bf16 peak"], rows)
     report.notes += [
         "data wait = what the step waits for its batch (Trainer.take_batch: the prefetched batch, or preparing it "
@@ -263,6 +273,38 @@ def main() -> None:
         report.notes.append("--small: tiny widths at 64 px on CPU: exercises the whole path; img/s is not comparable "
                             "with the GPU targets.")
     report.emit(opts)
+
+
+def start_profiler(cuda: bool) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    prof.__enter__()
+    return prof
+
+
+def profile_tables(report: Any, prof: Any, family: str, k: int, step_s: list[float], cuda: bool, top: int = 15) -> None:
+    """Where K profiled steps spend their time: ops by self device time (what the GPU runs) and by self host
+    time (what the training thread spends launching it; cuDNN graph builds for new shapes show up here)."""
+    prof.__exit__(None, None, None)
+    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "cudnn", "void", "sm9", "Optimizer"))
+              or e.self_device_time_total > 0]
+    wall_ms = sum(step_s) / k * 1e3
+    dev = sorted(events, key=lambda e: -e.self_device_time_total)[:top] if cuda else []
+    busy = sum(e.self_device_time_total for e in events) / k / 1e3
+    if dev:
+        report.table(f"{family}: profile of {k} steps, top ops by self device time (per step)",
+                     ["op", "calls/step", "device ms/step", "% of step"],
+                     [[e.key[:70], e.count / k, e.self_device_time_total / k / 1e3,
+                       100 * e.self_device_time_total / k / 1e3 / wall_ms] for e in dev])
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    report.table(f"{family}: profile of {k} steps, top ops by self host time (per step)",
+                 ["op", "calls/step", "host ms/step", "% of step"],
+                 [[e.key[:70], e.count / k, e.self_cpu_time_total / k / 1e3,
+                   100 * e.self_cpu_time_total / k / 1e3 / wall_ms] for e in host])
+    report.notes.append(f"{family} profile: {wall_ms:.1f} ms per step under the profiler; device busy "
+                        f"{busy:.1f} ms per step ({100 * busy / wall_ms:.0f} %)" if cuda else
+                        f"{family} profile: {wall_ms:.1f} ms per step under the profiler (CPU: no device time)")
 
 
 def _last_loss(out_dir: Path) -> float:
