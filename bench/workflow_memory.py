@@ -9,7 +9,10 @@ Text Encode node runs), the SDXL U-Net + adapter via comfy.sample.sample on appl
 KSampler runs). Scenarios (each starts with nothing loaded):
   comfy   - ComfyUI's own policy: it only evicts the LLM if the U-Net does not fit next to it;
   24gib   - the same, on a card that ComfyUI believes has 24 GiB (reserve_vram = total - 24 GiB);
-  offload - the LLM explicitly unloaded right after encoding (what "offloaded after encoding" means).
+  offload - the LLM explicitly unloaded right after encoding (what "offloaded after encoding" means);
+  offload-rerun - offload, measuring a second run with a new prompt while the first run's models are loaded;
+  NAME@Ngib - scenario NAME on a card that ComfyUI believes has N GiB (e.g. offload-rerun@20gib: does
+            ComfyUI make room for the LLM on a 20 GiB card?).
 Target (issue 5): <= 20 GiB peak (torch.cuda.max_memory_allocated). The VAE decode is not included.
 """
 
@@ -28,7 +31,7 @@ TARGET_GIB = 20.0
 def parse() -> Any:
     p = common.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--cpu-dry-run", action="store_true", help="no GPU: run the code path at tiny shapes")
-    p.add_argument("--scenarios", default="comfy,24gib,offload,offload-rerun")
+    p.add_argument("--scenarios", default="comfy,24gib,offload,offload-rerun,offload-rerun@20gib")
     p.add_argument("--steps", type=int, default=4, help="sampler steps (memory peaks in the first)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--adapter-dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
@@ -96,9 +99,10 @@ def main() -> None:
         mm.unload_all_models()
         mm.soft_empty_cache()
         mm.EXTRA_RESERVED_VRAM = default_reserve
-        if scenario == "24gib" and cuda:
-            mm.EXTRA_RESERVED_VRAM = max(default_reserve, int(total - 24 * common.GIB))
-        llm.keep_loaded = not scenario.startswith("offload")  # LLM Loader's after_encoding: offload or keep
+        kind, _, card = ("comfy@24gib" if scenario == "24gib" else scenario).partition("@")
+        if card and cuda:  # ComfyUI plans with total - reserve: the card it believes it has
+            mm.EXTRA_RESERVED_VRAM = max(default_reserve, int(total - float(card.removesuffix("gib")) * common.GIB))
+        llm.keep_loaded = not kind.startswith("offload")  # LLM Loader's after_encoding: offload or keep
         from llmdiff_core.conditioning import attach_features
 
         def workflow(prompt_tokens: int) -> tuple[Any, Any]:
@@ -114,7 +118,7 @@ def main() -> None:
                                         torch.zeros_like(noise), disable_pbar=True, seed=0)
             return enc, samp
 
-        if scenario.endswith("-rerun"):  # a second queue run with a new prompt: the U-Net is still loaded
+        if kind.endswith("-rerun"):  # a second queue run with a new prompt: the U-Net is still loaded
             workflow(40)
         with common.PeakMemory(device) as whole:
             enc, samp = workflow(60)
@@ -131,7 +135,7 @@ def main() -> None:
         "after_encoding keep, nothing evicts the LLM on a card with room for both; 24gib: keep, with ComfyUI told "
         "the card has 24 GiB (it evicts what sampling needs the room for); offload-rerun: offload, measuring a second "
         "run with a new prompt, so the LLM loads while the U-Net and adapter of the first run are still resident "
-        "(ComfyUI keeps them while the card has room).",
+        "(ComfyUI keeps them while the card has room); @Ngib: ComfyUI told the card has N GiB.",
         "sampling: 1 latent with CFG (2 U-Net rows), euler; features reach the GPU once per run (per-run cache).",
     ]
     if opts.cpu_dry_run:
