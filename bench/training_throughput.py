@@ -290,6 +290,8 @@ def profile_tables(report: Any, prof: Any, family: str, k: int, step_s: list[flo
     events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "cudnn", "void", "sm9", "Optimizer"))
               or e.self_device_time_total > 0]
     wall_ms = sum(step_s) / k * 1e3
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    outer = sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     dev = sorted(events, key=lambda e: -e.self_device_time_total)[:top] if cuda else []
     busy = sum(e.self_device_time_total for e in events) / k / 1e3
     if dev:
@@ -302,6 +304,8 @@ def profile_tables(report: Any, prof: Any, family: str, k: int, step_s: list[flo
                  ["op", "calls/step", "host ms/step", "% of step"],
                  [[e.key[:70], e.count / k, e.self_cpu_time_total / k / 1e3,
                    100 * e.self_cpu_time_total / k / 1e3 / wall_ms] for e in host])
+    report.notes.append(f"{family} profile: {len(ops) / k:.0f} aten calls per step ({outer / k:.0f} not inside "
+                        "another aten op: dispatched from Python or autograd)")
     report.notes.append(f"{family} profile: {wall_ms:.1f} ms per step under the profiler; device busy "
                         f"{busy:.1f} ms per step ({100 * busy / wall_ms:.0f} %)" if cuda else
                         f"{family} profile: {wall_ms:.1f} ms per step under the profiler (CPU: no device time)")
