@@ -142,7 +142,16 @@ def main() -> None:
         def measured(name: str, v: tuple[Any, list, list]) -> Any:
             if name not in impl_of:
                 return lambda: sampler_run(*v, steps=opts.steps)
-            return lambda: with_attend(attend_impls[impl_of[name]], lambda: sampler_run(*v, steps=opts.steps))
+
+            def with_impl() -> dict[str, float]:  # an implementation this device lacks is reported, not fatal
+                if name not in failed:
+                    try:
+                        return with_attend(attend_impls[impl_of[name]], lambda: sampler_run(*v, steps=opts.steps))
+                    except RuntimeError as exc:
+                        failed[name] = str(exc).splitlines()[0][:160]
+                return {"step": float("nan"), "first": float("nan"), "run": float("nan")}
+            return with_impl
+        failed: dict[str, str] = {}
         measurements = {name: measured(name, v) for name, v in variants.items()}
         results = common.interleaved(measurements, opts.repeats, opts.warmup)
 
@@ -158,6 +167,7 @@ def main() -> None:
                 step1, total = marks[1], counter.get_total_flops()
                 step_flops[name] = (float(step1), float(total - step1))  # (step 1, step 2) FLOPs, all rows
 
+        report.notes += [f"{family} {name}: failed ({why})" for name, why in failed.items()]
         base_step = common.median(results["unpatched"]["step"])
         base_first = common.median(results["unpatched"]["first"])
         for mode in [m for m in variants if m != "unpatched"]:
