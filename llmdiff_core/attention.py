@@ -76,9 +76,12 @@ class RunMask:
         return cls(start, stop, bias, keep)
 
     def heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
-        """[B, T, H*d] -> [B, H, stop-start, d], contiguous: the keys or values SDPA reads every call."""
-        b, _, inner = t.shape
-        return t[:, self.start:self.stop].reshape(b, -1, heads, inner // heads).transpose(1, 2).contiguous()
+        """[B, T, H*d] (or [B, stop-start, H*d], already trimmed) -> [B, H, stop-start, d], contiguous:
+        the keys or values SDPA reads every call."""
+        b, n, inner = t.shape
+        if n > self.stop - self.start:
+            t = t[:, self.start:self.stop]
+        return t.reshape(b, -1, heads, inner // heads).transpose(1, 2).contiguous()
 
 
 def attend(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: RunMask) -> torch.Tensor:

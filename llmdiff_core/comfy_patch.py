@@ -274,16 +274,19 @@ class AdapterRuntime(_Shared):
                 pooled = per_row(self.adapter.pooled(c, features.mask))
             orig_kv = []
         mask = RunMask.prepare(per_row(features.mask), dtype, device)
+        # K/V are per token: project only the attended span (training does this every step)
+        c_span = c[:, mask.start:mask.stop]
+        context_span = None if context is None else context[:, mask.start:mask.stop]
         like = torch.empty(0, dtype=dtype, device=device)
         new_kv, q_weights = [], []
         for i, site in enumerate(self.sites):
             heads = site.spec.heads
-            k, v = self.adapter.site_keys_values(i, c)
+            k, v = self.adapter.site_keys_values(i, c_span)
             new_kv.append((per_row(mask.heads(k.to(dtype), heads)), per_row(mask.heads(v.to(dtype), heads))))
             q_weights.append(_weight_bias(self.adapter.sites[i].to_q, like)[0].to(device=device, dtype=dtype))
-            if orig_kv is not None:
-                orig_kv.append((per_row(mask.heads(_project(site.attn2.to_k, context), heads)),
-                                per_row(mask.heads(_project(site.attn2.to_v, context), heads))))
+            if context_span is not None:
+                orig_kv.append((per_row(mask.heads(_project(site.attn2.to_k, context_span), heads)),
+                                per_row(mask.heads(_project(site.attn2.to_v, context_span), heads))))
         return RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
                         orig_kv=orig_kv, context=None if context is None else per_row(context), pooled=pooled)
 
