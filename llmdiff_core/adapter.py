@@ -156,5 +156,6 @@ class LLMDiffAdapter(nn.Module):
     def site_keys_values(self, i: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tau_k_i(c), tau_v_i(c): [B, T, inner]. Constant over a sampling run."""
         site = self.sites[i]
-        c = c.to(site.to_k.weight.dtype)
+        if c.dtype != site.to_k.weight.dtype:  # (called per site: no same-dtype .to() dispatch each time)
+            c = c.to(site.to_k.weight.dtype)
         return site.to_k(c), site.to_v(c)

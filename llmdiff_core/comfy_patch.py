@@ -113,8 +113,8 @@ class RunEntry:
     dtype: torch.dtype
     c: torch.Tensor  # [R, T, D] float32
     mask: RunMask
-    w_orig: list[Gate]  # per site: python floats (sampling) or 0-d tensors (TrainingCall)
-    w_new: list[Gate]
+    w_orig: list[float] | torch.Tensor  # per site: python floats (sampling) or one [N] tensor (TrainingCall)
+    w_new: list[float] | torch.Tensor
     q_weights: list[torch.Tensor]  # per site: tau_q's weight in dtype on device (cast / LoRA-patched once)
     new_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per site: tau_k(c), tau_v(c) [R, H, T', d] in dtype
     orig_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # paper: k(phi c), v(phi c), as new_kv
@@ -132,22 +132,38 @@ class RunEntry:
         Float gates (sampling) are worked out once per run and strength, not per U-Net call; tensor gates
         (TrainingCall: one entry per call) multiply here and keep their gradient.
         """
+        if isinstance(self.w_orig, torch.Tensor):
+            return self._scaled_tensor_sites(scale, block_weights)
         found = self.scaled.get(scale)
         if found is not None:
             return found
         gates = [effective_gates(wo, wn, scale * w) for wo, wn, w in zip(self.w_orig, self.w_new, block_weights)]
 
-        def times(v: torch.Tensor, g: Gate) -> torch.Tensor:
-            if isinstance(g, torch.Tensor):
-                return v * g.to(v.dtype)
+        def times(v: torch.Tensor, g: float) -> torch.Tensor:
             return v if g == 1.0 else v * g
 
         new = [None if is_identity(wo, wn) else times(self.new_kv[i][1], wn) for i, (wo, wn) in enumerate(gates)]
         orig = None if self.orig_kv is None else [times(kv[1], wo) for kv, (wo, _) in zip(self.orig_kv, gates)]
         found = ScaledSites(gates, new, orig)
-        if not any(isinstance(g, torch.Tensor) for g in self.w_orig):
-            self.scaled[scale] = found
+        self.scaled[scale] = found
         return found
+
+    def _scaled_tensor_sites(self, scale: float, block_weights: Sequence[float]) -> ScaledSites:
+        """Tensor gates (TrainingCall, one entry per call, with gradients): effective_gates runs once on
+        the [N] gate vectors instead of once per site (the same formula per element, so the same bits),
+        leaving one multiply per site and value tensor."""
+        assert isinstance(self.w_new, torch.Tensor)
+        if len(set(block_weights)) == 1:
+            s: Gate = scale * block_weights[0]
+        else:
+            s = torch.tensor([scale * w for w in block_weights], device=self.w_orig.device)
+        w_orig, w_new = effective_gates(self.w_orig, self.w_new, s)
+        dtype = self.new_kv[0][1].dtype
+        new = [v * g for (_, v), g in zip(self.new_kv, w_new.to(dtype).unbind())]
+        orig = None
+        if self.orig_kv is not None:
+            orig = [v * g for (_, v), g in zip(self.orig_kv, w_orig.to(dtype).unbind())]
+        return ScaledSites(list(zip(w_orig.unbind(), w_new.unbind())), new, orig)
 
 
 @dataclass(frozen=True)
@@ -263,10 +279,10 @@ class AdapterRuntime(_Shared):
         def per_row(t: torch.Tensor) -> torch.Tensor:  # distinct rows -> the call's rows
             return t if index is None else t.index_select(0, index)
         w_orig, w_new = self.adapter.gate_weights()
+        gates_orig: list[float] | torch.Tensor = w_orig
+        gates_new: list[float] | torch.Tensor = w_new
         if training is None:  # floats: no autograd per call, and gates (1, 0) are seen to be the identity
             gates_orig, gates_new = w_orig.tolist(), w_new.tolist()
-        else:
-            gates_orig, gates_new = list(w_orig.unbind()), list(w_new.unbind())
         context = pooled = orig_kv = None
         if self.paper:
             context = self.adapter.original_context(c).to(dtype)
@@ -281,8 +297,8 @@ class AdapterRuntime(_Shared):
         new_kv, q_weights = [], []
         for i, site in enumerate(self.sites):
             heads = site.spec.heads
-            k, v = self.adapter.site_keys_values(i, c_span)
-            new_kv.append((per_row(mask.heads(k.to(dtype), heads)), per_row(mask.heads(v.to(dtype), heads))))
+            k, v = (t if t.dtype == dtype else t.to(dtype) for t in self.adapter.site_keys_values(i, c_span))
+            new_kv.append((per_row(mask.heads(k, heads)), per_row(mask.heads(v, heads))))
             q_weights.append(_weight_bias(self.adapter.sites[i].to_q, like)[0].to(device=device, dtype=dtype))
             if context_span is not None:
                 orig_kv.append((per_row(mask.heads(_project(site.attn2.to_k, context_span), heads)),

@@ -319,6 +319,28 @@ def test_fresh_hybrid_adapter_gets_a_gate_gradient_in_training() -> None:
 
 
 @pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_training_gates_are_worked_out_for_all_sites_at_once_with_the_same_bits(mode: str) -> None:
+    """A TrainingCall's gates are [N] tensors: effective_gates runs on the vectors, not per site; the
+    result must be the per-site formula's, bit for bit, with gradients."""
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, mode)
+    rt = runtime_of(apply_adapter(mp, adapter))
+    batch = CONDLLMDiff(make_features([5, 11], seed=3)).concat([])
+    entry = rt.entry_for(batch, torch.device("cpu"), torch.float32, TrainingCall())
+    w_orig, w_new = adapter.gate_weights()
+    n = len(adapter.sites)
+    for block_weights in ([1.0] * n, [0.5 + 0.1 * i for i in range(n)]):
+        got = entry.scaled_sites(0.7, block_weights)
+        for i in range(n):
+            wo, wn = effective_gates(w_orig[i], w_new[i], 0.7 * block_weights[i])
+            assert torch.equal(got.gates[i][0], wo) and torch.equal(got.gates[i][1], wn)
+            assert torch.equal(got.new_values[i], entry.new_kv[i][1] * wn)
+            if mode == "llm":
+                assert torch.equal(got.orig_values[i], entry.orig_kv[i][1] * wo)
+        assert got.new_values[0].requires_grad and got.gates[0][0].requires_grad
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
 def test_langevin_noise_only_in_training_calls_and_from_the_row_seeds(mode: str) -> None:
     mp = tiny_sd15_minimal()
     adapter = adapter_for(mp, mode)
