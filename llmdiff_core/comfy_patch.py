@@ -267,11 +267,12 @@ class AdapterRuntime(_Shared):
         Sampling computes them for the distinct rows of the call and indexes the results (a latent batch
         of one prompt repeats its row); training rows each have their own noise seed, so all are computed.
         """
-        if training is None:
-            features, rows = batch.distinct()
+        for part in batch.parts:  # first: another LLM's features get the clear error, not a shape error
+            check_features_match(self.config, part.features.spec)
+        if training is None:  # only what the encoding reads is copied and moved (score: H_0 and the scores)
+            features, rows = batch.distinct(self.config.features_read())
         else:
             features, rows = batch.materialize(), list(range(batch.num_rows))
-        check_features_match(self.config, features.spec)
         features = features.to(device)
         c = self._encode(features, None if training is None else training.noise_seeds)
         index = None if rows == list(range(features.batch_size)) else torch.tensor(rows, device=device)

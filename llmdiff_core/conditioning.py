@@ -55,12 +55,13 @@ class FeatureBatch:
         """One LLMFeatures with every row of the call, on the features' own device."""
         return LLMFeatures.cat([p.features.select(list(p.rows)) for p in self.parts])
 
-    def distinct(self) -> tuple[LLMFeatures, list[int]]:
+    def distinct(self, read: tuple[list[int], bool] | None = None) -> tuple[LLMFeatures, list[int]]:
         """(the distinct rows of the call, for each row of the call its index among them).
 
         A latent batch of N with one prompt repeats that prompt's row N times (process_cond): what is
         computed from the features (c, every site's K/V) is then computed once and indexed, and only the
-        distinct rows are copied and moved to the U-Net's device.
+        distinct rows are copied and moved to the U-Net's device. With `read` (AdapterConfig.features_read)
+        only what the encoding reads is copied (LLMFeatures.reading).
         """
         first: dict[tuple[int, int], int] = {}  # (features object, row) -> its place among the distinct rows
         rows_of_part: list[list[int]] = [[] for _ in self.parts]  # the distinct rows each part contributes
@@ -73,7 +74,9 @@ class FeatureBatch:
                     rows_of_part[p].append(row)
                 index.append(first[key])
         # distinct rows are numbered part by part, so concatenating the parts' selections keeps that order
-        return LLMFeatures.cat([part.features.select(rows) for part, rows in zip(self.parts, rows_of_part)
+        def features(part: FeaturePart) -> LLMFeatures:
+            return part.features if read is None else part.features.reading(*read)
+        return LLMFeatures.cat([features(part).select(rows) for part, rows in zip(self.parts, rows_of_part)
                                 if rows]), index
 
 

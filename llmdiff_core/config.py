@@ -104,6 +104,19 @@ class AdapterConfig:
         """SDXL in paper mode also replaces CLIP's pooled vector with phi_pool(mean c)."""
         return self.original_path == "llm" and self.base == "sdxl"
 
+    def features_read(self) -> tuple[list[int], bool]:
+        """(the hidden-state indices, whether the scores) the encoding reads: what the training cache stores
+        and what a sampling run moves to the U-Net's device."""
+        mode, k = parse_encoding(self.encoding, self.llm.num_layers)
+        L = self.llm.num_layers
+        if mode == "score":
+            return ([0] if self.c0 == "embeddings" else []), True
+        if mode == "last":
+            return [L], False
+        if mode == "mean":
+            return list(range(1, L + 1)), False
+        return [int(k)], False  # type: ignore[arg-type]
+
     def to_json(self) -> str:
         return json.dumps({
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "base": self.base,

@@ -74,6 +74,20 @@ class LLMFeatures:
         return LLMFeatures(self.spec, _take_rows(self.hidden, idx), _take_rows(self.scores, idx),
                            self.mask[idx.to(self.mask.device)])
 
+    def reading(self, layers: list[int], scores: bool) -> LLMFeatures:
+        """A view in which only `layers` of hidden (and the scores, if `scores`) hold their values: the
+        rest is a broadcast (stride-0) of one slice, so select / cat / to copy and move only what an
+        encoding reads (AdapterConfig.features_read): an 8B LLM's row is ~140 MB in float32, score
+        encoding reads half of it. The unread positions hold other positions' values: never read them."""
+        hidden, all_scores = self.hidden, self.scores
+        if len(layers) == 1:
+            hidden = hidden[:, layers[0]:layers[0] + 1].expand(hidden.shape)
+        elif not layers:
+            hidden = hidden[:, :1, :1, :1].expand(hidden.shape)
+        if not scores:
+            all_scores = all_scores[:, :1, :1, :1].expand(all_scores.shape)
+        return LLMFeatures(self.spec, hidden, all_scores, self.mask)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LLMFeatures:
         return LLMFeatures(self.spec, _broadcast_to(self.hidden, device, dtype),
                            _broadcast_to(self.scores, device, dtype), self.mask.to(device=device))

@@ -163,6 +163,35 @@ def test_encoding_matches_the_formula(encoding: str, c0: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("c0", ["embeddings", "zeros"])
+@pytest.mark.parametrize("encoding", ["score", "last", "mean", "layer:2"])
+def test_features_read_are_all_the_encoding_reads(encoding: str, c0: str) -> None:
+    """features_read() says what a sampling run moves to the device (and training caches): the features
+    with everything else replaced by another position's values encode to the same bits, and the view
+    copies and moves only what is read."""
+    config = _config(encoding=encoding, c0=c0)
+    adapter = make_adapter(config, seed=1, trained=True)
+    f = _features()
+    layers, scores = config.features_read()
+    scrambled = LLMFeatures(SPEC, f.hidden.clone(), f.scores.clone(), f.mask)
+    unread = [i for i in range(SPEC.num_layers + 1) if i not in layers]
+    scrambled.hidden[:, unread] = torch.randn(scrambled.hidden[:, unread].shape)
+    if not scores:
+        scrambled.scores.normal_()
+    read_only = f.reading(layers, scores)
+    with torch.no_grad():
+        want = adapter.encode(f)
+        assert torch.equal(adapter.encode(scrambled), want)  # the unread positions really are unread
+        assert torch.equal(adapter.encode(read_only), want)
+        assert torch.equal(adapter.encode(LLMFeatures.cat([read_only.select([2, 0]), read_only.select([1])])),
+                           want[[2, 0, 1]])
+    moved = read_only.select([1, 2]).to(dtype=torch.float64)  # stand-in for the move to the U-Net's device
+    moved_bytes = moved.hidden.untyped_storage().nbytes() + moved.scores.untyped_storage().nbytes()
+    layers_moved = (SPEC.num_layers + 1 if len(layers) > 1 else len(layers)) + (SPEC.num_layers if scores else 0)
+    one_layer = 2 * f.num_tokens * SPEC.hidden_size * 8  # 2 rows, float64
+    assert moved_bytes <= layers_moved * one_layer + 2 * 2 * 8  # + one broadcast element per row and tensor
+
+
 def test_c0_choice_matters_only_for_score() -> None:
     f = _features()
     for encoding, differs in (("score", True), ("mean", False)):

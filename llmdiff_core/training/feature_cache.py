@@ -32,7 +32,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..config import AdapterConfig, parse_encoding
+from ..config import AdapterConfig
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
@@ -41,19 +41,6 @@ from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def stored_layers(config: AdapterConfig) -> tuple[list[int], bool]:
-    """(hidden-state indices, whether the scores) the adapter's encoding reads."""
-    mode, k = parse_encoding(config.encoding, config.llm.num_layers)
-    L = config.llm.num_layers
-    if mode == "score":
-        return ([0] if config.c0 == "embeddings" else []), True
-    if mode == "last":
-        return [L], False
-    if mode == "mean":
-        return list(range(1, L + 1)), False
-    return [int(k)], False  # type: ignore[arg-type]
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
@@ -97,7 +84,7 @@ class CacheSpec:
 
 
 def make_spec(config: AdapterConfig, fingerprint: dict[str, Any], dtype: str) -> CacheSpec:
-    layers, scores = stored_layers(config)
+    layers, scores = config.features_read()
     return CacheSpec(fingerprint=fingerprint, llm=config.llm, max_tokens=config.max_tokens, layers=layers,
                      scores=scores, dtype=dtype)
 
