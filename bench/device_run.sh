@@ -63,8 +63,8 @@ run_part() {
       step training-profile 120 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
       step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops
       step training-compiled 150 bench training_throughput --models sd15 --no-floor --compile inductor --warmup 5 --steps 10
-      step sampling-compiled 150 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step workflow-20gib 50 bench workflow_memory --scenarios offload-rerun@20gib
+      step sampling-compiled 150 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step checks-compile 60 checks 3 ;;
     all)
       step checks 20 checks 1,2,4,5,6,7
