@@ -241,3 +241,87 @@ def test_feature_rows_keep_broadcast_views_and_values() -> None:
     assert LLMFeatures.cat([f]).hidden is f.hidden
     moved = f.to("cpu", torch.float64)
     assert moved.hidden.stride(1) == 0 and torch.equal(moved.hidden, full.hidden.double())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_cache_features_are_read_straight_into_the_batch_buffer(tmp_path: Path, dtype: str) -> None:
+    """A finished cache hands out hidden/scores as places in the shard (StoredTensor: a few picklable
+    fields, so DataLoader workers no longer ship megabytes through shared memory); collate reads them into
+    the batch buffer and gets exactly what copying the tensors gives."""
+    import pickle
+
+    import safetensors.torch
+
+    from llmdiff_core.features import LLMSpec
+    from llmdiff_core.training import encoders as E, feature_cache as FC
+    from llmdiff_core.training.stored_tensor import StoredTensor, stored_tensors
+
+    spec = LLMSpec("llama", "t", 16, 3)
+    T, lengths = 12, [5, 1, 7, 3]
+    cspec = FC.CacheSpec(fingerprint={}, llm=spec, max_tokens=T, layers=[0], scores=True, dtype=dtype)
+    cond = E.Conditioning([f"k{i}" for i in range(4)], torch.zeros(4, 4, 2, 2), _features(spec, lengths, T, 0),
+                          None, None, [(0, 0, 0, 0)] * 4)
+    records = [FC._record(cond, i, cspec, FC.DTYPES[dtype]) for i in range(4)]
+    shard = tmp_path / "rank0-00000.safetensors"
+    safetensors.torch.save_file({f"{i}.{k}": t for i, r in enumerate(records) for k, t in r.items()}, str(shard))
+
+    def sample(i: int, refs: bool) -> FC.CachedSample:
+        tensors: dict = dict(records[i])
+        if refs:
+            tensors.update({k: v for k, v in zip(("hidden", "scores"), stored_tensors(
+                shard, [f"{i}.hidden", f"{i}.scores"]).values())})
+        return FC.CachedSample(f"k{i}", i, 0, i + 1, "", (0, 0, 0, 0), tensors)
+
+    from_refs = FC.collate([sample(i, True) for i in range(4)], cspec).features
+    copied = FC.collate([sample(i, False) for i in range(4)], cspec).features
+    assert isinstance(sample(0, True).tensors["scores"], StoredTensor)
+    assert len(pickle.dumps(sample(2, True).tensors["scores"])) < 500  # what a worker sends
+    assert torch.equal(from_refs.hidden, copied.hidden) and torch.equal(from_refs.scores, copied.scores)
+    assert torch.equal(from_refs.mask, copied.mask)
+
+    # read_into: contiguous and row-strided destinations, load(), bad destinations refused
+    ref = stored_tensors(shard, ["2.scores"])["2.scores"]
+    want = records[2]["scores"]
+    assert torch.equal(ref.load(), want)
+    wide = torch.full((want.shape[0], want.shape[1] + 4, want.shape[2]), 7, dtype=want.dtype)
+    ref.read_into(wide[:, :want.shape[1]])
+    assert torch.equal(wide[:, :want.shape[1]], want) and bool((wide[:, want.shape[1]:] == 7).all())
+    with pytest.raises(ValueError):
+        ref.read_into(torch.empty(want.shape, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        ref.read_into(torch.empty(want.shape[0], want.shape[2], want.shape[1], dtype=want.dtype).transpose(1, 2))
+
+
+def test_stored_tensor_reads_survive_short_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """preadv may return fewer bytes than asked: the rest is read, block boundaries or not."""
+    import os
+
+    import safetensors.torch
+
+    from llmdiff_core.training import stored_tensor as ST
+
+    if not ST.CAN_READ_INTO:
+        pytest.skip("no os.preadv here")
+    t = torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(3, 5, 7)
+    path = tmp_path / "x.safetensors"
+    safetensors.torch.save_file({"x": t}, str(path))
+    real = os.preadv
+    monkeypatch.setattr(ST.os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:13]], off))  # 13 bytes a call
+    dst = torch.zeros(3, 9, 7)
+    ST.stored_tensors(path, ["x"])["x"].read_into(dst[:, 2:7])
+    assert torch.equal(dst[:, 2:7], t) and dst[:, :2].abs().sum() == 0 and dst[:, 7:].abs().sum() == 0
+
+
+def test_a_truncated_cache_file_gets_a_clear_error(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    from llmdiff_core.errors import LLMDiffError
+    from llmdiff_core.training import stored_tensor as ST
+
+    path = tmp_path / "rank0-00000.safetensors"
+    safetensors.torch.save_file({"0.scores": torch.ones(4, 6, 8)}, str(path))
+    ref = ST.stored_tensors(path, ["0.scores"])["0.scores"]
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 10)
+    with pytest.raises(LLMDiffError, match="delete the cache folder"):
+        ref.load()

@@ -37,6 +37,7 @@ from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
 from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
+from .stored_tensor import CAN_READ_INTO, StoredTensor, stored_tensors
 
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
@@ -226,7 +227,7 @@ class CachedSample:
     position: int
     caption: str
     size: tuple[int, int, int, int]
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | StoredTensor]  # hidden / scores: where they are in the cache file
     problem: str | None = None
 
 
@@ -278,7 +279,10 @@ class CachedSource(IndexedSource):
         def load() -> Any:
             h = self._handle(file)
             names = [n for n in ("latent", "hidden", "scores", "mask", "clip", "pooled") if f"{j}.{n}" in h.keys()]
-            return {n: h.get_tensor(f"{j}.{n}") for n in names}, tuple(size)
+            # the LLM features (MBs per sample) as places in the file, read straight into the batch buffer
+            big = [n for n in names if n in ("hidden", "scores")] if CAN_READ_INTO else []
+            refs = stored_tensors(self.dir / file, [f"{j}.{n}" for n in big])
+            return {n: refs[f"{j}.{n}"] if n in big else h.get_tensor(f"{j}.{n}") for n in names}, tuple(size)
         return RawEntry(key, index, load, caption)
 
 
@@ -320,13 +324,20 @@ def compact_features(samples: list[CachedSample], spec: CacheSpec, pin: bool = F
     mask = torch.zeros((B, n), dtype=torch.bool, pin_memory=pin)
     for i, (s, k) in enumerate(zip(samples, lengths)):
         if spec.layers:
-            hidden[i, :, :k] = s.tensors["hidden"]
+            _put(hidden[i, :, :k], s.tensors["hidden"])
             hidden[i, :, k:] = 0
         if scores is not None:
-            scores[i, :, :k] = s.tensors["scores"]
+            _put(scores[i, :, :k], s.tensors["scores"])
             scores[i, :, k:] = 0
         mask[i, :k] = s.tensors["mask"].bool()
     return CompactFeatures(spec.llm, tuple(spec.layers), hidden, scores, mask, spec.max_tokens)
+
+
+def _put(dst: torch.Tensor, src: torch.Tensor | StoredTensor) -> None:
+    if isinstance(src, StoredTensor):
+        src.read_into(dst)
+    else:
+        dst.copy_(src)
 
 
 def collate(samples: list[CachedSample], spec: CacheSpec, pin: bool = False) -> Conditioning:

@@ -1,0 +1,137 @@
+"""A tensor of a finished feature-cache shard, read straight into the batch buffer.
+
+safetensors hands out a cached tensor as a view of the file's memory map, so copying it into the
+batch buffer faults every page in (an 8B LLM's scores are ~18 MB per sample: the collate of a batch of
+16 was page-fault bound), and through DataLoader workers the tensor first crossed shared memory (one
+more copy, faulted in again on arrival). A StoredTensor is only the tensor's place in its shard: a few
+picklable fields that travel from a worker for free; read_into() has the kernel copy the bytes from the
+page cache into the destination (the page-locked batch buffer on CUDA) with one preadv call.
+
+The safetensors layout is read from its own header (8-byte little-endian length, then JSON with each
+tensor's dtype, shape and data offsets): safetensors has no read-into-a-buffer call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
+
+import torch
+
+from ..errors import LLMDiffError
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
+_IOV_MAX = 512  # buffers per preadv call (the system limit is at least 1024)
+CAN_READ_INTO = hasattr(os, "preadv")  # not on Windows: there read_into copies from load()
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    path: str
+    offset: int  # of the tensor's first byte in the file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def load(self) -> torch.Tensor:
+        """The tensor as a new CPU tensor."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self.read_into(out)
+        return out
+
+    def read_into(self, dst: torch.Tensor) -> None:
+        """Write the stored values into dst (a CPU tensor of this shape and dtype; any strides, as long as
+        each index of its first dimension is one contiguous block, like batch_buffer[i, :, :k])."""
+        if dst.device.type != "cpu" or dst.dtype != self.dtype or tuple(dst.shape) != self.shape:
+            raise ValueError(f"cannot read {self.dtype} {self.shape} into {dst.dtype} {tuple(dst.shape)} on {dst.device}")
+        if self.nbytes == 0:
+            return
+        if CAN_READ_INTO:
+            complete = _preadv_all(_fd(self.path), self._blocks(dst), self.offset)
+        else:
+            data = _read_bytes(self.path, self.offset, self.nbytes)
+            complete = data.numel() == self.nbytes
+            if complete:
+                dst.copy_(data.view(self.dtype).view(self.shape))
+        if not complete:
+            raise LLMDiffError(f"the feature cache file '{self.path}' ends before its tensors do (damaged or "
+                               f"truncated): delete the cache folder and let training build it again")
+
+    def _blocks(self, dst: torch.Tensor) -> list[tuple[int, int]]:
+        """dst's memory as (address, bytes) blocks in the stored order."""
+        if dst.is_contiguous():
+            return [(dst.data_ptr(), self.nbytes)]
+        if dst.dim() == 0 or not dst[0].is_contiguous():
+            raise ValueError(f"read_into needs contiguous rows, got strides {dst.stride()}")
+        row = self.nbytes // self.shape[0]
+        step = dst.stride(0) * dst.element_size()
+        return [(dst.data_ptr() + i * step, row) for i in range(self.shape[0])]
+
+
+def stored_tensors(path: str | os.PathLike[str], names: list[str]) -> dict[str, StoredTensor]:
+    """StoredTensors of `names` in the safetensors file at path (its header is parsed once per process)."""
+    base, header = _layout(os.fspath(path))
+    out = {}
+    for name in names:
+        info = header[name]
+        begin, _ = info["data_offsets"]
+        out[name] = StoredTensor(os.fspath(path), base + int(begin), DTYPES[info["dtype"]], tuple(info["shape"]))
+    return out
+
+
+@lru_cache(maxsize=256)
+def _layout(path: str) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+_fds: dict[tuple[int, str], int] = {}
+_fds_lock = threading.Lock()
+
+
+def _fd(path: str) -> int:
+    """One read-only descriptor per file and process (a forked DataLoader worker opens its own)."""
+    key = (os.getpid(), path)
+    with _fds_lock:
+        fd = _fds.get(key)
+        if fd is None:
+            fd = _fds[key] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return fd
+
+
+def _preadv_all(fd: int, blocks: list[tuple[int, int]], offset: int) -> bool:
+    """Fill the memory blocks (address, size) with the file's bytes from offset on (preadv may stop short).
+    False if the file ends first."""
+    views = [memoryview((ctypes.c_char * size).from_address(address)).cast("B") for address, size in blocks]
+    while views:
+        got = os.preadv(fd, views[:_IOV_MAX], offset)
+        if got <= 0:
+            return False
+        offset += got
+        while got and views:  # drop what was filled; keep the rest of a partly filled block
+            if got >= len(views[0]):
+                got -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][got:]
+                got = 0
+    return True
+
+
+def _read_bytes(path: str, offset: int, size: int) -> torch.Tensor:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return torch.frombuffer(bytearray(f.read(size)), dtype=torch.uint8)
