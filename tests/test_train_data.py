@@ -325,3 +325,26 @@ def test_a_truncated_cache_file_gets_a_clear_error(tmp_path: Path) -> None:
         f.truncate(path.stat().st_size - 10)
     with pytest.raises(LLMDiffError, match="delete the cache folder"):
         ref.load()
+
+
+def test_a_cache_file_changed_after_its_places_were_read_is_refused(tmp_path: Path) -> None:
+    """Places (offsets) belong to one version of a shard: a replaced or rewritten file is never read with
+    the old layout (an error, not wrong values); the new version's places read the new values."""
+    import safetensors.torch
+
+    from llmdiff_core.errors import LLMDiffError
+    from llmdiff_core.training import stored_tensor as ST
+
+    path = tmp_path / "rank0-00000.safetensors"
+    safetensors.torch.save_file({"0.scores": torch.ones(2, 3)}, str(path))
+    old = ST.stored_tensors(path, ["0.scores"])["0.scores"]
+    safetensors.torch.save_file({"0.mask": torch.zeros(5), "0.scores": torch.full((2, 3), 2.0)}, str(path))
+    with pytest.raises(LLMDiffError, match="changed while training"):
+        old.load()  # replaced
+    assert "0.mask" in ST.tensor_names(path)
+    new = ST.stored_tensors(path, ["0.scores"])["0.scores"]
+    assert torch.equal(new.load(), torch.full((2, 3), 2.0))
+    with open(path, "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(LLMDiffError, match="changed while training"):
+        new.load()  # rewritten in place, under an open descriptor

@@ -37,7 +37,7 @@ from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
 from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
-from .stored_tensor import CAN_READ_INTO, StoredTensor, stored_tensors
+from .stored_tensor import CAN_READ_INTO, StoredTensor, stored_tensors, tensor_names
 
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
@@ -278,7 +278,8 @@ class CachedSource(IndexedSource):
 
         def load() -> Any:
             h = self._handle(file)
-            names = [n for n in ("latent", "hidden", "scores", "mask", "clip", "pooled") if f"{j}.{n}" in h.keys()]
+            stored = tensor_names(self.dir / file)
+            names = [n for n in ("latent", "hidden", "scores", "mask", "clip", "pooled") if f"{j}.{n}" in stored]
             # the LLM features (MBs per sample) as places in the file, read straight into the batch buffer
             big = [n for n in names if n in ("hidden", "scores")] if CAN_READ_INTO else []
             refs = stored_tensors(self.dir / file, [f"{j}.{n}" for n in big])

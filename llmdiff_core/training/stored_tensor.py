@@ -18,6 +18,8 @@ import json
 import os
 import struct
 import threading
+from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
@@ -38,6 +40,7 @@ class StoredTensor:
     offset: int  # of the tensor's first byte in the file
     dtype: torch.dtype
     shape: tuple[int, ...]
+    version: tuple[int, int, int]  # the file's (inode, size, mtime) when the place was read from its header
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +60,7 @@ class StoredTensor:
         if self.nbytes == 0:
             return
         if CAN_READ_INTO:
-            complete = _preadv_all(_fd(self.path), self._blocks(dst), self.offset)
+            complete = _read_into(self.path, self.version, self._blocks(dst), self.offset)
         else:
             data = _read_bytes(self.path, self.offset, self.nbytes)
             complete = data.numel() == self.nbytes
@@ -78,19 +81,34 @@ class StoredTensor:
         return [(dst.data_ptr() + i * step, row) for i in range(self.shape[0])]
 
 
+def tensor_names(path: str | os.PathLike[str]) -> Container[str]:
+    """The tensor names in the safetensors file at path, from its header, parsed once per file version
+    (safe_open(...).keys() builds a new list of every name in the shard on each call)."""
+    path = os.fspath(path)
+    return _layout(path, _version(path))[1].keys()
+
+
 def stored_tensors(path: str | os.PathLike[str], names: list[str]) -> dict[str, StoredTensor]:
-    """StoredTensors of `names` in the safetensors file at path (its header is parsed once per process)."""
-    base, header = _layout(os.fspath(path))
+    """StoredTensors of `names` in the safetensors file at path (its header is parsed once per file version)."""
+    path = os.fspath(path)
+    version = _version(path)
+    base, header = _layout(path, version)
     out = {}
     for name in names:
         info = header[name]
         begin, _ = info["data_offsets"]
-        out[name] = StoredTensor(os.fspath(path), base + int(begin), DTYPES[info["dtype"]], tuple(info["shape"]))
+        out[name] = StoredTensor(path, base + int(begin), DTYPES[info["dtype"]], tuple(info["shape"]), version)
     return out
 
 
+def _version(path: str) -> tuple[int, int, int]:
+    """(inode, size, mtime): a cache file rewritten in place or replaced is another file to the caches here."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @lru_cache(maxsize=256)
-def _layout(path: str) -> tuple[int, dict]:
+def _layout(path: str, version: tuple[int, int, int]) -> tuple[int, dict]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -98,18 +116,35 @@ def _layout(path: str) -> tuple[int, dict]:
     return 8 + n, header
 
 
-_fds: dict[tuple[int, str], int] = {}
-_fds_lock = threading.Lock()
+_fds: OrderedDict[tuple[int, str, tuple[int, int, int]], int] = OrderedDict()
+_fds_lock = threading.Lock()  # reads hold it too: a descriptor is never closed under a read
+_MAX_OPEN = 64
 
 
-def _fd(path: str) -> int:
-    """One read-only descriptor per file and process (a forked DataLoader worker opens its own)."""
-    key = (os.getpid(), path)
+def _read_into(path: str, version: tuple[int, int, int], blocks: list[tuple[int, int]], offset: int) -> bool:
     with _fds_lock:
-        fd = _fds.get(key)
-        if fd is None:
-            fd = _fds[key] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        return fd
+        return _preadv_all(_fd(path, version), blocks, offset)
+
+
+def _fd(path: str, version: tuple[int, int, int]) -> int:
+    """One read-only descriptor per file version and process (a forked DataLoader worker opens its own);
+    the caller holds _fds_lock."""
+    key = (os.getpid(), path, version)
+    fd = _fds.get(key)
+    if fd is None:
+        fd = _fds[key] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    _fds.move_to_end(key)
+    st = os.fstat(fd)  # every read: a file rewritten in place keeps its descriptor and inode
+    if (st.st_ino, st.st_size, st.st_mtime_ns) != version:
+        del _fds[key]
+        os.close(fd)
+        raise LLMDiffError(f"the feature cache file '{path}' changed while training read it: let the cache "
+                           f"build finish (or delete the cache folder) before training from it")
+    while len(_fds) > _MAX_OPEN:
+        old_key, old = _fds.popitem(last=False)
+        if old_key[0] == os.getpid():  # a parent's descriptors are the parent's to close
+            os.close(old)
+    return fd
 
 
 def _preadv_all(fd: int, blocks: list[tuple[int, int]], offset: int) -> bool:
