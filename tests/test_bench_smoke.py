@@ -103,10 +103,12 @@ def test_training_throughput_small(tmp_path: Path) -> None:
 def test_workflow_memory_cpu(tmp_path: Path) -> None:
     assert "needs a CUDA GPU" in run_bench("workflow_memory.py", "--device", "cpu")
     out = tmp_path / "workflow.json"
-    text = run_bench("workflow_memory.py", "--cpu-dry-run", "--scenarios", "offload", "--steps", "1", json_out=out)
+    text = run_bench("workflow_memory.py", "--cpu-dry-run", "--scenarios", "offload,comfy@24gib", "--steps", "1",
+                     json_out=out)
     assert "| scenario" in text
-    (row,) = section(json.loads(out.read_text()), "peak")
-    assert row["LLM resident while sampling"] == "no"
+    offload, keep = section(json.loads(out.read_text()), "peak")
+    assert offload["scenario"] == "offload" and offload["LLM resident while sampling"] == "no"
+    assert keep["scenario"] == "comfy@24gib" and keep["LLM resident while sampling"] == "yes"  # NAME@Ngib parsed
 
 
 def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
