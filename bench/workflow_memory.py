@@ -26,6 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 TARGET_GIB = 20.0
+KINDS = ("comfy", "offload", "offload-rerun")
+
+
+def parse_scenario(name: str) -> tuple[str, float | None]:
+    """'offload-rerun@20gib' -> ('offload-rerun', 20.0); '24gib' is 'comfy@24gib'; 'offload' -> ('offload', None)."""
+    kind, _, card = ("comfy@24gib" if name == "24gib" else name).partition("@")
+    if kind not in KINDS or (card and not card.endswith("gib")):
+        raise SystemExit(f"unknown scenario {name!r}: one of {', '.join(KINDS)}, 24gib, or NAME@<N>gib")
+    return kind, float(card.removesuffix("gib")) if card else None
 
 
 def parse() -> Any:
@@ -99,9 +108,9 @@ def main() -> None:
         mm.unload_all_models()
         mm.soft_empty_cache()
         mm.EXTRA_RESERVED_VRAM = default_reserve
-        kind, _, card = ("comfy@24gib" if scenario == "24gib" else scenario).partition("@")
-        if card and cuda:  # ComfyUI plans with total - reserve: the card it believes it has
-            mm.EXTRA_RESERVED_VRAM = max(default_reserve, int(total - float(card.removesuffix("gib")) * common.GIB))
+        kind, card_gib = parse_scenario(scenario)
+        if card_gib is not None and cuda:  # ComfyUI plans with total - reserve: the card it believes it has
+            mm.EXTRA_RESERVED_VRAM = max(default_reserve, int(total - card_gib * common.GIB))
         llm.keep_loaded = not kind.startswith("offload")  # LLM Loader's after_encoding: offload or keep
         from llmdiff_core.conditioning import attach_features
 

@@ -111,6 +111,18 @@ def test_workflow_memory_cpu(tmp_path: Path) -> None:
     assert keep["scenario"] == "comfy@24gib" and keep["LLM resident while sampling"] == "yes"  # NAME@Ngib parsed
 
 
+def test_workflow_scenario_names() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from workflow_memory import parse_scenario
+    finally:
+        sys.path.remove(str(BENCH))
+    assert parse_scenario("offload-rerun@20gib") == ("offload-rerun", 20.0)
+    assert parse_scenario("24gib") == ("comfy", 24.0) and parse_scenario("offload") == ("offload", None)
+    with pytest.raises(SystemExit, match="unknown scenario"):
+        parse_scenario("offload@20")
+
+
 def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
     """bench/gpu_checks.py is meant for a GPU session; on the CPU it runs the same code (device == reference)."""
     out = tmp_path / "checks.json"
