@@ -12,4 +12,4 @@ cp -r "$ROOT" .bench/ComfyUI          # the pinned ComfyUI 0.3.75 (~25 MB)
 rm -rf .bench/ComfyUI/custom_nodes/* .bench/ComfyUI/models/*/*.safetensors 2>/dev/null || true
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d .bench/whl torchsde==0.2.6 trampoline==0.1.2
 du -sh .bench
-echo "ready: run(carry=[\".bench\"], command=\"bench/device_run.sh 1\") (then 2, optionally 3)" >&2
+echo "ready: run(carry=[\".bench\"], timeout_s=600, command=\"DEVICE_BUDGET_S=530 bench/device_run.sh next\") (or all)" >&2
