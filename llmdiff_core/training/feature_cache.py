@@ -37,10 +37,11 @@ from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
 from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
-from .stored_tensor import CAN_READ_INTO, StoredTensor, stored_tensors, tensor_names
+from .stored_tensor import CAN_READ_INTO, StoredTensor, stored_kinds, stored_tensor
 
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
+CACHED_KINDS = ("latent", "hidden", "scores", "mask", "clip", "pooled")  # what a cache record may hold
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -278,12 +279,11 @@ class CachedSource(IndexedSource):
 
         def load() -> Any:
             h = self._handle(file)
-            stored = tensor_names(self.dir / file)
-            names = [n for n in ("latent", "hidden", "scores", "mask", "clip", "pooled") if f"{j}.{n}" in stored]
+            names = [n for n in stored_kinds(self.dir / file, j) if n in CACHED_KINDS]
             # the LLM features (MBs per sample) as places in the file, read straight into the batch buffer
-            big = [n for n in names if n in ("hidden", "scores")] if CAN_READ_INTO else []
-            refs = stored_tensors(self.dir / file, [f"{j}.{n}" for n in big])
-            return {n: refs[f"{j}.{n}"] if n in big else h.get_tensor(f"{j}.{n}") for n in names}, tuple(size)
+            big = ("hidden", "scores") if CAN_READ_INTO else ()
+            return {n: stored_tensor(self.dir / file, j, n) if n in big else h.get_tensor(f"{j}.{n}")
+                    for n in names}, tuple(size)
         return RawEntry(key, index, load, caption)
 
 

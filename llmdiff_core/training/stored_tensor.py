@@ -18,8 +18,8 @@ import json
 import os
 import struct
 import threading
+from array import array
 from collections import OrderedDict
-from collections.abc import Container
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
@@ -81,39 +81,71 @@ class StoredTensor:
         return [(dst.data_ptr() + i * step, row) for i in range(self.shape[0])]
 
 
-def tensor_names(path: str | os.PathLike[str]) -> Container[str]:
-    """The tensor names in the safetensors file at path, from its header, parsed once per file version
-    (safe_open(...).keys() builds a new list of every name in the shard on each call)."""
-    path = os.fspath(path)
-    return _layout(path, _version(path))[1].keys()
+def stored_kinds(path: str | os.PathLike[str], sample: int) -> list[str]:
+    """The tensor kinds ("latent", "hidden", ...) the shard at path holds for `sample` (names "<sample>.<kind>")."""
+    return _index(os.fspath(path)).kinds_of(sample)
 
 
-def stored_tensors(path: str | os.PathLike[str], names: list[str]) -> dict[str, StoredTensor]:
-    """StoredTensors of `names` in the safetensors file at path (its header is parsed once per file version)."""
-    path = os.fspath(path)
-    version = _version(path)
-    base, header = _layout(path, version)
-    out = {}
-    for name in names:
-        info = header[name]
-        begin, _ = info["data_offsets"]
-        out[name] = StoredTensor(path, base + int(begin), DTYPES[info["dtype"]], tuple(info["shape"]), version)
-    return out
+def stored_tensor(path: str | os.PathLike[str], sample: int, kind: str) -> StoredTensor:
+    """The place of tensor "<sample>.<kind>" in the shard at path."""
+    return _index(os.fspath(path)).place(sample, kind)
+
+
+class _ShardIndex:
+    """What a shard's header says, kept compact for the life of the process (a 256-sample shard's header
+    parses into ~1 MB of dicts, and re-parsing it per sample would cost milliseconds): per tensor kind,
+    each sample's byte offset (-1: absent) and shape (interned), and the kind's dtype."""
+
+    def __init__(self, path: str, version: tuple[int, int, int]) -> None:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.path, self.version, self.base = path, version, 8 + n
+        entries = []
+        for name, info in header.items():
+            sample, _, kind = name.partition(".")
+            if sample.isdigit():
+                entries.append((int(sample), kind, info))
+        count = 1 + max((j for j, _, _ in entries), default=-1)
+        self.begin: dict[str, array] = {}
+        self.shape: dict[str, list[tuple[int, ...] | None]] = {}
+        self.dtype: dict[str, torch.dtype] = {}
+        interned: dict[tuple[int, ...], tuple[int, ...]] = {}
+        for j, kind, info in entries:
+            if kind not in self.begin:
+                self.begin[kind], self.shape[kind] = array("q", [-1]) * count, [None] * count
+                self.dtype[kind] = DTYPES[info["dtype"]]
+            if DTYPES[info["dtype"]] != self.dtype[kind]:
+                raise LLMDiffError(f"the feature cache file '{path}' mixes dtypes for '{kind}': delete the cache "
+                                   f"folder and let training build it again")
+            shape = tuple(info["shape"])
+            self.begin[kind][j] = int(info["data_offsets"][0])
+            self.shape[kind][j] = interned.setdefault(shape, shape)
+
+    def kinds_of(self, sample: int) -> list[str]:
+        return [k for k, begin in self.begin.items() if sample < len(begin) and begin[sample] >= 0]
+
+    def place(self, sample: int, kind: str) -> StoredTensor:
+        begin, shape = self.begin[kind][sample], self.shape[kind][sample]
+        if begin < 0 or shape is None:
+            raise KeyError(f"{sample}.{kind}")
+        return StoredTensor(self.path, self.base + begin, self.dtype[kind], shape, self.version)
+
+
+def _index(path: str) -> _ShardIndex:
+    return _index_of(path, _version(path))
+
+
+@lru_cache(maxsize=4096)
+def _index_of(path: str, version: tuple[int, int, int]) -> _ShardIndex:
+    return _ShardIndex(path, version)
 
 
 def _version(path: str) -> tuple[int, int, int]:
     """(inode, size, mtime): a cache file rewritten in place or replaced is another file to the caches here."""
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-@lru_cache(maxsize=256)
-def _layout(path: str, version: tuple[int, int, int]) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
 
 
 _fds: OrderedDict[tuple[int, str, tuple[int, int, int]], int] = OrderedDict()
