@@ -44,7 +44,7 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        return prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return prod(self.shape) * self.dtype.itemsize
 
     def load(self) -> torch.Tensor:
         """The tensor as a new CPU tensor."""
