@@ -242,7 +242,6 @@ def main() -> None:
 
 def attend_variant(name: str) -> Any:
     """An implementation of llmdiff_core.attention.attend(q, kh, vh, mask) for the --attend A/B."""
-    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from llmdiff_core import attention
