@@ -249,8 +249,7 @@ def test_cache_features_are_read_straight_into_the_batch_buffer(tmp_path: Path, 
     fields, so DataLoader workers no longer ship megabytes through shared memory); collate reads them into
     the batch buffer and gets exactly what copying the tensors gives."""
     import pickle
-
-    import safetensors.torch
+    from types import SimpleNamespace
 
     from llmdiff_core.features import LLMSpec
     from llmdiff_core.training import encoders as E, feature_cache as FC
@@ -259,24 +258,29 @@ def test_cache_features_are_read_straight_into_the_batch_buffer(tmp_path: Path, 
     spec = LLMSpec("llama", "t", 16, 3)
     T, lengths = 12, [5, 1, 7, 3]
     cspec = FC.CacheSpec(fingerprint={}, llm=spec, max_tokens=T, layers=[0], scores=True, dtype=dtype)
-    cond = E.Conditioning([f"k{i}" for i in range(4)], torch.zeros(4, 4, 2, 2), _features(spec, lengths, T, 0),
-                          None, None, [(0, 0, 0, 0)] * 4)
+    cond = E.Conditioning([f"k{i}" for i in range(4)], torch.randn(4, 4, 2, 2), _features(spec, lengths, T, 0),
+                          None, None, [(8, 8, 0, 0)] * 4)
     records = [FC._record(cond, i, cspec, FC.DTYPES[dtype]) for i in range(4)]
+    index: dict = {}
+    writer = FC._ShardWriter(tmp_path, 0, cspec, index)  # the cache's own writer and reader
+    for i in range(4):
+        writer.add(cond, i, SimpleNamespace(key=f"k{i}", index=i, caption=""))
+    index["complete"] = True
+    writer.flush(D.Position(1, 0), D.SkipCounter())
+    source = FC.CachedSource(tmp_path)
+    loaded = [FC.decode_cached(source.entry(i), None, 0, i + 1) for i in range(4)]
+    assert all(isinstance(s.tensors[k], StoredTensor) for s in loaded for k in ("hidden", "scores"))
+    assert torch.equal(loaded[2].tensors["latent"], records[2]["latent"])  # small tensors: plain tensors
+    assert len(pickle.dumps(loaded[2])) < 2000  # what a DataLoader worker sends per sample
+
+    from_refs = FC.collate(loaded, cspec)
+    copied = FC.collate([FC.CachedSample(f"k{i}", i, 0, i + 1, "", (8, 8, 0, 0), dict(records[i]))
+                         for i in range(4)], cspec)
+    assert torch.equal(from_refs.features.hidden, copied.features.hidden)
+    assert torch.equal(from_refs.features.scores, copied.features.scores)
+    assert torch.equal(from_refs.features.mask, copied.features.mask)
+    assert torch.equal(from_refs.latents, copied.latents)
     shard = tmp_path / "rank0-00000.safetensors"
-    safetensors.torch.save_file({f"{i}.{k}": t for i, r in enumerate(records) for k, t in r.items()}, str(shard))
-
-    def sample(i: int, refs: bool) -> FC.CachedSample:
-        tensors: dict = dict(records[i])
-        if refs:
-            tensors.update({kind: stored_tensor(shard, i, kind) for kind in ("hidden", "scores")})
-        return FC.CachedSample(f"k{i}", i, 0, i + 1, "", (0, 0, 0, 0), tensors)
-
-    from_refs = FC.collate([sample(i, True) for i in range(4)], cspec).features
-    copied = FC.collate([sample(i, False) for i in range(4)], cspec).features
-    assert isinstance(sample(0, True).tensors["scores"], StoredTensor)
-    assert len(pickle.dumps(sample(2, True).tensors["scores"])) < 500  # what a worker sends
-    assert torch.equal(from_refs.hidden, copied.hidden) and torch.equal(from_refs.scores, copied.scores)
-    assert torch.equal(from_refs.mask, copied.mask)
 
     # read_into: contiguous and row-strided destinations, load(), bad destinations refused
     assert sorted(stored_kinds(shard, 2)) == sorted(records[2])  # from the header, parsed once

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import tempfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +36,7 @@ from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
 from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
-from .stored_tensor import CAN_READ_INTO, StoredTensor, stored_kinds, stored_tensor
+from .stored_tensor import StoredTensor, stored_kinds, stored_tensor
 
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
@@ -253,37 +252,19 @@ class CachedSource(IndexedSource):
             raise LLMDiffError(f"the feature cache in '{self.dir}' holds no samples")
         records.sort(key=lambda r: (r[0], r[1]))
         self.records = records
-        self._open: OrderedDict[str, Any] = OrderedDict()
         super().__init__([])
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_open"] = OrderedDict()  # file handles do not travel to workers
-        return state
-
-    def _handle(self, name: str) -> Any:
-        if name in self._open:
-            self._open.move_to_end(name)
-            return self._open[name]
-        h = safetensors.safe_open(str(self.dir / name), framework="pt")
-        self._open[name] = h
-        if len(self._open) > 8:
-            self._open.popitem(last=False)
-        return h
-
     def entry(self, i: int) -> RawEntry:
         index, key, file, j, caption, size = self.records[i]
 
         def load() -> Any:
-            h = self._handle(file)
-            names = [n for n in stored_kinds(self.dir / file, j) if n in CACHED_KINDS]
-            # the LLM features (MBs per sample) as places in the file, read straight into the batch buffer
-            big = ("hidden", "scores") if CAN_READ_INTO else ()
-            return {n: stored_tensor(self.dir / file, j, n) if n in big else h.get_tensor(f"{j}.{n}")
-                    for n in names}, tuple(size)
+            places = {n: stored_tensor(self.dir / file, j, n) for n in stored_kinds(self.dir / file, j)
+                      if n in CACHED_KINDS}
+            # the LLM features (MBs per sample) stay places in the file, read straight into the batch buffer
+            return {n: p if n in ("hidden", "scores") else p.load() for n, p in places.items()}, tuple(size)
         return RawEntry(key, index, load, caption)
 
 
