@@ -5,9 +5,6 @@
 #                             # 540): a step that would not fit is skipped and named in the log, so one
 #                             # call of the 15-minute lease brings back the targets' numbers first
 #   bench/device_run.sh next  # the A/Bs and profiles session 3's numbers call for (docs/benchmarks.md §5c)
-#   bench/device_run.sh 1     # GPU correctness checks (all but compile), sampling overhead, score encoding
-#   bench/device_run.sh 2     # training throughput + workflow memory + the two sampling profiles
-#   bench/device_run.sh 3     # the compile check, sampling under torch.compile, training channels-last + compile
 # SKIP="label ..." leaves steps out (e.g. those a first call already measured); DEVICE_ARGS="--small"
 # tries the script on a CPU (PATH must then start with the pinned venv's bin).
 set -uo pipefail
@@ -37,28 +34,24 @@ bench() { python3 "bench/$1.py" $DEVICE_ARGS "${@:2}" --markdown "$MD"; }
 checks() { python3 bench/gpu_checks.py --only "$1" --markdown "$OUTDIR/gpu-checks-$PART.md"; }
 export -f bench checks
 
+profiles() {
+  step profile-sd15 30 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip > $OUTDIR/profile-sd15-hybrid.txt"
+  step profile-sdxl 40 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sdxl --mode clip --steps 10 > $OUTDIR/profile-sdxl-hybrid.txt"
+}
+
 run_part() {
   case "$1" in
-    core)  # the four targets, then the correctness checks
+    all)  # the correctness checks, the four targets, then the diagnostics
+      step checks 20 checks 1,2,4,5,6,7
       step sampling 90 bench sampling_overhead
       step encoding 40 bench score_encoding
       step training 90 bench training_throughput
-      step workflow 60 bench workflow_memory ;;
-    1) step checks 20 checks 1,2,4,5,6,7
-       run_part core-sampling ;;
-    core-sampling)
-      step sampling 90 bench sampling_overhead
+      step workflow 60 bench workflow_memory
       step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
-      step encoding 40 bench score_encoding ;;
-    2) step training 90 bench training_throughput
-       step workflow 60 bench workflow_memory
-       run_part profiles ;;
-    profiles)
-      step profile-sd15 30 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip > $OUTDIR/profile-sd15-hybrid.txt"
-      step profile-sdxl 40 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sdxl --mode clip --steps 10 > $OUTDIR/profile-sdxl-hybrid.txt" ;;
-    3) step checks-compile 60 checks 3
-       step sampling-compiled 120 bench sampling_overhead --compile inductor --no-real-flops
-       step training-fast 120 bench training_throughput --channels-last --compile inductor --warmup 5 --no-floor ;;
+      profiles
+      step checks-compile 60 checks 3
+      step sampling-compiled 120 bench sampling_overhead --compile inductor --no-real-flops
+      step training-fast 120 bench training_throughput --channels-last --compile inductor --warmup 5 --no-floor ;;
     next)  # what session 3's numbers left open: the A/Bs and profiles that explain the missed targets
       step training-profile 120 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
       step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops
@@ -66,13 +59,7 @@ run_part() {
       step workflow-20gib 50 bench workflow_memory --scenarios offload-rerun@20gib
       step sampling-compiled 150 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step checks-compile 60 checks 3 ;;
-    all)
-      step checks 20 checks 1,2,4,5,6,7
-      run_part core
-      step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
-      run_part profiles
-      run_part 3 ;;
-    *) echo "usage: bench/device_run.sh all|next|1|2|3" >&2; exit 2 ;;
+    *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }
 
