@@ -139,6 +139,8 @@ def main() -> None:
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
             return {"step": common.median(gaps), "first": stamps[0] - t0, "run": t1 - t0}
 
+        failed: dict[str, str] = {}  # variant -> why its --attend implementation could not run here
+
         def measured(name: str, v: tuple[Any, list, list]) -> Any:
             if name not in impl_of:
                 return lambda: sampler_run(*v, steps=opts.steps)
@@ -151,7 +153,6 @@ def main() -> None:
                         failed[name] = str(exc).splitlines()[0][:160]
                 return {"step": float("nan"), "first": float("nan"), "run": float("nan")}
             return with_impl
-        failed: dict[str, str] = {}
         measurements = {name: measured(name, v) for name, v in variants.items()}
         results = common.interleaved(measurements, opts.repeats, opts.warmup)
 

@@ -74,10 +74,8 @@ class FeatureBatch:
                     rows_of_part[p].append(row)
                 index.append(first[key])
         # distinct rows are numbered part by part, so concatenating the parts' selections keeps that order
-        def features(part: FeaturePart) -> LLMFeatures:
-            return part.features if read is None else part.features.reading(*read)
-        return LLMFeatures.cat([features(part).select(rows) for part, rows in zip(self.parts, rows_of_part)
-                                if rows]), index
+        views = [p.features if read is None else p.features.reading(*read) for p in self.parts]
+        return LLMFeatures.cat([f.select(rows) for f, rows in zip(views, rows_of_part) if rows]), index
 
 
 class CONDLLMDiff(comfy.conds.CONDRegular):
