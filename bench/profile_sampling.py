@@ -162,7 +162,7 @@ def host_overhead(device: Any, top: int) -> None:
     mask = torch.zeros(2, t, dtype=torch.bool, device=device)
     mask[0, 1:20], mask[1, 0] = True, True
     rm = RunMask.prepare(mask, dt, device)
-    kh_prepared, vh_prepared = rm.heads(k, heads), rm.heads(v, heads)
+    kh_prepared, vh_prepared = rm.heads(rm.span(k), heads), rm.heads(rm.span(v), heads)
     additive = torch.zeros(2, 1, 1, t, device=device, dtype=dt).masked_fill(~mask[:, None, None, :], float("-inf"))
     w_q = to_q.weight.to(dt)
     q = F.linear(n, w_q)

@@ -75,12 +75,14 @@ class RunMask:
             bias = bias[:, None, None, :]
         return cls(start, stop, bias, keep)
 
+    def span(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [B, stop-start, ...]: the tokens attention can read (project only these)."""
+        return t[:, self.start:self.stop]
+
     def heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
-        """[B, T, H*d] (or [B, stop-start, H*d], already trimmed) -> [B, H, stop-start, d], contiguous:
-        the keys or values SDPA reads every call."""
-        b, n, inner = t.shape
-        if n > self.stop - self.start:
-            t = t[:, self.start:self.stop]
+        """[B, stop-start, H*d] (span() tokens) -> [B, H, stop-start, d], contiguous: the keys or values
+        SDPA reads every call."""
+        b, _, inner = t.shape
         return t.reshape(b, -1, heads, inner // heads).transpose(1, 2).contiguous()
 
 

@@ -292,8 +292,8 @@ class AdapterRuntime(_Shared):
             orig_kv = []
         mask = RunMask.prepare(per_row(features.mask), dtype, device)
         # K/V are per token: project only the attended span (training does this every step)
-        c_span = c[:, mask.start:mask.stop]
-        context_span = None if context is None else context[:, mask.start:mask.stop]
+        c_span = mask.span(c)
+        context_span = None if context is None else mask.span(context)
         like = torch.empty(0, dtype=dtype, device=device)
         new_kv, q_weights = [], []
         for i, site in enumerate(self.sites):

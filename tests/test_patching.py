@@ -191,14 +191,14 @@ def test_attention_matches_literal_and_empty_rows_give_zero() -> None:
     q, k, v = torch.randn(3, 5, 16, generator=g), torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 16, generator=g)
     mask = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1], [0] * 7], dtype=torch.bool)
     rm = RunMask.prepare(mask, torch.float32, torch.device("cpu"))
-    out = attend(q, rm.heads(k, 2), rm.heads(v, 2), rm)
+    out = attend(q, rm.heads(rm.span(k), 2), rm.heads(rm.span(v), 2), rm)
     assert torch.isfinite(out).all()
     assert torch.equal(out[2], torch.zeros_like(out[2]))  # nothing to attend to: contributes nothing
     torch.testing.assert_close(out[:2], literal_attention(q[:2], k[:2], v[:2], 2, mask[:2]), atol=1e-6, rtol=1e-5)
     full = torch.ones(3, 7, dtype=torch.bool)
     rm = RunMask.prepare(full, torch.float32, torch.device("cpu"))
     assert rm.keep is None and rm.bias is None
-    torch.testing.assert_close(attend(q, rm.heads(k, 2), rm.heads(v, 2), rm),
+    torch.testing.assert_close(attend(q, rm.heads(rm.span(k), 2), rm.heads(rm.span(v), 2), rm),
                                literal_attention(q, k, v, 2, None), atol=1e-6, rtol=1e-5)
 
 
@@ -649,17 +649,17 @@ def test_prepared_mask_trims_to_the_attended_span_exactly() -> None:
     rm = RunMask.prepare(mask, torch.float32, torch.device("cpu"), bucket=1)
     assert (rm.start, rm.stop) == (1, 6)
     assert rm.bias is not None and rm.bias.dtype == torch.float32 and rm.keep is not None
-    out = attend(q, rm.heads(k, 2), rm.heads(v, 2), rm)
+    out = attend(q, rm.heads(rm.span(k), 2), rm.heads(rm.span(v), 2), rm)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     torch.testing.assert_close(out[:2], literal_attention(q[:2], k[:2], v[:2], 2, mask[:2]), atol=1e-6, rtol=1e-5)
     full_span = torch.zeros(3, 9, dtype=torch.bool)
     full_span[:, 2:7] = True  # every row attends to the whole span: no mask at all
     rm = RunMask.prepare(full_span, torch.float16, torch.device("cpu"), bucket=1)
-    assert rm.bias is None and rm.keep is None and rm.heads(k, 2).shape == (3, 2, 5, 8)
-    torch.testing.assert_close(attend(q, rm.heads(k, 2), rm.heads(v, 2), rm),
+    assert rm.bias is None and rm.keep is None and rm.heads(rm.span(k), 2).shape == (3, 2, 5, 8)
+    torch.testing.assert_close(attend(q, rm.heads(rm.span(k), 2), rm.heads(rm.span(v), 2), rm),
                                literal_attention(q, k, v, 2, full_span), atol=1e-6, rtol=1e-5)
     nothing = RunMask.prepare(torch.zeros(2, 9, dtype=torch.bool), torch.float32, torch.device("cpu"))
-    out = attend(q[:2], nothing.heads(k[:2], 2), nothing.heads(v[:2], 2), nothing)
+    out = attend(q[:2], nothing.heads(nothing.span(k[:2]), 2), nothing.heads(nothing.span(v[:2]), 2), nothing)
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -678,7 +678,7 @@ def test_prepared_span_comes_in_buckets_and_computes_the_same() -> None:
         assert rm.start == 1 and (length % 32 == 0 or rm.stop == T) and rm.stop > longest
         assert rm.bias is not None
         spans.add(length)
-        torch.testing.assert_close(attend(q, rm.heads(k, 2), rm.heads(v, 2), rm),
+        torch.testing.assert_close(attend(q, rm.heads(rm.span(k), 2), rm.heads(rm.span(v), 2), rm),
                                    literal_attention(q, k, v, 2, mask), atol=1e-6, rtol=1e-5)
     assert spans == {32, 64, T - 1}
 

@@ -56,7 +56,8 @@ class StoredTensor:
         """Write the stored values into dst (a CPU tensor of this shape and dtype; any strides, as long as
         each index of its first dimension is one contiguous block, like batch_buffer[i, :, :k])."""
         if dst.device.type != "cpu" or dst.dtype != self.dtype or tuple(dst.shape) != self.shape:
-            raise ValueError(f"cannot read {self.dtype} {self.shape} into {dst.dtype} {tuple(dst.shape)} on {dst.device}")
+            raise ValueError(f"cannot read {self.dtype} {self.shape} into {dst.dtype} {tuple(dst.shape)} "
+                             f"on {dst.device}")
         if self.nbytes == 0:
             return
         if CAN_READ_INTO:
