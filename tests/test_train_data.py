@@ -253,7 +253,7 @@ def test_cache_features_are_read_straight_into_the_batch_buffer(tmp_path: Path, 
 
     from llmdiff_core.features import LLMSpec
     from llmdiff_core.training import encoders as E, feature_cache as FC
-    from llmdiff_core.training.stored_tensor import StoredTensor, stored_kinds, stored_tensor
+    from llmdiff_core.training.stored_tensor import StoredTensor, stored_tensors
 
     spec = LLMSpec("llama", "t", 16, 3)
     T, lengths = 12, [5, 1, 7, 3]
@@ -283,8 +283,8 @@ def test_cache_features_are_read_straight_into_the_batch_buffer(tmp_path: Path, 
     shard = tmp_path / "rank0-00000.safetensors"
 
     # read_into: contiguous and row-strided destinations, load(), bad destinations refused
-    assert sorted(stored_kinds(shard, 2)) == sorted(records[2])  # from the header, parsed once
-    ref = stored_tensor(shard, 2, "scores")
+    assert sorted(stored_tensors(shard, 2)) == sorted(records[2])  # from the header, parsed once
+    ref = stored_tensors(shard, 2)["scores"]
     want = records[2]["scores"]
     assert torch.equal(ref.load(), want)
     wide = torch.full((want.shape[0], want.shape[1] + 4, want.shape[2]), 7, dtype=want.dtype)
@@ -312,7 +312,7 @@ def test_stored_tensor_reads_survive_short_reads(tmp_path: Path, monkeypatch: py
     real = os.preadv
     monkeypatch.setattr(ST.os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:13]], off))  # 13 bytes a call
     dst = torch.zeros(3, 9, 7)
-    ST.stored_tensor(path, 0, "x").read_into(dst[:, 2:7])
+    ST.stored_tensors(path, 0)["x"].read_into(dst[:, 2:7])
     assert torch.equal(dst[:, 2:7], t) and dst[:, :2].abs().sum() == 0 and dst[:, 7:].abs().sum() == 0
 
 
@@ -324,7 +324,7 @@ def test_a_truncated_cache_file_gets_a_clear_error(tmp_path: Path) -> None:
 
     path = tmp_path / "rank0-00000.safetensors"
     safetensors.torch.save_file({"0.scores": torch.ones(4, 6, 8)}, str(path))
-    ref = ST.stored_tensor(path, 0, "scores")
+    ref = ST.stored_tensors(path, 0)["scores"]
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 10)
     with pytest.raises(LLMDiffError, match="delete the cache folder"):
@@ -341,12 +341,12 @@ def test_a_cache_file_changed_after_its_places_were_read_is_refused(tmp_path: Pa
 
     path = tmp_path / "rank0-00000.safetensors"
     safetensors.torch.save_file({"0.scores": torch.ones(2, 3)}, str(path))
-    old = ST.stored_tensor(path, 0, "scores")
+    old = ST.stored_tensors(path, 0)["scores"]
     safetensors.torch.save_file({"0.mask": torch.zeros(5), "0.scores": torch.full((2, 3), 2.0)}, str(path))
     with pytest.raises(LLMDiffError, match="changed while training"):
         old.load()  # replaced
-    assert sorted(ST.stored_kinds(path, 0)) == ["mask", "scores"]
-    new = ST.stored_tensor(path, 0, "scores")
+    assert sorted(ST.stored_tensors(path, 0)) == ["mask", "scores"]
+    new = ST.stored_tensors(path, 0)["scores"]
     assert torch.equal(new.load(), torch.full((2, 3), 2.0))
     with open(path, "ab") as f:
         f.write(b"\0" * 8)

@@ -36,7 +36,7 @@ from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
 from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
-from .stored_tensor import StoredTensor, stored_kinds, stored_tensor
+from .stored_tensor import StoredTensor, stored_tensors
 
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
@@ -261,8 +261,7 @@ class CachedSource(IndexedSource):
         index, key, file, j, caption, size = self.records[i]
 
         def load() -> Any:
-            places = {n: stored_tensor(self.dir / file, j, n) for n in stored_kinds(self.dir / file, j)
-                      if n in CACHED_KINDS}
+            places = {n: p for n, p in stored_tensors(self.dir / file, j).items() if n in CACHED_KINDS}
             # the LLM features (MBs per sample) stay places in the file, read straight into the batch buffer
             return {n: p if n in ("hidden", "scores") else p.load() for n, p in places.items()}, tuple(size)
         return RawEntry(key, index, load, caption)

@@ -82,14 +82,10 @@ class StoredTensor:
         return [(dst.data_ptr() + i * step, row) for i in range(self.shape[0])]
 
 
-def stored_kinds(path: str | os.PathLike[str], sample: int) -> list[str]:
-    """The tensor kinds ("latent", "hidden", ...) the shard at path holds for `sample` (names "<sample>.<kind>")."""
-    return _index(os.fspath(path)).kinds_of(sample)
-
-
-def stored_tensor(path: str | os.PathLike[str], sample: int, kind: str) -> StoredTensor:
-    """The place of tensor "<sample>.<kind>" in the shard at path."""
-    return _index(os.fspath(path)).place(sample, kind)
+def stored_tensors(path: str | os.PathLike[str], sample: int) -> dict[str, StoredTensor]:
+    """kind ("latent", "hidden", ...) -> the place of tensor "<sample>.<kind>" in the shard at path."""
+    index = _index(os.fspath(path))
+    return {kind: index.place(sample, kind) for kind in index.kinds_of(sample)}
 
 
 class _ShardIndex:
