@@ -287,13 +287,15 @@ def profile_tables(report: Any, prof: Any, family: str, k: int, step_s: list[flo
     """Where K profiled steps spend their time: ops by self device time (what the GPU runs) and by self host
     time (what the training thread spends launching it; cuDNN graph builds for new shapes show up here)."""
     prof.__exit__(None, None, None)
-    # aten ops and the optimizer step (host side), and whatever ran on the device (kernels, copies)
-    events = [e for e in prof.key_averages() if e.key.startswith(("aten::", "Optimizer")) or e.self_device_time_total > 0]
+    averages = prof.key_averages()
+    # the ops (aten and the optimizer step) for the tables; the device's own events (kernels, copies) for the
+    # busy time, where an op's device time would count its kernels a second time
+    events = [e for e in averages if e.key.startswith(("aten::", "Optimizer"))]
+    busy = sum(e.self_device_time_total for e in averages if e not in events) / k / 1e3
     wall_ms = sum(step_s) / k * 1e3
     ops = [e for e in prof.events() if e.name.startswith("aten::")]
     outer = sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     dev = sorted(events, key=lambda e: -e.self_device_time_total)[:top] if cuda else []
-    busy = sum(e.self_device_time_total for e in events) / k / 1e3
     if dev:
         report.table(f"{family}: profile of {k} steps, top ops by self device time (per step)",
                      ["op", "calls/step", "device ms/step", "% of step"],
