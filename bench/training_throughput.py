@@ -54,6 +54,9 @@ def parse() -> Any:
     p.add_argument("--compile", default="", metavar="BACKEND",
                    help="train.py --compile-unet BACKEND (inductor on a GPU); the warmup steps compile")
     p.add_argument("--compile-mode", default="", help="train.py --compile-mode")
+    p.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
+                   help="train.py --mixed-precision, with the frozen U-Net in that dtype (default: bf16 where the "
+                        "GPU has it, no on a CPU; bf16 on a CPU counts the casts a GPU step does)")
     p.add_argument("--floor-only", action="store_true",
                    help="only the real-shape training FLOP table (meta device, seconds, any machine)")
     p.add_argument("--no-floor", action="store_true", help="skip the real-shape training FLOP table")
@@ -125,6 +128,7 @@ def main() -> None:
     opts = parse()
     device = common.setup_comfy(opts)
     import torch
+    import torch._dynamo
 
     import builders
     import comfy.model_management as mm
@@ -132,10 +136,11 @@ def main() -> None:
     from llmdiff_core.training.options import TrainOptions
 
     cuda = device.type == "cuda"
+    precision = opts.mixed_precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
     report = common.Report("Adapter training throughput (U-Net frozen, from the feature cache)", common.env_header(
         device, opts.root, mode=opts.mode, llm=opts.llm, steps=opts.steps, warmup_steps=opts.warmup,
         workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
-        channels_last=opts.channels_last, compile=opts.compile or "no"))
+        channels_last=opts.channels_last, compile=opts.compile or "no", mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
         report.emit(opts)
@@ -187,9 +192,11 @@ def main() -> None:
     runner.checkpointing.export = lambda adapter, path, *a, **k: path
     try:
         for family in [m for m in opts.models.split(",") if m]:
+            if opts.compile:  # a fresh start per family: new shapes of the same U-Net code would recompile with
+                torch._dynamo.reset()  # dynamic shapes (minutes of sympy for SDXL, bench/sampling_overhead.py)
             res = opts.resolution or (64 if opts.small else (512 if family == "sd15" else 1024))
             bsz = opts.batch_of[family]
-            unet_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+            unet_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
             mp = builders.build_unet(family, opts.small, unet_dtype, device, offload_device=mm.unet_offload_device())
             data = write_dataset(work / f"data-{family}-{res}", opts.samples, res, opts.caption_words)
             cache = work / f"cache-{family}-{res}-{opts.mode}-{opts.llm}"
@@ -202,7 +209,7 @@ def main() -> None:
                              gradient_checkpointing=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
                              channels_last=opts.channels_last, compile_unet=opts.compile,
                              compile_mode=opts.compile_mode,
-                             mixed_precision="auto" if cuda else "no", seed=0)
+                             mixed_precision=precision, seed=0)
             # 1. the cache pre-pass (LLM loaded), not timed
             llm = builders.build_llm(opts.llm, torch.bfloat16 if cuda else torch.float32, device)
             comps = runner.Components(mp, clip, StandInVAE(), llm, f"random-{family}", f"llama-{opts.llm}-random")

@@ -64,7 +64,8 @@ class TrainingCall:
       row i drawn from torch.Generator(features' device).manual_seed(noise_seeds[i]), so a sample's
       noise depends on its seed alone (not on its batch or process); None = no noise;
     - caches nothing: c and every site's K/V are computed by the call itself, before the U-Net runs
-      (outside any gradient-checkpointed block, so a recomputation in the backward pass finds them).
+      (outside any gradient-checkpointed block, so a recomputation in the backward pass finds them);
+    - runs the U-Net outside an autocast already in its dtype (unet_autocast_off): see that function.
     Everything else (strength, block weights, the math) is what sampling runs.
     """
 
@@ -417,7 +418,23 @@ class ApplyModelWrapper(_Shared):
                 kwargs["y"] = y
         elif c_crossattn is not None and c_crossattn.shape[-1] != rt.config.context_dim:
             raise rt.no_clip_error(c_crossattn.shape[-1])
+        if to.get(TRAINING_KEY) is not None and unet_autocast_off(x.device.type, _unet_dtype(executor.class_obj)):
+            with torch.autocast(x.device.type, enabled=False):
+                return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+
+def unet_autocast_off(device_type: str, unet_dtype: torch.dtype) -> bool:
+    """Whether a training call runs the U-Net (the frozen base model and the sites) outside the
+    trainer's autocast: when the U-Net already computes in the autocast dtype. Autocast would then
+    only add fp32 islands: on CUDA it runs every GroupNorm / LayerNorm in fp32, casting the
+    activations (and the norm weights) up and back down around each, forward and backward (~750
+    casts per SD1.5 step, 10 % of the device time on an H200, docs/benchmarks.md §5d). Without it
+    the frozen U-Net computes exactly as when sampling (ComfyUI runs it without autocast); the
+    adapter's encoding, c and the sites' K/V stay under autocast (computed above), and the sites cast
+    explicitly to the U-Net dtype. A U-Net kept in fp32 under bf16/fp16 autocast stays under it."""
+    return (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == unet_dtype)  # (no autocast on e.g. meta: FLOP counts)
 
 
 def _paper_unet_inputs(entry: RunEntry, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

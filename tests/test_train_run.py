@@ -328,6 +328,45 @@ def test_gradient_checkpointing_gives_the_same_gradients(frozen) -> None:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-7, msg=k)
 
 
+@pytest.mark.parametrize("unet_dtype", [torch.bfloat16, torch.float32])
+def test_under_autocast_a_unet_in_the_autocast_dtype_runs_as_when_sampling(frozen, unet_dtype) -> None:
+    """bf16 training: the adapter's encoding, c and the sites' K/V run under autocast; a U-Net stored in
+    bf16 runs outside it (CUDA autocast would put every norm in fp32, casting around each: §5d of
+    docs/benchmarks.md), one kept in fp32 stays under it (the user asked for bf16 compute)."""
+    comps = runner.Components(tiny_sd15(unet_dtype), frozen["clip"], frozen["vae"], frozen["llm"], "tiny_sd15",
+                              "tiny-llama")
+    adapter = runner.build_adapter(options(Path("."), Path(".")), comps, torch.device("cpu"))
+    with torch.no_grad():
+        adapter.a_new.fill_(0.5)  # the new path contributes: the sites get gradients
+    patched = patch_for_training(comps.model_patcher, adapter)
+    module = loop.TrainModule(adapter, patched, adapter.config.llm, "eps", 0.0, adapter.config.context_dim,
+                              langevin_noise=False)
+    enc = FrozenEncoders(comps.vae, comps.llm, comps.clip, 32, need_clip=True, need_pooled=False)
+    cond = enc.encode(["a", "b"], torch.rand(2, RES, RES, 3), ["a red cube", "a blue ball"], [(0, 0, 0, 0)] * 2)
+    seen: dict[str, set[bool]] = {"unet": set(), "site K/V": set()}
+    hooks = [m.register_forward_pre_hook(lambda *_: seen["unet"].add(torch.is_autocast_enabled("cpu")))
+             for m in patched.model.diffusion_model.modules()]
+    hooks += [s.to_k.register_forward_pre_hook(lambda *_: seen["site K/V"].add(torch.is_autocast_enabled("cpu")))
+              for s in adapter.sites]
+    from llmdiff_core.training import objective
+
+    draw = objective.draw([1, 2], tuple(cond.latents.shape[1:]), 1000, 0.0)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module(patched.model.process_latent_in(cond.latents), draw.noise, draw.timesteps,
+                          cond.features.hidden, cond.features.scores, cond.features.mask, cond.clip, None,
+                          draw.encoder_seeds).mean()
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen["site K/V"] == {True}
+    assert seen["unet"] == {unet_dtype != torch.bfloat16}
+    grads = {k: p.grad for k, p in adapter.named_parameters() if p.grad is not None}
+    assert "sites.15.to_q.weight" in grads and "sites.15.to_k.weight" in grads
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+
+
 def test_backward_computes_no_weight_gradients_for_the_frozen_unet(tmp_path: Path, frozen, monkeypatch) -> None:
     """Training throughput rests on the U-Net staying frozen: autograd then skips every weight-gradient GEMM
     and convolution, and the backward costs about one forward (activation gradients only) instead of two.

@@ -59,9 +59,10 @@ class _TinySDXL(comfy.supported_models.SDXL):
     unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
 
 
-def _build(config_cls: type, unet_config: dict[str, Any]) -> comfy.model_patcher.ModelPatcher:
-    model_config = config_cls(dict(unet_config, dtype=torch.float32))
-    model_config.set_inference_dtype(torch.float32, None)
+def _build(config_cls: type, unet_config: dict[str, Any],
+           dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    model_config = config_cls(dict(unet_config, dtype=dtype))
+    model_config.set_inference_dtype(dtype, None)
     device = comfy.model_management.unet_offload_device()
     model = model_config.get_model({}, "", device=device)
     seeded_init(model.diffusion_model, WEIGHT_SEED)
@@ -69,8 +70,8 @@ def _build(config_cls: type, unet_config: dict[str, Any]) -> comfy.model_patcher
 
 
 @functools.lru_cache(maxsize=None)
-def _sd15() -> comfy.model_patcher.ModelPatcher:
-    return _build(comfy.supported_models.SD15, _SD15_CONFIG)
+def _sd15(dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    return _build(comfy.supported_models.SD15, _SD15_CONFIG, dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,9 +84,9 @@ def _sd15_minimal() -> comfy.model_patcher.ModelPatcher:
     return _build(comfy.supported_models.SD15, _SD15_MINIMAL_CONFIG)
 
 
-def tiny_sd15() -> comfy.model_patcher.ModelPatcher:
-    """SD1.5 layout: 16 sites, context width 64, 8 heads (as SD1.5), float32 on CPU."""
-    return _sd15().clone()
+def tiny_sd15(dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """SD1.5 layout: 16 sites, context width 64, 8 heads (as SD1.5), float32 (or dtype) on CPU."""
+    return _sd15(dtype).clone()
 
 
 def tiny_sdxl() -> comfy.model_patcher.ModelPatcher:
