@@ -4,7 +4,7 @@
 #   bench/device_run.sh all   # everything, most important first, inside DEVICE_BUDGET_S seconds (default
 #                             # 540): a step that would not fit is skipped and named in the log, so one
 #                             # call of the 15-minute lease brings back the targets' numbers first
-#   bench/device_run.sh next  # the A/Bs and profiles session 3's numbers call for (docs/benchmarks.md §5c)
+#   bench/device_run.sh next  # what the last GPU session left open (docs/benchmarks.md §5d, §6)
 # SKIP="label ..." leaves steps out (e.g. those a first call already measured); DEVICE_ARGS="--small"
 # tries the script on a CPU (PATH must then start with the pinned venv's bin).
 set -uo pipefail
@@ -50,15 +50,15 @@ run_part() {
       step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
       profiles
       step checks-compile 60 checks 3
-      step sampling-compiled 120 bench sampling_overhead --compile inductor --no-real-flops
-      step training-fast 120 bench training_throughput --channels-last --compile inductor --warmup 5 --no-floor ;;
-    next)  # what session 3's numbers left open: the A/Bs and profiles that explain the missed targets
-      step training-profile 120 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
-      step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops
-      step training-compiled 150 bench training_throughput --models sd15 --no-floor --compile inductor --warmup 5 --steps 10
-      step workflow-20gib 50 bench workflow_memory --scenarios offload-rerun@20gib
-      step sampling-compiled 150 bench sampling_overhead --modes clip --compile inductor --no-real-flops
-      step checks-compile 60 checks 3 ;;
+      step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
+      step training-compiled 220 bench training_throughput --no-floor --compile inductor --warmup 5 --steps 10 ;;
+    next)  # what session 4 left open (docs/benchmarks.md §5d): compiled sampling, training after §3h, compiled SDXL training
+      step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
+      step training-profile 140 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
+      step training-compiled 220 bench training_throughput --no-floor --compile inductor --warmup 5 --steps 10
+      step checks-compile 60 checks 3
+      step sampling 110 bench sampling_overhead
+      step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }

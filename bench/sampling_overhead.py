@@ -79,6 +79,7 @@ def main() -> None:
     opts = parse()
     device = common.setup_comfy(opts)
     import torch
+    import torch._dynamo
 
     import builders
     import comfy.model_management as mm
@@ -114,6 +115,9 @@ def main() -> None:
                 variants[f"{mode}+{impl}"] = variants[mode]
                 impl_of[f"{mode}+{impl}"] = impl
         if opts.compile:  # warmup runs compile; each variant is its own dynamo graph of the same U-Net code
+            # A new model family starts afresh: the same UNetModel.forward with new shapes would otherwise
+            # recompile with dynamic shapes (automatic_dynamic), which took SDXL past 5 minutes on the GPU.
+            torch._dynamo.reset()
             variants = {name: (compiled(mp, opts), p_, n_) for name, (mp, p_, n_) in variants.items()}
         noise = torch.randn(latent_batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
         n_sites = len(builders.find_sites(base.model.diffusion_model)[0])
