@@ -82,6 +82,16 @@ def test_score_encoding_small(tmp_path: Path) -> None:
     assert finite(row["score / plain"]) and row["score / plain"] > 0
 
 
+def test_cache_reads_small(tmp_path: Path) -> None:
+    out = tmp_path / "reads.json"
+    text = run_bench("cache_reads.py", "--small", "--batch", "6", "--layers", "4", "--width", "64",
+                     "--read-threads", "1,3", "--repeats", "1", "--warmup", "0", json_out=out)
+    assert "| read threads" in text
+    one, three = section(json.loads(out.read_text()), "median ms per batch")
+    assert one["read threads"] == 1 and three["read threads"] == 3 and one["speed-up vs 1"] == 1
+    assert one["MiB read"] == three["MiB read"] > 0 and finite(three["ms"]) and three["ms"] > 0
+
+
 def test_training_throughput_small(tmp_path: Path) -> None:
     out = tmp_path / "training.json"
     text = run_bench("training_throughput.py", "--small", "--models", "sd15", "--steps", "1", "--warmup", "1",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -352,3 +353,45 @@ def test_a_cache_file_changed_after_its_places_were_read_is_refused(tmp_path: Pa
         f.write(b"\0" * 8)
     with pytest.raises(LLMDiffError, match="changed while training"):
         new.load()  # rewritten in place, under an open descriptor
+
+
+def test_a_batch_reads_its_stored_tensors_on_several_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_all overlaps the reads of a batch on a few threads (each its own descriptors): the same bytes
+    as reading one after the other, and a damaged file's error still reaches the caller."""
+    import threading
+
+    import safetensors.torch
+
+    from llmdiff_core.errors import LLMDiffError
+    from llmdiff_core.training import stored_tensor as ST
+
+    if not ST.CAN_READ_INTO:
+        pytest.skip("no os.preadv here")
+    monkeypatch.setattr(ST, "READ_THREADS", 3)
+    monkeypatch.setattr(ST, "_pool", None)
+    tensors = {f"{i}.scores": torch.randn(4, 5 + i, 8).to(torch.bfloat16) for i in range(12)}
+    path = tmp_path / "rank0-00000.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    threads: set[int] = set()
+    real = ST._read_into
+
+    def spy(*args: Any) -> bool:
+        threads.add(threading.get_ident())
+        threading.Event().wait(0.01)  # long enough that one thread cannot take every read
+        return real(*args)
+    monkeypatch.setattr(ST, "_read_into", spy)
+    dst = torch.full((12, 4, 20, 8), 7.0, dtype=torch.bfloat16)
+    plain = torch.ones(3)
+    out = torch.zeros(3)
+    ST.read_all([(ST.stored_tensors(path, i)["scores"], dst[i, :, :5 + i]) for i in range(12)] + [(plain, out)])
+    for i in range(12):
+        assert torch.equal(dst[i, :, :5 + i], tensors[f"{i}.scores"]) and bool((dst[i, :, 5 + i:] == 7).all())
+    assert torch.equal(out, plain)
+    assert len(threads) >= 2 and threading.get_ident() not in threads
+
+    places = [ST.stored_tensors(path, i)["scores"] for i in range(12)]
+    with open(path, "r+b") as f:  # the last tensors now run past the end of the file
+        f.truncate(path.stat().st_size - 10)
+    places = [ST.StoredTensor(p.path, p.offset, p.dtype, p.shape, ST._version(str(path))) for p in places]
+    with pytest.raises(LLMDiffError, match="delete the cache folder"):
+        ST.read_all([(p, torch.empty(p.shape, dtype=p.dtype)) for p in places])

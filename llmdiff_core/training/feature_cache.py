@@ -36,7 +36,7 @@ from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
 from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
-from .stored_tensor import StoredTensor, stored_tensors
+from .stored_tensor import StoredTensor, read_all, stored_tensors
 
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
@@ -303,22 +303,17 @@ def compact_features(samples: list[CachedSample], spec: CacheSpec, pin: bool = F
     hidden = torch.empty((B, len(spec.layers), n, D), dtype=dtype, pin_memory=pin)
     scores = torch.empty((B, L, n, D), dtype=dtype, pin_memory=pin) if spec.scores else None
     mask = torch.zeros((B, n), dtype=torch.bool, pin_memory=pin)
+    reads: list[tuple[torch.Tensor | StoredTensor, torch.Tensor]] = []
     for i, (s, k) in enumerate(zip(samples, lengths)):
         if spec.layers:
-            _put(hidden[i, :, :k], s.tensors["hidden"])
+            reads.append((s.tensors["hidden"], hidden[i, :, :k]))
             hidden[i, :, k:] = 0
         if scores is not None:
-            _put(scores[i, :, :k], s.tensors["scores"])
+            reads.append((s.tensors["scores"], scores[i, :, :k]))
             scores[i, :, k:] = 0
         mask[i, :k] = s.tensors["mask"].bool()
+    read_all(reads)
     return CompactFeatures(spec.llm, tuple(spec.layers), hidden, scores, mask, spec.max_tokens)
-
-
-def _put(dst: torch.Tensor, src: torch.Tensor | StoredTensor) -> None:
-    if isinstance(src, StoredTensor):
-        src.read_into(dst)
-    else:
-        dst.copy_(src)
 
 
 def collate(samples: list[CachedSample], spec: CacheSpec, pin: bool = False) -> Conditioning:
