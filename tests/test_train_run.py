@@ -328,14 +328,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(frozen) -> None:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-7, msg=k)
 
 
-@pytest.mark.parametrize("unet_dtype", [torch.bfloat16, torch.float32])
-def test_under_autocast_a_unet_in_the_autocast_dtype_runs_as_when_sampling(frozen, unet_dtype) -> None:
+@pytest.mark.parametrize("unet_dtype,mode", [(torch.bfloat16, "clip"), (torch.bfloat16, "llm"), (torch.float32, "clip")])
+def test_under_autocast_a_unet_in_the_autocast_dtype_runs_as_when_sampling(frozen, unet_dtype, mode) -> None:
     """bf16 training: the adapter's encoding, c and the sites' K/V run under autocast; a U-Net stored in
     bf16 runs outside it (CUDA autocast would put every norm in fp32, casting around each: §5d of
     docs/benchmarks.md), one kept in fp32 stays under it (the user asked for bf16 compute)."""
     comps = runner.Components(tiny_sd15(unet_dtype), frozen["clip"], frozen["vae"], frozen["llm"], "tiny_sd15",
                               "tiny-llama")
-    adapter = runner.build_adapter(options(Path("."), Path(".")), comps, torch.device("cpu"))
+    adapter = runner.build_adapter(options(Path("."), Path("."), original_path=mode), comps, torch.device("cpu"))
     with torch.no_grad():
         adapter.a_new.fill_(0.5)  # the new path contributes: the sites get gradients
     patched = patch_for_training(comps.model_patcher, adapter)
@@ -344,8 +344,15 @@ def test_under_autocast_a_unet_in_the_autocast_dtype_runs_as_when_sampling(froze
     enc = FrozenEncoders(comps.vae, comps.llm, comps.clip, 32, need_clip=True, need_pooled=False)
     cond = enc.encode(["a", "b"], torch.rand(2, RES, RES, 3), ["a red cube", "a blue ball"], [(0, 0, 0, 0)] * 2)
     seen: dict[str, set[bool]] = {"unet": set(), "site K/V": set()}
-    hooks = [m.register_forward_pre_hook(lambda *_: seen["unet"].add(torch.is_autocast_enabled("cpu")))
-             for m in patched.model.diffusion_model.modules()]
+    unet = patched.model.diffusion_model
+    inside = [False]  # paper mode projects the original K/V of phi(c) with attn2's own to_k/to_v, outside
+    hooks = [unet.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),  # the U-Net's call
+             unet.register_forward_hook(lambda *_: inside.__setitem__(0, False))]
+
+    def record(*_: Any) -> None:
+        if inside[0]:
+            seen["unet"].add(torch.is_autocast_enabled("cpu"))
+    hooks += [m.register_forward_pre_hook(record) for m in unet.modules()]
     hooks += [s.to_k.register_forward_pre_hook(lambda *_: seen["site K/V"].add(torch.is_autocast_enabled("cpu")))
               for s in adapter.sites]
     from llmdiff_core.training import objective
