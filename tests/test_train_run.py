@@ -369,9 +369,21 @@ def test_under_autocast_a_unet_in_the_autocast_dtype_runs_as_when_sampling(froze
             h.remove()
     assert seen["site K/V"] == {True}
     assert seen["unet"] == {unet_dtype != torch.bfloat16}
-    grads = {k: p.grad for k, p in adapter.named_parameters() if p.grad is not None}
+    grads = {k: p.grad.clone() for k, p in adapter.named_parameters() if p.grad is not None}
     assert "sites.15.to_q.weight" in grads and "sites.15.to_k.weight" in grads
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+
+    if unet_dtype == torch.bfloat16 and mode == "clip":  # a checkpointed block recomputes in the same precision
+        adapter.zero_grad()
+        undo = enable_gradient_checkpointing(unet)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                module(patched.model.process_latent_in(cond.latents), draw.noise, draw.timesteps, cond.features.hidden,
+                       cond.features.scores, cond.features.mask, cond.clip, None, draw.encoder_seeds).mean().backward()
+        finally:
+            undo()
+        for k, g in grads.items():
+            torch.testing.assert_close(dict(adapter.named_parameters())[k].grad, g, rtol=0, atol=0, msg=k)
 
 
 def test_backward_computes_no_weight_gradients_for_the_frozen_unet(tmp_path: Path, frozen, monkeypatch) -> None:
