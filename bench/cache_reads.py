@@ -4,7 +4,7 @@
     python bench/cache_reads.py --small    # the same shapes, fewer repeats (it is a host-side benchmark)
 
 What the trainer's prefetch thread does per batch (feature_cache.compact_features, the bulk of its
-"host prep"): allocate the batch buffer (page-locked with --pin, as on CUDA) and have each sample's
+"host prep"): allocate the batch buffer (page-locked on CUDA, as the trainer's) and have each sample's
 stored hidden state and scores copied into it from a cache shard (stored_tensor.read_all: one preadv
 per tensor, on up to READ_THREADS threads). The shard is written once into a temporary folder and read
 from the page cache, as in an epoch after the first. Baseline: the same reads on one thread.
@@ -29,7 +29,8 @@ def parse() -> Any:
     p.add_argument("--layers", type=int, default=32, help="LLM layers (scores stored per layer)")
     p.add_argument("--width", type=int, default=4096, help="LLM hidden size")
     p.add_argument("--read-threads", default=None, help="comma list of read-thread counts to compare (default 1,READ_THREADS)")
-    p.add_argument("--pin", action="store_true", help="page-locked batch buffer (needs CUDA), as the trainer on CUDA")
+    p.add_argument("--no-pin", action="store_true",
+                   help="a pageable batch buffer on CUDA too (default there: page-locked, as the trainer's)")
     opts = p.parse_args()
     common.defaults(opts, repeats=7 if opts.small else 15, warmup=2)
     if opts.clock == "auto":
@@ -45,6 +46,8 @@ def main() -> None:
 
     from llmdiff_core.features import LLMSpec
     from llmdiff_core.training import feature_cache as fc, stored_tensor as st
+
+    opts.pin = device.type == "cuda" and not opts.no_pin
 
     counts = [int(t) for t in (opts.read_threads or f"1,{st.READ_THREADS}").split(",")]
     spec = fc.CacheSpec({}, LLMSpec("llama", "bench", opts.width, opts.layers), 129, [0], True, "bf16")

@@ -47,7 +47,7 @@ run_part() {
       step encoding 40 bench score_encoding
       step training 90 bench training_throughput
       step workflow 60 bench workflow_memory
-      step cache-reads 30 bench cache_reads --read-threads 1,2,4,8 --pin
+      step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
       step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
       profiles
       step checks-compile 60 checks 3
@@ -59,7 +59,7 @@ run_part() {
       step training-compiled 220 bench training_throughput --no-floor --compile inductor --warmup 5 --steps 10
       step checks-compile 60 checks 3
       step sampling 110 bench sampling_overhead
-      step cache-reads 30 bench cache_reads --read-threads 1,2,4,8 --pin
+      step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
       step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac

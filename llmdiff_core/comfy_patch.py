@@ -429,7 +429,7 @@ def unet_autocast_off(device_type: str, unet_dtype: torch.dtype) -> bool:
     trainer's autocast: when the U-Net already computes in the autocast dtype. Autocast would then
     only add fp32 islands: on CUDA it runs every GroupNorm / LayerNorm in fp32, casting the
     activations (and the norm weights) up and back down around each, forward and backward (~750
-    casts per SD1.5 step, 10 % of the device time on an H200, docs/benchmarks.md §5d). Without it
+    casts per SD1.5 step, a fifth of its device time on an H200: docs/benchmarks.md §5d). Without it
     the frozen U-Net computes exactly as when sampling (ComfyUI runs it without autocast); the
     adapter's encoding, c and the sites' K/V stay under autocast (computed above), and the sites cast
     explicitly to the U-Net dtype. A U-Net kept in fp32 under bf16/fp16 autocast stays under it."""

@@ -104,7 +104,8 @@ class TrainOptions:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
     mixed_precision: str = _opt("auto", "autocast precision; auto = bf16 where supported, else no (fp32); "
                                 "fp16 uses loss scaling", choices=("auto", "no", "fp16", "bf16"))
-    unet_dtype: str = _opt("auto", "dtype of the frozen U-Net weights; auto = the mixed-precision dtype",
+    unet_dtype: str = _opt("auto", "dtype of the frozen U-Net weights; auto = the mixed-precision dtype (a U-Net in "
+                           "that dtype then computes as when sampling, outside autocast; fp32 keeps it under autocast)",
                            choices=("auto", "fp32", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "recompute U-Net activations in the backward pass (less memory, "
                                         "~30%% slower)")
