@@ -53,10 +53,12 @@ run_part() {
       step checks-compile 60 checks 3
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 bench training_throughput --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what session 4 left open (docs/benchmarks.md §5d): compiled sampling, training after §3h, compiled SDXL training
-      step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
+    next)  # what session 4 left open (docs/benchmarks.md §5d): compiled sampling, training after §3h, compiled training
+      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-profile 140 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
-      step training-compiled 220 bench training_throughput --no-floor --compile inductor --warmup 5 --steps 10
+      step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
+      step training-compiled-sdxl 200 bench training_throughput --models sdxl --no-floor --compile inductor --warmup 5 --steps 10
+      step training-compiled-sd15 140 bench training_throughput --models sd15 --no-floor --compile inductor --warmup 5 --steps 10
       step checks-compile 60 checks 3
       step sampling 110 bench sampling_overhead
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
