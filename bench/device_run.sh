@@ -48,6 +48,7 @@ run_part() {
       step training 90 bench training_throughput
       step workflow 60 bench workflow_memory
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
+      step attend-calls 40 bench attend_calls
       step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
       profiles
       step checks-compile 60 checks 3
@@ -56,6 +57,7 @@ run_part() {
     next)  # what session 4 left open (docs/benchmarks.md §5d): compiled sampling, training after §3h, compiled training
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-profile 140 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
+      step attend-calls 40 bench attend_calls
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
       step training-compiled-sdxl 200 bench training_throughput --models sdxl --no-floor --compile inductor --warmup 5 --steps 10
       step training-compiled-sd15 140 bench training_throughput --models sd15 --no-floor --compile inductor --warmup 5 --steps 10

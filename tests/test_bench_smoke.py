@@ -82,6 +82,21 @@ def test_score_encoding_small(tmp_path: Path) -> None:
     assert finite(row["score / plain"]) and row["score / plain"] > 0
 
 
+def test_attend_calls_small(tmp_path: Path) -> None:
+    out = tmp_path / "attend.json"
+    text = run_bench("attend_calls.py", "--small", "--models", "sd15", "--variants", "product,bmm,unmasked",
+                     "--calls", "1", "--repeats", "1", "--warmup", "0", json_out=out)
+    assert "| variant" in text
+    rows = section(json.loads(out.read_text()), "µs per call")
+    assert {r["variant"] for r in rows} == {"product", "bmm", "unmasked"} and len(rows) == 3 * 4  # 4 site shapes
+    for r in rows:
+        assert finite(r["µs/call"]) and r["µs/call"] > 0
+        error = float(r["rel. error vs product"])
+        assert error < 1e-5 if r["variant"] != "unmasked" else error > 0.1  # the same math; the bound lets keys in
+    steps = {r["variant"]: r for r in section(json.loads(out.read_text()), "per U-Net call")}
+    assert steps["product"]["sites"] == 16 and steps["product"]["ms vs product"] == 0
+
+
 def test_cache_reads_small(tmp_path: Path) -> None:
     out = tmp_path / "reads.json"
     text = run_bench("cache_reads.py", "--small", "--batch", "6", "--layers", "4", "--width", "64",
