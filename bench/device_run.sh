@@ -42,7 +42,7 @@ profiles() {
 run_part() {
   case "$1" in
     all)  # the correctness checks, the four targets, then the diagnostics
-      step checks 20 checks 1,2,4,5,6,7
+      step checks 30 checks 1,2,4,5,6,7,8
       step sampling 90 bench sampling_overhead
       step encoding 40 bench score_encoding
       step training 90 bench training_throughput
@@ -57,6 +57,7 @@ run_part() {
     next)  # what session 4 left open (docs/benchmarks.md §5d): compiled sampling, training after §3h, compiled training
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-profile 140 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
+      step checks-autocast 30 checks 8
       step attend-calls 40 bench attend_calls
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
       step training-compiled-sdxl 200 bench training_throughput --models sdxl --no-floor --compile inductor --warmup 5 --steps 10

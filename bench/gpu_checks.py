@@ -14,7 +14,9 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 6. training from the feature cache on the device: pinned batches copied without blocking, prefetch on ==
    off, finite losses;
 7. with ComfyUI short of memory (--novram) the adapter is loaded partially like the U-Net (comfy.ops layers
-   fetch their weights per call) and samples what the fully loaded one does.
+   fetch their weights per call) and samples what the fully loaded one does;
+8. bf16 training with a bf16 U-Net: the U-Net outside autocast (the product) does fewer casts per step than
+   under it (CUDA autocast upcasts every norm) and gives the same losses within bf16 tolerance.
 """
 
 from __future__ import annotations
@@ -194,12 +196,42 @@ def main() -> None:
                    f"{after_keep[0]}, weights on {after_keep[1]}"
 
     # 6. training from the cache
-    def training() -> tuple[bool, str]:
+    def cached_training(work: Path, runs: dict[str, dict[str, Any]], spy: Callable[[str], None] = lambda k: None
+                        ) -> dict[str, list[float]]:
+        """A tiny cache built once, then one 3-step training run per entry of runs (extra TrainOptions);
+        spy(name) is called before each. Returns each run's losses."""
         import json
 
         import training_throughput as tt
-        from llmdiff_core.training import loop, runner
+        from llmdiff_core.training import runner
         from llmdiff_core.training.options import TrainOptions
+
+        data = tt.write_dataset(work / "data", 6, 64, 12)
+        mp = builders.build_unet("sd15", True, torch.bfloat16 if cuda else torch.float32, device,
+                                 offload_device=mm.unet_offload_device())
+        llm = builders.build_llm("tiny", torch.float32, device)
+        common_kw = dict(base_model="", llm="tiny", data=str(data), resolution=64, batch_size=2,
+                         num_workers=0, cache_dir=str(work / "cache"), warmup_steps=0, lr=1e-3,
+                         progress=False, tensorboard=False, log_every=1, checkpoint_every=0,
+                         max_tokens=32, mixed_precision="auto" if cuda else "no", seed=0, max_steps=3)
+        width = builders.unet_config("sd15", True)[1]["context_dim"]
+        comps = runner.Components(mp, tt.StandInCLIP(width), tt.StandInVAE(), llm, "random", "tiny")
+        if runner.run_with(TrainOptions(output_dir=str(work / "pre"), cache_only=True, **common_kw), comps):
+            raise RuntimeError("cache pre-pass failed")
+        losses = {}
+        for name, extra in runs.items():
+            out = work / f"run-{name}"
+            comps = runner.Components(mp, tt.StandInCLIP(width), tt.StandInVAE(), None, "random", "tiny",
+                                      llm_spec=llm.spec)
+            spy(name)
+            if runner.run_with(TrainOptions(output_dir=str(out), **common_kw, **extra), comps):
+                raise RuntimeError(f"training run {name} failed")
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            losses[name] = [r["loss"] for r in rows if "loss" in r]
+        return losses
+
+    def training() -> tuple[bool, str]:
+        from llmdiff_core.training import loop
 
         pinned: list[bool] = []
         original = loop.Trainer._device_inputs
@@ -210,35 +242,50 @@ def main() -> None:
         loop.Trainer._device_inputs = spy  # type: ignore[method-assign]
         try:
             with tempfile.TemporaryDirectory(prefix="llmdiff-gpu-checks-") as tmp:
-                work = Path(tmp)
-                data = tt.write_dataset(work / "data", 6, 64, 12)
-                mp = builders.build_unet("sd15", True, torch.bfloat16 if cuda else torch.float32, device,
-                                         offload_device=mm.unet_offload_device())
-                llm = builders.build_llm("tiny", torch.float32, device)
-                common_kw = dict(base_model="", llm="tiny", data=str(data), resolution=64, batch_size=2,
-                                 num_workers=0, cache_dir=str(work / "cache"), warmup_steps=0, lr=1e-3,
-                                 progress=False, tensorboard=False, log_every=1, checkpoint_every=0,
-                                 max_tokens=32, mixed_precision="auto" if cuda else "no", seed=0, max_steps=3)
-                width = builders.unet_config("sd15", True)[1]["context_dim"]
-                comps = runner.Components(mp, tt.StandInCLIP(width), tt.StandInVAE(), llm, "random", "tiny")
-                if runner.run_with(TrainOptions(output_dir=str(work / "pre"), cache_only=True, **common_kw), comps):
-                    return False, "cache pre-pass failed"
-                losses = {}
-                for prefetch in (True, False):
-                    out = work / f"run-{prefetch}"
-                    comps = runner.Components(mp, tt.StandInCLIP(width), tt.StandInVAE(), None, "random", "tiny",
-                                              llm_spec=llm.spec)
-                    if runner.run_with(TrainOptions(output_dir=str(out), prefetch=prefetch, **common_kw), comps):
-                        return False, f"training (prefetch {prefetch}) failed"
-                    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-                    losses[prefetch] = [r["loss"] for r in rows if "loss" in r]
+                losses = cached_training(Path(tmp), {"on": {"prefetch": True}, "off": {"prefetch": False}})
         finally:
             loop.Trainer._device_inputs = original  # type: ignore[method-assign]
-        a, b = torch.tensor(losses[True]), torch.tensor(losses[False])
+        a, b = torch.tensor(losses["on"]), torch.tensor(losses["off"])
         same = a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5))
         ok = same and bool(torch.isfinite(a).all()) and (not cuda or all(pinned))
-        return ok, (f"losses prefetch {[round(x, 4) for x in losses[True]]} vs off "
-                    f"{[round(x, 4) for x in losses[False]]}; pinned batches {sum(pinned)}/{len(pinned)}")
+        return ok, (f"losses prefetch {[round(x, 4) for x in losses['on']]} vs off "
+                    f"{[round(x, 4) for x in losses['off']]}; pinned batches {sum(pinned)}/{len(pinned)}")
+
+    # 8. bf16 training: the frozen bf16 U-Net outside autocast (docs/benchmarks.md §3h)
+    def training_outside_autocast() -> tuple[bool, str]:
+        if not cuda:
+            return True, "skipped: needs CUDA (CPU autocast does not upcast norms)"
+        from torch.profiler import ProfilerActivity, profile
+
+        from llmdiff_core import comfy_patch
+        from llmdiff_core.training import loop
+
+        casts: dict[str, int] = {}
+        product_rule, original_step = comfy_patch.unet_autocast_off, loop.Trainer.train_step
+        current = [""]
+
+        def counted(self: Any) -> float:  # the casts (aten::_to_copy, forward and backward) of step 2
+            if self.state.step != 1:
+                return original_step(self)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                loss = original_step(self)
+            casts[current[0]] = sum(1 for e in prof.events() if e.name == "aten::_to_copy")
+            return loss
+
+        def choose(name: str) -> None:
+            current[0] = name
+            comfy_patch.unet_autocast_off = product_rule if name == "outside" else (lambda *a: False)
+        loop.Trainer.train_step = counted  # type: ignore[method-assign]
+        try:
+            with tempfile.TemporaryDirectory(prefix="llmdiff-gpu-checks-") as tmp:
+                losses = cached_training(Path(tmp), {"outside": {}, "under": {}}, spy=choose)
+        finally:
+            comfy_patch.unet_autocast_off, loop.Trainer.train_step = product_rule, original_step
+        a, b = torch.tensor(losses["outside"]), torch.tensor(losses["under"])
+        close = a.shape == b.shape and bool(torch.allclose(a, b, rtol=5e-2, atol=1e-3))
+        ok = close and bool(torch.isfinite(a).all()) and casts["outside"] < casts["under"]
+        return ok, (f"casts per step {casts['outside']} (U-Net outside autocast) vs {casts['under']} (under it); "
+                    f"losses {[round(x, 4) for x in losses['outside']]} vs {[round(x, 4) for x in losses['under']]}")
 
     # 7. partial loading (--novram): every comfy.ops layer offloaded, weights fetched per call
     def partial_loading() -> tuple[bool, str]:
@@ -273,6 +320,8 @@ def main() -> None:
     checks.run(5, "LLM offloaded after encoding, kept with keep", llm_offload, only)
     checks.run(6, "training from the cache on the device", training, only)
     checks.run(7, "adapter partially loaded (--novram) computes the same", partial_loading, only)
+    checks.run(8, "bf16 training: the U-Net outside autocast casts less, trains the same", training_outside_autocast,
+               only)
 
     report = common.Report("GPU correctness checks", common.env_header(device, opts.root))
     report.table("checks", ["#", "check", "result", "detail"], checks.rows)
