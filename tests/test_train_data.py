@@ -395,3 +395,33 @@ def test_a_batch_reads_its_stored_tensors_on_several_threads(tmp_path: Path, mon
     places = [ST.StoredTensor(p.path, p.offset, p.dtype, p.shape, ST._version(str(path))) for p in places]
     with pytest.raises(LLMDiffError, match="delete the cache folder"):
         ST.read_all([(p, torch.empty(p.shape, dtype=p.dtype)) for p in places])
+
+
+def test_a_reading_thread_closes_its_descriptors_when_it_ends(tmp_path: Path) -> None:
+    """Each thread reads through descriptors of its own; they must not outlive it (a training run's pool
+    threads live as long as the process, but a replaced pool or a short-lived reader must not leak)."""
+    import os
+    import threading
+
+    import safetensors.torch
+
+    from llmdiff_core.training import stored_tensor as ST
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to count open descriptors")
+    path = tmp_path / "rank0-00000.safetensors"
+    safetensors.torch.save_file({"0.x": torch.ones(3)}, str(path))
+    place = ST.stored_tensors(path, 0)["x"]
+    before = len(os.listdir("/proc/self/fd"))
+    opened: list[int] = []
+
+    def read() -> None:
+        assert torch.equal(place.load(), torch.ones(3))
+        opened.append(len(ST._fds.open))
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert opened == [1] * 8  # one descriptor per thread, none shared
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -173,17 +173,24 @@ def _version(path: str) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+class _OpenFiles(OrderedDict):  # (pid, path, version) -> descriptor, least recently used first
+    def __del__(self) -> None:  # the thread ended: its descriptors go with it
+        for (pid, _, _), fd in self.items():
+            if pid == os.getpid():
+                os.close(fd)
+
+
 class _Descriptors(threading.local):
     """Each thread's own read-only descriptors, one per (process, file version): a read never shares a
     descriptor with another thread, so reads of one batch run in parallel (read_all) and no thread
     closes a descriptor another one is reading from."""
 
     def __init__(self) -> None:
-        self.open: OrderedDict[tuple[int, str, tuple[int, int, int]], int] = OrderedDict()
+        self.open = _OpenFiles()
 
 
 _fds = _Descriptors()
-_MAX_OPEN = 64  # per thread
+_MAX_OPEN = 32  # per thread (a batch of 16 touches at most 16 shards)
 
 
 def _read_into(path: str, version: tuple[int, int, int], blocks: list[tuple[int, int]], offset: int) -> bool:
