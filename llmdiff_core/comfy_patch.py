@@ -398,11 +398,11 @@ class ApplyModelWrapper(_Shared):
         # An outer LLMDiff wrapper (a stacked adapter) may already have taken the keyword.
         batch = kwargs.pop(COND_KEY, None) or transformer_options.get(FEATURES_KEY)
         to = {**transformer_options, FEATURES_KEY: batch}  # the U-Net writes into it: keep ours apart
+        unet_dtype, training = _unet_dtype(executor.class_obj), to.get(TRAINING_KEY)
         state = None
         if batch is not None:
             replaced = to.get("patches_replace", {}).get("attn2")
-            state = rt.call_state(batch, x.shape[0], x.device, _unet_dtype(executor.class_obj), to.get("sigmas"),
-                                  to.get(TRAINING_KEY), replaced)
+            state = rt.call_state(batch, x.shape[0], x.device, unet_dtype, to.get("sigmas"), training, replaced)
         elif rt.paper:
             raise rt.missing_features_error(to)
         to[rt.state_key] = state
@@ -418,7 +418,7 @@ class ApplyModelWrapper(_Shared):
                 kwargs["y"] = y
         elif c_crossattn is not None and c_crossattn.shape[-1] != rt.config.context_dim:
             raise rt.no_clip_error(c_crossattn.shape[-1])
-        if to.get(TRAINING_KEY) is not None and unet_autocast_off(x.device.type, _unet_dtype(executor.class_obj)):
+        if training is not None and unet_autocast_off(x.device.type, unet_dtype):
             with torch.autocast(x.device.type, enabled=False):
                 return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
