@@ -408,20 +408,25 @@ def test_a_reading_thread_closes_its_descriptors_when_it_ends(tmp_path: Path) ->
     from llmdiff_core.training import stored_tensor as ST
 
     if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("needs /proc/self/fd to count open descriptors")
+        pytest.skip("needs /proc/self/fd to see what a descriptor refers to")
     path = tmp_path / "rank0-00000.safetensors"
     safetensors.torch.save_file({"0.x": torch.ones(3)}, str(path))
     place = ST.stored_tensors(path, 0)["x"]
-    before = len(os.listdir("/proc/self/fd"))
-    opened: list[int] = []
+    opened: list[list[int]] = []
 
     def read() -> None:
         assert torch.equal(place.load(), torch.ones(3))
-        opened.append(len(ST._fds.open))
+        opened.append(list(ST._fds.open.values()))
+
+    def open_on_our_file(fd: int) -> bool:  # (other code may reuse the number for another file)
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            return False
     threads = [threading.Thread(target=read) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert opened == [1] * 8  # one descriptor per thread, none shared
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert [len(fds) for fds in opened] == [1] * 8  # one descriptor per thread, none shared
+    assert not [fd for fds in opened for fd in fds if open_on_our_file(fd)]
