@@ -231,25 +231,40 @@ def main() -> None:
         return losses
 
     def training() -> tuple[bool, str]:
-        from llmdiff_core.training import loop
+        """Prefetch on (the batch copied on the prefetch thread's side stream), prefetch on without the side
+        stream, prefetch off: the same losses, page-locked feature buffers, and the side stream really used."""
+        from llmdiff_core.training import device_copy
 
         pinned: list[bool] = []
-        original = loop.Trainer._device_inputs
+        streamed: dict[str, int] = {}
+        current = [""]
+        original = device_copy.DeviceStager.start
 
-        def spy(self: Any, host: dict) -> dict:
+        def spy(self: Any, host: dict) -> Any:
             pinned.append(bool(host["hidden"].is_pinned()) if isinstance(host.get("hidden"), torch.Tensor) else False)
-            return original(self, host)
-        loop.Trainer._device_inputs = spy  # type: ignore[method-assign]
+            staged = original(self, host)
+            streamed[current[0]] = streamed.get(current[0], 0) + isinstance(staged, device_copy.InFlight)
+            return staged
+
+        def choose(name: str) -> None:
+            current[0] = name
+            device_copy.SIDE_STREAM = name != "no-stream"
+        device_copy.DeviceStager.start = spy  # type: ignore[method-assign]
         try:
             with tempfile.TemporaryDirectory(prefix="llmdiff-gpu-checks-") as tmp:
-                losses = cached_training(Path(tmp), {"on": {"prefetch": True}, "off": {"prefetch": False}})
+                losses = cached_training(Path(tmp), {"on": {"prefetch": True}, "no-stream": {"prefetch": True},
+                                                     "off": {"prefetch": False}}, spy=choose)
         finally:
-            loop.Trainer._device_inputs = original  # type: ignore[method-assign]
-        a, b = torch.tensor(losses["on"]), torch.tensor(losses["off"])
-        same = a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5))
-        ok = same and bool(torch.isfinite(a).all()) and (not cuda or all(pinned))
-        return ok, (f"losses prefetch {[round(x, 4) for x in losses['on']]} vs off "
-                    f"{[round(x, 4) for x in losses['off']]}; pinned batches {sum(pinned)}/{len(pinned)}")
+            device_copy.DeviceStager.start, device_copy.SIDE_STREAM = original, True  # type: ignore[method-assign]
+        a = torch.tensor(losses["on"])
+        same = all(torch.tensor(losses[k]).shape == a.shape
+                   and bool(torch.allclose(a, torch.tensor(losses[k]), rtol=1e-3, atol=1e-5))
+                   for k in ("no-stream", "off"))
+        side_stream_used = streamed.get("on", 0) > 0 and streamed.get("no-stream", 0) == 0 and not streamed.get("off")
+        ok = same and bool(torch.isfinite(a).all()) and (not cuda or (all(pinned) and side_stream_used))
+        return ok, (f"losses prefetch + side stream {[round(x, 4) for x in losses['on']]}, prefetch "
+                    f"{[round(x, 4) for x in losses['no-stream']]}, no prefetch {[round(x, 4) for x in losses['off']]}; "
+                    f"pinned batches {sum(pinned)}/{len(pinned)}; batches on the side stream {streamed}")
 
     # 8. bf16 training: the frozen bf16 U-Net outside autocast (docs/benchmarks.md §3h)
     def training_outside_autocast() -> tuple[bool, str]:
@@ -318,7 +333,7 @@ def main() -> None:
     checks.run(3, "torch.compile: one graph, no break, eager result", compiled, only)
     checks.run(4, "Adapter Loader dtype auto", loader_dtype, only)
     checks.run(5, "LLM offloaded after encoding, kept with keep", llm_offload, only)
-    checks.run(6, "training from the cache on the device", training, only)
+    checks.run(6, "training from the cache on the device (prefetch, side-stream copy)", training, only)
     checks.run(7, "adapter partially loaded (--novram) computes the same", partial_loading, only)
     checks.run(8, "bf16 training: the U-Net outside autocast casts less, trains the same", training_outside_autocast,
                only)

@@ -24,7 +24,7 @@ from torch import nn
 from ..adapter import LLMDiffAdapter
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
-from . import checkpointing, objective, previews
+from . import checkpointing, device_copy, objective, previews
 from .data import Position, SkipCounter, sample_seed
 from .encoders import CompactFeatures, Conditioning, drop_captions, expand_features
 from .ema import EMA
@@ -134,8 +134,8 @@ T = TypeVar("T")
 
 class Prefetcher(Generic[T]):
     """Runs prepare() for the next micro-batch in a background thread while the caller trains on the
-    current one, so the host work of a batch (cache read, collate into a pinned buffer, noise draws)
-    overlaps the device's compute instead of following it.
+    current one, so the host work of a batch (cache read, collate into a pinned buffer, noise draws) and,
+    on CUDA, its copy to the device (device_copy) overlap the device's compute instead of following it.
 
     Only for pure host work: the trainer uses it when batches come from the feature cache (on-the-fly
     encoding runs models through ComfyUI's model management, which is not thread-safe). The order of
@@ -185,7 +185,9 @@ class Trainer:
         self.resolution = summary["resolution"]
         self.stop = StopFlag()
         self.prefetch = False  # runner: True when batches come from the feature cache (pure host work)
-        self._prefetcher: Prefetcher[tuple[Batch, dict[str, Any]]] | None = None
+        self._prefetcher: Prefetcher[tuple[Batch, Any]] | None = None
+        # copies on the training thread's stream; with the prefetcher, on a side stream (device_copy)
+        self._stager = device_copy.DeviceStager(accelerator.device, side_stream=False)
 
     # --- setup ----------------------------------------------------------------------------------
     def build_optimizer(self) -> None:
@@ -265,19 +267,21 @@ class Trainer:
         seeds = [sample_seed(self.opts.seed, it.epoch, it.key) for it in got]
         return Batch(self.make_conditioning(got), seeds, position, skipped)
 
-    def _prepare_batch(self) -> tuple[Batch, dict[str, Any]]:
+    def _prepare_batch(self) -> tuple[Batch, Any]:
+        """The next batch and its inputs, staged for the device (on CUDA with the prefetcher: being copied)."""
         batch = self.next_batch()
-        return batch, self._host_inputs(batch)
+        return batch, self._stager.start(self._host_inputs(batch))
 
     def take_batch(self) -> dict[str, Any]:
         """The next micro-batch's inputs on the device; the run state moves past it."""
         if self.prefetch and self._prefetcher is None:
+            self._stager = device_copy.DeviceStager(self.acc.device, side_stream=device_copy.SIDE_STREAM)
             self._prefetcher = Prefetcher(self._prepare_batch)
-        batch, host = self._prepare_batch() if self._prefetcher is None else self._prefetcher.take()
+        batch, staged = self._prepare_batch() if self._prefetcher is None else self._prefetcher.take()
         self.state.position = batch.position
         for key, problem in batch.skipped:
             self.state.skipped.add(key, problem)
-        return self._device_inputs(host)
+        return self._device_inputs(staged)
 
     def close(self) -> None:
         if self._prefetcher is not None:
@@ -313,15 +317,9 @@ class Trainer:
                 "timesteps": draw.timesteps, **llm, "context": cond.clip, "y": self._adm(cond),
                 "encoder_seeds": draw.encoder_seeds}
 
-    def _device_inputs(self, host: dict[str, Any]) -> dict[str, Any]:
-        """Tensors to the device; page-locked ones (the cache's feature buffers) without blocking."""
-        dev = self.acc.device
-
-        def move(t: Any) -> Any:
-            if not isinstance(t, torch.Tensor):
-                return t
-            return t.to(dev, non_blocking=dev.type == "cuda" and t.is_pinned())
-        return {k: move(v) for k, v in host.items()}
+    def _device_inputs(self, staged: Any) -> dict[str, Any]:
+        """A prepared batch's inputs on the device, ready for the training thread's stream."""
+        return self._stager.finish(staged)
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self, tracker: Tracker) -> str:
