@@ -62,6 +62,9 @@ def parse() -> Any:
     p.add_argument("--no-floor", action="store_true", help="skip the real-shape training FLOP table")
     p.add_argument("--no-prefetch", action="store_true",
                    help="prepare each batch in the step (train.py --no-prefetch) instead of in the background")
+    p.add_argument("--no-copy-stream", action="store_true",
+                   help="with prefetch on CUDA: copy each batch to the device on the compute stream, not on the "
+                        "prefetch thread's side stream (llmdiff_core/training/device_copy.py; the A/B)")
     p.add_argument("--keep", default=None, help="keep the cache and run folders here (default: a temp dir)")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="after the timed steps, K more under torch.profiler: top ops by device and by host time")
@@ -127,19 +130,24 @@ def write_dataset(root: Path, n: int, size: int, words: int) -> Path:
 def main() -> None:
     opts = parse()
     device = common.setup_comfy(opts)
+    import accelerate
     import torch
     import torch._dynamo
+    from torch.profiler import record_function
 
     import builders
+    from device_gaps import PHASE_PREFIX, STEP_PHASE
     import comfy.model_management as mm
-    from llmdiff_core.training import loop, runner
+    from llmdiff_core.training import device_copy, loop, runner
     from llmdiff_core.training.options import TrainOptions
 
     cuda = device.type == "cuda"
+    device_copy.SIDE_STREAM = not opts.no_copy_stream
     precision = opts.mixed_precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
     report = common.Report("Adapter training throughput (U-Net frozen, from the feature cache)", common.env_header(
         device, opts.root, mode=opts.mode, llm=opts.llm, steps=opts.steps, warmup_steps=opts.warmup,
         workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
+        copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream,
         channels_last=opts.channels_last, compile=opts.compile or "no", mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
@@ -151,6 +159,7 @@ def main() -> None:
     marks: dict[str, list[float]] = {"step": [], "wait": [], "prep": []}
     orig_step, orig_take = loop.Trainer.train_step, loop.Trainer.take_batch
     orig_prep, orig_device = loop.Trainer._prepare_batch, loop.Trainer._device_inputs
+    orig_forward, orig_backward = loop.TrainModule.forward, accelerate.Accelerator.backward
     moved: list[int] = []
 
     profiler: dict[str, Any] = {}  # the torch.profiler of the current model's last K steps
@@ -160,17 +169,27 @@ def main() -> None:
             profiler["on"] = start_profiler(cuda)
         common.sync(device)
         t0 = common.now()
-        out = orig_step(self)
-        common.sync(device)
+        with record_function(PHASE_PREFIX + STEP_PHASE):
+            out = orig_step(self)
+            common.sync(device)
         marks["step"].append(common.now() - t0)
         return out
 
     def take_batch(self: Any) -> Any:  # what the step waits for: the (prefetched) batch + host->device
         t0 = common.now()
-        out = orig_take(self)
-        common.sync(device)
+        with record_function(PHASE_PREFIX + "data"):
+            out = orig_take(self)
+            common.sync(device)
         marks["wait"].append(common.now() - t0)
         return out
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:  # phases for the profile's idle-time table
+        with record_function(PHASE_PREFIX + "forward"):
+            return orig_forward(self, *args, **kwargs)
+
+    def backward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with record_function(PHASE_PREFIX + "backward"):
+            return orig_backward(self, *args, **kwargs)
 
     def prepare_batch(self: Any) -> Any:  # cache read + collate + draws: in the prefetch thread when prefetching
         t0 = common.now()
@@ -188,6 +207,7 @@ def main() -> None:
     orig_ckpt, orig_export = loop.Trainer.checkpoint, runner.checkpointing.export
     loop.Trainer.train_step, loop.Trainer.take_batch = train_step, take_batch
     loop.Trainer._prepare_batch, loop.Trainer._device_inputs = prepare_batch, device_inputs
+    loop.TrainModule.forward, accelerate.Accelerator.backward = forward, backward
     loop.Trainer.checkpoint = lambda self: None
     runner.checkpointing.export = lambda adapter, path, *a, **k: path
     try:
@@ -261,6 +281,7 @@ def main() -> None:
     finally:
         loop.Trainer.train_step, loop.Trainer.take_batch = orig_step, orig_take
         loop.Trainer._prepare_batch, loop.Trainer._device_inputs = orig_prep, orig_device
+        loop.TrainModule.forward, accelerate.Accelerator.backward = orig_forward, orig_backward
         loop.Trainer.checkpoint, runner.checkpointing.export = orig_ckpt, orig_export
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -270,8 +291,9 @@ def main() -> None:
                   "MiB to device/step", "peak GiB", "target img/s", "last loss", "% of H100 bf16 peak"], rows)
     report.notes += [
         "data wait = what the step waits for its batch (Trainer.take_batch: the prefetched batch, or preparing it "
-        "without prefetch, plus host->device); host prep = cache loader + collate + draws (Trainer._prepare_batch, in "
-        "the prefetch thread, overlapping the previous step, unless --no-prefetch); compute = step - data wait "
+        "without prefetch, plus host->device: with copy_stream, only what of the side stream's copy is left); "
+        "host prep = cache loader + collate + draws, and with copy_stream issuing the copy (Trainer._prepare_batch, "
+        "in the prefetch thread, overlapping the previous step, unless --no-prefetch); compute = step - data wait "
         "(forward, backward, clip, AdamW). MiB to device = the tensors handed to the step.",
         "issue 5 reference (H100, plain attn2 replace adapter): SD1.5 " + ISSUE_REF["sd15"] + "; SDXL "
         + ISSUE_REF["sdxl"] + ".",
@@ -313,11 +335,33 @@ def profile_tables(report: Any, prof: Any, family: str, k: int, step_s: list[flo
                  ["op", "calls/step", "host ms/step", "% of step"],
                  [[e.key[:70], e.count / k, e.self_cpu_time_total / k / 1e3,
                    100 * e.self_cpu_time_total / k / 1e3 / wall_ms] for e in host])
+    phase_table(report, prof, family, k, cuda)
     report.notes.append(f"{family} profile: {len(ops) / k:.0f} aten calls per step ({outer / k:.0f} not inside "
                         "another aten op: dispatched from Python or autograd)")
     report.notes.append(f"{family} profile: {wall_ms:.1f} ms per step under the profiler; device busy "
                         f"{busy:.1f} ms per step ({100 * busy / wall_ms:.0f} %)" if cuda else
                         f"{family} profile: {wall_ms:.1f} ms per step under the profiler (CPU: no device time)")
+
+
+def phase_table(report: Any, prof: Any, family: str, k: int, cuda: bool) -> None:
+    """Per phase of the profiled steps: host time and (CUDA) the device time launched from it and the
+    device idle time charged to it (bench/device_gaps.py)."""
+    import device_gaps
+
+    windows, acts, linked = device_gaps.from_profiler(prof)
+    rows, totals = device_gaps.attribute(windows, acts)
+    headers = ["phase", "host ms/step"] + (["device busy launched ms/step", "idle: waiting for the host ms/step",
+                                            "idle: other waits ms/step"] if cuda else [])
+    report.table(f"{family}: profile of {k} steps, by phase" + (": where the device is idle" if cuda else ""),
+                 headers, [[r.phase, r.host_ms / k] + ([r.launched_busy_ms / k, r.idle_host_bound_ms / k,
+                                                        r.idle_other_ms / k] if cuda else []) for r in rows])
+    if cuda:
+        report.notes.append(
+            f"{family} phases: step {totals['wall_ms'] / k:.1f} ms, device busy {totals['busy_ms'] / k:.1f} ms, "
+            f"idle {totals['idle_ms'] / k:.1f} ms per step; device activities linked to their launch: {linked}. "
+            "Idle time is charged to the phase that launched the activity ending it: 'waiting for the host' when "
+            "the launch came after the device ran out of work, 'other waits' when it was launched in time "
+            "(stream waits, syncs).")
 
 
 def _last_loss(out_dir: Path) -> float:

@@ -199,3 +199,32 @@ def test_profile_sampling_small() -> None:
                                     "workflow_memory.py", "profile_sampling.py", "gpu_checks.py"])
 def test_help(script: str) -> None:
     assert "--comfyui-root" in run_bench(script, "--help", timeout=60)
+
+
+def test_device_gaps_charge_idle_time_to_the_phase_that_launched_late() -> None:
+    """bench/device_gaps.py on a made-up step (times in ms): which phase each idle gap is charged to, whether
+    it waited for the host, and busy + idle = the step."""
+    sys.path.insert(0, str(BENCH))
+    import device_gaps as dg
+
+    ms = 1_000_000
+    windows = [dg.Window(dg.STEP_PHASE, 0, 100 * ms), dg.Window("forward", 0, 50 * ms),
+               dg.Window("backward", 50 * ms, 90 * ms)]
+    acts = [dg.DeviceActivity(5 * ms, 20 * ms, 2 * ms),  # the step begins idle until forward launches
+            dg.DeviceActivity(30 * ms, 40 * ms, 25 * ms),  # launched after the device ran dry: host-bound
+            dg.DeviceActivity(45 * ms, 60 * ms, 35 * ms),  # launched in time, started late: another wait
+            dg.DeviceActivity(58 * ms, 70 * ms, 55 * ms),  # overlaps the previous one: no gap
+            dg.DeviceActivity(80 * ms, 85 * ms, 75 * ms),  # backward launched late
+            dg.DeviceActivity(86 * ms, 88 * ms, None),  # the profiler did not link it
+            dg.DeviceActivity(150 * ms, 160 * ms, 120 * ms)]  # after the step: not counted
+    rows, totals = dg.attribute(windows, acts)
+    by = {r.phase: r for r in rows}
+    assert by["forward"].idle_host_bound_ms == pytest.approx(15) and by["forward"].idle_other_ms == pytest.approx(5)
+    assert by["backward"].idle_host_bound_ms == pytest.approx(10) and by["backward"].idle_other_ms == 0
+    assert by[dg.UNLINKED].idle_other_ms == pytest.approx(1)
+    assert by[dg.END_OF_STEP].idle_host_bound_ms == pytest.approx(12)
+    assert by["forward"].launched_busy_ms == pytest.approx(15 + 10 + 15)
+    assert by["forward"].host_ms == 50 and by["backward"].host_ms == 40 and by[dg.OTHER].host_ms == 10
+    assert totals["busy_ms"] == pytest.approx(15 + 10 + 15 + 10 + 5 + 2)
+    assert totals["busy_ms"] + totals["idle_ms"] == pytest.approx(totals["wall_ms"]) == 100
+    assert rows[0].phase == "forward"  # the most idle time first
