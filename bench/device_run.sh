@@ -4,7 +4,7 @@
 #   bench/device_run.sh all   # everything, most important first, inside DEVICE_BUDGET_S seconds (default
 #                             # 540): a step that would not fit is skipped and named in the log, so one
 #                             # call of the 15-minute lease brings back the targets' numbers first
-#   bench/device_run.sh next  # what the last GPU session left open (docs/benchmarks.md §5d, §6)
+#   bench/device_run.sh next  # what the last GPU sessions left open (docs/benchmarks.md §5d, §3i, §6)
 # SKIP="label ..." leaves steps out (e.g. those a first call already measured); DEVICE_ARGS="--small"
 # tries the script on a CPU (PATH must then start with the pinned venv's bin).
 set -uo pipefail
@@ -54,14 +54,15 @@ run_part() {
       step checks-compile 60 checks 3
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 bench training_throughput --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what session 4 left open (docs/benchmarks.md §5d): compiled sampling, training after §3h, compiled training
+    next)  # what sessions 4 and 5 left open (docs/benchmarks.md §5d, §3i): compiled sampling, training after §3h/§3i
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-profile 140 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
-      step checks-autocast 30 checks 8
+      step checks-training 40 checks 6,8
+      step training-compiled-sd15 150 bench training_throughput --models sd15 --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       step attend-calls 40 bench attend_calls
+      step training-no-copy-stream 70 bench training_throughput --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
-      step training-compiled-sdxl 200 bench training_throughput --models sdxl --no-floor --compile inductor --warmup 5 --steps 10
-      step training-compiled-sd15 140 bench training_throughput --models sd15 --no-floor --compile inductor --warmup 5 --steps 10
+      step training-compiled-sdxl 200 bench training_throughput --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       step checks-compile 60 checks 3
       step sampling 110 bench sampling_overhead
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
