@@ -64,18 +64,24 @@ def test_lr_schedule() -> None:
     assert lr_lambda(0, 100, "constant")(50) == 1.0
 
 
-def test_ema() -> None:
-    m = torch.nn.Linear(2, 2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32 (one foreach call)", "bf16 (per tensor)"])
+def test_ema(dtype: torch.dtype) -> None:
+    m = torch.nn.Linear(2, 2).to(dtype)
     ema = EMA(m, decay=0.5)
-    start = m.weight.detach().clone()
+    start = m.weight.detach().float().clone()
     with torch.no_grad():
         m.weight.add_(1.0)
     ema.update(m)  # warm-up decay: min(0.5, 2/11)
     d = 2 / 11
-    torch.testing.assert_close(ema.shadow["weight"], d * start + (1 - d) * (start + 1))
-    other = torch.nn.Linear(2, 2)
+    torch.testing.assert_close(ema.shadow["weight"], d * start + (1 - d) * m.weight.detach().float())
+    assert ema.shadow["weight"].dtype == torch.float32
+    ema.update(m)  # then min(0.5, 3/12)
+    d2 = 3 / 12
+    torch.testing.assert_close(ema.shadow["weight"], d2 * (d * start + (1 - d) * m.weight.detach().float())
+                               + (1 - d2) * m.weight.detach().float())
+    other = torch.nn.Linear(2, 2).to(dtype)
     ema2 = EMA(other, 0.5)
     ema2.load_state_dict(ema.state_dict())
     ema2.copy_to(other)
-    torch.testing.assert_close(other.weight, ema.shadow["weight"])
+    torch.testing.assert_close(other.weight, ema.shadow["weight"].to(dtype))
     assert not math.isnan(float(other.bias.detach().sum()))

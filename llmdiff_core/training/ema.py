@@ -24,10 +24,14 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, p in module.named_parameters():
-            if name in self.shadow:
-                s = self.shadow[name]
-                s.mul_(d).add_(p.detach().to(s.device, torch.float32), alpha=1 - d)
+        pairs = [(self.shadow[name], p.detach()) for name, p in module.named_parameters() if name in self.shadow]
+        if all(p.dtype == s.dtype and p.device == s.device for s, p in pairs):
+            # one call for all (an SDXL adapter has ~215 tensors: a Python loop was ~860 dispatches per step)
+            # shadow + (1 - d)(p - shadow) = d*shadow + (1 - d)*p
+            torch._foreach_lerp_([s for s, _ in pairs], [p for _, p in pairs], 1 - d)
+            return
+        for s, p in pairs:
+            s.lerp_(p.to(s.device, torch.float32), 1 - d)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
