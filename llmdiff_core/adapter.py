@@ -52,17 +52,23 @@ class ScoreEncoder(nn.Module):
         """sqrt(sum_l 2 h_l), h_l = softplus(rho_l)."""
         return torch.sqrt(2.0 * F.softplus(self.rho.float()).sum())
 
-    def forward(self, features: LLMFeatures, noise: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """LLM features -> c [B, T, D] in float32 (padding rows are computed but masked later)."""
+    def forward(self, features: LLMFeatures, noise: bool = False, generator: torch.Generator | None = None,
+                eps: torch.Tensor | None = None) -> torch.Tensor:
+        """LLM features -> c [B, T, D] in float32 (padding rows are computed but masked later).
+
+        noise: add the Langevin noise (score mode), standard-normal draws from generator, or eps [B, T, D]
+        when given (training draws each row from its own seed: comfy_patch.AdapterRuntime._encode)."""
         hidden = features.hidden.float()
         if self.mode == "score":
             c = hidden[:, 0] if self.c0 == "embeddings" else torch.zeros_like(hidden[:, 0])
             g = self.gate.float().to(hidden.device)
             c = c + torch.einsum("l,bltd->btd", g, features.scores.float())
             if noise:
-                eps = torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
-                c = c + self.noise_scale().to(c.device) * eps
+                if eps is None:
+                    eps = torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
+                elif eps.shape != c.shape:
+                    raise ValueError(f"Langevin draws of shape {tuple(eps.shape)} for c of shape {tuple(c.shape)}")
+                c = c + self.noise_scale().to(c.device) * eps.to(c)
         elif self.mode == "last":
             c = hidden[:, -1]
         elif self.mode == "mean":
@@ -134,10 +140,10 @@ class LLMDiffAdapter(nn.Module):
         return (self.a_orig.float() * torch.exp(self.b_orig.float()),
                 self.a_new.float() * torch.exp(self.b_new.float()))
 
-    def encode(self, features: LLMFeatures, noise: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """c [B, T, D] (float32)."""
-        return self.encoder(features, noise=noise, generator=generator)
+    def encode(self, features: LLMFeatures, noise: bool = False, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
+        """c [B, T, D] (float32); noise, generator, eps: see ScoreEncoder.forward."""
+        return self.encoder(features, noise=noise, generator=generator, eps=eps)
 
     def original_context(self, c: torch.Tensor) -> torch.Tensor:
         """Paper mode: phi(c), the context the frozen original cross-attention reads."""

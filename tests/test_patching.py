@@ -378,6 +378,26 @@ def test_langevin_noise_only_in_training_calls_and_from_the_row_seeds(mode: str)
     assert counts == {"encode": 2, "site_keys_values": 2 * len(adapter.sites)}
 
 
+def test_training_noise_draws_each_row_from_its_seed_and_encodes_the_batch_once() -> None:
+    """Row i's Langevin draws are torch.randn from Generator().manual_seed(seed_i), as if the row were encoded
+    alone (its noise does not depend on its batch), while the batch is encoded in one call."""
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")
+    rt = runtime_of(apply_adapter(mp, adapter))
+    features = make_features([5, 11, 3], seed=4)
+    seeds = (11, 12, 13)
+    counts: dict[str, int] = {}
+    count_calls(adapter, "encode", counts)
+    with torch.no_grad():
+        got = rt._encode(features, seeds)
+        alone = torch.cat([adapter.encoder(features.select([i]), noise=True, generator=torch.Generator().manual_seed(s))
+                           for i, s in enumerate(seeds)])
+        clean = rt._encode(features, None)
+    assert counts["encode"] == 2  # one per call, not one per row
+    torch.testing.assert_close(got, alone, rtol=1e-6, atol=1e-6)
+    assert max_rel(got, clean) > 1e-3  # there is noise to compare
+
+
 # --- sampling: identity, batching, the per-run cache ---------------------------------------------------
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
