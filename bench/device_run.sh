@@ -19,7 +19,8 @@ PART=${1:-}
 MD="$OUTDIR/tables-$PART.md"          # every benchmark table of this call
 LOG="$OUTDIR/device-$PART.log"        # everything printed, and each step's seconds
 DEADLINE=$((SECONDS + ${DEVICE_BUDGET_S:-540}))
-export DEVICE_ARGS=${DEVICE_ARGS:-} MD LOG OUTDIR PART
+KEEP=${TMPDIR:-/tmp}/llmdiff-bench-keep  # the training benches' dataset and feature cache, built once per model
+export DEVICE_ARGS=${DEVICE_ARGS:-} MD LOG OUTDIR PART KEEP
 
 step() {  # step <label> <seconds it needs at least> command...: run it if that much time is left, never past the deadline
   local label=$1 need=$2 left=$((DEADLINE - SECONDS)) t0=$SECONDS result=ok; shift 2
@@ -32,7 +33,8 @@ step() {  # step <label> <seconds it needs at least> command...: run it if that 
 # shellcheck disable=SC2086  # DEVICE_ARGS: words
 bench() { python3 "bench/$1.py" $DEVICE_ARGS "${@:2}" --markdown "$MD"; }
 checks() { python3 bench/gpu_checks.py --only "$1" --markdown "$OUTDIR/gpu-checks-$PART.md"; }
-export -f bench checks
+train() { bench training_throughput --keep "$KEEP" "$@"; }  # (the first step per model builds the cache)
+export -f bench checks train
 
 profiles() {
   step profile-sd15 30 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip > $OUTDIR/profile-sd15-hybrid.txt"
@@ -45,7 +47,7 @@ run_part() {
       step checks 30 checks 1,2,4,5,6,7,8
       step sampling 90 bench sampling_overhead
       step encoding 40 bench score_encoding
-      step training 90 bench training_throughput
+      step training 90 train
       step workflow 60 bench workflow_memory
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
       step attend-calls 40 bench attend_calls
@@ -53,16 +55,17 @@ run_part() {
       profiles
       step checks-compile 60 checks 3
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
-      step training-compiled 220 bench training_throughput --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what sessions 4 and 5 left open (docs/benchmarks.md §5d, §3i): compiled sampling, training after §3h/§3i
-      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
-      step training-profile 140 bench training_throughput --no-floor --steps 12 --warmup 3 --profile 3
+      step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
+    next)  # what sessions 4 and 5 left open (docs/benchmarks.md §5d, §3i), most needed first: the checks of the
+           # untested product changes, training after §3h/§3i (eager with idle time by phase, then compiled), sampling compiled
       step checks-training 40 checks 6,8
-      step training-compiled-sd15 150 bench training_throughput --models sd15 --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
+      step training-profile 140 train --no-floor --steps 12 --warmup 3 --profile 3
+      step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
+      step training-compiled-sdxl 180 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       step attend-calls 40 bench attend_calls
-      step training-no-copy-stream 70 bench training_throughput --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
+      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
+      step training-no-copy-stream 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
-      step training-compiled-sdxl 200 bench training_throughput --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       step checks-compile 60 checks 3
       step sampling 110 bench sampling_overhead
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8

@@ -65,7 +65,9 @@ def parse() -> Any:
     p.add_argument("--no-copy-stream", action="store_true",
                    help="with prefetch on CUDA: copy each batch to the device on the compute stream, not on the "
                         "prefetch thread's side stream (llmdiff_core/training/device_copy.py; the A/B)")
-    p.add_argument("--keep", default=None, help="keep the cache and run folders here (default: a temp dir)")
+    p.add_argument("--keep", default=None, help="keep the dataset, cache and run folders here (default: a temp dir); "
+                                                "a later run with the same settings reuses the finished cache "
+                                                "(no LLM, no pre-pass)")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="after the timed steps, K more under torch.profiler: top ops by device and by host time")
     opts = p.parse_args()
@@ -138,7 +140,7 @@ def main() -> None:
     import builders
     from device_gaps import PHASE_PREFIX, STEP_PHASE
     import comfy.model_management as mm
-    from llmdiff_core.training import device_copy, loop, runner
+    from llmdiff_core.training import device_copy, feature_cache, loop, runner
     from llmdiff_core.training.options import TrainOptions
 
     cuda = device.type == "cuda"
@@ -218,8 +220,8 @@ def main() -> None:
             bsz = opts.batch_of[family]
             unet_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
             mp = builders.build_unet(family, opts.small, unet_dtype, device, offload_device=mm.unet_offload_device())
-            data = write_dataset(work / f"data-{family}-{res}", opts.samples, res, opts.caption_words)
-            cache = work / f"cache-{family}-{res}-{opts.mode}-{opts.llm}"
+            tag = f"{family}-{res}-n{opts.samples}-w{opts.caption_words}"
+            data, cache = work / f"data-{tag}", work / f"cache-{tag}-{opts.mode}-{opts.llm}"
             ctx_dim = builders.unet_config(family, opts.small)[1]["context_dim"]
             clip = StandInCLIP(ctx_dim) if opts.mode == "clip" else None
             common_kw = dict(base_model="", llm=f"llama-{opts.llm}-random", data=str(data), resolution=res,
@@ -230,18 +232,20 @@ def main() -> None:
                              channels_last=opts.channels_last, compile_unet=opts.compile,
                              compile_mode=opts.compile_mode,
                              mixed_precision=precision, seed=0)
-            # 1. the cache pre-pass (LLM loaded), not timed
-            llm = builders.build_llm(opts.llm, torch.bfloat16 if cuda else torch.float32, device)
-            comps = runner.Components(mp, clip, StandInVAE(), llm, f"random-{family}", f"llama-{opts.llm}-random")
-            code = runner.run_with(TrainOptions(output_dir=str(work / "prepass"), cache_only=True, max_steps=1,
-                                                **common_kw), comps)
-            if code != 0:
-                raise RuntimeError(f"cache pre-pass failed with exit code {code}")
-            spec = llm.spec
-            del llm, comps
-            gc.collect()  # the pre-pass's adapter and patched clone (reference cycles) must not count below
-            if cuda:
-                torch.cuda.empty_cache()
+            # 1. the cache pre-pass (LLM loaded), not timed; a finished one kept by an earlier run (--keep) is reused
+            spec = builders.llm_spec(opts.llm)
+            if not feature_cache.is_complete(cache, 1):
+                write_dataset(data, opts.samples, res, opts.caption_words)
+                llm = builders.build_llm(opts.llm, torch.bfloat16 if cuda else torch.float32, device)
+                comps = runner.Components(mp, clip, StandInVAE(), llm, f"random-{family}", f"llama-{opts.llm}-random")
+                code = runner.run_with(TrainOptions(output_dir=str(work / "prepass"), cache_only=True, max_steps=1,
+                                                    **common_kw), comps)
+                if code != 0:
+                    raise RuntimeError(f"cache pre-pass failed with exit code {code}")
+                del llm, comps
+                gc.collect()  # the pre-pass's adapter and patched clone (reference cycles) must not count below
+                if cuda:
+                    torch.cuda.empty_cache()
             # 2. training from the finished cache, no LLM
             out_dir = work / f"run-{family}"
             shutil.rmtree(out_dir, ignore_errors=True)
