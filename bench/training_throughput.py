@@ -11,8 +11,9 @@ Two runs per model:
   2. training from the finished cache with no LLM loaded (what train.py does then), timed per
      optimizer step (CUDA synchronised). img/s = batch / median step time after the warmup steps.
 Each step is split into data (next batch from the cache loader + collate + host->device inputs) and
-compute (forward, backward, optimizer), and the bytes moved to the device per step are reported:
-the cache stores trimmed bf16 features, but the step receives them padded to the token bucket in fp32.
+compute (forward, backward, optimizer), and the bytes moved to the device per step are reported (the
+stored layers in the stored dtype, padded to the batch's longest caption: encoders.CompactFeatures).
+--profile K adds K profiled steps: top ops, and where the device idles by host phase (device_gaps.py).
 Peak GPU memory is torch.cuda.max_memory_allocated over the training run (U-Net weights included).
 Targets (issue 5, one H100): >= 200 img/s SD1.5 512 px, >= 28 img/s SDXL 1024 px.
 """
