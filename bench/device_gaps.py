@@ -8,7 +8,9 @@ launched, and counted as host-bound when that launch came after the gap had begu
 
 Phases are host time windows marked with torch.profiler.record_function(PHASE_PREFIX + name): the
 training bench marks each step, and in it data, forward and backward; torch.optim marks its optimizer
-step; the rest of a step is what lies outside them. Device activities come from the profiler's kineto
+step; the rest of a step is what lies outside them up to the next step (the host reading the step
+before, logging). A step is analysed from its start to the next step's start, since the trainer queues a
+step while the device still runs the one before. Device activities come from the profiler's kineto
 events (kernels, copies, memsets), linked to their launch on the host by the CUDA runtime call's
 correlation id or, failing that, to the host op that launched them.
 """
@@ -62,7 +64,16 @@ def phase_at(windows: Sequence[Window], t: int | None) -> str:
 def attribute(windows: Sequence[Window], device: Iterable[DeviceActivity]) -> tuple[list[PhaseRow], dict[str, float]]:
     """Per phase: host time, device time launched from it, device idle time it is charged with; plus
     totals (ms) over the step windows: wall, device busy (union of activities), idle."""
-    steps = sorted((w for w in windows if w.name == STEP_PHASE), key=lambda w: w.start)
+    acts = sorted(device, key=lambda a: a.start)
+    marked = sorted((w for w in windows if w.name == STEP_PHASE), key=lambda w: w.start)
+    # A step's window runs to the next step's start: the trainer queues a step and then reads the one before,
+    # so a step's device work (and the host's bookkeeping between steps) lies partly after its host window.
+    # The last one runs to the end of the device work it launched.
+    steps = [Window(STEP_PHASE, w.start, nxt.start) for w, nxt in zip(marked, marked[1:])]
+    if marked:
+        last = marked[-1]
+        steps.append(Window(STEP_PHASE, last.start, max([last.end] + [a.end for a in acts if a.launch is not None
+                                                                       and last.start <= a.launch <= last.end])))
     phases = [w for w in windows if w.name != STEP_PHASE]
     rows: dict[str, PhaseRow] = {}
 
@@ -73,7 +84,6 @@ def attribute(windows: Sequence[Window], device: Iterable[DeviceActivity]) -> tu
     totals = {"wall_ms": sum(w.end - w.start for w in steps) / 1e6, "busy_ms": 0.0, "idle_ms": 0.0}
     # the host time of the steps outside every marked phase (phases do not overlap on the training thread)
     row(OTHER).host_ms += totals["wall_ms"] - sum(r.host_ms for r in rows.values())
-    acts = sorted(device, key=lambda a: a.start)
     for step in steps if acts else []:  # no device activities: a CPU run, host times only
         frontier = step.start  # the device is known busy (or the step not begun) up to here
         for a in acts:

@@ -44,7 +44,7 @@ profiles() {
 run_part() {
   case "$1" in
     all)  # the correctness checks, the four targets, then the diagnostics
-      step checks 30 checks 1,2,4,5,6,7,8
+      step checks 40 checks 1,2,4,5,6,7,8,9
       step sampling 90 bench sampling_overhead
       step encoding 40 bench score_encoding
       step training 90 train
@@ -58,13 +58,14 @@ run_part() {
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
     next)  # what sessions 4 and 5 left open (docs/benchmarks.md §5d, §3i), most needed first: the checks of the
            # untested product changes, training after §3h/§3i (eager with idle time by phase, then compiled), sampling compiled
-      step checks-training 40 checks 6,8
+      step checks-training 50 checks 6,8,9
       step training-profile 140 train --no-floor --steps 12 --warmup 3 --profile 3
       step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       step training-compiled-sdxl 180 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       step attend-calls 40 bench attend_calls
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-no-copy-stream 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
+      step training-sync-steps 60 train --models sd15 --no-floor --steps 12 --warmup 3 --sync-steps
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
       step checks-compile 60 checks 3
       step sampling 110 bench sampling_overhead

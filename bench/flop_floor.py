@@ -78,19 +78,18 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
                  calls: dict[str, int]) -> Iterator[None]:
     """Answers the two host reads of a meta run from host values, and counts the fusion calls."""
     import llmdiff_core.comfy_patch as cp
-    from llmdiff_core.attention import RunMask
+    from llmdiff_core.attention import SPAN_BUCKET, RunMask
 
     original = RunMask.__dict__["prepare"]
     n = len(adapter.sites)
 
-    def prepare(cls: type, m: torch.Tensor, dtype: torch.dtype, device: torch.device) -> RunMask:
-        if m.device.type != "meta":
-            return original.__func__(cls, m, dtype, device)
-        if m.shape != mask.shape:
-            raise RuntimeError(f"meta mask {tuple(m.shape)} is not the host mask {tuple(mask.shape)}")
-        host = original.__func__(cls, mask, dtype, torch.device("cpu"))
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
-        return cls(host.start, host.stop, move(host.bias), move(host.keep))
+    def prepare(cls: type, m: torch.Tensor, dtype: torch.dtype, device: torch.device, bucket: int = SPAN_BUCKET,
+                host_mask: torch.Tensor | None = None) -> RunMask:
+        if m.device.type == "meta" and host_mask is None:  # a meta mask has no values: decide on the host one
+            if m.shape != mask.shape:
+                raise RuntimeError(f"meta mask {tuple(m.shape)} is not the host mask {tuple(mask.shape)}")
+            host_mask = mask
+        return original.__func__(cls, m, dtype, device, bucket, host_mask=host_mask)
 
     def counting(name: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:

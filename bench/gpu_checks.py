@@ -21,6 +21,7 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import warnings
@@ -224,7 +225,7 @@ def main() -> None:
             comps = runner.Components(mp, tt.StandInCLIP(width), tt.StandInVAE(), None, "random", "tiny",
                                       llm_spec=llm.spec)
             spy(name)
-            if runner.run_with(TrainOptions(output_dir=str(out), **common_kw, **extra), comps):
+            if runner.run_with(TrainOptions(output_dir=str(out), **{**common_kw, **extra}), comps):
                 raise RuntimeError(f"training run {name} failed")
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             losses[name] = [r["loss"] for r in rows if "loss" in r]
@@ -302,6 +303,53 @@ def main() -> None:
         return ok, (f"casts per step {casts['outside']} (U-Net outside autocast) vs {casts['under']} (under it); "
                     f"losses {[round(x, 4) for x in losses['outside']]} vs {[round(x, 4) for x in losses['under']]}")
 
+    # 9. training steps queue on the device without a host sync, and their records read what it computed
+    def training_without_syncs() -> tuple[bool, str]:
+        """From step 3 on, train_step (the training thread) must not sync with the device: the loss is read
+        a step later (loop.StepRecord) and the attended span is decided on the host mask. The records must
+        read the values the device computed."""
+        import threading
+
+        from llmdiff_core.training import loop
+
+        where: list[str] = []
+        pairs: list[tuple[Any, list[float]]] = []
+        original_step, original_record = loop.Trainer.train_step, loop.StepRecord.__post_init__
+
+        def watched(self: Any) -> Any:
+            if self.state.step < 2 or not cuda:
+                return original_step(self)
+            main = threading.current_thread()
+            shown = warnings.showwarning
+
+            def show(message: Any, category: Any, filename: str, lineno: int, *a: Any, **k: Any) -> None:
+                if threading.current_thread() is main and "synchroniz" in str(message):  # (not the prefetch thread)
+                    where.append(f"{Path(filename).name}:{lineno}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = show
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    return original_step(self)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                    warnings.showwarning = shown
+
+        def recorded(self: Any) -> None:
+            on_device = self.values.clone()
+            original_record(self)
+            pairs.append((self, on_device))
+        loop.Trainer.train_step, loop.StepRecord.__post_init__ = watched, recorded  # type: ignore[method-assign]
+        try:
+            with tempfile.TemporaryDirectory(prefix="llmdiff-gpu-checks-") as tmp:
+                losses = cached_training(Path(tmp), {"run": {"max_steps": 5}})
+        finally:
+            loop.Trainer.train_step, loop.StepRecord.__post_init__ = original_step, original_record
+        same = all(rec.read() == dev.tolist() for rec, dev in pairs)
+        ok = not where and same and len(losses["run"]) == 5 and all(math.isfinite(x) for x in losses["run"])
+        return ok, (f"host syncs in steps 3-5: {len(where)} {sorted(set(where))[:4]}; records read what the device "
+                    f"computed: {same} ({len(pairs)} steps; {'CUDA' if cuda else 'CPU: no syncs to find'})")
+
     # 7. partial loading (--novram): every comfy.ops layer offloaded, weights fetched per call
     def partial_loading() -> tuple[bool, str]:
         if not cuda:
@@ -337,6 +385,8 @@ def main() -> None:
     checks.run(7, "adapter partially loaded (--novram) computes the same", partial_loading, only)
     checks.run(8, "bf16 training: the U-Net outside autocast casts less, trains the same", training_outside_autocast,
                only)
+    checks.run(9, "training steps queue without host syncs, their records read the device's values",
+               training_without_syncs, only)
 
     report = common.Report("GPU correctness checks", common.env_header(device, opts.root))
     report.table("checks", ["#", "check", "result", "detail"], checks.rows)

@@ -63,6 +63,9 @@ def parse() -> Any:
     p.add_argument("--no-floor", action="store_true", help="skip the real-shape training FLOP table")
     p.add_argument("--no-prefetch", action="store_true",
                    help="prepare each batch in the step (train.py --no-prefetch) instead of in the background")
+    p.add_argument("--sync-steps", action="store_true",
+                   help="synchronise the device around every step and batch (each step timed alone, as the trainer "
+                        "itself did before it read each step's loss a step later): the A/B of that change")
     p.add_argument("--no-copy-stream", action="store_true",
                    help="with prefetch on CUDA: copy each batch to the device on the compute stream, not on the "
                         "prefetch thread's side stream (llmdiff_core/training/device_copy.py; the A/B)")
@@ -150,7 +153,7 @@ def main() -> None:
     report = common.Report("Adapter training throughput (U-Net frozen, from the feature cache)", common.env_header(
         device, opts.root, mode=opts.mode, llm=opts.llm, steps=opts.steps, warmup_steps=opts.warmup,
         workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
-        copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream,
+        copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
         channels_last=opts.channels_last, compile=opts.compile or "no", mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
@@ -159,7 +162,7 @@ def main() -> None:
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="llmdiff-bench-train-"))
     rows = []
     # Per-step timing and the data/compute split, by wrapping the Trainer's own methods (this process only).
-    marks: dict[str, list[float]] = {"step": [], "wait": [], "prep": []}
+    marks: dict[str, list[float]] = {"start": [], "step": [], "end": [], "wait": [], "prep": []}
     orig_step, orig_take = loop.Trainer.train_step, loop.Trainer.take_batch
     orig_prep, orig_device = loop.Trainer._prepare_batch, loop.Trainer._device_inputs
     orig_forward, orig_backward = loop.TrainModule.forward, accelerate.Accelerator.backward
@@ -167,24 +170,36 @@ def main() -> None:
 
     profiler: dict[str, Any] = {}  # the torch.profiler of the current model's last K steps
 
-    def train_step(self: Any) -> float:
-        if opts.profile and len(marks["step"]) == opts.warmup + opts.steps:
+    def train_step(self: Any) -> Any:
+        if opts.profile and len(marks["start"]) == opts.warmup + opts.steps + 1:  # (one untimed step between)
             profiler["on"] = start_profiler(cuda)
-        common.sync(device)
+        if opts.sync_steps:
+            common.sync(device)
         t0 = common.now()
+        marks["start"].append(t0)
         with record_function(PHASE_PREFIX + STEP_PHASE):
             out = orig_step(self)
-            common.sync(device)
+            if opts.sync_steps:
+                common.sync(device)
         marks["step"].append(common.now() - t0)
         return out
 
-    def take_batch(self: Any) -> Any:  # what the step waits for: the (prefetched) batch + host->device
+    def take_batch(self: Any) -> Any:  # what the step waits for: the (prefetched) batch (+ host->device if synced)
         t0 = common.now()
         with record_function(PHASE_PREFIX + "data"):
             out = orig_take(self)
-            common.sync(device)
+            if opts.sync_steps:
+                common.sync(device)
         marks["wait"].append(common.now() - t0)
         return out
+
+    def step_times() -> list[float]:
+        """Seconds per optimizer step: synced, each step alone; else the time from one step's start to the
+        next one's (the trainer queues a step and reads the one before it, so this is the device's pace)."""
+        if opts.sync_steps:
+            return marks["step"]
+        starts = marks["start"] + marks["end"]
+        return [b - a for a, b in zip(starts, starts[1:])]
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:  # phases for the profile's idle-time table
         with record_function(PHASE_PREFIX + "forward"):
@@ -257,17 +272,20 @@ def main() -> None:
             moved.clear()
             with common.PeakMemory(device) as pm:
                 code = runner.run_with(TrainOptions(output_dir=str(out_dir),
-                                                    max_steps=opts.warmup + opts.steps + opts.profile, **common_kw), comps)
+                                                    max_steps=opts.warmup + opts.steps + 1 + opts.profile,
+                                                    **common_kw), comps)
+                common.sync(device)
+                marks["end"].append(common.now())
             if code != 0:
                 raise RuntimeError(f"training run failed with exit code {code}")
             if profiler.get("on") is not None:
-                profile_tables(report, profiler.pop("on"), family, opts.profile, marks["step"][-opts.profile:], cuda)
+                profile_tables(report, profiler.pop("on"), family, opts.profile, step_times()[-opts.profile:], cuda)
             timed = slice(opts.warmup, opts.warmup + opts.steps)
-            steps = marks["step"][timed]
+            steps = step_times()[timed]
             step = common.median(steps)
             def per_step(xs: list[float]) -> list[float]:  # grad_accum calls per optimizer step
-                k = max(1, len(xs) // max(1, len(marks["step"])))
-                return [sum(xs[i * k:(i + 1) * k]) for i in range(len(marks["step"]))][timed]
+                k = max(1, len(xs) // max(1, len(marks["start"])))
+                return [sum(xs[i * k:(i + 1) * k]) for i in range(len(marks["start"]))][timed]
 
             t_wait = common.median(per_step(marks["wait"])) if marks["wait"] else float("nan")
             t_prep = common.median(per_step(marks["prep"][:len(marks["wait"])])) if marks["prep"] else float("nan")
@@ -295,11 +313,14 @@ def main() -> None:
                   "noise ±%", "fastest ms", "slowest ms",
                   "MiB to device/step", "peak GiB", "target img/s", "last loss", "% of H100 bf16 peak"], rows)
     report.notes += [
-        "data wait = what the step waits for its batch (Trainer.take_batch: the prefetched batch, or preparing it "
-        "without prefetch, plus host->device: with copy_stream, only what of the side stream's copy is left); "
-        "host prep = cache loader + collate + draws, and with copy_stream issuing the copy (Trainer._prepare_batch, "
-        "in the prefetch thread, overlapping the previous step, unless --no-prefetch); compute = step - data wait "
-        "(forward, backward, clip, AdamW). MiB to device = the tensors handed to the step.",
+        "step = from one step's start to the next one's (the trainer queues a step while the device runs the one "
+        "before, so this is the device's pace), or with sync_steps each step synchronised and timed alone. "
+        "data wait = what the step's host waits for its batch (Trainer.take_batch: the prefetched batch, or "
+        "preparing it without prefetch; with sync_steps also the host->device copy: with copy_stream only what of "
+        "the side stream's copy is left); host prep = cache loader + collate + draws, and with copy_stream issuing "
+        "the copy (Trainer._prepare_batch, in the prefetch thread, overlapping the previous step, unless "
+        "--no-prefetch); compute = step - data wait (forward, backward, clip, AdamW). MiB to device = the tensors "
+        "handed to the step.",
         "issue 5 reference (H100, plain attn2 replace adapter): SD1.5 " + ISSUE_REF["sd15"] + "; SDXL "
         + ISSUE_REF["sdxl"] + ".",
     ]

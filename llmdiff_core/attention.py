@@ -57,22 +57,37 @@ class RunMask:
 
     @classmethod
     def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                bucket: int = SPAN_BUCKET) -> RunMask:
-        """mask: [B, T] bool, True = the token takes part in attention (one host sync, once per run)."""
+                bucket: int = SPAN_BUCKET, host_mask: torch.Tensor | None = None) -> RunMask:
+        """mask: [B, T] bool, True = the token takes part in attention.
+
+        The span and whether a bias / keep is needed are decided on the host: on host_mask when given (the
+        same rows on the CPU, possibly narrower: the missing columns attend to nothing), else on mask
+        (a device mask then costs host syncs: fine once per sampling run, not in every training step,
+        which passes its batch's host mask). The tensors are then built from mask on the device.
+        """
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"key mask must be bool [B, T], got {mask.dtype} {tuple(mask.shape)}")
-        mask = mask.to(device)
-        has_key = mask.any(dim=1)
-        columns = mask.any(dim=0).nonzero().flatten().tolist()
+        decide = mask if host_mask is None else host_mask.to("cpu", torch.bool)
+        if decide.shape[0] != mask.shape[0] or decide.shape[1] > mask.shape[1]:
+            raise ValueError(f"host key mask {tuple(decide.shape)} does not fit the mask {tuple(mask.shape)}")
+        rows_have_keys = decide.any(dim=1)
+        columns = decide.any(dim=0).nonzero().flatten().tolist()
         start, stop = (columns[0], columns[-1] + 1) if columns else (0, 1)
         if bucket > 1:  # the span's length up to a multiple of bucket (or to the last token)
             stop = start + min(mask.shape[1] - start, -(-(stop - start) // bucket) * bucket)
-        span = mask[:, start:stop] | ~has_key[:, None]  # rows without keys attend to all (finite), then zeroed
-        keep = None if bool(has_key.all()) else has_key.to(dtype)[:, None, None]
-        bias = None
-        if not bool(span.all()):
-            bias = torch.zeros(span.shape, dtype=dtype, device=device).masked_fill_(~span, float("-inf"))
-            bias = bias[:, None, None, :]
+        # rows without keys attend to all (finite), then zeroed; columns beyond a narrower host mask attend to nothing
+        needs_keep = not bool(rows_have_keys.all())
+        needs_bias = not bool((decide[:, start:stop] | ~rows_have_keys[:, None]).all()) or stop > decide.shape[1]
+        keep = bias = None
+        if needs_keep or needs_bias:
+            mask = mask.to(device)
+            has_key = mask.any(dim=1)
+            if needs_keep:
+                keep = has_key.to(dtype)[:, None, None]
+            if needs_bias:
+                span = mask[:, start:stop] | ~has_key[:, None]
+                bias = torch.zeros(span.shape, dtype=dtype, device=device).masked_fill_(~span, float("-inf"))
+                bias = bias[:, None, None, :]
         return cls(start, stop, bias, keep)
 
     def span(self, t: torch.Tensor) -> torch.Tensor:

@@ -67,9 +67,13 @@ class TrainingCall:
       (outside any gradient-checkpointed block, so a recomputation in the backward pass finds them);
     - runs the U-Net outside an autocast already in its dtype (unet_autocast_off): see that function.
     Everything else (strength, block weights, the math) is what sampling runs.
+
+    host_mask: the feature rows' key mask on the CPU ([B, <= T] bool, narrower = the rest masked), so the
+    attended span is decided without a device->host sync in every training step (RunMask.prepare).
     """
 
     noise_seeds: tuple[int, ...] | None = None
+    host_mask: torch.Tensor | None = None
 
 
 class _Shared:
@@ -274,6 +278,10 @@ class AdapterRuntime(_Shared):
             features, rows = batch.distinct(self.config.features_read())
         else:
             features, rows = batch.materialize(), list(range(batch.num_rows))
+        # the key mask on the host, where RunMask decides the span (no device sync; training passes its own)
+        host_mask = training.host_mask if training is not None else None
+        if host_mask is None and features.mask.device.type == "cpu":
+            host_mask = features.mask[rows]
         features = features.to(device)
         c = self._encode(features, None if training is None else training.noise_seeds)
         index = None if rows == list(range(features.batch_size)) else torch.tensor(rows, device=device)
@@ -291,7 +299,7 @@ class AdapterRuntime(_Shared):
             if self.config.needs_pooled:
                 pooled = per_row(self.adapter.pooled(c, features.mask))
             orig_kv = []
-        mask = RunMask.prepare(per_row(features.mask), dtype, device)
+        mask = RunMask.prepare(per_row(features.mask), dtype, device, host_mask=host_mask)
         # K/V are per token: project only the attended span (training does this every step)
         c_span = mask.span(c)
         context_span = None if context is None else mask.span(context)

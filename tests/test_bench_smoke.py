@@ -154,7 +154,7 @@ def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "checks.json"
     run_bench("gpu_checks.py", "--device", "cpu", json_out=out)
     rows = section(json.loads(out.read_text()), "checks")
-    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert all(r["result"] == "pass" for r in rows), rows
 
 
@@ -205,7 +205,10 @@ def test_device_gaps_charge_idle_time_to_the_phase_that_launched_late() -> None:
     """bench/device_gaps.py on a made-up step (times in ms): which phase each idle gap is charged to, whether
     it waited for the host, and busy + idle = the step."""
     sys.path.insert(0, str(BENCH))
-    import device_gaps as dg
+    try:
+        import device_gaps as dg
+    finally:
+        sys.path.remove(str(BENCH))
 
     ms = 1_000_000
     windows = [dg.Window(dg.STEP_PHASE, 0, 100 * ms), dg.Window("forward", 0, 50 * ms),
@@ -228,3 +231,26 @@ def test_device_gaps_charge_idle_time_to_the_phase_that_launched_late() -> None:
     assert totals["busy_ms"] == pytest.approx(15 + 10 + 15 + 10 + 5 + 2)
     assert totals["busy_ms"] + totals["idle_ms"] == pytest.approx(totals["wall_ms"]) == 100
     assert rows[0].phase == "forward"  # the most idle time first
+
+
+def test_device_gaps_follow_a_step_into_the_next_steps_host_window() -> None:
+    """The trainer queues step 2 while the device still runs step 1: step 1 is analysed up to step 2's start,
+    the last step up to the end of the device work it launched."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import device_gaps as dg
+    finally:
+        sys.path.remove(str(BENCH))
+
+    ms = 1_000_000
+    windows = [dg.Window(dg.STEP_PHASE, 0, 40 * ms), dg.Window(dg.STEP_PHASE, 60 * ms, 70 * ms),
+               dg.Window("forward", 0, 30 * ms), dg.Window("forward", 60 * ms, 65 * ms)]
+    acts = [dg.DeviceActivity(1 * ms, 55 * ms, ms // 2),  # step 1's work runs past its host window
+            dg.DeviceActivity(62 * ms, 90 * ms, 61 * ms)]  # step 2's, past the profiled windows
+    rows, totals = dg.attribute(windows, acts)
+    by = {r.phase: r for r in rows}
+    assert totals["wall_ms"] == pytest.approx(90)  # 0..60, then 60..90
+    assert totals["busy_ms"] == pytest.approx(54 + 28)
+    assert by["forward"].idle_host_bound_ms == pytest.approx(1 + 2)  # 0..1 and 60..62 (launched at 0.5, 61)
+    assert by[dg.END_OF_STEP].idle_host_bound_ms == pytest.approx(5)  # 55..60: the host between the steps
+    assert by[dg.OTHER].host_ms == pytest.approx(90 - 35)

@@ -703,6 +703,30 @@ def test_prepared_span_comes_in_buckets_and_computes_the_same() -> None:
     assert spans == {32, 64, T - 1}
 
 
+def test_prepared_mask_decides_on_the_host_mask_without_reading_the_device_one() -> None:
+    """Training passes its batch's key mask on the host (narrower than the padded device mask: the batch's
+    longest caption): the same span, bias and keep, and the device mask is computed with, never read. A meta
+    tensor stands in for it: .tolist(), bool() or nonzero() on it raise, as each is a host sync on a GPU."""
+    T = 80
+    for rows in ([(1, 40), (1, 3)], [(1, 40), None], [(2, 34), (2, 34)], [None, None]):
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if r:
+                mask[i, r[0]:r[1]] = True
+        want = RunMask.prepare(mask, torch.float32, torch.device("cpu"))
+        got = RunMask.prepare(mask, torch.float32, torch.device("cpu"), host_mask=mask[:, :41])
+        assert (got.start, got.stop) == (want.start, want.stop), rows
+        for a, b in ((got.bias, want.bias), (got.keep, want.keep)):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), rows
+        meta = RunMask.prepare(mask.to("meta"), torch.float32, torch.device("meta"), host_mask=mask[:, :41])
+        assert (meta.start, meta.stop) == (want.start, want.stop)
+        assert (meta.bias is None) == (want.bias is None) and (meta.keep is None) == (want.keep is None)
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the stand-in works: deciding on it reads it
+        RunMask.prepare(mask.to("meta"), torch.float32, torch.device("meta"))
+    with pytest.raises(ValueError, match="does not fit"):
+        RunMask.prepare(mask, torch.float32, torch.device("cpu"), host_mask=mask[:1])
+
+
 class CountingOverride:
     """Another pack's optimized_attention_override: passes through, counts calls."""
 

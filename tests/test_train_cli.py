@@ -105,6 +105,53 @@ def _launchers() -> dict[str, list[str]]:
     }
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return sorted(kids)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path: Path, assets) -> None:
+    """One worker gets the signal; the processes agree on it through the step records (a step later, with
+    no host sync per step) and write one checkpoint together, then exit cleanly (no hang in its gather)."""
+    import os
+
+    out = tmp_path / "run"
+    cmd = _launchers()["torchrun"] + [str(REPO / "llmdiff_core" / "train.py")] + [
+        str(a) for a in cli_args(assets, out, **{**DDP_FLAGS, "max-steps": 100000, "checkpoint-every": 0,
+                                                 "batch-size": 1})]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGTERM)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # (a hang: the launcher and its workers)
+            for pid in [*_children(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-4000:]
+    assert "checkpoint written, continue with --resume latest" in output
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "state.pt").exists()
+    assert not (out / "llmdiff_adapter.safetensors").exists()
+
+
 # Adam divides by sqrt(v) + eps: with the default eps 1e-8 a parameter whose gradient is ~1e-9 moves by
 # +-lr whichever way float summation order tips it. A larger eps keeps the comparison about the math.
 DDP_FLAGS = {"max-steps": 3, "adam-eps": 1e-4}

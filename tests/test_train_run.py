@@ -254,6 +254,31 @@ def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, 
     assert conv.weight.is_contiguous()  # channels-last undone after the run
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cached", [True, False], ids=["from the cache", "on the fly"])
+def test_training_steps_decide_the_attended_span_on_the_host_mask(tmp_path: Path, frozen, monkeypatch,
+                                                                   cached: bool) -> None:
+    """Every training step hands the entry its batch's key mask on the host (TrainingCall.host_mask), where
+    RunMask decides the span: on a GPU, reading the device mask would be a host sync in every step."""
+    from llmdiff_core import comfy_patch
+
+    data = write_folder(tmp_path / "data", make_images(4))
+    extra = {"cache_dir": str(tmp_path / "cache")} if cached else {}
+    seen: list[tuple[int, ...] | None] = []
+    build = comfy_patch.AdapterRuntime._build_entry
+
+    def spy(self: Any, batch: Any, device: torch.device, dtype: torch.dtype, training: Any) -> Any:
+        host = None if training is None else training.host_mask
+        seen.append(None if host is None or host.device.type != "cpu" else tuple(host.shape))
+        entry = build(self, batch, device, dtype, training)
+        assert host is None or host.shape[1] <= batch.materialize().mask.shape[1]
+        return entry
+    monkeypatch.setattr(comfy_patch.AdapterRuntime, "_build_entry", spy)
+    assert runner.run_with(options(data, tmp_path / "out", max_steps=2, caption_dropout=0.5, **extra),
+                           components(frozen)) == 0
+    assert len(seen) == 2 and all(shape is not None and shape[0] == 2 for shape in seen), seen
+
+
 def test_prefetcher_keeps_order_and_raises_where_the_batch_is_taken() -> None:
     produced = iter([1, 2, 3])
 

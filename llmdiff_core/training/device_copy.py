@@ -27,6 +27,14 @@ import torch
 SIDE_STREAM = True  # off: copies on the compute stream (bench/training_throughput.py --no-copy-stream, the A/B)
 
 
+@dataclass(frozen=True)
+class HostOnly:
+    """A tensor that stays on the host on its way into the step: to_device and DDP's input move pass it as it
+    is (neither looks into other objects). For what the step decides on the host without a device sync."""
+
+    tensor: torch.Tensor
+
+
 def to_device(host: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """The tensors of host on device (page-locked ones without blocking the host); other values as they are."""
     def move(t: Any) -> Any:

@@ -65,7 +65,7 @@ class TrainModule(nn.Module):
     def forward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
                 scores: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None,
                 encoder_seeds: list[int], layers: tuple[int, ...] | None = None,
-                num_tokens: int | None = None) -> torch.Tensor:
+                num_tokens: int | None = None, host_mask: device_copy.HostOnly | None = None) -> torch.Tensor:
         model = self.patched.model
         ms = self.patched.get_model_object("model_sampling")
         sigma = ms.sigma(timesteps).to(latents.device, torch.float32)
@@ -76,7 +76,8 @@ class TrainModule(nn.Module):
             features = LLMFeatures(self.spec, hidden, scores, mask)
         else:  # compact features from the cache (encoders.CompactFeatures), expanded here on the device
             features = expand_features(self.spec, hidden, scores, mask, layers, int(num_tokens or mask.shape[1]))
-        to = training_options(self.patched, encoder_seeds if self.langevin_noise else None)
+        to = training_options(self.patched, encoder_seeds if self.langevin_noise else None,
+                              None if host_mask is None else host_mask.tensor)
         kwargs: dict[str, Any] = {"c_crossattn": context, "transformer_options": to, "llmdiff": feature_batch(features)}
         if y is not None:
             kwargs["y"] = y
@@ -162,6 +163,39 @@ class Prefetcher(Generic[T]):
         self._next = None
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """What the host reads of an optimizer step, once the device has finished that step.
+
+    values: [loss, non-finite (> 0: the loss or the gradient norm was not finite), stop requests, skipped
+    entries] (over all processes), then with `log` every site's w_orig and w_new; on the device until
+    read(). It is copied to page-locked host memory without blocking and an event marks the copy, so
+    read() waits for this step only, while the device goes on with the steps queued after it.
+    """
+
+    step: int
+    lr: float
+    images: int
+    log: bool
+    host_period_s: float  # host time since the previous step was queued (in steady state: the step's time)
+    values: torch.Tensor
+    copied: Any = None  # torch.cuda.Event on CUDA
+
+    def __post_init__(self) -> None:
+        if self.values.device.type == "cuda":
+            host = torch.empty(self.values.shape, dtype=self.values.dtype, pin_memory=True)
+            host.copy_(self.values, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            object.__setattr__(self, "values", host)
+            object.__setattr__(self, "copied", copied)
+
+    def read(self) -> list[float]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.values.tolist()
+
+
 class Trainer:
     def __init__(self, opts: TrainOptions, accelerator: Any, module: TrainModule, base_patcher: Any,
                  items: Iterator[Any], make_conditioning: Any, empty: tuple, vae: Any,
@@ -186,6 +220,7 @@ class Trainer:
         self.stop = StopFlag()
         self.prefetch = False  # runner: True when batches come from the feature cache (pure host work)
         self._prefetcher: Prefetcher[tuple[Batch, Any]] | None = None
+        self._last_step_start = 0.0
         # copies on the training thread's stream; with the prefetcher, on a side stream (device_copy)
         self._stager = device_copy.DeviceStager(accelerator.device, side_stream=False)
 
@@ -313,6 +348,7 @@ class Trainer:
                    "num_tokens": feats.max_tokens}
         else:
             llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask}
+        llm["host_mask"] = device_copy.HostOnly(feats.mask)  # the span is decided on it: no device sync
         return {"latents": self.model.process_latent_in(cond.latents), "noise": draw.noise,
                 "timesteps": draw.timesteps, **llm, "context": cond.clip, "y": self._adm(cond),
                 "encoder_seeds": draw.encoder_seeds}
@@ -323,35 +359,46 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self, tracker: Tracker) -> str:
-        """Train to max_steps (or until stopped). Returns 'done' or the signal name."""
+        """Train to max_steps (or until stopped). Returns 'done' or the signal name.
+
+        The host reads a step's loss (and checks it) while the device runs the next one: reading it at once
+        would drain the device every step and leave it idle while the host prepares the next (StepRecord).
+        So a non-finite loss is caught one step late, and before anything is saved or sampled: a checkpoint,
+        validation images, the export and a stop read the current step first (settle).
+        """
         opts = self.opts
         self.stop.install()
+        pending: StepRecord | None = None
+
+        def settle() -> bool:  # reads the step just queued; True: another process asks to stop
+            nonlocal pending
+            asked = pending is not None and self._finish(pending, tracker)
+            pending = None
+            return asked
         try:
             while self.state.step < opts.max_steps:
-                t0 = time.perf_counter()
-                loss = self.train_step()
+                record = self.train_step()
                 self.state.step += 1
                 step = self.state.step
-                n_images = opts.batch_size * opts.grad_accum * self.acc.num_processes
-                self.state.images_seen += n_images
-                lr = self.scheduler.get_last_lr()[0]
-                rate = tracker.step_done(step, n_images, loss, lr)
-                if step % opts.log_every == 0 or step == opts.max_steps:
-                    w_orig, w_new = self.adapter.gate_weights()
-                    tracker.scalars(step, {"loss": loss, "lr": lr, "images_per_s": rate,
-                                           "step_time_s": time.perf_counter() - t0,
-                                           "skipped": self._skipped_total()})
-                    tracker.gates(step, w_orig.detach().cpu(), w_new.detach().cpu())
-                stop = self._agreed(self.stop.requested is not None)
-                if opts.validate_every and step % opts.validate_every == 0 and step != opts.max_steps:
+                self.state.images_seen += record.images
+                finished, pending = pending, record
+                stop = finished is not None and self._finish(finished, tracker)  # (the step before: done or nearly)
+                if self.acc.num_processes == 1:  # (several processes agree through the records, a step later)
+                    stop = self.stop.requested is not None
+                validate = bool(opts.validate_every) and step % opts.validate_every == 0 and step != opts.max_steps
+                save = bool(opts.checkpoint_every) and step % opts.checkpoint_every == 0 and step != opts.max_steps
+                if stop or validate or save or step == opts.max_steps:
+                    stop = settle() or stop
+                if validate:
                     self.validate(tracker)
                 if stop:
                     self.checkpoint()
                     tracker.message(f"stopped by {self.stop.requested or 'another process'} at step {step}; "
                                     f"checkpoint written, continue with --resume latest")
                     return self.stop.requested or "SIGTERM"
-                if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step != opts.max_steps:
+                if save:
                     self.checkpoint()
+            settle()
             self.checkpoint()
             if self.validation:
                 self.validate(tracker)
@@ -360,7 +407,8 @@ class Trainer:
             self.close()
             self.stop.restore()
 
-    def train_step(self) -> float:
+    def train_step(self) -> StepRecord:
+        """One optimizer step, queued on the device; what the host reads of it comes later (StepRecord)."""
         opts = self.opts
         self.ddp_module.train()
         losses = []
@@ -375,44 +423,56 @@ class Trainer:
                     loss = loss * float("nan")
                 self.acc.backward(loss / opts.grad_accum)
             losses.append(loss.detach().float())
-        step_loss = torch.stack(losses).mean()
-        global_loss = float(self.acc.reduce(step_loss.to(self.acc.device), reduction="mean"))
-        grad_norm = None
+        step_loss = torch.stack(losses).mean().to(self.acc.device)
+        bad = ~torch.isfinite(step_loss)
         if opts.max_grad_norm > 0:
             grad_norm = self.acc.clip_grad_norm_(self.adapter.parameters(), opts.max_grad_norm)
-        bad = not math.isfinite(global_loss) or (
-            grad_norm is not None and self.acc.mixed_precision != "fp16" and not math.isfinite(float(grad_norm)))
-        if self._agreed(bad):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingStopped(self._nan_message(global_loss))
+            if self.acc.mixed_precision != "fp16":  # (under fp16 the grad scaler handles overflowing steps)
+                bad = bad | ~torch.isfinite(grad_norm)
+        # A non-finite step is applied like any other and caught when its record is read: nothing of it
+        # is saved (run() reads the current step before every checkpoint, validation and the export).
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.adapter)
-        self.state.last_loss = global_loss
-        return global_loss
-
-    def _nan_message(self, loss: float) -> str:
         step = self.state.step + 1
+        log = step % opts.log_every == 0 or step == opts.max_steps
+        world = self.acc.num_processes
+        zero = step_loss.new_zeros(())  # (python numbers join the vector as kernel arguments, not as copies)
+        values = torch.stack([step_loss / world, bad.float(), zero + (self.stop.requested is not None),
+                              zero + self.state.skipped.total])
+        if world > 1:  # loss: the mean over processes; the others: sums
+            values = self.acc.reduce(values, reduction="sum")
+        if log:
+            values = torch.cat([values, *(w.detach().float() for w in self.adapter.gate_weights())])
+        now = time.perf_counter()
+        record = StepRecord(step, self.scheduler.get_last_lr()[0], opts.batch_size * opts.grad_accum * world, log,
+                            now - self._last_step_start if self._last_step_start else float("nan"), values)
+        self._last_step_start = now
+        return record
+
+    def _finish(self, record: StepRecord, tracker: Tracker) -> bool:
+        """Read a step's record (waiting for the device to finish that step only): stop on a non-finite loss,
+        else log it. Returns whether another process asked to stop."""
+        loss, bad, stop, skipped, *gates = record.read()
+        if bad:
+            raise TrainingStopped(self._nan_message(loss, record.step))
+        self.state.last_loss = loss
+        rate = tracker.step_done(record.step, record.images, loss, record.lr)
+        if record.log:
+            tracker.scalars(record.step, {"loss": loss, "lr": record.lr, "images_per_s": rate,
+                                          "step_time_s": record.host_period_s, "skipped": int(skipped)})
+            n = len(gates) // 2
+            tracker.gates(record.step, torch.tensor(gates[:n]), torch.tensor(gates[n:]))
+        return stop > 0 and self.acc.num_processes > 1
+
+    def _nan_message(self, loss: float, step: int) -> str:
         last = checkpointing.find_checkpoint(Path(self.opts.output_dir), "latest")
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return (f"the loss became {loss} at step {step}: training stopped without updating the adapter; {where} "
-                f"(resume with --resume latest). Usual causes: a learning rate too high (try --lr "
+        return (f"the loss became {loss} at step {step}: training stopped, nothing from that step on was saved; "
+                f"{where} (resume with --resume latest). Usual causes: a learning rate too high (try --lr "
                 f"{self.opts.lr / 10:g}), fp16 overflow (use --mixed-precision bf16 or no), or broken data.")
-
-    def _agreed(self, flag: bool) -> bool:
-        """True on every process if it is true on any (so all processes stop at the same step)."""
-        if self.acc.num_processes == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
-        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
-
-    def _skipped_total(self) -> int:
-        if self.acc.num_processes == 1:
-            return self.state.skipped.total
-        t = torch.tensor([float(self.state.skipped.total)], device=self.acc.device)
-        return int(self.acc.reduce(t, reduction="sum").item())
 
     # --- checkpoints and validation --------------------------------------------------------------
     def checkpoint(self) -> Path | None:
