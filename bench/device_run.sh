@@ -66,6 +66,7 @@ run_part() {
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-no-copy-stream 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
       step training-sync-steps 60 train --models sd15 --no-floor --steps 12 --warmup 3 --sync-steps
+      step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
       step checks-compile 60 checks 3
       step sampling 110 bench sampling_overhead

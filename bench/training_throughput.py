@@ -66,6 +66,8 @@ def parse() -> Any:
     p.add_argument("--sync-steps", action="store_true",
                    help="synchronise the device around every step and batch (each step timed alone, as the trainer "
                         "itself did before it read each step's loss a step later): the A/B of that change")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="train.py --no-cudnn-benchmark: cuDNN's heuristic convolution algorithms (the A/B)")
     p.add_argument("--no-copy-stream", action="store_true",
                    help="with prefetch on CUDA: copy each batch to the device on the compute stream, not on the "
                         "prefetch thread's side stream (llmdiff_core/training/device_copy.py; the A/B)")
@@ -154,6 +156,7 @@ def main() -> None:
         device, opts.root, mode=opts.mode, llm=opts.llm, steps=opts.steps, warmup_steps=opts.warmup,
         workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
         copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
+        cudnn_benchmark=cuda and not opts.no_cudnn_benchmark,
         channels_last=opts.channels_last, compile=opts.compile or "no", mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
@@ -246,6 +249,7 @@ def main() -> None:
                              log_every=1, checkpoint_every=0, keep_checkpoints=1, max_tokens=128,
                              gradient_checkpointing=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
                              channels_last=opts.channels_last, compile_unet=opts.compile,
+                             cudnn_benchmark=not opts.no_cudnn_benchmark,
                              compile_mode=opts.compile_mode,
                              mixed_precision=precision, seed=0)
             # 1. the cache pre-pass (LLM loaded), not timed; a finished one kept by an earlier run (--keep) is reused

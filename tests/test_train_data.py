@@ -139,6 +139,8 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
         parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-mode", "max-autotune"])
     assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-unet", "inductor",
                           "--no-prefetch", "--channels-last"]).compile_unet == "inductor"
+    assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c"]).cudnn_benchmark
+    assert not parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--no-cudnn-benchmark"]).cudnn_benchmark
 
 
 def test_help_documents_every_option_with_its_default() -> None:

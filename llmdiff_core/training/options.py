@@ -115,6 +115,9 @@ class TrainOptions:
                              "backend (inductor on a GPU; the first steps compile); empty = eager", metavar="BACKEND")
     compile_mode: str = _opt("", "torch.compile mode with --compile-unet (e.g. max-autotune-no-cudagraphs); "
                              "empty = the default")
+    cudnn_benchmark: bool = _opt(True, "CUDA: let cuDNN time its convolution algorithms for the U-Net's shapes in the "
+                                 "first steps and keep the fastest (the training resolution is fixed: once); off = "
+                                 "cuDNN's heuristic choice")
     ema_decay: float = _opt(0.0, "EMA of the adapter weights (e.g. 0.999; 0 = off); the export uses the EMA")
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (e.g. 5; 0 = off)")
     noise_offset: float = _opt(0.0, "offset noise strength (0 = off)")

@@ -195,6 +195,10 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
     undo: list[Any] = []  # run_with may be called in-process (bench, tests): leave the U-Net as it came
     if opts.gradient_checkpointing:
         undo.append(enable_gradient_checkpointing(mp.model.diffusion_model))
+    if device.type == "cuda" and opts.cudnn_benchmark != torch.backends.cudnn.benchmark:
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = opts.cudnn_benchmark
+        undo.append(lambda: setattr(torch.backends.cudnn, "benchmark", before))
     if opts.channels_last:
         unet = mp.model.diffusion_model
         unet.to(memory_format=torch.channels_last)
