@@ -163,7 +163,7 @@ class Prefetcher(Generic[T]):
         self._next = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepRecord:
     """What the host reads of an optimizer step, once the device has finished that step.
 
@@ -185,10 +185,8 @@ class StepRecord:
         if self.values.device.type == "cuda":
             host = torch.empty(self.values.shape, dtype=self.values.dtype, pin_memory=True)
             host.copy_(self.values, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            object.__setattr__(self, "values", host)
-            object.__setattr__(self, "copied", copied)
+            self.values, self.copied = host, torch.cuda.Event()
+            self.copied.record()
 
     def read(self) -> list[float]:
         if self.copied is not None:
@@ -382,9 +380,9 @@ class Trainer:
                 step = self.state.step
                 self.state.images_seen += record.images
                 finished, pending = pending, record
-                stop = finished is not None and self._finish(finished, tracker)  # (the step before: done or nearly)
-                if self.acc.num_processes == 1:  # (several processes agree through the records, a step later)
-                    stop = self.stop.requested is not None
+                asked = finished is not None and self._finish(finished, tracker)  # the step before: done or nearly
+                # one process stops when asked; several agree through the records, so a step later
+                stop = self.stop.requested is not None if self.acc.num_processes == 1 else asked
                 validate = bool(opts.validate_every) and step % opts.validate_every == 0 and step != opts.max_steps
                 save = bool(opts.checkpoint_every) and step % opts.checkpoint_every == 0 and step != opts.max_steps
                 if stop or validate or save or step == opts.max_steps:
