@@ -9,7 +9,9 @@ Two runs per model:
      real shape (Llama-3-8B; tiny with --small) and a stand-in VAE (random latents): this builds the
      feature cache exactly as train.py does, and is not timed;
   2. training from the finished cache with no LLM loaded (what train.py does then), timed per
-     optimizer step (CUDA synchronised). img/s = batch / median step time after the warmup steps.
+     optimizer step from its start to the next one's (the trainer runs a step ahead of the device, so
+     this is the device's pace; --sync-steps: each step synchronised and timed alone). img/s = batch /
+     median step time after the warmup steps.
 Each step is split into data (next batch from the cache loader + collate + host->device inputs) and
 compute (forward, backward, optimizer), and the bytes moved to the device per step are reported (the
 stored layers in the stored dtype, padded to the batch's longest caption: encoders.CompactFeatures).
