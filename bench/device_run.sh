@@ -68,6 +68,7 @@ run_part() {
       step training-sync-steps 60 train --models sd15 --no-floor --steps 12 --warmup 3 --sync-steps
       step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
+      step sampling-cudagraphs-sd15 120 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops
       step checks-compile 60 checks 3
       step sampling 110 bench sampling_overhead
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
