@@ -69,6 +69,16 @@ def test_script_trains_validates_and_exports(tmp_path: Path, assets) -> None:
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def _wait_for_logged_steps(proc: subprocess.Popen, out: Path, steps: int, timeout_s: float) -> None:
+    """Polls until the running training has logged `steps` steps (a deadline for the poll, not a timing
+    check); fails with the process's output if it exits first."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < steps):
+        assert proc.poll() is None, proc.stdout.read()[-4000:] if proc.stdout else ""
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path: Path, assets) -> None:
     out = tmp_path / "run"
@@ -77,11 +87,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path: Path, assets) -
     import os
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        time.sleep(0.2)
+    _wait_for_logged_steps(proc, out, 2, timeout_s=240)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-4000:]
@@ -132,11 +138,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path: P
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        metrics = out / "metrics.jsonl"
-        deadline = time.time() + 300
-        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-            assert proc.poll() is None, proc.stdout.read()[-4000:]
-            time.sleep(0.2)
+        _wait_for_logged_steps(proc, out, 2, timeout_s=300)
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGTERM)
