@@ -90,10 +90,10 @@ def attribute(windows: Sequence[Window], device: Iterable[DeviceActivity]) -> tu
             if a.end <= step.start or a.start >= step.end:
                 continue
             start, end = max(a.start, step.start), min(a.end, step.end)
-            row(phase_at(phases, a.launch)).launched_busy_ms += (end - start) / 1e6
+            r = row(phase_at(phases, a.launch))
+            r.launched_busy_ms += (end - start) / 1e6
             if start > frontier:
                 gap = (start - frontier) / 1e6
-                r = row(phase_at(phases, a.launch))
                 if a.launch is not None and a.launch > frontier:
                     r.idle_host_bound_ms += gap
                 else:
