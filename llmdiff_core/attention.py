@@ -32,6 +32,19 @@ def is_identity(w_orig: Gate, w_new: Gate) -> bool:
 SPAN_BUCKET = 32  # the new path's attention sees key lengths that are multiples of this (RunMask)
 
 
+def attended_span(mask: torch.Tensor, width: int, bucket: int = SPAN_BUCKET) -> tuple[int, int]:
+    """[start, stop): the columns of a [B, <= width] bool key mask that hold every attended token, the
+    length rounded up to a multiple of bucket (at most to width). Nothing attended: (0, 1).
+
+    Cut to this span (features.first_tokens(stop)), a mask of `stop` columns has the same span: the
+    training step encodes only these tokens and RunMask.prepare finds the span it was cut to."""
+    columns = mask.any(dim=0).nonzero().flatten().tolist()
+    start, stop = (columns[0], columns[-1] + 1) if columns else (0, 1)
+    if bucket > 1:
+        stop = start + min(width - start, -(-(stop - start) // bucket) * bucket)
+    return start, stop
+
+
 @dataclass(frozen=True)
 class RunMask:
     """Which key tokens each row may attend to, prepared once per run for one U-Net dtype/device,
@@ -71,10 +84,7 @@ class RunMask:
         if decide.shape[0] != mask.shape[0] or decide.shape[1] > mask.shape[1]:
             raise ValueError(f"host key mask {tuple(decide.shape)} does not fit the mask {tuple(mask.shape)}")
         rows_have_keys = decide.any(dim=1)
-        columns = decide.any(dim=0).nonzero().flatten().tolist()
-        start, stop = (columns[0], columns[-1] + 1) if columns else (0, 1)
-        if bucket > 1:  # the span's length up to a multiple of bucket (or to the last token)
-            stop = start + min(mask.shape[1] - start, -(-(stop - start) // bucket) * bucket)
+        start, stop = attended_span(decide, mask.shape[1], bucket)
         # rows without keys attend to all (finite), then zeroed; columns beyond a narrower host mask attend to nothing
         needs_keep = not bool(rows_have_keys.all())
         needs_bias = not bool((decide[:, start:stop] | ~rows_have_keys[:, None]).all()) or stop > decide.shape[1]

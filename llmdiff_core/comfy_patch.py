@@ -70,10 +70,14 @@ class TrainingCall:
 
     host_mask: the feature rows' key mask on the CPU ([B, <= T] bool, narrower = the rest masked), so the
     attended span is decided without a device->host sync in every training step (RunMask.prepare).
+    noise_tokens: the token count each row's Langevin noise is drawn at (the trainer's max_tokens bucket),
+    then cut to the tokens encoded (only those up to the attended span's end); None = the width of the
+    features the call is given.
     """
 
     noise_seeds: tuple[int, ...] | None = None
     host_mask: torch.Tensor | None = None
+    noise_tokens: int | None = None
 
 
 class _Shared:
@@ -116,14 +120,14 @@ class RunEntry:
     batch: FeatureBatch
     device: torch.device
     dtype: torch.dtype
-    c: torch.Tensor  # [R, T, D] float32
+    c: torch.Tensor  # [R, T', D] float32, T' = mask.stop: the tokens up to the attended span's end
     mask: RunMask
     w_orig: list[float] | torch.Tensor  # per site: python floats (sampling) or one [N] tensor (TrainingCall)
     w_new: list[float] | torch.Tensor
     q_weights: list[torch.Tensor]  # per site: tau_q's weight in dtype on device (cast / LoRA-patched once)
     new_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per site: tau_k(c), tau_v(c) [R, H, T', d] in dtype
     orig_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # paper: k(phi c), v(phi c), as new_kv
-    context: torch.Tensor | None = None  # paper: phi(c) [R, T, context_dim] in dtype
+    context: torch.Tensor | None = None  # paper: phi(c) [R, T', context_dim] in dtype
     pooled: torch.Tensor | None = None  # paper, SDXL: [R, 1280]
     scaled: dict[float, ScaledSites] = field(default_factory=dict)  # per strength, float gates only
 
@@ -282,9 +286,17 @@ class AdapterRuntime(_Shared):
         host_mask = training.host_mask if training is not None else None
         if host_mask is None and features.mask.device.type == "cpu":
             host_mask = features.mask[rows]
-        features = features.to(device)
-        c = self._encode(features, None if training is None else training.noise_seeds)
-        index = None if rows == list(range(features.batch_size)) else torch.tensor(rows, device=device)
+        identity = rows == list(range(features.batch_size))
+        mask = RunMask.prepare(features.mask if identity else features.mask[rows], dtype, device,
+                               host_mask=host_mask)
+        # every token the adapter reads lies before mask.stop: only those are moved and encoded (a training
+        # batch's captions fill ~half of the 128-token bucket, and the encoding's float32 [B, L, T, D]
+        # scores are its largest tensor, kept for its backward)
+        seeds, noise_tokens = (None, 0) if training is None else (training.noise_seeds, training.noise_tokens)
+        noise_tokens = noise_tokens or features.num_tokens  # the draws do not depend on the span
+        features = features.first_tokens(mask.stop).to(device)
+        c = self._encode(features, seeds, noise_tokens)
+        index = None if identity else torch.tensor(rows, device=device)
 
         def per_row(t: torch.Tensor) -> torch.Tensor:  # distinct rows -> the call's rows
             return t if index is None else t.index_select(0, index)
@@ -299,7 +311,6 @@ class AdapterRuntime(_Shared):
             if self.config.needs_pooled:
                 pooled = per_row(self.adapter.pooled(c, features.mask))
             orig_kv = []
-        mask = RunMask.prepare(per_row(features.mask), dtype, device, host_mask=host_mask)
         # K/V are per token: project only the attended span (training does this every step)
         c_span = mask.span(c)
         context_span = None if context is None else mask.span(context)
@@ -316,8 +327,10 @@ class AdapterRuntime(_Shared):
         return RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
                         orig_kv=orig_kv, context=None if context is None else per_row(context), pooled=pooled)
 
-    def _encode(self, features: LLMFeatures, noise_seeds: Sequence[int] | None) -> torch.Tensor:
-        """c; with noise_seeds, row i adds its Langevin noise drawn from its own seed (TrainingCall)."""
+    def _encode(self, features: LLMFeatures, noise_seeds: Sequence[int] | None,
+                noise_tokens: int | None = None) -> torch.Tensor:
+        """c; with noise_seeds (TrainingCall), row i adds its Langevin noise drawn from its own seed over
+        noise_tokens tokens (default: the features' own), cut to the features' tokens."""
         if noise_seeds is None:
             return self.adapter.encode(features)
         if len(noise_seeds) != features.batch_size:
@@ -325,11 +338,15 @@ class AdapterRuntime(_Shared):
         if self.adapter.encoder.mode != "score":  # the other encodings have no noise
             return self.adapter.encode(features)
         # each row's draws from its own seed, the encoding once for the batch (not once per row: ~40 ops per
-        # row and step, forward and backward)
-        device = features.hidden.device
-        row_shape = (1, features.hidden.shape[2], features.spec.hidden_size)
+        # row and step, forward and backward). Drawn at the full bucket and cut to the tokens encoded, so a
+        # token's noise does not depend on how far its batch's attended span reaches.
+        n, device = features.num_tokens, features.hidden.device
+        tokens = noise_tokens or n
+        if tokens < n:
+            raise ValueError(f"Langevin draws over {tokens} tokens for features of {n} tokens")
+        row_shape = (1, tokens, features.spec.hidden_size)
         eps = torch.cat([torch.randn(row_shape, generator=torch.Generator(device=device).manual_seed(seed),
-                                     device=device, dtype=torch.float32) for seed in noise_seeds])
+                                     device=device, dtype=torch.float32)[:, :n] for seed in noise_seeds])
         return self.adapter.encode(features, noise=True, eps=eps)
 
     def call_state(self, batch: FeatureBatch, rows: int, device: torch.device, dtype: torch.dtype,

@@ -74,6 +74,15 @@ class LLMFeatures:
         return LLMFeatures(self.spec, _take_rows(self.hidden, idx), _take_rows(self.scores, idx),
                            self.mask[idx.to(self.mask.device)])
 
+    def first_tokens(self, n: int) -> LLMFeatures:
+        """The first n token positions (views, no copy): an adapter reads only the attended span, so the
+        tokens after it need not be encoded at all (comfy_patch.AdapterRuntime._build_entry)."""
+        if not 1 <= n <= self.num_tokens:
+            raise ValueError(f"first_tokens({n}) of features with {self.num_tokens} tokens")
+        if n == self.num_tokens:
+            return self
+        return LLMFeatures(self.spec, self.hidden[:, :, :n], self.scores[:, :, :n], self.mask[:, :n])
+
     def reading(self, layers: list[int], scores: bool) -> LLMFeatures:
         """A view in which only `layers` of hidden (and the scores, if `scores`) hold their values: the
         rest is a broadcast (stride-0) of one slice, so select / cat / to copy and move only what an

@@ -21,7 +21,7 @@ import comfy.sample
 from comfy.ldm.modules.attention import optimized_attention
 from comfy.patcher_extension import WrappersMP
 
-from llmdiff_core.attention import RunMask, attend, effective_gates, fuse_after_out, fuse_at_core
+from llmdiff_core.attention import RunMask, attend, attended_span, effective_gates, fuse_after_out, fuse_at_core
 from llmdiff_core.comfy_patch import (FEATURES_KEY, TRAINING_KEY, WRAPPER_KEY, AdapterRuntime, TrainingCall,
                                       apply_adapter)
 from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, FeaturePart, attach_features
@@ -725,6 +725,90 @@ def test_prepared_mask_decides_on_the_host_mask_without_reading_the_device_one()
         RunMask.prepare(mask.to("meta"), torch.float32, torch.device("meta"))
     with pytest.raises(ValueError, match="does not fit"):
         RunMask.prepare(mask, torch.float32, torch.device("cpu"), host_mask=mask[:1])
+
+
+def test_a_mask_cut_to_its_attended_span_has_the_same_span() -> None:
+    """attended_span is what RunMask.prepare decides; cut to its stop (the training step expands and encodes only
+    that far), the mask gives the same span, bias and keep: nothing after stop is needed."""
+    g = torch.Generator().manual_seed(6)
+    T = 80
+    for trial in range(40):
+        B = 1 + trial % 3
+        mask = torch.rand(B, T, generator=g) < 0.3
+        last = int(torch.randint(1, T + 1, (1,), generator=g))
+        mask[:, last:] = False
+        if trial % 7 == 0:
+            mask[0] = False  # a row with nothing to attend to
+        start, stop = attended_span(mask, T)
+        want = RunMask.prepare(mask, torch.float32, torch.device("cpu"))
+        assert (want.start, want.stop) == (start, stop)
+        cut = RunMask.prepare(mask[:, :stop], torch.float32, torch.device("cpu"), host_mask=mask[:, :min(last, stop)])
+        assert (cut.start, cut.stop) == (start, stop), trial
+        for a, b in ((cut.bias, want.bias), (cut.keep, want.keep)):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), trial
+
+
+def padded_features(features: LLMFeatures, tokens: int) -> LLMFeatures:
+    """The same prompts in a wider token bucket (zero padding, masked)."""
+    b, l1, t, d = features.hidden.shape
+    hidden, scores = torch.zeros(b, l1, tokens, d), torch.zeros(b, l1 - 1, tokens, d)
+    mask = torch.zeros(b, tokens, dtype=torch.bool)
+    hidden[:, :, :t], scores[:, :, :t], mask[:, :t] = features.hidden, features.scores, features.mask
+    return LLMFeatures(features.spec, hidden, scores, mask)
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_only_the_tokens_up_to_the_attended_span_are_encoded(mode: str) -> None:
+    """Prompts of 5 and 11 tokens in an 80-token bucket attend to the span [1, 33): c, phi(c) and every K/V
+    are computed for the first 33 tokens only, with the values the whole bucket's encoding has there."""
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, mode)
+    rt = runtime_of(apply_adapter(mp, adapter))
+    features = padded_features(make_features([5, 11], seed=3), 80)
+    widths: list[int] = []
+    adapter.encoder.register_forward_pre_hook(lambda module, args, kwargs: widths.append(args[0].num_tokens),
+                                              with_kwargs=True)
+    batch = CONDLLMDiff(features).concat([])
+    with torch.no_grad():
+        entry = rt.entry_for(batch, torch.device("cpu"), torch.float32)
+        assert widths == [33] and entry.c.shape[1] == 33 and (entry.mask.start, entry.mask.stop) == (1, 33)
+        torch.testing.assert_close(entry.c, adapter.encode(features)[:, :33], rtol=1e-6, atol=1e-6)
+        noisy = rt.entry_for(batch, torch.device("cpu"), torch.float32, TrainingCall((7, 8)))
+        whole = rt._encode(features, (7, 8))  # the draws over the whole bucket
+        torch.testing.assert_close(noisy.c, whole[:, :33], rtol=1e-6, atol=1e-6)
+
+
+def test_a_training_batch_cut_short_trains_as_the_whole_bucket_with_draws_at_the_bucket(monkeypatch: Any) -> None:
+    """What the trainer does with cached features: the batch arrives only as wide as its attended span needs
+    (TrainingCall.noise_tokens = the bucket), and the step is the one on the whole bucket's features. The
+    Langevin draws must be made at the bucket and cut: on CUDA a draw of another size is another sequence
+    (the Philox launch depends on the element count), so the loss would depend on the batch's longest
+    caption. (A CPU draw keeps its prefix when the size is a multiple of 16, hence the shapes are checked.)"""
+    shapes: list[tuple[int, ...]] = []
+    randn = torch.randn
+
+    def recording_randn(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = randn(*args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+    monkeypatch.setattr(torch, "randn", recording_randn)
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")
+    m = apply_adapter(mp, adapter)
+    x, sigma, context, y = direct_inputs("sd15")
+    features = padded_features(make_features([5, 11], seed=3), 80)
+    whole = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]), TrainingCall((7, 8))).detach()
+    cut = CONDLLMDiff(features.first_tokens(40)).concat([])
+    host = features.mask[:, :12]
+    shapes.clear()
+    got = diffusion_output(m, x, sigma, context, y, cut, TrainingCall((7, 8), host, noise_tokens=80)).detach()
+    assert shapes == [(1, 80, SPEC.hidden_size)] * 2
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-5)
+    shapes.clear()
+    diffusion_output(m, x, sigma, context, y, cut, TrainingCall((7, 8), host))  # no bucket given: the batch's width
+    assert shapes == [(1, 40, SPEC.hidden_size)] * 2
+    with pytest.raises(ValueError, match="Langevin draws over 20 tokens"):
+        diffusion_output(m, x, sigma, context, y, cut, TrainingCall((7, 8), host, noise_tokens=20))
 
 
 class CountingOverride:

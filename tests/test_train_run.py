@@ -153,9 +153,11 @@ def test_resume_gives_the_uninterrupted_adapter(tmp_path: Path, frozen, monkeypa
 
 
 @pytest.mark.slow
-def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen) -> None:
+def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen, monkeypatch) -> None:
+    """The same losses; the cached batches are expanded on the device only up to their attended span's end
+    (the short captions here reach 33 of the 64-token bucket), the on-the-fly ones are cut there."""
     data = write_folder(tmp_path / "data", make_images(6))
-    common = dict(max_steps=3, caption_dropout=0.3, batch_size=2)
+    common = dict(max_steps=3, caption_dropout=0.3, batch_size=2, max_tokens=64)
     fly = options(data, tmp_path / "fly", **common)
     assert runner.run_with(fly, components(frozen)) == 0
     cache = tmp_path / "cache"
@@ -167,7 +169,16 @@ def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen) -> None:
     # training from the cache needs no LLM at all
     comps = components(frozen)
     comps.llm = None
+    widths: list[int] = []
+    expand = loop.expand_features
+
+    def recording_expand(*args: Any) -> Any:
+        out = expand(*args)
+        widths.append(out.num_tokens)
+        return out
+    monkeypatch.setattr(loop, "expand_features", recording_expand)
     assert runner.run_with(cached, comps) == 0
+    assert len(widths) == 3 and all(w < 64 for w in widths), widths
     assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "fly"), rel=1e-4, abs=1e-6)
 
 

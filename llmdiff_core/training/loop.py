@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..adapter import LLMDiffAdapter
+from ..attention import attended_span
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from . import checkpointing, device_copy, objective, previews
@@ -64,8 +65,8 @@ class TrainModule(nn.Module):
 
     def forward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
                 scores: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None,
-                encoder_seeds: list[int], layers: tuple[int, ...] | None = None,
-                num_tokens: int | None = None, host_mask: device_copy.HostOnly | None = None) -> torch.Tensor:
+                encoder_seeds: list[int], layers: tuple[int, ...] | None = None, num_tokens: int | None = None,
+                host_mask: device_copy.HostOnly | None = None, noise_tokens: int | None = None) -> torch.Tensor:
         model = self.patched.model
         ms = self.patched.get_model_object("model_sampling")
         sigma = ms.sigma(timesteps).to(latents.device, torch.float32)
@@ -77,7 +78,7 @@ class TrainModule(nn.Module):
         else:  # compact features from the cache (encoders.CompactFeatures), expanded here on the device
             features = expand_features(self.spec, hidden, scores, mask, layers, int(num_tokens or mask.shape[1]))
         to = training_options(self.patched, encoder_seeds if self.langevin_noise else None,
-                              None if host_mask is None else host_mask.tensor)
+                              None if host_mask is None else host_mask.tensor, noise_tokens)
         kwargs: dict[str, Any] = {"c_crossattn": context, "transformer_options": to, "llmdiff": feature_batch(features)}
         if y is not None:
             kwargs["y"] = y
@@ -342,10 +343,13 @@ class Trainer:
         feats = cond.features
         llm: dict[str, Any]
         if isinstance(feats, CompactFeatures):  # stored layers, stored dtype, batch-longest tokens
+            # expanded on the device only up to the attended span's end (all the adapter reads), not to
+            # the bucket; the Langevin draws stay at the bucket (noise_tokens) and are cut to match
+            width = max(attended_span(feats.mask, feats.max_tokens)[1], feats.num_tokens)
             llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask, "layers": feats.layers,
-                   "num_tokens": feats.max_tokens}
+                   "num_tokens": width, "noise_tokens": feats.max_tokens}
         else:
-            llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask}
+            llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask, "noise_tokens": feats.num_tokens}
         llm["host_mask"] = device_copy.HostOnly(feats.mask)  # the span is decided on it: no device sync
         return {"latents": self.model.process_latent_in(cond.latents), "noise": draw.noise,
                 "timesteps": draw.timesteps, **llm, "context": cond.clip, "y": self._adm(cond),
