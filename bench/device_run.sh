@@ -4,7 +4,7 @@
 #   bench/device_run.sh all   # everything, most important first, inside DEVICE_BUDGET_S seconds (default
 #                             # 540): a step that would not fit is skipped and named in the log, so one
 #                             # call of the 15-minute lease brings back the targets' numbers first
-#   bench/device_run.sh next  # what the last GPU sessions left open (docs/benchmarks.md §5d, §3i, §6)
+#   bench/device_run.sh next  # what the last GPU sessions left open (docs/benchmarks.md §5d, §3i, §3j, §6)
 # SKIP="label ..." leaves steps out (e.g. those a first call already measured); DEVICE_ARGS="--small"
 # tries the script on a CPU (PATH must then start with the pinned venv's bin).
 set -uo pipefail
@@ -50,6 +50,7 @@ run_part() {
       step training 90 train
       step workflow 60 bench workflow_memory
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
+      step encoder-span 20 bench encoder_span
       step attend-calls 40 bench attend_calls
       step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
       profiles
@@ -62,6 +63,7 @@ run_part() {
       step training-profile 140 train --no-floor --steps 12 --warmup 3 --profile 3
       step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       step training-compiled-sdxl 180 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
+      step encoder-span 20 bench encoder_span
       step attend-calls 40 bench attend_calls
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-no-copy-stream 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream

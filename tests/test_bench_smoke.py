@@ -107,6 +107,16 @@ def test_cache_reads_small(tmp_path: Path) -> None:
     assert one["MiB read"] == three["MiB read"] > 0 and finite(three["ms"]) and three["ms"] > 0
 
 
+def test_encoder_span_small(tmp_path: Path) -> None:
+    out = tmp_path / "span.json"
+    text = run_bench("encoder_span.py", "--small", "--batch", "4", "--layers", "3", "--width", "64", "--tokens", "20",
+                     "--max-tokens", "80", "--repeats", "1", "--warmup", "0", json_out=out)
+    assert "| variant" in text
+    bucket, span = section(json.loads(out.read_text()), "expand + encode + backward")
+    assert bucket["tokens encoded"] == 80 and span["tokens encoded"] == 33  # 19 attended tokens: one 32-token bucket
+    assert 0 < span["MiB saved for backward"] < bucket["MiB saved for backward"] and finite(span["ms"])
+
+
 def test_training_throughput_small(tmp_path: Path) -> None:
     out = tmp_path / "training.json"
     text = run_bench("training_throughput.py", "--small", "--models", "sd15", "--steps", "1", "--warmup", "1",
