@@ -44,7 +44,7 @@ profiles() {
 run_part() {
   case "$1" in
     all)  # the correctness checks, the four targets, then the diagnostics
-      step checks 40 checks 1,2,4,5,6,7,8,9
+      step checks 40 checks 1,2,4,5,6,7,8,9,10
       step sampling 90 bench sampling_overhead
       step encoding 40 bench score_encoding
       step training 90 train
@@ -59,7 +59,7 @@ run_part() {
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
     next)  # what sessions 4 and 5 left open (docs/benchmarks.md §5d, §3i), most needed first: the checks of the
            # untested product changes, training after §3h/§3i (eager with idle time by phase, then compiled), sampling compiled
-      step checks-training 50 checks 6,8,9
+      step checks-training 50 checks 6,8,9,10
       step training-profile 140 train --no-floor --steps 12 --warmup 3 --profile 3
       step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       step training-compiled-sdxl 180 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2

@@ -16,7 +16,10 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 7. with ComfyUI short of memory (--novram) the adapter is loaded partially like the U-Net (comfy.ops layers
    fetch their weights per call) and samples what the fully loaded one does;
 8. bf16 training with a bf16 U-Net: the U-Net outside autocast (the product) does fewer casts per step than
-   under it (CUDA autocast upcasts every norm) and gives the same losses within bf16 tolerance.
+   under it (CUDA autocast upcasts every norm) and gives the same losses within bf16 tolerance;
+9. training steps queue without a host sync, and their records read what the device computed;
+10. a training batch cut to its attended span gives the whole bucket's U-Net output (each row's noise drawn
+   over the bucket and cut: on CUDA a draw at the cut width is another sequence).
 """
 
 from __future__ import annotations
@@ -350,6 +353,42 @@ def main() -> None:
         return ok, (f"host syncs in steps 3-5: {len(where)} {sorted(set(where))[:4]}; records read what the device "
                     f"computed: {same} ({len(pairs)} steps; {'CUDA' if cuda else 'CPU: no syncs to find'})")
 
+    # 10. a training batch cut to its attended span (what the trainer feeds from the cache) trains as the bucket
+    def cut_batch_trains_as_the_bucket() -> tuple[bool, str]:
+        """The trainer encodes a cached batch only up to its attended span's end, with each row's Langevin
+        noise drawn over the whole bucket and cut (docs/benchmarks.md §3j). On CUDA a Philox draw of another
+        size is another sequence, so this is where drawing at the cut width would show: the U-Net output
+        of the cut batch must be the bucket's, and the one with draws at the cut width must not."""
+        from llmdiff_core.training.patching import feature_batch, training_options
+
+        bucket, seeds = 96, (5, 6)
+        base = models(device, torch.float32)  # fp32: the comparison is about the draws, not rounding
+        adapter = builders.build_adapter(base, spec, "clip", "fp32", bucket).float()
+        with torch.no_grad():
+            adapter.encoder.rho.fill_(0.0)  # noise scale ~1 (a fresh adapter's is ~0.03): the draws show
+        patched = apply_adapter(base, adapter)
+        features = builders.make_features(spec, [9, 17], bucket, 3)
+        mm.load_models_gpu([patched])
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(2, 4, shape.latent, shape.latent, generator=g).to(device)
+        context = clip_pos[0][0].repeat(2, 1, 1).to(device)
+        sigma = torch.full((2,), 3.0, device=device)
+
+        def output(feats: Any, host: torch.Tensor, noise_tokens: int | None) -> torch.Tensor:
+            to = training_options(patched, seeds, host, noise_tokens)
+            with torch.no_grad():
+                return patched.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to,
+                                                 llmdiff=feature_batch(feats.to(device))).float().cpu()
+        whole = output(features, features.mask, bucket)
+        cut = features.first_tokens(40)
+        same = output(cut, features.mask[:, :18], bucket)
+        short = output(cut, features.mask[:, :18], None)  # drawn at the cut width: not the bucket's noise
+        err = float((same - whole).abs().max() / whole.abs().max())
+        off = float((short - whole).abs().max() / whole.abs().max())
+        ok = err < 1e-5 and (off > 1e-4 or not cuda)
+        return ok, (f"cut to 40 of {bucket} tokens (span ends at 33), draws at the bucket: rel. difference "
+                    f"{err:.1e}; draws at the cut width: {off:.1e} ({'CUDA: must differ' if cuda else 'CPU: may agree'})")
+
     # 7. partial loading (--novram): every comfy.ops layer offloaded, weights fetched per call
     def partial_loading() -> tuple[bool, str]:
         if not cuda:
@@ -387,6 +426,8 @@ def main() -> None:
                only)
     checks.run(9, "training steps queue without host syncs, their records read the device's values",
                training_without_syncs, only)
+    checks.run(10, "a training batch cut to its attended span trains as the whole bucket (noise drawn there)",
+               cut_batch_trains_as_the_bucket, only)
 
     report = common.Report("GPU correctness checks", common.env_header(device, opts.root))
     report.table("checks", ["#", "check", "result", "detail"], checks.rows)

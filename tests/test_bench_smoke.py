@@ -164,7 +164,7 @@ def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "checks.json"
     run_bench("gpu_checks.py", "--device", "cpu", json_out=out)
     rows = section(json.loads(out.read_text()), "checks")
-    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert all(r["result"] == "pass" for r in rows), rows
 
 
@@ -206,7 +206,7 @@ def test_profile_sampling_small() -> None:
 
 
 @pytest.mark.parametrize("script", ["sampling_overhead.py", "score_encoding.py", "training_throughput.py",
-                                    "workflow_memory.py", "profile_sampling.py", "gpu_checks.py"])
+                                    "workflow_memory.py", "profile_sampling.py", "gpu_checks.py", "encoder_span.py"])
 def test_help(script: str) -> None:
     assert "--comfyui-root" in run_bench(script, "--help", timeout=60)
 
