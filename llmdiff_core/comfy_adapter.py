@@ -12,10 +12,10 @@ import comfy.ops
 
 from .adapter import LLMDiffAdapter
 from .adapter_file import load_adapter
+from .dtypes import DTYPES
 from .errors import LLMDiffError
 
 ADAPTER_DTYPES = ("auto", "fp16", "bf16", "fp32")
-_NAMED = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def inference_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -23,9 +23,9 @@ def inference_dtype(name: str, device: torch.device | None = None) -> torch.dtyp
     where it would use bf16, else float32 (CPU). fp16 is preferred over bf16 for the projections: their
     inputs are layer-normed, so fp16's extra mantissa bits cost no range."""
     if name != "auto":
-        if name not in _NAMED:
+        if name not in DTYPES:
             raise LLMDiffError(f"unknown adapter dtype '{name}': use one of {', '.join(ADAPTER_DTYPES)}")
-        return _NAMED[name]
+        return DTYPES[name]
     device = device if device is not None else mm.get_torch_device()
     if mm.should_use_fp16(device):
         return torch.float16

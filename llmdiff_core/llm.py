@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dtypes import DTYPES
 from .errors import LLMDiffError
 from .features import LLMSpec
 
@@ -22,7 +23,6 @@ CONFIG_FILE = "config.json"
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Any of these makes a loadable tokenizer (fast JSON, sentencepiece, GPT-2 style BPE, WordPiece, Mistral tekken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tekken.json")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHARD_INDEX = "model.safetensors.index.json"
 
 log = logging.getLogger("llmdiff")

@@ -32,6 +32,7 @@ import safetensors.torch
 import torch
 
 from ..config import AdapterConfig
+from ..dtypes import DTYPES
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
@@ -41,7 +42,6 @@ from .stored_tensor import StoredTensor, read_all, stored_tensors
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
 CACHED_KINDS = ("latent", "hidden", "scores", "mask", "clip", "pooled")  # what a cache record may hold
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:

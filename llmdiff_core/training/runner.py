@@ -18,6 +18,7 @@ import torch
 from .. import __version__
 from ..adapter import LLMDiffAdapter
 from ..config import AdapterConfig
+from ..dtypes import DTYPES
 from ..errors import LLMDiffError
 from ..unet_sites import base_family, find_sites
 from . import checkpointing, feature_cache, previews
@@ -30,7 +31,6 @@ from .patching import compile_unet, enable_gradient_checkpointing, patch_for_tra
 from .tracking import Tracker
 
 log = logging.getLogger("llmdiff.train")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -70,7 +70,7 @@ def make_accelerator(opts: TrainOptions) -> Any:
 def unet_dtype(opts: TrainOptions, mixed_precision: str) -> torch.dtype:
     if opts.unet_dtype != "auto":
         return DTYPES[opts.unet_dtype]
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    return DTYPES.get(mixed_precision, torch.float32)  # "no": float32
 
 
 def load_components(opts: TrainOptions, accelerator: Any) -> Components:
