@@ -74,7 +74,9 @@ run_part() {
       step checks-compile 60 checks 3
       step sampling 110 bench sampling_overhead
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
-      step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops ;;
+      step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops
+      # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against training-compiled-sd15
+      step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10 ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }
