@@ -84,11 +84,11 @@ def test_score_encoding_small(tmp_path: Path) -> None:
 
 def test_attend_calls_small(tmp_path: Path) -> None:
     out = tmp_path / "attend.json"
-    text = run_bench("attend_calls.py", "--small", "--models", "sd15", "--variants", "product,bmm,unmasked",
+    text = run_bench("attend_calls.py", "--small", "--models", "sd15", "--variants", "product,bmm,keychannel,unmasked",
                      "--calls", "1", "--repeats", "1", "--warmup", "0", json_out=out)
     assert "| variant" in text
     rows = section(json.loads(out.read_text()), "µs per call")
-    assert {r["variant"] for r in rows} == {"product", "bmm", "unmasked"} and len(rows) == 3 * 4  # 4 site shapes
+    assert {r["variant"] for r in rows} == {"product", "bmm", "keychannel", "unmasked"} and len(rows) == 4 * 4  # 4 shapes
     for r in rows:
         assert finite(r["µs/call"]) and r["µs/call"] > 0
         error = float(r["rel. error vs product"])
