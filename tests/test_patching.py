@@ -811,6 +811,38 @@ def test_a_training_batch_cut_short_trains_as_the_whole_bucket_with_draws_at_the
         diffusion_output(m, x, sigma, context, y, cut, TrainingCall((7, 8), host, noise_tokens=20))
 
 
+def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets() -> None:
+    """Training batches attend to spans of 32, 64, 96 or 127 keys (SPAN_BUCKET in a 128-token bucket) and their
+    c is encoded only that far: the compiled U-Net (ComfyUI's torch.compile wrapper, what --compile-unet sets;
+    aot_eager traces forward and backward) traces a static graph, then one with the key length dynamic, and no
+    more: no recompilation per batch and no graph break, whatever the captions' lengths."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")
+    m = apply_adapter(mp, adapter)
+    set_torch_compile_wrapper(m, backend="aot_eager")
+    x, sigma, context, y = direct_inputs("sd15")
+    g = torch.Generator().manual_seed(11)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for step, lengths in enumerate([[10, 20], [40, 50], [70, 90], [120, 5], [10, 20], [60, 30]]):
+            mask = torch.zeros(2, 128, dtype=torch.bool)
+            for row, n in enumerate(lengths):
+                mask[row, 1:1 + n] = True
+            features = LLMFeatures(SPEC, torch.randn(2, SPEC.num_layers + 1, 128, SPEC.hidden_size, generator=g),
+                                   torch.randn(2, SPEC.num_layers, 128, SPEC.hidden_size, generator=g), mask)
+            batch = CONDLLMDiff(features).concat([])
+            out = diffusion_output(m, x, sigma, context, y, batch, TrainingCall((step, 99), mask, 128))
+            out.square().mean().backward()
+        assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+
+
 class CountingOverride:
     """Another pack's optimized_attention_override: passes through, counts calls."""
 
