@@ -757,11 +757,12 @@ def padded_features(features: LLMFeatures, tokens: int) -> LLMFeatures:
     return LLMFeatures(features.spec, hidden, scores, mask)
 
 
-@pytest.mark.parametrize("mode", ["clip", "llm"])
-def test_only_the_tokens_up_to_the_attended_span_are_encoded(mode: str) -> None:
+@pytest.mark.parametrize("family, mode", [("minimal", "clip"), ("minimal", "llm"), ("sdxl", "llm")])
+def test_only_the_tokens_up_to_the_attended_span_are_encoded(family: str, mode: str) -> None:
     """Prompts of 5 and 11 tokens in an 80-token bucket attend to the span [1, 33): c, phi(c) and every K/V
-    are computed for the first 33 tokens only, with the values the whole bucket's encoding has there."""
-    mp = tiny_sd15_minimal()
+    are computed for the first 33 tokens only, with the values the whole bucket's encoding has there (and
+    SDXL paper mode's pooled vector, the mean of c over the attended tokens, is the same)."""
+    mp = UNETS[family][0]()
     adapter = adapter_for(mp, mode)
     rt = runtime_of(apply_adapter(mp, adapter))
     features = padded_features(make_features([5, 11], seed=3), 80)
@@ -773,6 +774,10 @@ def test_only_the_tokens_up_to_the_attended_span_are_encoded(mode: str) -> None:
         entry = rt.entry_for(batch, torch.device("cpu"), torch.float32)
         assert widths == [33] and entry.c.shape[1] == 33 and (entry.mask.start, entry.mask.stop) == (1, 33)
         torch.testing.assert_close(entry.c, adapter.encode(features)[:, :33], rtol=1e-6, atol=1e-6)
+        assert (entry.pooled is not None) == (family == "sdxl")
+        if entry.pooled is not None:
+            torch.testing.assert_close(entry.pooled, adapter.pooled(adapter.encode(features), features.mask),
+                                       rtol=1e-6, atol=1e-6)
         noisy = rt.entry_for(batch, torch.device("cpu"), torch.float32, TrainingCall((7, 8)))
         whole = rt._encode(features, (7, 8))  # the draws over the whole bucket
         torch.testing.assert_close(noisy.c, whole[:, :33], rtol=1e-6, atol=1e-6)
