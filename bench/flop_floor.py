@@ -20,7 +20,7 @@ path ran.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -234,6 +234,9 @@ class TrainFlops:
     rows: int
     forward: float  # one training forward, all rows: c, every site's K/V, the patched U-Net
     backward: float  # its backward: activation gradients through the frozen U-Net + the adapter's gradients
+    forward_bytes: float = float("nan")  # memory traffic of the forward, op by op (traffic.ByteCounter: eager,
+    backward_bytes: float = float("nan")  # no fusion across ops; attention as the fused efficient kernels)
+    traffic: list[Any] = field(default_factory=list)  # the two traffic.ByteCounter (kernel_bound, by_op)
 
 
 def real_shape_training(family: str, modes: list[str], spec: Any, bucket: int, caption_tokens: int,
@@ -241,7 +244,11 @@ def real_shape_training(family: str, modes: list[str], spec: Any, bucket: int, c
     """FLOPs of one training step's forward and backward at the real shapes, counted on the product code
     path on the meta device: apply_adapter's wrapper with a TrainingCall (gates as tensors, nothing
     cached), the frozen U-Net in bf16 (requires_grad off, as training/runner.py sets it), the adapter
-    trainable. The loss is a mean square of the U-Net output (the objective's own cost is negligible)."""
+    trainable. The loss is a mean square of the U-Net output (the objective's own cost is negligible).
+    Attention runs as the memory-efficient SDPA kernels (traffic.fused_sdpa: the same FLOPs as the meta
+    device's decomposition), and the bytes each op moves are counted alongside (traffic.ByteCounter)."""
+    import traffic
+
     from llmdiff_core.comfy_patch import TRAINING_KEY, TrainingCall
 
     dt = torch.bfloat16
@@ -252,11 +259,11 @@ def real_shape_training(family: str, modes: list[str], spec: Any, bucket: int, c
     for mode in modes:
         adapter, _, options, wrapper = m.patched(spec, mode, bucket, dt, {TRAINING_KEY: TrainingCall(None)})
         adapter.train()
-        with _host_values(adapter, mask, (1.0, 0.5), {}):
-            with common.flop_counter() as forward:
+        with _host_values(adapter, mask, (1.0, 0.5), {}), traffic.fused_sdpa():
+            with common.flop_counter() as forward, traffic.ByteCounter() as forward_bytes:
                 loss = m.call(wrapper, options, _meta_features(spec, mask)).float().square().mean()
-            with common.flop_counter() as backward:
+            with common.flop_counter() as backward, traffic.ByteCounter() as backward_bytes:
                 loss.backward()
-        out.append(TrainFlops(family, mode, rows, float(forward.get_total_flops()),
-                              float(backward.get_total_flops())))
+        out.append(TrainFlops(family, mode, rows, float(forward.get_total_flops()), float(backward.get_total_flops()),
+                              forward_bytes.total, backward_bytes.total, [forward_bytes, backward_bytes]))
     return out

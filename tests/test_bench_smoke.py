@@ -264,3 +264,47 @@ def test_device_gaps_follow_a_step_into_the_next_steps_host_window() -> None:
     assert by["forward"].idle_host_bound_ms == pytest.approx(1 + 2)  # 0..1 and 60..62 (launched at 0.5, 61)
     assert by[dg.END_OF_STEP].idle_host_bound_ms == pytest.approx(5)  # 55..60: the host between the steps
     assert by[dg.OTHER].host_ms == pytest.approx(90 - 35)
+
+
+def test_byte_counter_counts_what_each_op_reads_and_writes() -> None:
+    """bench/traffic.py on meta tensors: an op moves its inputs and outputs once, an in-place op reads and
+    writes its tensor, views and allocations move nothing, a broadcast dimension is read once; attention
+    under fused_sdpa is the efficient kernel (inputs, output, logsumexp), not the full score matrix."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import traffic
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+    import torch.nn.functional as F
+
+    a = torch.empty(1000, device="meta")  # 4000 bytes
+    with traffic.ByteCounter() as bc:
+        b = a * 2  # read a, write b
+    assert bc.total == 8000 and set(bc.by_op) == {"mul"}
+    with traffic.ByteCounter() as bc:
+        a.add_(1.0)  # read and write a
+        a.view(10, 100).t()  # views: nothing
+        torch.empty(5000, device="meta")
+    assert bc.total == 8000
+    with traffic.ByteCounter() as bc:
+        b.expand(10, 1000) + torch.empty(10, 1000, device="meta")  # 4000 + 40000 read, 40000 written
+    assert bc.total == 84000
+    with traffic.ByteCounter() as bc:  # the per-kernel roofline: each call as slow as its math or its memory
+        a * 2  # 0 FLOPs, 8000 bytes: memory-bound
+        torch.empty(64, 32, device="meta") @ torch.empty(32, 16, device="meta")  # 65536 FLOPs, 14336 bytes
+    assert bc.kernel_bound(1e6, 1e6) == pytest.approx((8000e-6 + 65536e-6, 8000e-6))
+    q = torch.empty(2, 4, 64, 8, device="meta", dtype=torch.float16, requires_grad=True)
+    k, v = (torch.empty(2, 4, 16, 8, device="meta", dtype=torch.float16, requires_grad=True) for _ in range(2))
+    bias = torch.zeros(2, 1, 1, 16, device="meta", dtype=torch.float16)
+    with traffic.fused_sdpa(), traffic.ByteCounter() as bc:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert out.shape == q.shape and out.requires_grad
+    assert set(bc.by_op) == {"_scaled_dot_product_efficient_attention"}
+    # q 8192 + k, v 2048 each + the bias broadcast over heads and queries 64 + out 8192 + logsumexp (fp32) 2048
+    # + the two philox scalars 16; the [2, 4, 64, 16] score matrix (16384 bytes) is never written
+    assert bc.total == 8192 + 2 * 2048 + 64 + 8192 + 2048 + 16
+    with traffic.fused_sdpa(), traffic.ByteCounter() as bc:
+        out.sum().backward()
+    assert "_scaled_dot_product_efficient_attention_backward" in bc.by_op and "bmm" not in bc.by_op
+    assert F.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"  # restored
