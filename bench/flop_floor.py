@@ -47,6 +47,10 @@ class StepFlops:
     once: float  # step 1 - step 2 (the per-run entry), all rows
     core_fusions: int  # per step: sites fused at the attention core (no second output projection)
     out_fusions: int  # per step: sites fused after to_out (a second output projection each)
+    unet_bytes: float = float("nan")  # memory traffic of the unpatched call, op by op (traffic.ByteCounter)
+    extra_bytes: float = float("nan")  # patched step 2 - unpatched
+    unet_kernel_s: float = float("nan")  # per-kernel roofline of the unpatched call at the H100's peaks
+    extra_kernel_s: float = float("nan")  # patched step 2 - unpatched
 
 
 def feature_mask(lengths: list[int], tokens: int) -> torch.Tensor:
@@ -65,10 +69,19 @@ def _is_attention(op: str) -> bool:
     return "bmm" in op or "attention" in op
 
 
-def _counted(fn: Any) -> tuple[float, float]:
-    """(total FLOPs, attention FLOPs) of fn()."""
-    with torch.no_grad(), common.flop_counter() as fc:
+H100_BF16_FLOPS, H100_HBM_BYTES = 989e12, 3.35e12  # dense bf16 (= fp16) tensor-core peak, HBM3 bandwidth
+
+
+def _counted(fn: Any, traffic_out: list[Any] | None = None) -> tuple[float, float]:
+    """(total FLOPs, attention FLOPs) of fn(); with traffic_out, its traffic.ByteCounter is appended there.
+    Attention runs as the fused efficient kernel (traffic.fused_sdpa: the same forward FLOPs as the meta
+    device's bmm decomposition, and the bytes a GPU kernel moves)."""
+    import traffic
+
+    with torch.no_grad(), traffic.fused_sdpa(), common.flop_counter() as fc, traffic.ByteCounter() as bc:
         fn()
+    if traffic_out is not None:
+        traffic_out.append(bc)
     by_op = {str(k): float(v) for k, v in fc.get_flop_counts().get("Global", {}).items()}
     return float(fc.get_total_flops()), sum(v for k, v in by_op.items() if _is_attention(k))
 
@@ -197,7 +210,9 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
     rows = len(cases[0][1])
     m = _MetaModel.build(family, dt, rows)
     unet = m.mp.model.diffusion_model
-    base, base_attn = _counted(lambda: unet(m.x, m.ts, m.clip, m.y, transformer_options={}))
+    base_traffic: list[Any] = []
+    base, base_attn = _counted(lambda: unet(m.x, m.ts, m.clip, m.y, transformer_options={}), base_traffic)
+    base_bytes, (base_s, _) = base_traffic[0].total, base_traffic[0].kernel_bound(H100_BF16_FLOPS, H100_HBM_BYTES)
 
     out: list[StepFlops] = []
     for mode in modes:
@@ -215,13 +230,17 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
                 try:
                     first, _ = _counted(lambda: m.call(wrapper, options, batch))
                     calls.clear()
-                    second, second_attn = _counted(lambda: m.call(wrapper, options, batch))
+                    second_traffic: list[Any] = []
+                    second, second_attn = _counted(lambda: m.call(wrapper, options, batch), second_traffic)
                     span = runtime._entries[0].mask.stop - runtime._entries[0].mask.start
                 finally:
                     runtime.end_run()
+            step = second_traffic[0]
             out.append(StepFlops(family, mode, label, span, len(m.sites), rows, base, base_attn,
                                  second - base, second_attn - base_attn, first - second,
-                                 calls.get("fuse_at_core", 0), calls.get("fuse_after_out", 0)))
+                                 calls.get("fuse_at_core", 0), calls.get("fuse_after_out", 0), base_bytes,
+                                 step.total - base_bytes, base_s,
+                                 step.kernel_bound(H100_BF16_FLOPS, H100_HBM_BYTES)[0] - base_s))
     return out
 
 

@@ -209,6 +209,7 @@ def main() -> None:
         n, p_len = opts.floor_tokens, opts.floor_prompt_tokens
         cases = [(f"{n} + {n}", [n, n]), (f"{p_len} + empty", [p_len, 0])]
         bucket = max(opts.tokens, n + 1, p_len + 1)  # the BOS is never attended (except by an empty prompt)
+        roofline_rows: list[list[Any]] = []
         for family in models:
             for r in flop_floor.real_shape_steps(family, modes, builders.llm_spec("8b"), cases, bucket):
                 no_attn = r.unet - r.unet_attn
@@ -219,6 +220,10 @@ def main() -> None:
                                   100 * flop_floor.ISSUE_TARGET[r.family],
                                   r.core_fusions if r.mode == "clip" else "n/a", r.out_fusions,
                                   r.once / r.rows / 1e9])
+                roofline_rows.append([r.family, MODE_NAMES[r.mode], r.prompt, r.unet_bytes / r.rows / 1e9,
+                                      r.extra_bytes / r.rows / 1e9, 1e3 * r.unet_kernel_s / r.rows,
+                                      1e3 * r.extra_kernel_s / r.rows, 100 * r.extra_kernel_s / r.unet_kernel_s,
+                                      100 * r.extra / r.unet, 100 * flop_floor.ISSUE_TARGET[r.family]])
         report.table(f"FLOP floor at the real shapes: the patched U-Net's forward per step (meta device: shapes "
                      f"only; Llama-3-8B features, fp16, {bucket}-token bucket, per U-Net row)",
                      ["model", "px", "adapter", "prompt (pos + neg tokens)", "attended span", "sites",
@@ -227,6 +232,10 @@ def main() -> None:
                       "issue floor %", "issue target %", "fused at core/step", "2nd to_out projections/step",
                       "once-per-run GFLOP/sample"],
                      flop_rows)
+        report.table("eager roofline of the same step (bench/traffic.py: bytes each op reads and writes; per U-Net "
+                     "row, sum over kernels of max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s))",
+                     ["model", "adapter", "prompt (pos + neg tokens)", "U-Net GB", "extra GB", "U-Net roofline ms",
+                      "extra roofline ms", "extra % (roofline)", "extra % (FLOPs)", "issue target %"], roofline_rows)
     report.notes += [
         "overhead % = adapter ms/step / unpatched ms/step - 1; noise = the larger relative half-IQR of the two.",
         "measured / FLOP = overhead % / FLOP overhead %: the issue's target is within about 1.25 of the floor.",
