@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
+H100_FLOPS = 989e12  # H100 SXM dense bf16 (= fp16) tensor-core peak, FLOP/s (NVIDIA datasheet): the card
+H100_BYTES = 3.35e12  # H100 SXM HBM3 bandwidth, bytes/s (NVIDIA datasheet)
 
 
 # --- ComfyUI setup ------------------------------------------------------------------------------

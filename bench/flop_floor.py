@@ -20,7 +20,7 @@ path ran.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -49,7 +49,7 @@ class StepFlops:
     out_fusions: int  # per step: sites fused after to_out (a second output projection each)
     unet_bytes: float = float("nan")  # memory traffic of the unpatched call, op by op (traffic.ByteCounter)
     extra_bytes: float = float("nan")  # patched step 2 - unpatched
-    unet_kernel_s: float = float("nan")  # per-kernel roofline of the unpatched call at the H100's peaks
+    unet_kernel_s: float = float("nan")  # per-kernel roofline of the unpatched call (traffic.kernel_bound: H100)
     extra_kernel_s: float = float("nan")  # patched step 2 - unpatched
 
 
@@ -67,9 +67,6 @@ def feature_mask(lengths: list[int], tokens: int) -> torch.Tensor:
 
 def _is_attention(op: str) -> bool:
     return "bmm" in op or "attention" in op
-
-
-H100_BF16_FLOPS, H100_HBM_BYTES = 989e12, 3.35e12  # dense bf16 (= fp16) tensor-core peak, HBM3 bandwidth
 
 
 def _counted(fn: Any, traffic_out: list[Any] | None = None) -> tuple[float, float]:
@@ -212,7 +209,7 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
     unet = m.mp.model.diffusion_model
     base_traffic: list[Any] = []
     base, base_attn = _counted(lambda: unet(m.x, m.ts, m.clip, m.y, transformer_options={}), base_traffic)
-    base_bytes, (base_s, _) = base_traffic[0].total, base_traffic[0].kernel_bound(H100_BF16_FLOPS, H100_HBM_BYTES)
+    base_bytes, (base_s, _) = base_traffic[0].total, base_traffic[0].kernel_bound()
 
     out: list[StepFlops] = []
     for mode in modes:
@@ -240,7 +237,7 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
                                  second - base, second_attn - base_attn, first - second,
                                  calls.get("fuse_at_core", 0), calls.get("fuse_after_out", 0), base_bytes,
                                  step.total - base_bytes, base_s,
-                                 step.kernel_bound(H100_BF16_FLOPS, H100_HBM_BYTES)[0] - base_s))
+                                 step.kernel_bound()[0] - base_s))
     return out
 
 
@@ -253,9 +250,8 @@ class TrainFlops:
     rows: int
     forward: float  # one training forward, all rows: c, every site's K/V, the patched U-Net
     backward: float  # its backward: activation gradients through the frozen U-Net + the adapter's gradients
-    forward_bytes: float = float("nan")  # memory traffic of the forward, op by op (traffic.ByteCounter: eager,
-    backward_bytes: float = float("nan")  # no fusion across ops; attention as the fused efficient kernels)
-    traffic: list[Any] = field(default_factory=list)  # the two traffic.ByteCounter (kernel_bound, by_op)
+    traffic: tuple[Any, ...] = ()  # traffic.ByteCounter of the forward and of the backward (eager: one kernel
+    # per op, no fusion; attention as the fused efficient kernels)
 
 
 def real_shape_training(family: str, modes: list[str], spec: Any, bucket: int, caption_tokens: int,
@@ -284,5 +280,5 @@ def real_shape_training(family: str, modes: list[str], spec: Any, bucket: int, c
             with common.flop_counter() as backward, traffic.ByteCounter() as backward_bytes:
                 loss.backward()
         out.append(TrainFlops(family, mode, rows, float(forward.get_total_flops()), float(backward.get_total_flops()),
-                              forward_bytes.total, backward_bytes.total, [forward_bytes, backward_bytes]))
+                              (forward_bytes, backward_bytes)))
     return out

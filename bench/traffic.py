@@ -22,6 +22,7 @@ from collections import defaultdict
 from typing import Any, Iterator
 
 import torch
+from common import H100_BYTES, H100_FLOPS
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_leaves
@@ -53,7 +54,7 @@ class ByteCounter(TorchDispatchMode):
     def total(self) -> float:
         return float(sum(self.by_op.values()))
 
-    def kernel_bound(self, flops_per_s: float, bytes_per_s: float) -> tuple[float, float]:
+    def kernel_bound(self, flops_per_s: float = H100_FLOPS, bytes_per_s: float = H100_BYTES) -> tuple[float, float]:
         """(seconds at least, of which memory-bound kernels): every call one kernel, as long as the slower of its
         math and its memory traffic. The memory-bound part is what fusing kernels can cut."""
         times = [(f / flops_per_s, b / bytes_per_s) for f, b in self.calls]

@@ -22,6 +22,7 @@ Targets (issue 5, one H100): >= 200 img/s SD1.5 512 px, >= 28 img/s SDXL 1024 px
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import shutil
@@ -34,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 TARGET = {"sd15": 200.0, "sdxl": 28.0}
-H100_DENSE_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet)
-H100_HBM_TBPS = 3.35  # H100 SXM HBM3 bandwidth, TB/s (NVIDIA datasheet)
+H100_DENSE_BF16_TFLOPS = common.H100_FLOPS / 1e12
 ISSUE_REF = {"sd15": "103 img/s, 18.4 GiB (batch 16)", "sdxl": "14.3 img/s, 38.7 GiB (batch 4)"}
 
 
@@ -424,18 +424,16 @@ def floor_table(report: Any, opts: Any) -> dict[str, float]:
             ref = ref_img_s[family] * (fwd + bwd)
             rows.append([family, builders.unet_shape(family, False).pixels, r.mode, fwd, bwd, bwd / fwd, fwd + bwd,
                          TARGET[family], need, 100 * need / peak, ref_img_s[family], ref, 100 * ref / peak])
-            gb = (r.forward_bytes + r.backward_bytes) / r.rows / 1e9
-            flop_ms, byte_ms = 1e3 * (fwd + bwd) / peak, gb / H100_HBM_TBPS  # per image (TB/s = GB/ms)
-            bounds = [t.kernel_bound(peak * 1e12, H100_HBM_TBPS * 1e12) for t in r.traffic]
-            kernel_ms, memory_ms = (1e3 * sum(b[i] for b in bounds) / r.rows for i in (0, 1))
-            top = sorted(((op, b) for t in r.traffic for op, b in t.by_op.items()), key=lambda x: -x[1])
-            shares: dict[str, float] = {}
-            for op, b in top:
-                shares[op] = shares.get(op, 0.0) + b
-            biggest = sorted(shares.items(), key=lambda x: -x[1])[:4]
-            roofline.append([family, r.mode, gb, r.backward_bytes / r.forward_bytes, flop_ms, byte_ms, kernel_ms,
-                             memory_ms, 1e3 / kernel_ms, 1e3 / flop_ms, TARGET[family],
-                             ", ".join(f"{op} {100 * b / (gb * 1e9 * r.rows):.0f} %" for op, b in biggest)])
+            forward_bytes, backward_bytes = (t.total for t in r.traffic)
+            moved = forward_bytes + backward_bytes
+            flop_ms, byte_ms = 1e3 * (fwd + bwd) / peak, 1e3 * moved / r.rows / common.H100_BYTES  # per image
+            kernel_ms, memory_ms = (1e3 * sum(t.kernel_bound()[i] for t in r.traffic) / r.rows for i in (0, 1))
+            by_op: collections.Counter[str] = collections.Counter()
+            for t in r.traffic:
+                by_op.update(t.by_op)
+            roofline.append([family, r.mode, moved / r.rows / 1e9, backward_bytes / forward_bytes, flop_ms, byte_ms,
+                             kernel_ms, memory_ms, 1e3 / kernel_ms, 1e3 / flop_ms, TARGET[family],
+                             ", ".join(f"{op} {100 * b / moved:.0f} %" for op, b in by_op.most_common(4))])
     report.table("training FLOPs per image at the real shapes (meta device, product code path, Llama-3-8B features, "
                  f"{opts.caption_words}-token captions, bf16)",
                  ["model", "px", "adapter", "forward TFLOP", "backward TFLOP", "backward / forward", "step TFLOP",
@@ -446,7 +444,7 @@ def floor_table(report: Any, opts: Any) -> dict[str, float]:
                         "step); the adapter's own gradients are small.")
     report.table("eager roofline per image (the same meta step: bytes each op reads and writes, bench/traffic.py)",
                  ["model", "adapter", "GB moved (eager, unfused)", "backward / forward bytes",
-                  "ms at bf16 peak (all FLOPs)", f"ms at {H100_HBM_TBPS} TB/s (all bytes)",
+                  "ms at bf16 peak (all FLOPs)", f"ms at {common.H100_BYTES / 1e12} TB/s (all bytes)",
                   "per-kernel roofline ms", "of which memory-bound kernels ms", "bound img/s (eager)",
                   "bound img/s (FLOPs only)", "target img/s", "most bytes"], roofline)
     report.notes.append("An eager step runs one kernel per op: its traffic is every op's inputs and outputs (attention "
