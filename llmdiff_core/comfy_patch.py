@@ -282,20 +282,18 @@ class AdapterRuntime(_Shared):
             features, rows = batch.distinct(self.config.features_read())
         else:
             features, rows = batch.materialize(), list(range(batch.num_rows))
-        # the key mask on the host, where RunMask decides the span (no device sync; training passes its own)
-        host_mask = training.host_mask if training is not None else None
-        if host_mask is None and features.mask.device.type == "cpu":
-            host_mask = features.mask[rows]
+        # RunMask decides the span on the host: on the features' mask while it is still there (sampling), on
+        # the batch's host mask in training, whose features are already on the device (no sync per step)
         identity = rows == list(range(features.batch_size))
         mask = RunMask.prepare(features.mask if identity else features.mask[rows], dtype, device,
-                               host_mask=host_mask)
+                               host_mask=None if training is None else training.host_mask)
         # every token the adapter reads lies before mask.stop: only those are moved and encoded (a training
         # batch's captions fill ~half of the 128-token bucket, and the encoding's float32 [B, L, T, D]
-        # scores are its largest tensor, kept for its backward)
-        seeds, noise_tokens = (None, 0) if training is None else (training.noise_seeds, training.noise_tokens)
-        noise_tokens = noise_tokens or features.num_tokens  # the draws do not depend on the span
+        # scores are its largest tensor, kept for its backward). The noise is drawn over the tokens the call
+        # was given, or the trainer's bucket, so it does not depend on the span.
+        noise_tokens = (training.noise_tokens if training is not None else None) or features.num_tokens
         features = features.first_tokens(mask.stop).to(device)
-        c = self._encode(features, seeds, noise_tokens)
+        c = self._encode(features, None if training is None else training.noise_seeds, noise_tokens)
         index = None if identity else torch.tensor(rows, device=device)
 
         def per_row(t: torch.Tensor) -> torch.Tensor:  # distinct rows -> the call's rows

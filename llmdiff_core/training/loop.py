@@ -349,7 +349,7 @@ class Trainer:
             llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask, "layers": feats.layers,
                    "num_tokens": width, "noise_tokens": feats.max_tokens}
         else:
-            llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask, "noise_tokens": feats.num_tokens}
+            llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask}  # (noise: at their bucket)
         llm["host_mask"] = device_copy.HostOnly(feats.mask)  # the span is decided on it: no device sync
         return {"latents": self.model.process_latent_in(cond.latents), "noise": draw.noise,
                 "timesteps": draw.timesteps, **llm, "context": cond.clip, "y": self._adm(cond),
