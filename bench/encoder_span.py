@@ -34,13 +34,6 @@ def parse() -> Any:
     return opts
 
 
-class _Fields:
-    """The AdapterConfig fields ScoreEncoder reads."""
-
-    def __init__(self, llm: Any) -> None:
-        self.llm, self.encoding, self.c0, self.gate_init, self.rho_init = llm, "score", "embeddings", 1.0, -9.0
-
-
 def main() -> None:
     opts = parse()
     device = common.setup_comfy(opts)
@@ -48,11 +41,13 @@ def main() -> None:
 
     from llmdiff_core.adapter import ScoreEncoder
     from llmdiff_core.attention import attended_span
+    from llmdiff_core.config import AdapterConfig, SiteSpec
     from llmdiff_core.features import LLMSpec
     from llmdiff_core.training.encoders import expand_features
 
     spec = LLMSpec("llama", "bench", opts.width, opts.layers)
-    encoder = ScoreEncoder(_Fields(spec)).to(device)  # type: ignore[arg-type]
+    site = SiteSpec(("input", 1), 0, 0, 320, 8, 40, 768)  # the encoder reads no site: any one will do
+    encoder = ScoreEncoder(AdapterConfig(base="sd15", sites=[site], llm=spec)).to(device)
     B, n, T = opts.batch, opts.tokens, opts.max_tokens
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(B, 1, n, opts.width, generator=g).bfloat16().to(device)

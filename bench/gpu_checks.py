@@ -283,13 +283,13 @@ def main() -> None:
         product_rule, original_step = comfy_patch.unet_autocast_off, loop.Trainer.train_step
         current = [""]
 
-        def counted(self: Any) -> float:  # the casts (aten::_to_copy, forward and backward) of step 2
+        def counted(self: Any) -> Any:  # the casts (aten::_to_copy, forward and backward) of step 2
             if self.state.step != 1:
                 return original_step(self)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                loss = original_step(self)
+                record = original_step(self)
             casts[current[0]] = sum(1 for e in prof.events() if e.name == "aten::_to_copy")
-            return loss
+            return record
 
         def choose(name: str) -> None:
             current[0] = name

@@ -40,10 +40,10 @@ def main() -> None:
     import torch
 
     import builders
+    from llmdiff_core.dtypes import DTYPES
     from llmdiff_core.encoding import encode, tokenize
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        opts.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[opts.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     report = common.Report("Score encoding vs plain LLM forward", common.env_header(
         device, opts.root, dtype=str(dtype).replace("torch.", ""), tokens=opts.tokens, batch=opts.batch,
         repeats=opts.repeats, warmup=opts.warmup))

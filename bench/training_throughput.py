@@ -149,6 +149,7 @@ def main() -> None:
     import builders
     from device_gaps import PHASE_PREFIX, STEP_PHASE
     import comfy.model_management as mm
+    from llmdiff_core.dtypes import DTYPES
     from llmdiff_core.training import device_copy, feature_cache, loop, runner
     from llmdiff_core.training.options import TrainOptions
 
@@ -240,7 +241,7 @@ def main() -> None:
                 torch._dynamo.reset()  # dynamic shapes (minutes of sympy for SDXL, bench/sampling_overhead.py)
             res = opts.resolution or (64 if opts.small else (512 if family == "sd15" else 1024))
             bsz = opts.batch_of[family]
-            unet_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+            unet_dtype = DTYPES.get(precision, torch.float32)  # what the trainer's unet_dtype auto picks
             mp = builders.build_unet(family, opts.small, unet_dtype, device, offload_device=mm.unet_offload_device())
             tag = f"{family}-{res}-n{opts.samples}-w{opts.caption_words}"
             data, cache = work / f"data-{tag}", work / f"cache-{tag}-{opts.mode}-{opts.llm}"
