@@ -141,6 +141,11 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
                           "--no-prefetch", "--channels-last"]).compile_unet == "inductor"
     assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c"]).cudnn_benchmark
     assert not parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--no-cudnn-benchmark"]).cudnn_benchmark
+    assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--sdpa-backends",
+                          "flash, Efficient"]).sdpa_backends == "flash, Efficient"
+    for bad, why in (("flash,flsh", "unknown SDPA backend.s. flsh"), ("cudnn,cudnn", "named twice")):
+        with pytest.raises(OptionsError, match=f"--sdpa-backends: .*{why}"):
+            parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--sdpa-backends", bad])
 
 
 def test_help_documents_every_option_with_its_default() -> None:

@@ -266,6 +266,31 @@ def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, 
 
 
 @pytest.mark.slow
+def test_sdpa_backends_pick_the_attention_kernels_and_are_restored(tmp_path: Path, frozen) -> None:
+    """--sdpa-backends math: every attention call of the run (U-Net, adapter, LLM) runs torch's math kernel,
+    where torch itself picks its CPU flash kernel; the training is the same, and torch's own setting is
+    back after the run."""
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+    from torch.profiler import ProfilerActivity, profile
+
+    data = write_folder(tmp_path / "data", make_images(4))
+    before = _cur_sdpa_kernel_backends(with_priority=True)
+    kernels: dict[str, tuple[int, int]] = {}
+    for name in ("", "math"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run = options(data, tmp_path / (name or "default"), max_steps=2, sdpa_backends=name)
+            assert runner.run_with(run, components(frozen)) == 0
+        ops = [e.name for e in prof.events()]
+        kernels[name] = (ops.count("aten::_scaled_dot_product_flash_attention_for_cpu"),
+                         ops.count("aten::_scaled_dot_product_attention_math"))
+        assert _cur_sdpa_kernel_backends(with_priority=True) == before
+    flash_default, _ = kernels[""]
+    flash_math, math_math = kernels["math"]
+    assert flash_default > 0 and flash_math == 0 and math_math >= flash_default, kernels
+    assert losses(tmp_path / "math") == pytest.approx(losses(tmp_path / "default"), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("cached", [True, False], ids=["from the cache", "on the fly"])
 def test_training_steps_decide_the_attended_span_on_the_host_mask(tmp_path: Path, frozen, monkeypatch,
                                                                    cached: bool) -> None:

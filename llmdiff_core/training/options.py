@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import C0_MODES, ORIGINAL_PATH_MODES
+from .sdpa_backends import parse_backends
 
 
 def _opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, group: str = "training",
@@ -118,6 +119,10 @@ class TrainOptions:
     cudnn_benchmark: bool = _opt(True, "CUDA: let cuDNN time its convolution algorithms for the U-Net's shapes in the "
                                  "first steps and keep the fastest (the training resolution is fixed: once); off = "
                                  "cuDNN's heuristic choice")
+    sdpa_backends: str = _opt("", "the torch SDPA kernels the U-Net's and the adapter's attention may use, fastest "
+                              "first: a comma list of flash, cudnn, efficient, math (math is kept as the last "
+                              "resort); empty = torch's own choice. Measure with bench/training_throughput.py "
+                              "--sdpa-backends", metavar="LIST")
     ema_decay: float = _opt(0.0, "EMA of the adapter weights (e.g. 0.999; 0 = off); the export uses the EMA")
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting gamma (e.g. 5; 0 = off)")
     noise_offset: float = _opt(0.0, "offset noise strength (0 = off)")
@@ -291,5 +296,9 @@ def check_options(opts: TrainOptions) -> None:
         raise OptionsError("--validation-size must be a multiple of 8")
     if opts.cache_only and not opts.cache_dir:
         raise OptionsError("--cache-only needs --cache-dir")
+    try:
+        parse_backends(opts.sdpa_backends)
+    except ValueError as e:
+        raise OptionsError(f"--sdpa-backends: {e}") from None
     if opts.compile_mode and not opts.compile_unet:
         raise OptionsError("--compile-mode needs --compile-unet BACKEND (e.g. --compile-unet inductor)")

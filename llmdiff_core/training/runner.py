@@ -28,6 +28,7 @@ from .loop import Trainer, TrainingStopped, TrainModule
 from .objective import prediction_type
 from .options import TrainOptions
 from .patching import compile_unet, enable_gradient_checkpointing, patch_for_training
+from .sdpa_backends import parse_backends, use_backends
 from .tracking import Tracker
 
 log = logging.getLogger("llmdiff.train")
@@ -199,6 +200,7 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
         before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = opts.cudnn_benchmark
         undo.append(lambda: setattr(torch.backends.cudnn, "benchmark", before))
+    undo.append(use_backends(parse_backends(opts.sdpa_backends)))  # (before compile: it traces the choice)
     if opts.channels_last:
         unet = mp.model.diffusion_model
         unet.to(memory_format=torch.channels_last)
