@@ -4,7 +4,7 @@
 #   bench/device_run.sh all   # everything, most important first, inside DEVICE_BUDGET_S seconds (default
 #                             # 540): a step that would not fit is skipped and named in the log, so one
 #                             # call of the 15-minute lease brings back the targets' numbers first
-#   bench/device_run.sh next  # what the last GPU sessions left open (docs/benchmarks.md §5d, §3i, §3j, §6)
+#   bench/device_run.sh next  # what the last GPU session left open (docs/benchmarks.md §5e, §6)
 # SKIP="label ..." leaves steps out (e.g. those a first call already measured); DEVICE_ARGS="--small"
 # tries the script on a CPU (PATH must then start with the pinned venv's bin).
 set -uo pipefail
@@ -57,26 +57,29 @@ run_part() {
       step checks-compile 60 checks 3
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what sessions 4 and 5 left open (docs/benchmarks.md §5d, §3i), most needed first: the checks of the
-           # untested product changes, training after §3h/§3i (eager with idle time by phase, then compiled), sampling compiled
-      step checks-training 50 checks 6,8,9,10
-      step training-profile 140 train --no-floor --steps 12 --warmup 3 --profile 3
-      step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
-      step training-compiled-sdxl 180 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
-      step encoder-span 20 bench encoder_span
-      step attend-calls 40 bench attend_calls
+    next)  # what session 7 (H100, docs/benchmarks.md §5e) left open, most needed first: the two fixed checks, the
+           # SDPA kernel A/B of the training step (its attention backward is 15 % of an SD1.5 step), the whole op
+           # table of an SDXL step (its top 15 ops held a third of it), compiled sampling (never measured)
+      step checks-training 45 checks 9,10
+      step training-sd15 60 train --models sd15 --no-floor --steps 12 --warmup 3
+      step training-sd15-flash 70 train --models sd15 --no-floor --steps 12 --warmup 3 --sdpa-backends flash,efficient --profile 2
+      step training-sdxl-profile 110 train --models sdxl --no-floor --steps 6 --warmup 2 --profile 2
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
+      step training-sdxl-flash 90 train --models sdxl --no-floor --steps 6 --warmup 2 --sdpa-backends flash,efficient
+      step training-sd15-efficient 60 train --models sd15 --no-floor --steps 12 --warmup 3 --sdpa-backends efficient
+      # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against training-compiled-sd15
+      step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10
+      step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
+      # a device-bound step: do bigger GEMMs and convolutions (batch 32) run nearer their peak? (the target names no batch)
+      step training-compiled-sd15-b32 150 train --models sd15 --batch sd15=32 --no-floor --compile inductor --warmup 5 --steps 10
       step training-no-copy-stream 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
       step training-sync-steps 60 train --models sd15 --no-floor --steps 12 --warmup 3 --sync-steps
       step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
       step sampling-cudagraphs-sd15 120 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops
       step checks-compile 60 checks 3
-      step sampling 110 bench sampling_overhead
-      step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
-      step sampling-attend 150 bench sampling_overhead --modes clip --attend efficient,cudnn,bmm --no-real-flops --no-flops
-      # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against training-compiled-sd15
-      step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10 ;;
+      # compiling SDXL's training step took over 4 minutes on an H100 (§5e): give it a call of its own
+      step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2 ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }

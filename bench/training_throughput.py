@@ -163,7 +163,7 @@ def main() -> None:
         workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
         copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
         cudnn_benchmark=cuda and not opts.no_cudnn_benchmark,
-        channels_last=opts.channels_last, sdpa_backends=opts.sdpa_backends or "torch's choice",
+        channels_last=opts.channels_last, sdpa_backends=opts.sdpa_backends.replace(",", "+") or "torch's choice",
         compile=opts.compile or "no", mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
