@@ -49,6 +49,7 @@ class ByteCounter(TorchDispatchMode):
         super().__init__()
         self.by_op: dict[str, float] = defaultdict(float)
         self.calls: list[tuple[float, float]] = []  # (FLOPs, bytes) per op call that moves memory
+        self.call_ops: list[str] = []  # the op of each entry of calls
 
     @property
     def total(self) -> float:
@@ -59,6 +60,18 @@ class ByteCounter(TorchDispatchMode):
         math and its memory traffic. The memory-bound part is what fusing kernels can cut."""
         times = [(f / flops_per_s, b / bytes_per_s) for f, b in self.calls]
         return sum(max(t) for t in times), sum(tb for tf, tb in times if tb > tf)
+
+    def per_op(self, flops_per_s: float = H100_FLOPS, bytes_per_s: float = H100_BYTES) -> dict[str, list[float]]:
+        """op -> [calls, FLOPs, bytes, roofline seconds]: kernel_bound() split by op, to set beside a profile's
+        device time per op (how far each op's kernels are from their bound)."""
+        out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+        for op, (f, b) in zip(self.call_ops, self.calls):
+            row = out[op]
+            row[0] += 1
+            row[1] += f
+            row[2] += b
+            row[3] += max(f / flops_per_s, b / bytes_per_s)
+        return dict(out)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -74,6 +87,7 @@ class ByteCounter(TorchDispatchMode):
             self.by_op[func.overloadpacket.__name__] += moved
             count = flop_registry.get(func.overloadpacket)
             self.calls.append((float(count(*args, **(kwargs or {}), out_val=out)) if count else 0.0, float(moved)))
+            self.call_ops.append(func.overloadpacket.__name__)
         return out
 
 

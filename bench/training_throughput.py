@@ -436,6 +436,22 @@ def _last_loss(out_dir: Path) -> float:
         return float("nan")
 
 
+def per_op_table(report: Any, family: str, r: Any, top: int = 20) -> None:
+    """The eager roofline of one step split by aten op (meta device, the bench's batch): set beside the
+    profile's device time per op, it says how far each kind of kernel runs from its bound (§5e)."""
+    ops: dict[str, list[float]] = {}
+    for counter in r.traffic:  # forward, backward
+        for op, values in counter.per_op().items():
+            ops[op] = [a + b for a, b in zip(ops.get(op, [0.0] * 4), values)]
+    total = sum(v[3] for v in ops.values())
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1][3])
+    report.table(f"{family}: eager roofline by op, per step of {r.rows} images (meta device; attention as the "
+                 "memory-efficient kernels)", ["op", "calls/step", "GB", "TFLOP", "roofline ms/step", "% of roofline"],
+                 [[op, v[0], v[2] / 1e9, v[1] / 1e12, 1e3 * v[3], 100 * v[3] / total] for op, v in ranked[:top]]
+                 + [[f"all {len(ops)} ops", sum(v[0] for v in ops.values()), sum(v[2] for v in ops.values()) / 1e9,
+                     sum(v[1] for v in ops.values()) / 1e12, 1e3 * total, 100.0]])
+
+
 def floor_table(report: Any, opts: Any) -> dict[str, float]:
     """The real-shape training FLOPs per image (bench/flop_floor.real_shape_training) and what the targets
     and the issue's reference points mean in throughput; returns step TFLOP per image per family."""
@@ -446,8 +462,9 @@ def floor_table(report: Any, opts: Any) -> dict[str, float]:
     peak = H100_DENSE_BF16_TFLOPS
     rows, per_image, roofline = [], {}, []
     for family in [m for m in opts.models.split(",") if m]:
+        batch = opts.batch_of[family] if not opts.small else 2  # (the real shapes: --small's batch is 2 anyway)
         for r in flop_floor.real_shape_training(family, [opts.mode], builders.llm_spec("8b"), 129,
-                                                opts.caption_words):
+                                                opts.caption_words, rows=batch):
             fwd, bwd = r.forward / r.rows / 1e12, r.backward / r.rows / 1e12
             per_image[family] = fwd + bwd
             need = TARGET[family] * (fwd + bwd)
@@ -464,6 +481,7 @@ def floor_table(report: Any, opts: Any) -> dict[str, float]:
             roofline.append([family, r.mode, moved / r.rows / 1e9, backward_bytes / forward_bytes, flop_ms, byte_ms,
                              kernel_ms, memory_ms, 1e3 / kernel_ms, 1e3 / flop_ms, TARGET[family],
                              ", ".join(f"{op} {100 * b / moved:.0f} %" for op, b in by_op.most_common(4))])
+            per_op_table(report, family, r)
     report.table("training FLOPs per image at the real shapes (meta device, product code path, Llama-3-8B features, "
                  f"{opts.caption_words}-token captions, bf16)",
                  ["model", "px", "adapter", "forward TFLOP", "backward TFLOP", "backward / forward", "step TFLOP",
