@@ -290,6 +290,24 @@ def test_sdpa_backends_pick_the_attention_kernels_and_are_restored(tmp_path: Pat
     assert losses(tmp_path / "math") == pytest.approx(losses(tmp_path / "default"), rel=1e-4, abs=1e-6)
 
 
+def test_a_failing_run_leaves_the_unet_and_torch_as_they_came(tmp_path: Path, frozen) -> None:
+    """The run's settings (channels-last U-Net, the process-wide SDPA kernel choice) are undone when the run
+    fails after making them, here on a data folder that does not exist: an in-process caller (bench,
+    tests) must not go on with a U-Net in another memory format or attention restricted to math."""
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    from llmdiff_core.errors import LLMDiffError
+
+    before = _cur_sdpa_kernel_backends(with_priority=True)
+    comps = components(frozen)
+    run = options(tmp_path / "no such folder", tmp_path / "out", channels_last=True, sdpa_backends="math")
+    with pytest.raises((LLMDiffError, OSError, ValueError), match="no such folder"):
+        runner.run_with(run, comps)
+    assert _cur_sdpa_kernel_backends(with_priority=True) == before
+    conv = next(m for m in comps.model_patcher.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cached", [True, False], ids=["from the cache", "on the fly"])
 def test_training_steps_decide_the_attended_span_on_the_host_mask(tmp_path: Path, frozen, monkeypatch,

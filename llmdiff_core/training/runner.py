@@ -193,7 +193,19 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
             raise LLMDiffError("no LLM loaded and no finished feature cache to train from")
     adapter = build_adapter(opts, components, device)
     patched = patch_for_training(mp, adapter)
-    undo: list[Any] = []  # run_with may be called in-process (bench, tests): leave the U-Net as it came
+    # run_with may be called in-process (bench, tests): the U-Net and torch's settings are left as they came,
+    # also when the run fails (a process-wide SDPA choice must not outlive it)
+    undo: list[Any] = []
+    try:
+        _apply_run_settings(opts, mp, patched, device, undo)
+        return _train(opts, components, accelerator, adapter, patched, family, resolution, prediction)
+    finally:
+        _undo(undo)
+
+
+def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch.device, undo: list[Any]) -> None:
+    """How the frozen U-Net runs (checkpointing, cuDNN, SDPA kernels, memory format, compile); each setting
+    puts what reverts it on `undo`."""
     if opts.gradient_checkpointing:
         undo.append(enable_gradient_checkpointing(mp.model.diffusion_model))
     if device.type == "cuda" and opts.cudnn_benchmark != torch.backends.cudnn.benchmark:
@@ -212,6 +224,13 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
                         "block), so expect little of compile's speed-up")
         compile_unet(patched, opts.compile_unet, opts.compile_mode or None)
 
+
+def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter: LLMDiffAdapter, patched: Any,
+           family: str, resolution: int, prediction: str) -> int:
+    """Encoders, data (the feature cache built first when asked), the trainer, the run and the export."""
+    out_dir = Path(opts.output_dir)
+    device = accelerator.device
+    mp = components.model_patcher
     encoders = FrozenEncoders(components.vae, components.llm, components.clip, opts.max_tokens,
                               need_clip=adapter.config.original_path == "clip", need_pooled=family == "sdxl")
     source = open_source(opts.data, opts.data_format, opts.image_root, opts.image_column, opts.caption_column)
@@ -263,7 +282,6 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
         accelerator.wait_for_everyone()
         if opts.cache_only:
             accelerator.print(f"feature cache complete in {cache_dir}")
-            _undo(undo)
             return 0
         cache_source = feature_cache.CachedSource(cache_dir)
         empty = feature_cache.load_empty(cache_dir, cspec)
@@ -312,7 +330,6 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
         code = TrainingStopped.exit_code
     finally:
         tracker.close()
-        _undo(undo)
     accelerator.wait_for_everyone()
     return code
 
