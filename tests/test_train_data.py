@@ -148,6 +148,24 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
             parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--sdpa-backends", bad])
 
 
+def test_sdpa_backends_on_a_torch_without_priorities_get_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch before 2.6 has no sdpa_kernel(set_priority=...): the option says so instead of a TypeError."""
+    import contextlib
+
+    import torch.nn.attention as attention
+
+    from llmdiff_core.errors import LLMDiffError
+    from llmdiff_core.training.sdpa_backends import use_backends
+
+    @contextlib.contextmanager
+    def old_sdpa_kernel(backends: Any):  # torch 2.5's signature
+        yield
+    monkeypatch.setattr(attention, "sdpa_kernel", old_sdpa_kernel)
+    with pytest.raises(LLMDiffError, match="--sdpa-backends needs torch 2.6"):
+        use_backends(["flash"])
+    assert use_backends([])() is None  # nothing asked: nothing to check
+
+
 def test_help_documents_every_option_with_its_default() -> None:
     parser = build_parser()
     text = parser.format_help()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import LLMDiffError
+
 # option name -> torch.nn.attention.SDPBackend member
 BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
             "math": "MATH"}
@@ -37,6 +39,12 @@ def use_backends(names: list[str]) -> Callable[[], None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [getattr(SDPBackend, BACKENDS[n]) for n in names + ([] if "math" in names else ["math"])]
-    context = sdpa_kernel(order, set_priority=True)
+    try:
+        context = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # (set_priority came with torch 2.6)
+        import torch
+
+        raise LLMDiffError(f"--sdpa-backends needs torch 2.6 or newer (this is {torch.__version__}); "
+                           "leave it empty to let torch choose") from None
     context.__enter__()
     return lambda: context.__exit__(None, None, None)
