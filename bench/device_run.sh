@@ -70,6 +70,8 @@ run_part() {
       # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against training-compiled-sd15
       step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10
       step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
+      # one compile instead of two (static, then dynamic key length) against ~1-2 % more work per step: which default?
+      step training-compiled-whole-bucket-sd15 130 train --models sd15 --no-floor --compile inductor --compile-whole-bucket --warmup 5 --steps 10
       # a device-bound step: do bigger GEMMs and convolutions (batch 32) run nearer their peak? (the target names no batch)
       step training-compiled-sd15-b32 150 train --models sd15 --batch sd15=32 --no-floor --compile inductor --warmup 5 --steps 10
       step training-no-copy-stream 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
@@ -78,8 +80,9 @@ run_part() {
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
       step sampling-cudagraphs-sd15 120 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops
       step checks-compile 60 checks 3
-      # compiling SDXL's training step took over 4 minutes on an H100 (§5e): give it a call of its own
-      step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2 ;;
+      # compiling SDXL's training step took over 4 minutes on an H100 (§5e): give it a call of its own, and
+      # compile once (--compile-whole-bucket), not a static graph and then a dynamic one
+      step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --compile-whole-bucket --warmup 5 --steps 10 --profile 2 ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }

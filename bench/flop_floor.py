@@ -94,12 +94,12 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
     n = len(adapter.sites)
 
     def prepare(cls: type, m: torch.Tensor, dtype: torch.dtype, device: torch.device, bucket: int = SPAN_BUCKET,
-                host_mask: torch.Tensor | None = None) -> RunMask:
+                host_mask: torch.Tensor | None = None, **kwargs: Any) -> RunMask:
         if m.device.type == "meta" and host_mask is None:  # a meta mask has no values: decide on the host one
             if m.shape != mask.shape:
                 raise RuntimeError(f"meta mask {tuple(m.shape)} is not the host mask {tuple(mask.shape)}")
             host_mask = mask
-        return original.__func__(cls, m, dtype, device, bucket, host_mask=host_mask)
+        return original.__func__(cls, m, dtype, device, bucket, host_mask=host_mask, **kwargs)
 
     def counting(name: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -60,6 +60,8 @@ def parse() -> Any:
     p.add_argument("--compile", default="", metavar="BACKEND",
                    help="train.py --compile-unet BACKEND (inductor on a GPU); the warmup steps compile")
     p.add_argument("--compile-mode", default="", help="train.py --compile-mode")
+    p.add_argument("--compile-whole-bucket", action="store_true",
+                   help="train.py --compile-whole-bucket: one key length, one compile (with --compile)")
     p.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
                    help="train.py --mixed-precision, with the frozen U-Net in that dtype (default: bf16 where the "
                         "GPU has it, no on a CPU; bf16 on a CPU counts the casts a GPU step does)")
@@ -164,7 +166,7 @@ def main() -> None:
         copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
         cudnn_benchmark=cuda and not opts.no_cudnn_benchmark,
         channels_last=opts.channels_last, sdpa_backends=opts.sdpa_backends.replace(",", "+") or "torch's choice",
-        compile=opts.compile or "no", mixed_precision=precision))
+        compile=opts.compile or "no", whole_bucket=opts.compile_whole_bucket, mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
         report.emit(opts)
@@ -258,7 +260,7 @@ def main() -> None:
                              channels_last=opts.channels_last, compile_unet=opts.compile,
                              sdpa_backends=opts.sdpa_backends,
                              cudnn_benchmark=not opts.no_cudnn_benchmark,
-                             compile_mode=opts.compile_mode,
+                             compile_mode=opts.compile_mode, compile_whole_bucket=opts.compile_whole_bucket,
                              mixed_precision=precision, seed=0)
             # 1. the cache pre-pass (LLM loaded), not timed; a finished one kept by an earlier run (--keep) is reused
             spec = builders.llm_spec(opts.llm)
@@ -306,6 +308,9 @@ def main() -> None:
                     mm.unload_all_models()
                     gc.collect()
                     continue
+            if len(marks["start"]) > opts.warmup:  # what a compile costs shows here (A/B: --compile-whole-bucket)
+                report.notes.append(f"{family}: {marks['start'][opts.warmup] - run_start:.1f} s from the run's start "
+                                    f"to the first timed step (the warm-up steps: compile, cuDNN's choices)")
             step = common.median(steps)
             def per_step(xs: list[float]) -> list[float]:  # grad_accum calls per optimizer step
                 k = max(1, len(xs) // max(1, len(marks["start"])))

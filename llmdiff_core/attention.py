@@ -70,13 +70,16 @@ class RunMask:
 
     @classmethod
     def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                bucket: int = SPAN_BUCKET, host_mask: torch.Tensor | None = None) -> RunMask:
+                bucket: int = SPAN_BUCKET, host_mask: torch.Tensor | None = None, whole: bool = False) -> RunMask:
         """mask: [B, T] bool, True = the token takes part in attention.
 
         The span and whether a bias / keep is needed are decided on the host: on host_mask when given (the
         same rows on the CPU, possibly narrower: the missing columns attend to nothing), else on mask
         (a device mask then costs host syncs: fine once per sampling run, not in every training step,
         which passes its batch's host mask). The tensors are then built from mask on the device.
+
+        whole: the span is all T columns and the bias is always made: every mask of T columns gives the
+        same shapes (a compiled training step then traces one graph, not one per span length).
         """
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"key mask must be bool [B, T], got {mask.dtype} {tuple(mask.shape)}")
@@ -84,10 +87,11 @@ class RunMask:
         if decide.shape[0] != mask.shape[0] or decide.shape[1] > mask.shape[1]:
             raise ValueError(f"host key mask {tuple(decide.shape)} does not fit the mask {tuple(mask.shape)}")
         rows_have_keys = decide.any(dim=1)
-        start, stop = attended_span(decide, mask.shape[1], bucket)
+        start, stop = (0, mask.shape[1]) if whole else attended_span(decide, mask.shape[1], bucket)
         # rows without keys attend to all (finite), then zeroed; columns beyond a narrower host mask attend to nothing
         needs_keep = not bool(rows_have_keys.all())
-        needs_bias = not bool((decide[:, start:stop] | ~rows_have_keys[:, None]).all()) or stop > decide.shape[1]
+        needs_bias = (whole or not bool((decide[:, start:stop] | ~rows_have_keys[:, None]).all())
+                      or stop > decide.shape[1])
         keep = bias = None
         if needs_keep or needs_bias:
             mask = mask.to(device)

@@ -73,11 +73,16 @@ class TrainingCall:
     noise_tokens: the token count each row's Langevin noise is drawn at (the trainer's max_tokens bucket),
     then cut to the tokens encoded (only those up to the attended span's end); None = the width of the
     features the call is given.
+    whole_bucket: encode and attend over every token of the features the call is given, not only up to
+    the attended span's end (RunMask.prepare(whole=True)): one key length for every batch, so a compiled
+    U-Net traces one static graph instead of a static one and then one with the key length dynamic (two
+    compiles of the forward and backward: minutes each for SDXL). Masked keys add nothing: the same result.
     """
 
     noise_seeds: tuple[int, ...] | None = None
     host_mask: torch.Tensor | None = None
     noise_tokens: int | None = None
+    whole_bucket: bool = False
 
 
 class _Shared:
@@ -286,7 +291,8 @@ class AdapterRuntime(_Shared):
         # the batch's host mask in training, whose features are already on the device (no sync per step)
         identity = rows == list(range(features.batch_size))
         mask = RunMask.prepare(features.mask if identity else features.mask[rows], dtype, device,
-                               host_mask=None if training is None else training.host_mask)
+                               host_mask=None if training is None else training.host_mask,
+                               whole=training is not None and training.whole_bucket)
         # every token the adapter reads lies before mask.stop: only those are moved and encoded (a training
         # batch's captions fill ~half of the 128-token bucket, and the encoding's float32 [B, L, T, D]
         # scores are its largest tensor, kept for its backward). The noise is drawn over the tokens the call

@@ -813,13 +813,33 @@ def test_a_training_batch_cut_short_trains_as_the_whole_bucket_with_draws_at_the
     assert shapes == [(1, 40, SPEC.hidden_size)] * 2
     with pytest.raises(ValueError, match="Langevin draws over 20 tokens"):
         diffusion_output(m, x, sigma, context, y, cut, TrainingCall((7, 8), host, noise_tokens=20))
+    # a compiled trainer's call (whole_bucket): encoded and attended over all 80 tokens, the same step
+    shapes.clear()
+    over_all = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]),
+                                TrainingCall((7, 8), features.mask, whole_bucket=True)).detach()
+    assert shapes == [(1, 80, SPEC.hidden_size)] * 2
+    torch.testing.assert_close(over_all, whole, rtol=1e-6, atol=1e-5)
+    spans = []
+    entry_for = AdapterRuntime.entry_for
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        entry = entry_for(self, *args, **kwargs)
+        spans.append((entry.mask.start, entry.mask.stop, entry.c.shape[1]))
+        return entry
+    monkeypatch.setattr(AdapterRuntime, "entry_for", spy)
+    diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]),
+                     TrainingCall((7, 8), features.mask, whole_bucket=True))
+    diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]), TrainingCall((7, 8), features.mask))
+    assert spans == [(0, 80, 80), (1, 33, 33)]  # the whole bucket, against the span (rounded to 32 tokens)
 
 
-def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets() -> None:
+@pytest.mark.parametrize("whole_bucket", [False, True], ids=["span", "whole bucket"])
+def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets(whole_bucket: bool) -> None:
     """Training batches attend to spans of 32, 64, 96 or 127 keys (SPAN_BUCKET in a 128-token bucket) and their
     c is encoded only that far: the compiled U-Net (ComfyUI's torch.compile wrapper, what --compile-unet sets;
     aot_eager traces forward and backward) traces a static graph, then one with the key length dynamic, and no
-    more: no recompilation per batch and no graph break, whatever the captions' lengths."""
+    more: no recompilation per batch and no graph break, whatever the captions' lengths. Over the whole
+    bucket (TrainingCall.whole_bucket, what the trainer asks for when it compiles) it traces one graph."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
@@ -839,9 +859,9 @@ def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets() -> 
             features = LLMFeatures(SPEC, torch.randn(2, SPEC.num_layers + 1, 128, SPEC.hidden_size, generator=g),
                                    torch.randn(2, SPEC.num_layers, 128, SPEC.hidden_size, generator=g), mask)
             batch = CONDLLMDiff(features).concat([])
-            out = diffusion_output(m, x, sigma, context, y, batch, TrainingCall((step, 99), mask, 128))
+            out = diffusion_output(m, x, sigma, context, y, batch, TrainingCall((step, 99), mask, 128, whole_bucket))
             out.square().mean().backward()
-        assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+        assert counters["stats"]["unique_graphs"] == (1 if whole_bucket else 2), dict(counters["stats"])
         assert not counters["graph_break"], dict(counters["graph_break"])
     finally:
         torch._dynamo.reset()

@@ -220,8 +220,9 @@ def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, froz
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fast", [{"channels_last": True}, {"compile_unet": "aot_eager"},
+                                  {"compile_unet": "aot_eager", "compile_whole_bucket": True},
                                   {"compile_unet": "aot_eager", "gradient_checkpointing": True}],
-                         ids=["channels_last", "compiled", "compiled_checkpointed"])
+                         ids=["channels_last", "compiled", "compiled_whole_bucket", "compiled_checkpointed"])
 def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, fast: dict, monkeypatch,
                                                         caplog) -> None:
     """--channels-last and --compile-unet change how the frozen U-Net runs, not what is trained. The compiled
@@ -309,28 +310,44 @@ def test_a_failing_run_leaves_the_unet_and_torch_as_they_came(tmp_path: Path, fr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cached", [True, False], ids=["from the cache", "on the fly"])
+@pytest.mark.parametrize("cached, whole", [(True, False), (False, False), (True, True)],
+                         ids=["from the cache", "on the fly", "from the cache, compiled over the whole bucket"])
 def test_training_steps_decide_the_attended_span_on_the_host_mask(tmp_path: Path, frozen, monkeypatch,
-                                                                   cached: bool) -> None:
+                                                                   cached: bool, whole: bool) -> None:
     """Every training step hands the entry its batch's key mask on the host (TrainingCall.host_mask), where
-    RunMask decides the span: on a GPU, reading the device mask would be a host sync in every step."""
+    RunMask decides the span: on a GPU, reading the device mask would be a host sync in every step. With
+    --compile-whole-bucket every step encodes and attends over the whole token bucket
+    (TrainingCall.whole_bucket: one key length, one graph), a cached batch expanded to it."""
     from llmdiff_core import comfy_patch
 
     data = write_folder(tmp_path / "data", make_images(4))
-    extra = {"cache_dir": str(tmp_path / "cache")} if cached else {}
+    extra: dict[str, Any] = {"cache_dir": str(tmp_path / "cache")} if cached else {}
+    if whole:
+        extra.update(compile_unet="aot_eager", compile_whole_bucket=True)
     seen: list[tuple[int, ...] | None] = []
+    spans: list[tuple[int, int, int]] = []
     build = comfy_patch.AdapterRuntime._build_entry
 
     def spy(self: Any, batch: Any, device: torch.device, dtype: torch.dtype, training: Any) -> Any:
         host = None if training is None else training.host_mask
         seen.append(None if host is None or host.device.type != "cpu" else tuple(host.shape))
         entry = build(self, batch, device, dtype, training)
-        assert host is None or host.shape[1] <= batch.materialize().mask.shape[1]
+        width = batch.materialize().mask.shape[1]
+        assert host is None or host.shape[1] <= width
+        spans.append((entry.mask.start, entry.mask.stop, width))
         return entry
     monkeypatch.setattr(comfy_patch.AdapterRuntime, "_build_entry", spy)
-    assert runner.run_with(options(data, tmp_path / "out", max_steps=2, caption_dropout=0.5, **extra),
-                           components(frozen)) == 0
+    torch._dynamo.reset()
+    try:
+        assert runner.run_with(options(data, tmp_path / "out", max_steps=2, caption_dropout=0.5, max_tokens=96,
+                                       **extra), components(frozen)) == 0
+    finally:
+        torch._dynamo.reset()
     assert len(seen) == 2 and all(shape is not None and shape[0] == 2 for shape in seen), seen
+    if whole:  # the whole 96-token bucket, every step
+        assert spans == [(0, 96, 96)] * 2, spans
+    else:  # the captions' span (a few words: one 32-token span bucket)
+        assert all(stop <= 33 for _, stop, _ in spans), spans
 
 
 def test_prefetcher_keeps_order_and_raises_where_the_batch_is_taken() -> None:

@@ -46,14 +46,17 @@ class TrainingStopped(Exception):
 class TrainModule(nn.Module):
     """adapter + the frozen patched U-Net; forward = per-sample loss. accelerate wraps this module
     (DDP sees only the adapter's parameters: the U-Net is held outside the module tree).
-    langevin_noise: the score encoding adds its noise, each sample's from its encoder seed."""
+    langevin_noise: the score encoding adds its noise, each sample's from its encoder seed.
+    whole_bucket: every batch encoded and attended over its whole token bucket (TrainingCall.whole_bucket:
+    one graph for a compiled U-Net), else only up to its attended span's end."""
 
     def __init__(self, adapter: LLMDiffAdapter, patched: Any, spec: LLMSpec, prediction: str,
-                 min_snr_gamma: float, context_dim: int, langevin_noise: bool) -> None:
+                 min_snr_gamma: float, context_dim: int, langevin_noise: bool, whole_bucket: bool = False) -> None:
         super().__init__()
         self.adapter = adapter
         self._frozen = (patched,)  # a tuple is not registered as a submodule
         self.langevin_noise = langevin_noise
+        self.whole_bucket = whole_bucket
         self.spec = spec
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma
@@ -78,7 +81,7 @@ class TrainModule(nn.Module):
         else:  # compact features from the cache (encoders.CompactFeatures), expanded here on the device
             features = expand_features(self.spec, hidden, scores, mask, layers, int(num_tokens or mask.shape[1]))
         to = training_options(self.patched, encoder_seeds if self.langevin_noise else None,
-                              None if host_mask is None else host_mask.tensor, noise_tokens)
+                              None if host_mask is None else host_mask.tensor, noise_tokens, self.whole_bucket)
         kwargs: dict[str, Any] = {"c_crossattn": context, "transformer_options": to, "llmdiff": feature_batch(features)}
         if y is not None:
             kwargs["y"] = y
@@ -344,8 +347,10 @@ class Trainer:
         llm: dict[str, Any]
         if isinstance(feats, CompactFeatures):  # stored layers, stored dtype, batch-longest tokens
             # expanded on the device only up to the attended span's end (all the adapter reads), not to
-            # the bucket; the Langevin draws stay at the bucket (noise_tokens) and are cut to match
-            width = max(attended_span(feats.mask, feats.max_tokens)[1], feats.num_tokens)
+            # the bucket (unless the module attends over the whole bucket); the Langevin draws stay at the
+            # bucket (noise_tokens) and are cut to match
+            width = feats.max_tokens if self.module.whole_bucket else \
+                max(attended_span(feats.mask, feats.max_tokens)[1], feats.num_tokens)
             llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask, "layers": feats.layers,
                    "num_tokens": width, "noise_tokens": feats.max_tokens}
         else:

@@ -299,7 +299,7 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
         raise LLMDiffError("no LLM loaded to encode the empty prompt")
 
     module = TrainModule(adapter, patched, adapter.config.llm, prediction, opts.min_snr_gamma,
-                         adapter.config.context_dim, opts.langevin_noise)
+                         adapter.config.context_dim, opts.langevin_noise, whole_bucket=opts.compile_whole_bucket)
     trainer = Trainer(opts, accelerator, module, mp, iter(()), make_conditioning, empty, components.vae,
                       validation, summary)
     trainer.build_optimizer()
