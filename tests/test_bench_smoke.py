@@ -203,6 +203,7 @@ def test_peak_memory_contexts_nest(monkeypatch) -> None:
 def test_profile_sampling_small() -> None:
     text = run_bench("profile_sampling.py", "--small", "--steps", "2")
     assert "llmdiff_core functions per step" in text and "aten ops per step" in text
+    assert "new path: tau_q + masked attention" in text and "fusion at the attention core" in text
 
 
 @pytest.mark.parametrize("script", ["sampling_overhead.py", "score_encoding.py", "training_throughput.py",
