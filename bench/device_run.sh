@@ -61,10 +61,11 @@ run_part() {
            # SDPA kernel A/B of the training step (its attention backward is 15 % of an SD1.5 step), the whole op
            # table of an SDXL step (its top 15 ops held a third of it), compiled sampling (never measured)
       step checks-training 45 checks 9,10
+      # compiled sampling: never reached in three GPU sessions, and the likely way to the sampling targets
+      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-sd15 60 train --models sd15 --no-floor --steps 12 --warmup 3
       step training-sd15-flash 80 train --models sd15 --steps 12 --warmup 3 --sdpa-backends flash,efficient --profile 2
       step training-sdxl-profile 120 train --models sdxl --steps 6 --warmup 2 --profile 2
-      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
       step training-sdxl-flash 90 train --models sdxl --no-floor --steps 6 --warmup 2 --sdpa-backends flash,efficient
       step training-sd15-efficient 60 train --models sd15 --no-floor --steps 12 --warmup 3 --sdpa-backends efficient
       # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against training-compiled-sd15
