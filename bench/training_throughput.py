@@ -297,35 +297,15 @@ def main() -> None:
                 profile_tables(report, profiler.pop("on"), family, opts.profile, step_times()[-opts.profile:], cuda)
             timed = slice(opts.warmup, opts.warmup + opts.steps)
             steps = step_times()[timed]
-            if len(steps) < opts.steps:  # stopped early (device_run.sh's deadline sends SIGINT): say how far it got
-                first = f"{marks['start'][1] - run_start:.0f} s to the second step's start (compile, warm-up)" \
-                    if len(marks["start"]) > 1 else "no second step"
-                report.notes.append(f"{family}: stopped after {len(marks['start'])} steps, "
-                                    f"{common.now() - run_start:.0f} s in ({first}): "
-                                    f"{len(steps)} of {opts.steps} timed steps in its row")
-                if not steps:
-                    del mp, comps
-                    mm.unload_all_models()
-                    gc.collect()
-                    continue
             if len(marks["start"]) > opts.warmup:  # what a compile costs shows here (A/B: --compile-whole-bucket)
                 report.notes.append(f"{family}: {marks['start'][opts.warmup] - run_start:.1f} s from the run's start "
                                     f"to the first timed step (the warm-up steps: compile, cuDNN's choices)")
-            step = common.median(steps)
-            def per_step(xs: list[float]) -> list[float]:  # grad_accum calls per optimizer step
-                k = max(1, len(xs) // max(1, len(marks["start"])))
-                return [sum(xs[i * k:(i + 1) * k]) for i in range(len(marks["start"]))][timed]
-
-            t_wait = common.median(per_step(marks["wait"])) if marks["wait"] else float("nan")
-            t_prep = common.median(per_step(marks["prep"][:len(marks["wait"])])) if marks["prep"] else float("nan")
-            loss = _last_loss(out_dir)
-            rows.append([family, res, bsz, f"{spec.hidden_size}x{spec.num_layers}", step * 1e3, bsz / step,
-                         t_wait * 1e3, t_prep * 1e3, (step - t_wait) * 1e3, 100 * common.spread(steps),
-                         min(steps) * 1e3, max(steps) * 1e3,
-                         (sum(moved) / len(moved) / 2 ** 20) if moved else float("nan"), common.gib(pm.peak_gib),
-                         TARGET[family] if not opts.small else "n/a (GPU)", loss,
-                         "n/a (--small)" if opts.small else "n/a (--no-floor)" if family not in step_tflop
-                         else 100 * bsz / step * step_tflop[family] / H100_DENSE_BF16_TFLOPS])
+            if len(steps) < opts.steps:  # stopped early (device_run.sh's deadline sends SIGINT): say how far it got
+                report.notes.append(f"{family}: stopped after {len(marks['start'])} steps, "
+                                    f"{common.now() - run_start:.0f} s in: {len(steps)} of {opts.steps} timed steps "
+                                    "in its row")
+            if steps:
+                rows.append(_row(opts, family, res, bsz, spec, steps, timed, marks, moved, pm, out_dir, step_tflop))
             del mp, comps
             mm.unload_all_models()
             gc.collect()
@@ -431,6 +411,27 @@ def phase_table(report: Any, prof: Any, family: str, k: int, cuda: bool) -> None
             "Idle time is charged to the phase that launched the activity ending it: 'waiting for the host' when "
             "the launch came after the device ran out of work, 'other waits' when it was launched in time "
             "(stream waits, syncs).")
+
+
+def _row(opts: Any, family: str, res: int, bsz: int, spec: Any, steps: list[float], timed: slice,
+         marks: dict[str, list[float]], moved: list[float], pm: Any, out_dir: Path,
+         step_tflop: dict[str, float]) -> list[Any]:
+    """One model's row of the per-step table from its timed steps and the run's marks."""
+    step = common.median(steps)
+
+    def per_step(xs: list[float]) -> list[float]:  # grad_accum calls per optimizer step
+        k = max(1, len(xs) // max(1, len(marks["start"])))
+        return [sum(xs[i * k:(i + 1) * k]) for i in range(len(marks["start"]))][timed]
+
+    t_wait = common.median(per_step(marks["wait"])) if marks["wait"] else float("nan")
+    t_prep = common.median(per_step(marks["prep"][:len(marks["wait"])])) if marks["prep"] else float("nan")
+    return [family, res, bsz, f"{spec.hidden_size}x{spec.num_layers}", step * 1e3, bsz / step,
+            t_wait * 1e3, t_prep * 1e3, (step - t_wait) * 1e3, 100 * common.spread(steps),
+            min(steps) * 1e3, max(steps) * 1e3,
+            (sum(moved) / len(moved) / 2 ** 20) if moved else float("nan"), common.gib(pm.peak_gib),
+            TARGET[family] if not opts.small else "n/a (GPU)", _last_loss(out_dir),
+            "n/a (--small)" if opts.small else "n/a (--no-floor)" if family not in step_tflop
+            else 100 * bsz / step * step_tflop[family] / H100_DENSE_BF16_TFLOPS]
 
 
 def _last_loss(out_dir: Path) -> float:
