@@ -71,7 +71,7 @@ def main() -> None:
         with common.PeakMemory(device) as peak:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 features = expand_features(spec, hidden, scores, mask, (0,), width)
-                c = encoder(features, noise=True, eps=eps[:, :width])
+                c = encoder(features, eps=eps[:, :width])
             c.sum().backward()
         encoder.zero_grad(set_to_none=True)
         saved[name], peaks[name] = total[0] / 2**20, peak.peak_gib

@@ -52,21 +52,18 @@ class ScoreEncoder(nn.Module):
         """sqrt(sum_l 2 h_l), h_l = softplus(rho_l)."""
         return torch.sqrt(2.0 * F.softplus(self.rho.float()).sum())
 
-    def forward(self, features: LLMFeatures, noise: bool = False, generator: torch.Generator | None = None,
-                eps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: LLMFeatures, eps: torch.Tensor | None = None) -> torch.Tensor:
         """LLM features -> c [B, T, D] in float32 (padding rows are computed but masked later).
 
-        noise: add the Langevin noise (score mode), standard-normal draws from generator, or eps [B, T, D]
-        when given (training draws each row from its own seed: comfy_patch.AdapterRuntime._encode)."""
+        eps: standard-normal draws [B, T, D] for the Langevin noise (score mode; the caller draws them, so
+        each training row comes from its own seed: comfy_patch.AdapterRuntime._encode); None = no noise."""
         hidden = features.hidden.float()
         if self.mode == "score":
             c = hidden[:, 0] if self.c0 == "embeddings" else torch.zeros_like(hidden[:, 0])
             g = self.gate.float().to(hidden.device)
             c = c + torch.einsum("l,bltd->btd", g, features.scores.float())
-            if noise:
-                if eps is None:
-                    eps = torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
-                elif eps.shape != c.shape:
+            if eps is not None:
+                if eps.shape != c.shape:
                     raise ValueError(f"Langevin draws of shape {tuple(eps.shape)} for c of shape {tuple(c.shape)}")
                 c = c + self.noise_scale().to(c.device) * eps.to(c)
         elif self.mode == "last":
@@ -140,10 +137,9 @@ class LLMDiffAdapter(nn.Module):
         return (self.a_orig.float() * torch.exp(self.b_orig.float()),
                 self.a_new.float() * torch.exp(self.b_new.float()))
 
-    def encode(self, features: LLMFeatures, noise: bool = False, generator: torch.Generator | None = None,
-               eps: torch.Tensor | None = None) -> torch.Tensor:
-        """c [B, T, D] (float32); noise, generator, eps: see ScoreEncoder.forward."""
-        return self.encoder(features, noise=noise, generator=generator, eps=eps)
+    def encode(self, features: LLMFeatures, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """c [B, T, D] (float32); eps: the Langevin noise's draws, see ScoreEncoder.forward."""
+        return self.encoder(features, eps=eps)
 
     def original_context(self, c: torch.Tensor) -> torch.Tensor:
         """Paper mode: phi(c), the context the frozen original cross-attention reads."""

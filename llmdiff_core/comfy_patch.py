@@ -351,7 +351,7 @@ class AdapterRuntime(_Shared):
         row_shape = (1, tokens, features.spec.hidden_size)
         eps = torch.cat([torch.randn(row_shape, generator=torch.Generator(device=device).manual_seed(seed),
                                      device=device, dtype=torch.float32)[:, :n] for seed in noise_seeds])
-        return self.adapter.encode(features, noise=True, eps=eps)
+        return self.adapter.encode(features, eps=eps)
 
     def call_state(self, batch: FeatureBatch, rows: int, device: torch.device, dtype: torch.dtype,
                    sigmas: torch.Tensor | None, training: TrainingCall | None = None,

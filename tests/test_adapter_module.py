@@ -220,9 +220,10 @@ def test_noise_only_when_asked_with_the_langevin_variance() -> None:
     with torch.no_grad():
         clean = adapter.encode(f)
         assert torch.equal(clean, adapter.encode(f))  # no noise unless asked
-        noisy = adapter.encode(f, noise=True, generator=torch.Generator().manual_seed(0))
-        again = adapter.encode(f, noise=True, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(noisy, again)  # the generator is honoured
+        eps = torch.randn(f.batch_size, f.num_tokens, SPEC.hidden_size, generator=torch.Generator().manual_seed(0))
+        noisy = adapter.encode(f, eps=eps)
+        with pytest.raises(ValueError, match="Langevin draws of shape"):  # draws for other tokens are refused
+            adapter.encode(f, eps=eps[:, :-1])
     eps_noise = (noisy - clean) * 1e4  # undo the 1/sqrt(1e8) of the probe
     D = SPEC.hidden_size
     want = (2.0 * F.softplus(adapter.encoder.rho)).sum().item() * (1 - 1 / D)  # minus the row mean

@@ -390,7 +390,9 @@ def test_training_noise_draws_each_row_from_its_seed_and_encodes_the_batch_once(
     count_calls(adapter, "encode", counts)
     with torch.no_grad():
         got = rt._encode(features, seeds)
-        alone = torch.cat([adapter.encoder(features.select([i]), noise=True, generator=torch.Generator().manual_seed(s))
+        shape = (1, features.num_tokens, features.spec.hidden_size)
+        alone = torch.cat([adapter.encoder(features.select([i]), eps=torch.randn(shape, generator=torch.Generator()
+                                                                                 .manual_seed(s)))
                            for i, s in enumerate(seeds)])
         clean = rt._encode(features, None)
     assert counts["encode"] == 2  # one per call, not one per row
