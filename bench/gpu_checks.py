@@ -369,6 +369,7 @@ def main() -> None:
         noise drawn over the whole bucket and cut (docs/benchmarks.md §3j). On CUDA a Philox draw of another
         size is another sequence, so this is where drawing at the cut width would show: the U-Net output
         of the cut batch must be the bucket's, and the one with draws at the cut width must not."""
+        from llmdiff_core.comfy_patch import TrainingCall
         from llmdiff_core.training.patching import feature_batch, training_options
 
         bucket, seeds = 96, (5, 6)
@@ -387,7 +388,7 @@ def main() -> None:
         sigma = torch.full((2,), 3.0, device=device)
 
         def output(feats: Any, host: torch.Tensor, noise_tokens: int | None) -> torch.Tensor:
-            to = training_options(patched, seeds, host, noise_tokens)
+            to = training_options(patched, TrainingCall(seeds, host, noise_tokens))
             with torch.no_grad():
                 return patched.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to,
                                                  llmdiff=feature_batch(feats.to(device))).float().cpu()

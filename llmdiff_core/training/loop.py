@@ -23,6 +23,7 @@ from torch import nn
 
 from ..adapter import LLMDiffAdapter
 from ..attention import attended_span
+from ..comfy_patch import TrainingCall
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from . import checkpointing, device_copy, objective, previews
@@ -80,8 +81,9 @@ class TrainModule(nn.Module):
             features = LLMFeatures(self.spec, hidden, scores, mask)
         else:  # compact features from the cache (encoders.CompactFeatures), expanded here on the device
             features = expand_features(self.spec, hidden, scores, mask, layers, int(num_tokens or mask.shape[1]))
-        to = training_options(self.patched, encoder_seeds if self.langevin_noise else None,
-                              None if host_mask is None else host_mask.tensor, noise_tokens, self.whole_bucket)
+        call = TrainingCall(tuple(encoder_seeds) if self.langevin_noise else None,
+                            None if host_mask is None else host_mask.tensor, noise_tokens, self.whole_bucket)
+        to = training_options(self.patched, call)
         kwargs: dict[str, Any] = {"c_crossattn": context, "transformer_options": to, "llmdiff": feature_batch(features)}
         if y is not None:
             kwargs["y"] = y
@@ -223,8 +225,7 @@ class Trainer:
         self.prefetch = False  # runner: True when batches come from the feature cache (pure host work)
         self._prefetcher: Prefetcher[tuple[Batch, Any]] | None = None
         self._last_step_start = 0.0
-        # copies on the training thread's stream; with the prefetcher, on a side stream (device_copy)
-        self._stager = device_copy.DeviceStager(accelerator.device, side_stream=False)
+        self._stager: device_copy.DeviceStager | None = None  # made with the first batch (take_batch)
 
     # --- setup ----------------------------------------------------------------------------------
     def build_optimizer(self) -> None:
@@ -306,13 +307,16 @@ class Trainer:
 
     def _prepare_batch(self) -> tuple[Batch, Any]:
         """The next batch and its inputs, staged for the device (on CUDA with the prefetcher: being copied)."""
+        assert self._stager is not None
         batch = self.next_batch()
         return batch, self._stager.start(self._host_inputs(batch))
 
     def take_batch(self) -> dict[str, Any]:
         """The next micro-batch's inputs on the device; the run state moves past it."""
+        if self._stager is None:  # copies on the training thread's stream; with the prefetcher, on a side stream
+            self._stager = device_copy.DeviceStager(self.acc.device,
+                                                    side_stream=self.prefetch and device_copy.SIDE_STREAM)
         if self.prefetch and self._prefetcher is None:
-            self._stager = device_copy.DeviceStager(self.acc.device, side_stream=device_copy.SIDE_STREAM)
             self._prefetcher = Prefetcher(self._prepare_batch)
         batch, staged = self._prepare_batch() if self._prefetcher is None else self._prefetcher.take()
         self.state.position = batch.position
@@ -362,6 +366,7 @@ class Trainer:
 
     def _device_inputs(self, staged: Any) -> dict[str, Any]:
         """A prepared batch's inputs on the device, ready for the training thread's stream."""
+        assert self._stager is not None
         return self._stager.finish(staged)
 
     # --- the loop -------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ run samples through the same patched model without it, i.e. exactly as the nodes
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -45,19 +44,14 @@ def compile_unet(patched: Any, backend: str, mode: str | None = None) -> None:
     set_torch_compile_wrapper(patched, backend=backend, mode=mode)
 
 
-def training_options(patched: Any, noise_seeds: Sequence[int] | None, host_mask: torch.Tensor | None = None,
-                     noise_tokens: int | None = None, whole_bucket: bool = False) -> dict[str, Any]:
+def training_options(patched: Any, call: TrainingCall) -> dict[str, Any]:
     """transformer_options for one training forward: as the sampler builds them (the patcher's
     model_options plus its wrappers and callbacks, comfy/sampler_helpers.py prepare_model_patcher),
-    plus the TrainingCall. noise_seeds: one per sample for the Langevin noise, None for none; host_mask:
-    the features' key mask on the CPU (TrainingCall.host_mask); noise_tokens: the token bucket the noise
-    is drawn at (TrainingCall.noise_tokens); whole_bucket: one key length for every batch
-    (TrainingCall.whole_bucket: for a compiled U-Net)."""
+    plus the TrainingCall that makes the U-Net call a training step."""
     to = pe.copy_nested_dicts(patched.model_options.get("transformer_options", {}))
     pe.merge_nested_dicts(to.setdefault("wrappers", {}), patched.wrappers, copy_dict1=False)
     pe.merge_nested_dicts(to.setdefault("callbacks", {}), patched.callbacks, copy_dict1=False)
-    to[TRAINING_KEY] = TrainingCall(None if noise_seeds is None else tuple(noise_seeds), host_mask, noise_tokens,
-                                    whole_bucket)
+    to[TRAINING_KEY] = call
     return to
 
 
