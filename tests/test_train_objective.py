@@ -65,7 +65,10 @@ def test_lr_schedule() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32 (one foreach call)", "bf16 (per tensor)"])
-def test_ema(dtype: torch.dtype) -> None:
+def test_ema(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    foreach_calls = []
+    lerp = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a: foreach_calls.append(1) or lerp(*a))
     m = torch.nn.Linear(2, 2).to(dtype)
     ema = EMA(m, decay=0.5)
     start = m.weight.detach().float().clone()
@@ -75,6 +78,8 @@ def test_ema(dtype: torch.dtype) -> None:
     d = 2 / 11
     torch.testing.assert_close(ema.shadow["weight"], d * start + (1 - d) * m.weight.detach().float())
     assert ema.shadow["weight"].dtype == torch.float32
+    # fp32 parameters: one foreach call for every shadow; others cast per tensor
+    assert len(foreach_calls) == (1 if dtype == torch.float32 else 0)
     ema.update(m)  # then min(0.5, 3/12)
     d2 = 3 / 12
     torch.testing.assert_close(ema.shadow["weight"], d2 * (d * start + (1 - d) * m.weight.detach().float())
