@@ -5,6 +5,7 @@ on the fly, NaN handling, bad data, gradient checkpointing, and the export throu
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -244,12 +245,14 @@ def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, 
     monkeypatch.setattr(loop.TrainModule, "forward", spy)
     torch._dynamo.reset()
     counters.clear()
+    caplog.set_level(logging.INFO, logger="llmdiff.train")
     try:
         comps = components(frozen)
         run = options(data, tmp_path / "fast", **common, **fast)
         assert runner.run_with(run, comps) == 0
         if "compile_unet" in fast:
             assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+            assert "compile cache" in caplog.text  # the silent first steps are explained
         if fast.get("gradient_checkpointing"):  # correct, but split: the run says so
             assert "--compile-unet with --gradient-checkpointing" in caplog.text
         elif "compile_unet" in fast:
