@@ -10,8 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from llmdiff_core.adapter_file import load_adapter, read_adapter_config
 from llmdiff_core.llm import load_llm
@@ -267,6 +269,36 @@ def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, 
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     conv = next(m for m in comps.model_patcher.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous()  # channels-last undone after the run
+
+
+@pytest.mark.slow
+def test_validation_of_a_compiled_run_samples_eager_and_compiles_nothing_more(tmp_path: Path, frozen) -> None:
+    """Validation images sample through the patched model with its U-Net eager: under --compile-unet a few
+    images in inference mode at the sampler's batch would otherwise compile U-Net graphs of their own
+    (minutes for SDXL, and their memory) for seconds of eager sampling. The run traces the graphs its
+    training traces, no more, and the images are the eager run's."""
+    from torch._dynamo.utils import counters
+
+    data = write_folder(tmp_path / "data", make_images(4))
+    common = dict(max_steps=2, compile_whole_bucket=True, validation_steps=2, validation_size=RES)
+    graphs, grids = {}, {}
+    for name, extra in {"eager": {}, "compiled": {"compile_unet": "aot_eager"},
+                        "compiled_plain": {"compile_unet": "aot_eager", "validation_prompts": []}}.items():
+        run = options(data, tmp_path / name, **{"validation_prompts": ["a green circle"], **common, **extra})
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            assert runner.run_with(run, components(frozen)) == 0
+            graphs[name] = counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+        grids[name] = sorted((tmp_path / name / "validation").glob("*.png"))
+    assert graphs["compiled"] == graphs["compiled_plain"] >= 1, graphs  # validation compiled nothing
+    assert graphs["eager"] == 0 and grids["compiled_plain"] == [], (graphs, grids)
+    assert [p.name for p in grids["compiled"]] == [p.name for p in grids["eager"]] != []
+    for a, b in zip(grids["compiled"], grids["eager"]):
+        diff = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
+        assert diff.max() <= 2, (a.name, int(diff.max()))  # the same adapter (losses agree to 1e-4), sampled eager
 
 
 @pytest.mark.slow

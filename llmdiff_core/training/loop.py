@@ -31,7 +31,7 @@ from .data import Position, SkipCounter, sample_seed
 from .encoders import CompactFeatures, Conditioning, drop_captions, expand_features
 from .ema import EMA
 from .options import TrainOptions
-from .patching import feature_batch, training_options
+from .patching import feature_batch, training_options, uncompiled
 from .schedule import lr_lambda
 from .tracking import Tracker
 
@@ -529,7 +529,8 @@ class Trainer:
             self.adapter.eval()
             try:
                 size = self.opts.validation_size or self.resolution
-                grid = previews.render(self.base_patcher, self.module.patched, self.vae, self.validation, size,
+                patched = uncompiled(self.module.patched)  # a compiled U-Net would compile again to sample
+                grid = previews.render(self.base_patcher, patched, self.vae, self.validation, size,
                                        self.opts.validation_steps, self.opts.validation_cfg,
                                        self.opts.validation_sampler, self.opts.validation_scheduler,
                                        self.opts.validation_seed)

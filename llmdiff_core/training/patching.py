@@ -8,8 +8,9 @@ So the trained layers are exactly the layers the nodes run.
 
 What differs from sampling is asked for per call with comfy_patch.TrainingCall (training_options):
 the gates stay tensors, the score encoding adds its Langevin noise from each sample's seed, and c and
-every site's K/V are computed by the call itself, outside gradient-checkpointed blocks. A validation
-run samples through the same patched model without it, i.e. exactly as the nodes do.
+every site's K/V are computed by the call itself, outside gradient-checkpointed blocks. Validation
+samples through the same patched model without it, i.e. exactly as the nodes do (with the U-Net eager:
+uncompiled).
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ def compile_unet(patched: Any, backend: str, mode: str | None = None) -> None:
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     set_torch_compile_wrapper(patched, backend=backend, mode=mode)
+
+
+def uncompiled(patched: Any) -> Any:
+    """A clone of the patched model (the same U-Net and adapter) without compile_unet's wrapper: its U-Net
+    runs eager. Validation samples through it: a few images in inference mode at the sampler's batch would
+    otherwise compile U-Net graphs of their own (minutes for SDXL, and their memory) for seconds of eager
+    sampling, and the math is the same."""
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS
+
+    clone = patched.clone()
+    clone.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, COMPILE_KEY)  # (clone() copies the wrapper lists)
+    clone.model_options.pop(TORCH_COMPILE_KWARGS, None)
+    return clone
 
 
 def training_options(patched: Any, call: TrainingCall) -> dict[str, Any]:
