@@ -529,7 +529,9 @@ class Trainer:
             self.adapter.eval()
             try:
                 size = self.opts.validation_size or self.resolution
-                patched = uncompiled(self.module.patched)  # a compiled U-Net would compile again to sample
+                patched = self.module.patched
+                if self.opts.compile_unet:  # sampling would compile U-Net graphs of its own: sample eager
+                    patched = uncompiled(patched)
                 grid = previews.render(self.base_patcher, patched, self.vae, self.validation, size,
                                        self.opts.validation_steps, self.opts.validation_cfg,
                                        self.opts.validation_sampler, self.opts.validation_scheduler,
