@@ -90,3 +90,35 @@ def test_ema(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     ema2.copy_to(other)
     torch.testing.assert_close(other.weight, ema.shadow["weight"].to(dtype))
     assert not math.isnan(float(other.bias.detach().sum()))
+
+
+def test_tracker_rate_is_the_recent_pace_and_memory_is_reported_on_cuda(tmp_path, monkeypatch) -> None:
+    """img/s in the bar and the logs is the pace of the last RATE_WINDOW steps: a first step that sat for
+    minutes compiling (or a validation pause) drops out of it instead of holding the rate down for hours.
+    The peak GPU memory is logged on CUDA only (the allocator's statistics: no sync)."""
+    from llmdiff_core.training import tracking
+
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: clock[0])
+    tracker = tracking.Tracker(tmp_path, enabled=True, tensorboard=False, progress=False, total_steps=100,
+                               start_step=0)
+    clock[0] = 300.0  # the first step: 16 images after a 5-minute compile
+    assert tracker.step_done(1, 16, 1.0, 1e-4) == pytest.approx(16 / 300)
+    rates = []
+    for step in range(2, 2 + 2 * tracking.RATE_WINDOW):
+        clock[0] += 0.5  # then 32 img/s
+        rates.append(tracker.step_done(step, 16, 1.0, 1e-4))
+    assert rates[0] == pytest.approx(32.0)  # the last step's pace, not 32 images over 300.5 s
+    assert rates[-1] == pytest.approx(32.0)
+    clock[0] += 60.0  # a validation pause: it counts once, then leaves the window
+    paused = tracker.step_done(100, 16, 1.0, 1e-4)
+    assert paused < 32.0 / 2
+    for step in range(101, 101 + tracking.RATE_WINDOW):
+        clock[0] += 0.5
+        last = tracker.step_done(step, 16, 1.0, 1e-4)
+    assert last == pytest.approx(32.0)
+    tracker.close()
+
+    assert tracking.device_memory(torch.device("cpu")) == {}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30 + 2**29)
+    assert tracking.device_memory(torch.device("cuda", 0)) == {"gpu_peak_gib": 3.5}

@@ -33,7 +33,7 @@ from .ema import EMA
 from .options import TrainOptions
 from .patching import feature_batch, training_options, uncompiled
 from .schedule import lr_lambda
-from .tracking import Tracker
+from .tracking import Tracker, device_memory
 
 log = logging.getLogger("llmdiff.train")
 
@@ -474,7 +474,8 @@ class Trainer:
         rate = tracker.step_done(record.step, record.images, loss, record.lr)
         if record.log:
             tracker.scalars(record.step, {"loss": loss, "lr": record.lr, "images_per_s": rate,
-                                          "step_time_s": record.host_period_s, "skipped": int(skipped)})
+                                          "step_time_s": record.host_period_s, "skipped": int(skipped),
+                                          **device_memory(self.acc.device)})
             n = len(gates) // 2
             tracker.gates(record.step, torch.tensor(gates[:n]), torch.tensor(gates[n:]))
         return stop > 0 and self.acc.num_processes > 1

@@ -10,12 +10,24 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 log = logging.getLogger("llmdiff.train")
+
+RATE_WINDOW = 20  # steps: images/s over these, so a compile, a validation or a checkpoint drops out of it soon
+
+
+def device_memory(device: Any) -> dict[str, float]:
+    """The run's peak memory on a CUDA device in GiB (allocated tensors, what decides out-of-memory);
+    nothing on other devices. Host-side allocator statistics: no device sync."""
+    if getattr(device, "type", None) != "cuda":
+        return {}
+    return {"gpu_peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
 
 
 class Tracker:
@@ -29,6 +41,7 @@ class Tracker:
         self.bar = None
         self._t0 = time.perf_counter()
         self._images = 0
+        self._recent: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)  # (time, images so far)
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -72,9 +85,13 @@ class Tracker:
             self.tb.add_image(tag, image, step, dataformats="HWC")
 
     def step_done(self, step: int, images: int, loss: float, lr: float) -> float:
-        """Advance the bar; returns images/s since the start of this run."""
+        """Advance the bar; returns images/s over the last RATE_WINDOW steps (over the run so far until
+        there are two): the training's pace, not one that the first steps' compile holds down for hours."""
         self._images += images
-        rate = self._images / max(1e-9, time.perf_counter() - self._t0)
+        now = time.perf_counter()
+        self._recent.append((now, self._images))
+        since, before = self._recent[0] if len(self._recent) > 1 else (self._t0, 0)
+        rate = (self._images - before) / max(1e-9, now - since)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
