@@ -381,6 +381,8 @@ class Trainer:
         opts = self.opts
         self.stop.install()
         pending: StepRecord | None = None
+        if self.acc.device.type == "cuda":  # gpu_peak_gib is training's, not the feature cache build's (the LLM)
+            torch.cuda.reset_peak_memory_stats(self.acc.device)
 
         def settle() -> bool:  # reads the step just queued; True: another process asks to stop
             nonlocal pending

@@ -23,8 +23,9 @@ RATE_WINDOW = 20  # steps: images/s over these, so a compile, a validation or a 
 
 
 def device_memory(device: Any) -> dict[str, float]:
-    """The run's peak memory on a CUDA device in GiB (allocated tensors, what decides out-of-memory);
-    nothing on other devices. Host-side allocator statistics: no device sync."""
+    """The peak memory on a CUDA device in GiB since the training loop started (Trainer.run resets it):
+    allocated tensors, what decides out-of-memory; nothing on other devices. Host-side allocator
+    statistics: no device sync."""
     if getattr(device, "type", None) != "cuda":
         return {}
     return {"gpu_peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
