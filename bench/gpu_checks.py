@@ -200,6 +200,8 @@ def main() -> None:
                    f"{after_keep[0]}, weights on {after_keep[1]}"
 
     # 6. training from the cache
+    logged_peaks: dict[str, list[Any]] = {}  # per run: the metrics rows' gpu_peak_gib (CUDA only)
+
     def cached_training(work: Path, runs: dict[str, dict[str, Any]], spy: Callable[[str], None] = lambda k: None
                         ) -> dict[str, list[float]]:
         """A tiny cache built once, then one 3-step training run per entry of runs (extra TrainOptions);
@@ -232,6 +234,7 @@ def main() -> None:
                 raise RuntimeError(f"training run {name} failed")
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             losses[name] = [r["loss"] for r in rows if "loss" in r]
+            logged_peaks[name] = [r.get("gpu_peak_gib") for r in rows if "loss" in r]
         return losses
 
     def training() -> tuple[bool, str]:
@@ -265,10 +268,13 @@ def main() -> None:
                    and bool(torch.allclose(a, torch.tensor(losses[k]), rtol=1e-3, atol=1e-5))
                    for k in ("no-stream", "off"))
         side_stream_used = streamed.get("on", 0) > 0 and streamed.get("no-stream", 0) == 0 and not streamed.get("off")
-        ok = same and bool(torch.isfinite(a).all()) and (not cuda or (all(pinned) and side_stream_used))
+        peaks = logged_peaks.get("on", [])  # the run logs its peak GPU memory on CUDA, nothing elsewhere
+        peaks_ok = bool(peaks) and all((p is not None and p > 0) if cuda else p is None for p in peaks)
+        ok = same and bool(torch.isfinite(a).all()) and peaks_ok and (not cuda or (all(pinned) and side_stream_used))
         return ok, (f"losses prefetch + side stream {[round(x, 4) for x in losses['on']]}, prefetch "
                     f"{[round(x, 4) for x in losses['no-stream']]}, no prefetch {[round(x, 4) for x in losses['off']]}; "
-                    f"pinned batches {sum(pinned)}/{len(pinned)}; batches on the side stream {streamed}")
+                    f"pinned batches {sum(pinned)}/{len(pinned)}; batches on the side stream {streamed}; "
+                    f"logged gpu_peak_gib {peaks}")
 
     # 8. bf16 training: the frozen bf16 U-Net outside autocast (docs/benchmarks.md §3h)
     def training_outside_autocast() -> tuple[bool, str]:
