@@ -61,16 +61,20 @@ class RunMask:
     keep: [B, 1, 1] in the U-Net dtype, 0 for rows without any attended token (they attend to all
           tokens, finite, and their result is zeroed: a path with nothing to attend to contributes
           nothing), or None when every row has one.
+    dynamic: the tensors that hold the key length are marked as varying for torch.compile (varying_keys):
+          set for sampling runs (prepare(dynamic=True)), not for training calls (see varying_keys).
     """
 
     start: int
     stop: int
     bias: torch.Tensor | None
     keep: torch.Tensor | None
+    dynamic: bool = False
 
     @classmethod
     def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
-                bucket: int = SPAN_BUCKET, host_mask: torch.Tensor | None = None, whole: bool = False) -> RunMask:
+                bucket: int = SPAN_BUCKET, host_mask: torch.Tensor | None = None, whole: bool = False,
+                dynamic: bool = False) -> RunMask:
         """mask: [B, T] bool, True = the token takes part in attention.
 
         The span and whether a bias / keep is needed are decided on the host: on host_mask when given (the
@@ -102,7 +106,10 @@ class RunMask:
                 span = mask[:, start:stop] | ~has_key[:, None]
                 bias = torch.zeros(span.shape, dtype=dtype, device=device).masked_fill_(~span, float("-inf"))
                 bias = bias[:, None, None, :]
-        return cls(start, stop, bias, keep)
+        made = cls(start, stop, bias, keep, dynamic=dynamic)
+        if bias is not None:
+            made.varying_keys(bias, dim=3)
+        return made
 
     def span(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [B, stop-start, ...]: the tokens attention can read (project only these)."""
@@ -113,6 +120,26 @@ class RunMask:
         SDPA reads every call."""
         b, _, inner = t.shape
         return t.reshape(b, -1, heads, inner // heads).transpose(1, 2).contiguous()
+
+    def varying_keys(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """t, its key-length dim marked for torch.compile as one that varies (when self.dynamic).
+
+        The span's length differs between prompts (a few SPAN_BUCKET lengths). Left unmarked, a compiled
+        U-Net (TorchCompileModel) traces a static graph for the first prompt and, at the first prompt of
+        another length, the whole U-Net again with the length dynamic (minutes for SDXL). Marked, the
+        first compile is already the dynamic one. A hint only (maybe_mark_dynamic): nothing fails if the
+        compiler keeps the length static after all, and eager code never reads it. Tensors derived from
+        marked ones (g * v) are new tensors: mark them too.
+
+        Not for training calls: there inductor (torch 2.13, CPU) compiled the attention backward with a
+        static stride for the dynamic length, which failed at the next batch's length (docs/benchmarks.md
+        §3m). Training keeps torch's own automatic dynamic shapes, or one static length
+        (--compile-whole-bucket).
+        """
+        if self.dynamic:
+            import torch._dynamo  # (already imported by ComfyUI and by torch.compile; lazy for plain torch users)
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        return t
 
 
 def attend(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: RunMask) -> torch.Tensor:

@@ -132,7 +132,7 @@ class RunEntry:
     q_weights: list[torch.Tensor]  # per site: tau_q's weight in dtype on device (cast / LoRA-patched once)
     new_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per site: tau_k(c), tau_v(c) [R, H, T', d] in dtype
     orig_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # paper: k(phi c), v(phi c), as new_kv
-    context: torch.Tensor | None = None  # paper: phi(c) [R, T', context_dim] in dtype
+    context: torch.Tensor | None = None  # paper: the U-Net's context, phi(c)'s first token [R, 1, context_dim] in dtype
     pooled: torch.Tensor | None = None  # paper, SDXL: [R, 1280]
     scaled: dict[float, ScaledSites] = field(default_factory=dict)  # per strength, float gates only
 
@@ -154,7 +154,7 @@ class RunEntry:
         gates = [effective_gates(wo, wn, scale * w) for wo, wn, w in zip(self.w_orig, self.w_new, block_weights)]
 
         def times(v: torch.Tensor, g: float) -> torch.Tensor:
-            return v if g == 1.0 else v * g
+            return v if g == 1.0 else self.mask.varying_keys(v * g)
 
         new = [None if is_identity(wo, wn) else times(self.new_kv[i][1], wn) for i, (wo, wn) in enumerate(gates)]
         orig = None if self.orig_kv is None else [times(kv[1], wo) for kv, (wo, _) in zip(self.orig_kv, gates)]
@@ -292,7 +292,7 @@ class AdapterRuntime(_Shared):
         identity = rows == list(range(features.batch_size))
         mask = RunMask.prepare(features.mask if identity else features.mask[rows], dtype, device,
                                host_mask=None if training is None else training.host_mask,
-                               whole=training is not None and training.whole_bucket)
+                               whole=training is not None and training.whole_bucket, dynamic=training is None)
         # every token the adapter reads lies before mask.stop: only those are moved and encoded (a training
         # batch's captions fill ~half of the 128-token bucket, and the encoding's float32 [B, L, T, D]
         # scores are its largest tensor, kept for its backward). The noise is drawn over the tokens the call
@@ -304,6 +304,9 @@ class AdapterRuntime(_Shared):
 
         def per_row(t: torch.Tensor) -> torch.Tensor:  # distinct rows -> the call's rows
             return t if index is None else t.index_select(0, index)
+
+        def keys(t: torch.Tensor, heads: int) -> torch.Tensor:  # [R, T', H*d] -> the call's [B, H, T', d]
+            return mask.varying_keys(per_row(mask.heads(t, heads)))
         w_orig, w_new = self.adapter.gate_weights()
         gates_orig: list[float] | torch.Tensor = w_orig
         gates_new: list[float] | torch.Tensor = w_new
@@ -323,13 +326,14 @@ class AdapterRuntime(_Shared):
         for i, site in enumerate(self.sites):
             heads = site.spec.heads
             k, v = (t if t.dtype == dtype else t.to(dtype) for t in self.adapter.site_keys_values(i, c_span))
-            new_kv.append((per_row(mask.heads(k, heads)), per_row(mask.heads(v, heads))))
+            new_kv.append((keys(k, heads), keys(v, heads)))
             q_weights.append(_weight_bias(self.adapter.sites[i].to_q, like)[0].to(device=device, dtype=dtype))
             if context_span is not None:
-                orig_kv.append((per_row(mask.heads(_project(site.attn2.to_k, context_span), heads)),
-                                per_row(mask.heads(_project(site.attn2.to_v, context_span), heads))))
+                orig_kv.append((keys(_project(site.attn2.to_k, context_span), heads),
+                                keys(_project(site.attn2.to_v, context_span), heads)))
         return RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
-                        orig_kv=orig_kv, context=None if context is None else per_row(context), pooled=pooled)
+                        orig_kv=orig_kv, context=None if context is None else _unet_context(per_row(context)),
+                        pooled=pooled)
 
     def _encode(self, features: LLMFeatures, noise_seeds: Sequence[int] | None,
                 noise_tokens: int | None = None) -> torch.Tensor:
@@ -470,14 +474,21 @@ def unet_autocast_off(device_type: str, unet_dtype: torch.dtype) -> bool:
             and torch.get_autocast_dtype(device_type) == unet_dtype)  # (no autocast on e.g. meta: FLOP counts)
 
 
+def _unet_context(phi_c: torch.Tensor) -> torch.Tensor:
+    """Paper mode: the context the U-Net is handed, from phi(c) [R, T', context_dim].
+
+    attn2 still projects it before our replace patch ignores the result: one token of phi(c) keeps that
+    cheap and of the right width (CLIP may not even be connected). Contiguous, so its strides do not
+    depend on the span's length T' (a compiled U-Net would recompile on them for every new length).
+    """
+    return phi_c[:, :1].contiguous()
+
+
 def _paper_unet_inputs(entry: RunEntry, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Paper mode: the U-Net context and (SDXL) y with phi(c) and phi_pool in place of CLIP's."""
-    # attn2 still projects `context` itself before our replace patch ignores the result: one token
-    # of phi(c) keeps that cheap and of the right width (CLIP may not even be connected).
-    context = entry.context[:, :1]
     if entry.pooled is not None and y is not None:
         y = torch.cat([entry.pooled.to(y), y[:, SDXL_POOLED_DIM:]], dim=1)
-    return context, y
+    return entry.context, y
 
 
 class OuterSampleWrapper(_Shared):

@@ -42,15 +42,17 @@ UNETS: dict[str, tuple[Callable[[], Any], int]] = {
 
 # --- builders ---------------------------------------------------------------------------------------
 
-def make_features(lengths: list[int], seed: int, dtype: torch.dtype = torch.float32) -> LLMFeatures:
-    """Prompts with `lengths` real tokens after a (masked) BOS, right-padded to TOKENS."""
+def make_features(lengths: list[int], seed: int, dtype: torch.dtype = torch.float32,
+                  tokens: int = TOKENS) -> LLMFeatures:
+    """Prompts with `lengths` real tokens after a (masked) BOS, right-padded to `tokens`."""
+    assert max(lengths) < tokens
     g = torch.Generator().manual_seed(seed)
     b, L, D = len(lengths), SPEC.num_layers, SPEC.hidden_size
-    mask = torch.zeros(b, TOKENS, dtype=torch.bool)
+    mask = torch.zeros(b, tokens, dtype=torch.bool)
     for row, n in enumerate(lengths):
         mask[row, 1:1 + n] = True
-    return LLMFeatures(SPEC, torch.randn(b, L + 1, TOKENS, D, generator=g).to(dtype),
-                       (0.5 * torch.randn(b, L, TOKENS, D, generator=g)).to(dtype), mask)
+    return LLMFeatures(SPEC, torch.randn(b, L + 1, tokens, D, generator=g).to(dtype),
+                       (0.5 * torch.randn(b, L, tokens, D, generator=g)).to(dtype), mask)
 
 
 def clip_conditioning(family: str, rows: int, seed: int) -> list[list[Any]]:
@@ -841,7 +843,8 @@ def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets(whole
     c is encoded only that far: the compiled U-Net (ComfyUI's torch.compile wrapper, what --compile-unet sets;
     aot_eager traces forward and backward) traces a static graph, then one with the key length dynamic, and no
     more: no recompilation per batch and no graph break, whatever the captions' lengths. Over the whole
-    bucket (TrainingCall.whole_bucket, what the trainer asks for when it compiles) it traces one graph."""
+    bucket (TrainingCall.whole_bucket, what the trainer asks for when it compiles) it traces one graph.
+    (Training does not mark the key length dynamic up front, as sampling does: RunMask.varying_keys.)"""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
@@ -864,6 +867,45 @@ def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets(whole
             out = diffusion_output(m, x, sigma, context, y, batch, TrainingCall((step, 99), mask, 128, whole_bucket))
             out.square().mean().backward()
         assert counters["stats"]["unique_graphs"] == (1 if whole_bucket else 2), dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode, backend", [("clip", "dynamo"), ("llm", "dynamo"),
+                                           pytest.param("clip", "inductor", marks=pytest.mark.slow)])
+def test_compiled_sampling_traces_one_graph_for_prompts_of_any_length(mode: str, backend: str,
+                                                                       monkeypatch: Any) -> None:
+    """Prompts of 6, 40 and 70 tokens in an 80-token bucket attend to 32, 64 and 79 keys (RunMask's span buckets).
+    The per-run K/V, values and mask carry that length as a dynamic dim (RunMask.varying_keys), so the compiled
+    U-Net (TorchCompileModel) traces once for all of them: no second, dynamic compile of the whole U-Net when a
+    longer prompt comes (minutes for SDXL), and every image is the eager one. With inductor too, whose
+    generated code checks its inputs' sizes and strides (in training it failed on them: varying_keys)."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    mp = tiny_sd15_minimal()
+    m = apply_adapter(mp, adapter_for(mp, mode))
+    c = m.clone()
+    set_torch_compile_wrapper(c, backend=GraphCounter() if backend == "dynamo" else backend)
+    neg = attach_features(clip_conditioning("minimal", 1, 2), make_features([3], 2, tokens=80))
+    keys = []
+    build = AdapterRuntime._build_entry
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        entry = build(self, *args, **kwargs)
+        keys.append(entry.new_kv[0][0].shape[2])
+        return entry
+    monkeypatch.setattr(AdapterRuntime, "_build_entry", spy)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for seed, length in enumerate([6, 40, 70, 20]):
+            pos = attach_features(clip_conditioning("minimal", 1, seed), make_features([length], seed, tokens=80))
+            out = sample(c, pos, neg, noise(1), steps=2)
+            assert max_rel(out, sample(m, pos, neg, noise(1), steps=2)) < (1e-6 if backend == "dynamo" else 1e-4)
+        assert keys == [32, 32, 64, 64, 79, 79, 32, 32]  # (compiled, eager) per prompt
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
         assert not counters["graph_break"], dict(counters["graph_break"])
     finally:
         torch._dynamo.reset()
