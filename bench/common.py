@@ -259,6 +259,42 @@ class PeakMemory:
 _ACTIVE_PEAKS: list[PeakMemory] = []
 
 
+# torch's compiler timers (torch._dynamo.utils.compile_times), nested: a phase includes those it calls
+COMPILE_PHASES = {
+    "_compile.compile_inner": "dynamo, forward compile included",
+    "bytecode_tracing": "tracing",
+    "aot_trace_joint_graph": "AOT joint graph",
+    "min_cut_rematerialization_partition": "partition",
+    "compile_fx.<locals>.fw_compiler_base": "inductor forward",
+    "compile_fx.<locals>.bw_compiler": "inductor backward",
+    "GraphLowering.run": "lowering",
+    "Scheduler.__init__": "fusion",
+    "async_compile.wait": "waiting on kernel compiles",
+}
+
+
+class CompileClock:
+    """The seconds torch's compiler spent in each phase since this clock started: where a compile's minutes go
+    (Python-side tracing and lowering, or the parallel kernel compiles), read from torch's own timers."""
+
+    def __init__(self) -> None:
+        self.start = self._totals()
+
+    @staticmethod
+    def _totals() -> dict[str, float]:
+        try:
+            from torch._dynamo.utils import compilation_time_metrics
+        except ImportError:  # (another torch: no breakdown, nothing else changes)
+            return {}
+        return {k: sum(v) for k, v in compilation_time_metrics.items()}
+
+    def phases(self) -> str:
+        """'dynamo, forward compile included 12.3 s, tracing 1.2 s, ...' (phases that took 0.05 s or more)."""
+        now = self._totals()
+        spent = [(label, now.get(key, 0.0) - self.start.get(key, 0.0)) for key, label in COMPILE_PHASES.items()]
+        return ", ".join(f"{label} {s:.1f} s" for label, s in spent if s >= 0.05)
+
+
 def gib(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 

@@ -158,7 +158,10 @@ def main() -> None:
                 return {"step": float("nan"), "first": float("nan"), "run": float("nan")}
             return with_impl
         measurements = {name: measured(name, v) for name, v in variants.items()}
+        compile_clock = common.CompileClock()
         results = common.interleaved(measurements, opts.repeats, opts.warmup)
+        if opts.compile and compile_clock.phases():
+            report.notes.append(f"{family}: the compiles' phases, all variants (nested): {compile_clock.phases()}")
 
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:

@@ -284,7 +284,7 @@ def main() -> None:
             for v in marks.values():
                 v.clear()
             moved.clear()
-            run_start = common.now()
+            run_start, compile_clock = common.now(), common.CompileClock()
             with common.PeakMemory(device) as pm:
                 code = runner.run_with(TrainOptions(output_dir=str(out_dir),
                                                     max_steps=opts.warmup + opts.steps + 1 + opts.profile,
@@ -300,6 +300,8 @@ def main() -> None:
             if len(marks["start"]) > opts.warmup:  # what a compile costs shows here (A/B: --compile-whole-bucket)
                 report.notes.append(f"{family}: {marks['start'][opts.warmup] - run_start:.1f} s from the run's start "
                                     f"to the first timed step (the warm-up steps: compile, cuDNN's choices)")
+            if opts.compile and compile_clock.phases():
+                report.notes.append(f"{family}: the compile's phases (nested): {compile_clock.phases()}")
             if len(steps) < opts.steps:  # stopped early (device_run.sh's deadline sends SIGINT): say how far it got
                 report.notes.append(f"{family}: stopped after {len(marks['start'])} steps, "
                                     f"{common.now() - run_start:.0f} s in: {len(steps)} of {opts.steps} timed steps "
