@@ -162,11 +162,14 @@ def attend(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: RunMask) -
 
 
 def fuse_at_core(a_orig: torch.Tensor, scaled_new: torch.Tensor, w_orig: Gate) -> torch.Tensor:
-    """w_orig*A_orig + S, S = w_new*A_new already scaled (before the output projection)."""
+    """w_orig*A_orig + S, S = w_new*A_new already scaled (before the output projection).
+
+    A 0-d tensor w_orig (float32 is fine: a 0-d operand does not promote a half tensor) costs the same
+    single kernel as a float, and a compiled U-Net reads it rather than recompiling on its value."""
     if scaled_new.dtype != a_orig.dtype:  # (a same-dtype .to() is still a dispatch per site and step)
         scaled_new = scaled_new.to(a_orig.dtype)
     if isinstance(w_orig, torch.Tensor):
-        return w_orig * a_orig + scaled_new
+        return torch.addcmul(scaled_new, a_orig, w_orig)
     if w_orig == 1.0:
         return a_orig + scaled_new
     return torch.add(scaled_new, a_orig, alpha=w_orig)

@@ -158,7 +158,9 @@ class RunEntry:
 
         new = [None if is_identity(wo, wn) else times(self.new_kv[i][1], wn) for i, (wo, wn) in enumerate(gates)]
         orig = None if self.orig_kv is None else [times(kv[1], wo) for kv, (wo, _) in zip(self.orig_kv, gates)]
-        found = ScaledSites(gates, new, orig)
+        # one host->device copy per run and strength (the entry's first call may sync; the steps do not)
+        fusion = list(torch.tensor([wo for wo, _ in gates], dtype=torch.float32, device=self.device).unbind())
+        found = ScaledSites(gates, new, orig, fusion)
         self.scaled[scale] = found
         return found
 
@@ -177,25 +179,33 @@ class RunEntry:
         orig = None
         if self.orig_kv is not None:
             orig = [v * g for (_, v), g in zip(self.orig_kv, w_orig.to(dtype).unbind())]
-        return ScaledSites(list(zip(w_orig.unbind(), w_new.unbind())), new, orig)
+        gates = list(zip(w_orig.unbind(), w_new.unbind()))
+        return ScaledSites(gates, new, orig, [wo for wo, _ in gates])
 
 
 @dataclass(frozen=True)
 class ScaledSites:
     """Per site at one strength: the effective (w_orig, w_new) and the values the patches read,
-    w_new*tau_v(c) (None where the gates are the identity) and in paper mode w_orig*v(phi c)."""
+    w_new*tau_v(c) (None where the gates are the identity) and in paper mode w_orig*v(phi c).
+
+    fusion_weights: per site, the w_orig that hybrid mode's fusion (fuse_at_core) multiplies A_orig by, as a
+    0-d tensor on the U-Net's device (training: the gate tensor itself). A compiled U-Net then reads a
+    value rather than a Python float it would guard on: a new strength or block weight does not recompile.
+    """
 
     gates: list[tuple[Gate, Gate]]
     new_values: list[torch.Tensor | None]
     orig_values: list[torch.Tensor] | None
+    fusion_weights: list[torch.Tensor]
 
 
 @dataclass(frozen=True)
 class CallState:
     """One U-Net call: its run entry and each site's effective (w_orig, w_new).
 
-    gates, new_values, orig_values: the entry's ScaledSites for this call's strength, prepared before the
-    U-Net runs, so the patches inside it only read (nothing for a compiled U-Net to trace but tensor math).
+    gates, new_values, orig_values, fusion_weights: the entry's ScaledSites for this call's strength, prepared
+    before the U-Net runs, so the patches inside it only read (nothing for a compiled U-Net to trace but
+    tensor math).
 
     pending: site -> w_new*A_new, from the attn2_patch until the attention core (CoreFusion) or,
     failing that, the attn2_output_patch takes it. It lives here, not in the patches' extra_options,
@@ -207,6 +217,7 @@ class CallState:
     gates: list[tuple[Gate, Gate]]
     new_values: list[torch.Tensor | None]
     orig_values: list[torch.Tensor] | None = None
+    fusion_weights: list[torch.Tensor] = field(default_factory=list)
     at_core: list[bool] = field(default_factory=list)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -374,7 +385,7 @@ class AdapterRuntime(_Shared):
             at_core = [s.spec.key not in replaced and s.spec.block not in replaced for s in self.sites]
         else:
             at_core = [True] * len(self.sites)
-        return CallState(entry, scaled.gates, scaled.new_values, scaled.orig_values, at_core)
+        return CallState(entry, scaled.gates, scaled.new_values, scaled.orig_values, scaled.fusion_weights, at_core)
 
     # attention-patch helpers
     def site_of(self, eo: dict[str, Any]) -> int | None:
@@ -557,7 +568,7 @@ class CoreFusion:
                 if (isinstance(q, torch.Tensor) and q.shape == s.shape and not kwargs.get("skip_reshape")
                         and not kwargs.get("skip_output_reshape")):
                     s_new = pending.pop(i)
-                    w_orig = self.state.gates[i][0]
+                    w_orig = self.state.fusion_weights[i]
         out = func(*args, **kwargs) if self.previous is None else self.previous(func, *args, **kwargs)
         return out if s_new is None else fuse_at_core(out, s_new, w_orig)
 
@@ -584,7 +595,7 @@ class FusedReplace:
         if s_new is None or s_new.shape != out.shape:
             return out  # the output patch fuses it after to_out
         del self.state.pending[i]
-        return fuse_at_core(out, s_new, self.state.gates[i][0])
+        return fuse_at_core(out, s_new, self.state.fusion_weights[i])
 
 
 class HybridFusion(_SitePatch):
