@@ -837,6 +837,31 @@ def test_a_training_batch_cut_short_trains_as_the_whole_bucket_with_draws_at_the
     assert spans == [(0, 80, 80), (1, 33, 33)]  # the whole bucket, against the span (rounded to 32 tokens)
 
 
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_torch_compile_model_before_apply_llmdiff_compiles_the_patches_too(mode: str) -> None:
+    """A graph may put TorchCompileModel before Apply LLMDiff: the compile wrapper is then the outer one,
+    and the U-Net it compiles still runs the adapter's patches in one graph, with the eager result."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, mode)
+    compiled_first = mp.clone()
+    backend = GraphCounter()
+    set_torch_compile_wrapper(compiled_first, backend=backend)
+    m = apply_adapter(compiled_first, adapter)
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        out = sample(m, pos, neg, noise(1), steps=3)
+        assert backend.calls == [3], backend.calls
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert max_rel(out, sample(apply_adapter(mp, adapter), pos, neg, noise(1), steps=3)) < 1e-6
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("whole_bucket", [False, True], ids=["span", "whole bucket"])
 def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets(whole_bucket: bool) -> None:
     """Training batches attend to spans of 32, 64, 96 or 127 keys (SPAN_BUCKET in a 128-token bucket) and their
