@@ -158,8 +158,9 @@ class RunEntry:
 
         new = [None if is_identity(wo, wn) else times(self.new_kv[i][1], wn) for i, (wo, wn) in enumerate(gates)]
         orig = None if self.orig_kv is None else [times(kv[1], wo) for kv, (wo, _) in zip(self.orig_kv, gates)]
-        # one host->device copy per run and strength (the entry's first call may sync; the steps do not)
-        fusion = list(torch.tensor([wo for wo, _ in gates], dtype=torch.float32, device=self.device).unbind())
+        fusion: list[torch.Tensor] = []  # paper mode folds w_orig into its values: no fusion
+        if self.orig_kv is None:  # one host->device copy per run and strength (not per step: no sync there)
+            fusion = list(torch.tensor([wo for wo, _ in gates], dtype=torch.float32, device=self.device).unbind())
         found = ScaledSites(gates, new, orig, fusion)
         self.scaled[scale] = found
         return found
@@ -189,8 +190,9 @@ class ScaledSites:
     w_new*tau_v(c) (None where the gates are the identity) and in paper mode w_orig*v(phi c).
 
     fusion_weights: per site, the w_orig that hybrid mode's fusion (fuse_at_core) multiplies A_orig by, as a
-    0-d tensor on the U-Net's device (training: the gate tensor itself). A compiled U-Net then reads a
-    value rather than a Python float it would guard on: a new strength or block weight does not recompile.
+    0-d tensor on the U-Net's device (training: the gate tensor itself; sampling in paper mode: none). A
+    compiled U-Net then reads a value rather than a Python float it would guard on: a new strength or
+    block weight does not recompile.
     """
 
     gates: list[tuple[Gate, Gate]]
