@@ -155,7 +155,7 @@ def main() -> None:
         backend = "inductor" if cuda else "eager"
         base = models(device, unet_dtype)
         adapter = builders.build_adapter(base, spec, "clip", "auto", 96)
-        # 20 and 70 tokens in a 96-token bucket (spans of 32 and 96 keys), then the first at strength 0.6
+        # 20 and 70 tokens in a 96-token bucket (spans of 32 and 95 keys), then the first at strength 0.6
         short, long = (builders.prompt_pair(shape, spec, 96, n, 0, 1) for n in (20, 70))
         runs = [(apply_adapter(base, adapter, strength=s), p) for s, p in ((1.0, short), (1.0, long), (0.6, short))]
         eager = [sample(m, *p, 3) for m, p in runs]

@@ -160,8 +160,9 @@ def main() -> None:
         measurements = {name: measured(name, v) for name, v in variants.items()}
         compile_clock = common.CompileClock()
         results = common.interleaved(measurements, opts.repeats, opts.warmup)
-        if opts.compile and compile_clock.phases():
-            report.notes.append(f"{family}: the compiles' phases, all variants (nested): {compile_clock.phases()}")
+        phases = compile_clock.phases() if opts.compile else ""
+        if phases:
+            report.notes.append(f"{family}: the compiles' phases, all variants (nested): {phases}")
 
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:

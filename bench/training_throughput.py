@@ -300,8 +300,9 @@ def main() -> None:
             if len(marks["start"]) > opts.warmup:  # what a compile costs shows here (A/B: --compile-whole-bucket)
                 report.notes.append(f"{family}: {marks['start'][opts.warmup] - run_start:.1f} s from the run's start "
                                     f"to the first timed step (the warm-up steps: compile, cuDNN's choices)")
-            if opts.compile and compile_clock.phases():
-                report.notes.append(f"{family}: the compile's phases (nested): {compile_clock.phases()}")
+            phases = compile_clock.phases() if opts.compile else ""
+            if phases:
+                report.notes.append(f"{family}: the compile's phases (nested): {phases}")
             if len(steps) < opts.steps:  # stopped early (device_run.sh's deadline sends SIGINT): say how far it got
                 report.notes.append(f"{family}: stopped after {len(marks['start'])} steps, "
                                     f"{common.now() - run_start:.0f} s in: {len(steps)} of {opts.steps} timed steps "
