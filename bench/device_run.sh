@@ -73,8 +73,9 @@ run_part() {
       # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against training-compiled-sd15
       step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10
       step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
-      # one compile instead of two (static, then dynamic key length) against ~1-2 % more work per step: which default?
-      step training-compiled-whole-bucket-sd15 130 train --models sd15 --no-floor --compile inductor --compile-whole-bucket --warmup 5 --steps 10
+      # the whole bucket (one static graph, the default since session 9) against the span (a static graph, then a dynamic
+      # one, which inductor on the CPU compiled wrongly: does CUDA run it past a third span length, and faster per step?)
+      step training-compiled-span-sd15 130 train --models sd15 --no-floor --compile inductor --no-compile-whole-bucket --warmup 5 --steps 10
       # a device-bound step: do bigger GEMMs and convolutions (batch 32) run nearer their peak? (the target names no batch)
       step training-compiled-sd15-b32 150 train --models sd15 --batch sd15=32 --no-floor --compile inductor --warmup 5 --steps 10
       step training-no-copy-stream 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
@@ -82,9 +83,9 @@ run_part() {
       step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
       step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
       step sampling-cudagraphs-sd15 120 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops
-      # compiling SDXL's training step took over 4 minutes on an H100 (§5e): give it a call of its own, and
-      # compile once (--compile-whole-bucket), not a static graph and then a dynamic one
-      step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --compile-whole-bucket --warmup 5 --steps 10 --profile 2 ;;
+      # compiling SDXL's training step took over 4 minutes on an H100 (§5e): give it a call of its own (one compile:
+      # the whole bucket, the default)
+      step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2 ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }

@@ -22,6 +22,7 @@ Targets (issue 5, one H100): >= 200 img/s SD1.5 512 px, >= 28 img/s SDXL 1024 px
 
 from __future__ import annotations
 
+import argparse
 import collections
 import gc
 import json
@@ -60,8 +61,9 @@ def parse() -> Any:
     p.add_argument("--compile", default="", metavar="BACKEND",
                    help="train.py --compile-unet BACKEND (inductor on a GPU); the warmup steps compile")
     p.add_argument("--compile-mode", default="", help="train.py --compile-mode")
-    p.add_argument("--compile-whole-bucket", action="store_true",
-                   help="train.py --compile-whole-bucket: one key length, one compile (with --compile)")
+    p.add_argument("--compile-whole-bucket", action=argparse.BooleanOptionalAction, default=True,
+                   help="train.py --compile-whole-bucket (its default, with --compile): one static key length, one "
+                        "compile; --no-compile-whole-bucket: the span's (a static, then a dynamic graph)")
     p.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
                    help="train.py --mixed-precision, with the frozen U-Net in that dtype (default: bf16 where the "
                         "GPU has it, no on a CPU; bf16 on a CPU counts the casts a GPU step does)")
@@ -297,7 +299,7 @@ def main() -> None:
                 profile_tables(report, profiler.pop("on"), family, opts.profile, step_times()[-opts.profile:], cuda)
             timed = slice(opts.warmup, opts.warmup + opts.steps)
             steps = step_times()[timed]
-            if len(marks["start"]) > opts.warmup:  # what a compile costs shows here (A/B: --compile-whole-bucket)
+            if len(marks["start"]) > opts.warmup:  # what a compile costs shows here (A/B: --no-compile-whole-bucket)
                 report.notes.append(f"{family}: {marks['start'][opts.warmup] - run_start:.1f} s from the run's start "
                                     f"to the first timed step (the warm-up steps: compile, cuDNN's choices)")
             phases = compile_clock.phases() if opts.compile else ""

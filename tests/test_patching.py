@@ -837,6 +837,49 @@ def test_a_training_batch_cut_short_trains_as_the_whole_bucket_with_draws_at_the
     assert spans == [(0, 80, 80), (1, 33, 33)]  # the whole bucket, against the span (rounded to 32 tokens)
 
 
+@pytest.mark.slow
+def test_inductor_trains_batches_of_any_caption_length_as_eager() -> None:
+    """--compile-unet inductor as the trainer runs it (over the whole token bucket: --compile-whole-bucket, the
+    default), over batches whose captions span 96, 64 and 32 keys: inductor's generated code checks its
+    inputs' sizes and strides, which dynamo alone (the tests above) does not run. One static graph gives the
+    eager outputs and the eager gradients of every adapter weight.
+
+    Over the span instead (--no-compile-whole-bucket), inductor on the CPU (torch 2.13) compiled the second,
+    dynamic graph with a static stride for the key length, and the third span length failed its assert
+    (docs/benchmarks.md §3m); not tested here, as it fails."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")
+    eager = apply_adapter(mp, adapter)
+    compiled = apply_adapter(mp, adapter)
+    set_torch_compile_wrapper(compiled, backend="inductor")
+    x, sigma, context, y = direct_inputs("sd15")
+    g = torch.Generator().manual_seed(5)
+    torch._dynamo.reset()
+    try:
+        for step, lengths in enumerate([[70, 90], [40, 50], [10, 20]]):
+            mask = torch.zeros(2, 128, dtype=torch.bool)
+            for row, n in enumerate(lengths):
+                mask[row, 1:1 + n] = True
+            features = LLMFeatures(SPEC, torch.randn(2, SPEC.num_layers + 1, 128, SPEC.hidden_size, generator=g),
+                                   torch.randn(2, SPEC.num_layers, 128, SPEC.hidden_size, generator=g), mask)
+            grads = []
+            for m in (eager, compiled):
+                adapter.zero_grad(set_to_none=True)
+                out = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]),
+                                       TrainingCall((step, 99), mask, 128, whole_bucket=True))
+                out.square().mean().backward()
+                grads.append((out.detach(), [p.grad.clone() for p in adapter.parameters() if p.grad is not None]))
+            (want, want_grads), (got, got_grads) = grads
+            assert max_rel(got, want) < 1e-4, step
+            assert len(got_grads) == len(want_grads) > 0
+            for a, b in zip(got_grads, want_grads):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", ["clip", "llm"])
 def test_torch_compile_model_before_apply_llmdiff_compiles_the_patches_too(mode: str) -> None:
     """A graph may put TorchCompileModel before Apply LLMDiff: the compile wrapper is then the outer one,

@@ -137,8 +137,9 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
         parse_options(["--llm", "x", "--data", "y"])
     with pytest.raises(OptionsError, match="--compile-mode needs --compile-unet"):
         parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-mode", "max-autotune"])
-    with pytest.raises(OptionsError, match="--compile-whole-bucket needs --compile-unet"):
-        parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-whole-bucket"])
+    assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c"]).compile_whole_bucket  # (with compile)
+    assert not parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-unet", "inductor",
+                              "--no-compile-whole-bucket"]).compile_whole_bucket
     assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-unet", "inductor",
                           "--no-prefetch", "--channels-last"]).compile_unet == "inductor"
     assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c"]).cudnn_benchmark

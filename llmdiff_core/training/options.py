@@ -116,11 +116,14 @@ class TrainOptions:
                              "backend (inductor on a GPU; the first steps compile); empty = eager", metavar="BACKEND")
     compile_mode: str = _opt("", "torch.compile mode with --compile-unet (e.g. max-autotune-no-cudagraphs); "
                              "empty = the default")
-    compile_whole_bucket: bool = _opt(False, "with --compile-unet: encode and attend over every batch's whole "
+    compile_whole_bucket: bool = _opt(True, "with --compile-unet: encode and attend over every batch's whole "
                                       "--max-tokens bucket, not only up to its captions' span, so the compiled "
-                                      "U-Net sees one key length and compiles once (else a static graph, then one "
-                                      "with the key length dynamic); a little more work per step (the padding "
-                                      "tokens are masked: the same training)")
+                                      "U-Net sees one static key length and compiles once, for a little more work "
+                                      "per step (the padding tokens are masked: the same training). "
+                                      "--no-compile-whole-bucket attends up to each batch's span: a static graph, "
+                                      "then one with the key length dynamic, which inductor on the CPU (torch "
+                                      "2.13) compiled wrongly: it failed at the third span length "
+                                      "(docs/benchmarks.md §3m)")
     cudnn_benchmark: bool = _opt(True, "CUDA: let cuDNN time its convolution algorithms for the U-Net's shapes in the "
                                  "first steps and keep the fastest (the training resolution is fixed: once); off = "
                                  "cuDNN's heuristic choice")
@@ -307,5 +310,3 @@ def check_options(opts: TrainOptions) -> None:
         raise OptionsError(f"--sdpa-backends: {e}") from None
     if opts.compile_mode and not opts.compile_unet:
         raise OptionsError("--compile-mode needs --compile-unet BACKEND (e.g. --compile-unet inductor)")
-    if opts.compile_whole_bucket and not opts.compile_unet:
-        raise OptionsError("--compile-whole-bucket needs --compile-unet BACKEND (e.g. --compile-unet inductor)")

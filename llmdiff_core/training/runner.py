@@ -226,7 +226,9 @@ def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch
         # the first steps then sit silent for minutes (SDXL); say why, and that it is paid once per machine
         log.info("--compile-unet %s: the first training steps compile the U-Net (minutes for SDXL); torch keeps "
                  "the result in its compile cache (TORCHINDUCTOR_CACHE_DIR, else torchinductor_<user> in the temp "
-                 "folder), so a resumed or repeated run at the same shapes compiles in seconds", opts.compile_unet)
+                 "folder), so a resumed or repeated run at the same shapes compiles in seconds%s", opts.compile_unet,
+                 "" if opts.compile_whole_bucket else "; with --no-compile-whole-bucket a second compile follows "
+                 "at the second caption span length")
 
 
 def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter: LLMDiffAdapter, patched: Any,
@@ -303,7 +305,8 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
         raise LLMDiffError("no LLM loaded to encode the empty prompt")
 
     module = TrainModule(adapter, patched, adapter.config.llm, prediction, opts.min_snr_gamma,
-                         adapter.config.context_dim, opts.langevin_noise, whole_bucket=opts.compile_whole_bucket)
+                         adapter.config.context_dim, opts.langevin_noise,
+                         whole_bucket=bool(opts.compile_unet) and opts.compile_whole_bucket)  # (eager: the span)
     trainer = Trainer(opts, accelerator, module, mp, iter(()), make_conditioning, empty, components.vae,
                       validation, summary)
     trainer.build_optimizer()
