@@ -168,7 +168,8 @@ def main() -> None:
         copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
         cudnn_benchmark=cuda and not opts.no_cudnn_benchmark,
         channels_last=opts.channels_last, sdpa_backends=opts.sdpa_backends.replace(",", "+") or "torch's choice",
-        compile=opts.compile or "no", whole_bucket=opts.compile_whole_bucket, mixed_precision=precision))
+        compile=opts.compile or "no", whole_bucket=bool(opts.compile) and opts.compile_whole_bucket,
+        mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
         report.emit(opts)
