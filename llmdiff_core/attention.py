@@ -63,6 +63,8 @@ class RunMask:
           nothing), or None when every row has one.
     dynamic: the tensors that hold the key length are marked as varying for torch.compile (varying_keys):
           set for sampling runs (prepare(dynamic=True)), not for training calls (see varying_keys).
+    read: the tokens before it are all that hold attended keys (the span's end); the keys from there to
+          stop are masked for every row, so they need no values (whole: zero padding). None = stop.
     """
 
     start: int
@@ -70,11 +72,16 @@ class RunMask:
     bias: torch.Tensor | None
     keep: torch.Tensor | None
     dynamic: bool = False
+    read: int | None = None
+
+    @property
+    def read_stop(self) -> int:
+        return self.stop if self.read is None else self.read
 
     @classmethod
     def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
                 bucket: int = SPAN_BUCKET, host_mask: torch.Tensor | None = None, whole: bool = False,
-                dynamic: bool = False) -> RunMask:
+                dynamic: bool = False, width: int | None = None) -> RunMask:
         """mask: [B, T] bool, True = the token takes part in attention.
 
         The span and whether a bias / keep is needed are decided on the host: on host_mask when given (the
@@ -82,8 +89,9 @@ class RunMask:
         (a device mask then costs host syncs: fine once per sampling run, not in every training step,
         which passes its batch's host mask). The tensors are then built from mask on the device.
 
-        whole: the span is all T columns and the bias is always made: every mask of T columns gives the
-        same shapes (a compiled training step then traces one graph, not one per span length).
+        whole: the span is all `width` columns (default T; wider: the columns past T attend to nothing) and the
+        bias is always made: every mask gives the same shapes (a compiled training step then traces one
+        graph, not one per span length). Only the tokens before read_stop (the span's end) need values.
         """
         if mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"key mask must be bool [B, T], got {mask.dtype} {tuple(mask.shape)}")
@@ -91,7 +99,13 @@ class RunMask:
         if decide.shape[0] != mask.shape[0] or decide.shape[1] > mask.shape[1]:
             raise ValueError(f"host key mask {tuple(decide.shape)} does not fit the mask {tuple(mask.shape)}")
         rows_have_keys = decide.any(dim=1)
-        start, stop = (0, mask.shape[1]) if whole else attended_span(decide, mask.shape[1], bucket)
+        start, stop = attended_span(decide, mask.shape[1], bucket)
+        read = None
+        if whole:
+            width = mask.shape[1] if width is None else width
+            if width < mask.shape[1]:
+                raise ValueError(f"a whole bucket of {width} tokens for a key mask of {mask.shape[1]}")
+            start, stop, read = 0, width, stop
         # rows without keys attend to all (finite), then zeroed; columns beyond a narrower host mask attend to nothing
         needs_keep = not bool(rows_have_keys.all())
         needs_bias = (whole or not bool((decide[:, start:stop] | ~rows_have_keys[:, None]).all())
@@ -103,10 +117,12 @@ class RunMask:
             if needs_keep:
                 keep = has_key.to(dtype)[:, None, None]
             if needs_bias:
+                if stop > mask.shape[1]:  # (whole, wider than the mask) the columns past it attend to nothing
+                    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], stop - mask.shape[1])], dim=1)
                 span = mask[:, start:stop] | ~has_key[:, None]
                 bias = torch.zeros(span.shape, dtype=dtype, device=device).masked_fill_(~span, float("-inf"))
                 bias = bias[:, None, None, :]
-        made = cls(start, stop, bias, keep, dynamic=dynamic)
+        made = cls(start, stop, bias, keep, dynamic=dynamic, read=read)
         if bias is not None:
             made.varying_keys(bias, dim=3)
         return made

@@ -73,10 +73,11 @@ class TrainingCall:
     noise_tokens: the token count each row's Langevin noise is drawn at (the trainer's max_tokens bucket),
     then cut to the tokens encoded (only those up to the attended span's end); None = the width of the
     features the call is given.
-    whole_bucket: encode and attend over every token of the features the call is given, not only up to
-    the attended span's end (RunMask.prepare(whole=True)): one key length for every batch, so a compiled
+    whole_bucket: attend over the whole bucket (noise_tokens, else the width of the features given), not only
+    up to the attended span's end (RunMask.prepare(whole=True)): one key length for every batch, so a compiled
     U-Net traces one static graph instead of a static one and then one with the key length dynamic (two
-    compiles of the forward and backward: minutes each for SDXL). Masked keys add nothing: the same result.
+    compiles of the forward and backward: minutes each for SDXL). Only the span is encoded: the keys past
+    it are zero padding, masked, so they add nothing: the same result.
     """
 
     noise_seeds: tuple[int, ...] | None = None
@@ -303,16 +304,20 @@ class AdapterRuntime(_Shared):
         # RunMask decides the span on the host: on the features' mask while it is still there (sampling), on
         # the batch's host mask in training, whose features are already on the device (no sync per step)
         identity = rows == list(range(features.batch_size))
+        # The noise is drawn over the tokens the call was given, or the trainer's bucket, so it does not depend
+        # on the span; a whole-bucket call attends over that bucket
+        noise_tokens = (training.noise_tokens if training is not None else None) or features.num_tokens
+        whole = training is not None and training.whole_bucket
         mask = RunMask.prepare(features.mask if identity else features.mask[rows], dtype, device,
                                host_mask=None if training is None else training.host_mask,
-                               whole=training is not None and training.whole_bucket, dynamic=training is None)
-        # every token the adapter reads lies before mask.stop: only those are moved and encoded (a training
+                               whole=whole, dynamic=training is None, width=noise_tokens if whole else None)
+        # every token the adapter reads lies before mask.read_stop: only those are moved and encoded (a training
         # batch's captions fill ~half of the 128-token bucket, and the encoding's float32 [B, L, T, D]
-        # scores are its largest tensor, kept for its backward). The noise is drawn over the tokens the call
-        # was given, or the trainer's bucket, so it does not depend on the span.
-        noise_tokens = (training.noise_tokens if training is not None else None) or features.num_tokens
-        features = features.first_tokens(mask.stop).to(device)
-        c = self._encode(features, None if training is None else training.noise_seeds, noise_tokens)
+        # scores are its largest tensor, kept for its backward)
+        features = features.first_tokens(mask.read_stop).to(device)
+        c = c_read = self._encode(features, None if training is None else training.noise_seeds, noise_tokens)
+        if c.shape[1] < mask.stop:  # (whole bucket) the keys past the span are masked: zeros give them their shape
+            c = torch.nn.functional.pad(c, (0, 0, 0, mask.stop - c.shape[1]))
         index = None if identity else torch.tensor(rows, device=device)
 
         def per_row(t: torch.Tensor) -> torch.Tensor:  # distinct rows -> the call's rows
@@ -329,7 +334,7 @@ class AdapterRuntime(_Shared):
         if self.paper:
             context = self.adapter.original_context(c).to(dtype)
             if self.config.needs_pooled:
-                pooled = per_row(self.adapter.pooled(c, features.mask))
+                pooled = per_row(self.adapter.pooled(c_read, features.mask))
             orig_kv = []
         # K/V are per token: project only the attended span (training does this every step)
         c_span = mask.span(c)

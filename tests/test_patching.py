@@ -817,24 +817,35 @@ def test_a_training_batch_cut_short_trains_as_the_whole_bucket_with_draws_at_the
     assert shapes == [(1, 40, SPEC.hidden_size)] * 2
     with pytest.raises(ValueError, match="Langevin draws over 20 tokens"):
         diffusion_output(m, x, sigma, context, y, cut, TrainingCall((7, 8), host, noise_tokens=20))
-    # a compiled trainer's call (whole_bucket): encoded and attended over all 80 tokens, the same step
-    shapes.clear()
-    over_all = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]),
-                                TrainingCall((7, 8), features.mask, whole_bucket=True)).detach()
-    assert shapes == [(1, 80, SPEC.hidden_size)] * 2
-    torch.testing.assert_close(over_all, whole, rtol=1e-6, atol=1e-5)
+    # a compiled trainer's call (whole_bucket): attended over all 80 tokens, the same step; only the span's
+    # tokens are encoded (the keys past it are zero padding, masked), from the whole batch or one cut to 40
+    encoded: list[int] = []
+    encode = adapter.encode
+
+    def recording_encode(f: LLMFeatures, *args: Any, **kwargs: Any) -> torch.Tensor:
+        encoded.append(f.num_tokens)
+        return encode(f, *args, **kwargs)
+    monkeypatch.setattr(adapter, "encode", recording_encode)
+    for given in (CONDLLMDiff(features).concat([]), cut):
+        shapes.clear()
+        over_all = diffusion_output(m, x, sigma, context, y, given,
+                                    TrainingCall((7, 8), host, noise_tokens=80, whole_bucket=True)).detach()
+        assert shapes == [(1, 80, SPEC.hidden_size)] * 2
+        torch.testing.assert_close(over_all, whole, rtol=1e-6, atol=1e-5)
+    assert encoded == [33, 33]
     spans = []
     entry_for = AdapterRuntime.entry_for
 
     def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
         entry = entry_for(self, *args, **kwargs)
-        spans.append((entry.mask.start, entry.mask.stop, entry.c.shape[1]))
+        spans.append((entry.mask.start, entry.mask.stop, entry.mask.read_stop, entry.c.shape[1],
+                      entry.new_kv[0][0].shape[2]))
         return entry
     monkeypatch.setattr(AdapterRuntime, "entry_for", spy)
-    diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]),
-                     TrainingCall((7, 8), features.mask, whole_bucket=True))
+    diffusion_output(m, x, sigma, context, y, cut, TrainingCall((7, 8), host, noise_tokens=80, whole_bucket=True))
     diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]), TrainingCall((7, 8), features.mask))
-    assert spans == [(0, 80, 80), (1, 33, 33)]  # the whole bucket, against the span (rounded to 32 tokens)
+    # the whole bucket (80 keys, 33 of them encoded), against the span (rounded to 32 tokens)
+    assert spans == [(0, 80, 33, 80, 80), (1, 33, 33, 33, 32)]
 
 
 @pytest.mark.slow
@@ -903,6 +914,22 @@ def test_torch_compile_model_before_apply_llmdiff_compiles_the_patches_too(mode:
         assert max_rel(out, sample(apply_adapter(mp, adapter), pos, neg, noise(1), steps=3)) < 1e-6
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family, mode", [("minimal", "clip"), ("minimal", "llm"), ("sdxl", "llm")])
+def test_a_whole_bucket_step_is_the_span_step_in_every_mode(family: str, mode: str) -> None:
+    """A whole-bucket training call (what --compile-unet runs) on a batch cut to 40 of 80 tokens attends over all
+    80 keys, the ones past the span zero padding, and gives the span's step: hybrid and paper mode, SDXL's
+    pooled vector (computed from the unpadded c) included."""
+    mp = UNETS[family][0]()
+    m = apply_adapter(mp, adapter_for(mp, mode))
+    x, sigma, context, y = direct_inputs(family)
+    features = padded_features(make_features([5, 11], seed=3), 80)
+    span = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]),
+                            TrainingCall((7, 8), features.mask, 80)).detach()
+    whole = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features.first_tokens(40)).concat([]),
+                             TrainingCall((7, 8), features.mask[:, :12], 80, whole_bucket=True)).detach()
+    torch.testing.assert_close(whole, span, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("whole_bucket", [False, True], ids=["span", "whole bucket"])

@@ -48,8 +48,8 @@ class TrainModule(nn.Module):
     """adapter + the frozen patched U-Net; forward = per-sample loss. accelerate wraps this module
     (DDP sees only the adapter's parameters: the U-Net is held outside the module tree).
     langevin_noise: the score encoding adds its noise, each sample's from its encoder seed.
-    whole_bucket: every batch encoded and attended over its whole token bucket (TrainingCall.whole_bucket:
-    one graph for a compiled U-Net), else only up to its attended span's end."""
+    whole_bucket: every batch attended over its whole token bucket (TrainingCall.whole_bucket: one graph for
+    a compiled U-Net; encoded only up to its span's end either way), else only up to that end."""
 
     def __init__(self, adapter: LLMDiffAdapter, patched: Any, spec: LLMSpec, prediction: str,
                  min_snr_gamma: float, context_dim: int, langevin_noise: bool, whole_bucket: bool = False) -> None:
@@ -351,10 +351,9 @@ class Trainer:
         llm: dict[str, Any]
         if isinstance(feats, CompactFeatures):  # stored layers, stored dtype, batch-longest tokens
             # expanded on the device only up to the attended span's end (all the adapter reads), not to
-            # the bucket (unless the module attends over the whole bucket); the Langevin draws stay at the
-            # bucket (noise_tokens) and are cut to match
-            width = feats.max_tokens if self.module.whole_bucket else \
-                max(attended_span(feats.mask, feats.max_tokens)[1], feats.num_tokens)
+            # the bucket, even when the module attends over the whole bucket (the keys past the span are
+            # padding); the Langevin draws stay at the bucket (noise_tokens) and are cut to match
+            width = max(attended_span(feats.mask, feats.max_tokens)[1], feats.num_tokens)
             llm = {"hidden": feats.hidden, "scores": feats.scores, "mask": feats.mask, "layers": feats.layers,
                    "num_tokens": width, "noise_tokens": feats.max_tokens}
         else:

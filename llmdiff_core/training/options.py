@@ -116,10 +116,10 @@ class TrainOptions:
                              "backend (inductor on a GPU; the first steps compile); empty = eager", metavar="BACKEND")
     compile_mode: str = _opt("", "torch.compile mode with --compile-unet (e.g. max-autotune-no-cudagraphs); "
                              "empty = the default")
-    compile_whole_bucket: bool = _opt(True, "with --compile-unet: encode and attend over every batch's whole "
-                                      "--max-tokens bucket, not only up to its captions' span, so the compiled "
-                                      "U-Net sees one static key length and compiles once, for a little more work "
-                                      "per step (the padding tokens are masked: the same training). "
+    compile_whole_bucket: bool = _opt(True, "with --compile-unet: attend over every batch's whole --max-tokens "
+                                      "bucket, not only up to its captions' span, so the compiled U-Net sees one "
+                                      "static key length and compiles once, for a little more work per step (the "
+                                      "keys past the span are masked zero padding: the same training). "
                                       "--no-compile-whole-bucket attends up to each batch's span: a static graph, "
                                       "then one with the key length dynamic, which inductor on the CPU (torch "
                                       "2.13) compiled wrongly: it failed at the third span length "
