@@ -24,6 +24,7 @@ sites (SD1.5: 16, SDXL: 70).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def main() -> None:
     tokens[0, 1:61] = True  # the prompt (BOS not attended)
     tokens[1, 1] = True  # the empty negative's one token
     mask = RunMask.prepare(tokens, dtype, device)
-    unmasked = RunMask(mask.start, mask.stop, None, None)
+    unmasked = dataclasses.replace(mask, bias=None, keep=None)
     impls: dict[str, Any] = {}
     for name in [v for v in opts.variants.split(",") if v]:
         if name == "product":

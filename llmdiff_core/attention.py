@@ -61,22 +61,18 @@ class RunMask:
     keep: [B, 1, 1] in the U-Net dtype, 0 for rows without any attended token (they attend to all
           tokens, finite, and their result is zeroed: a path with nothing to attend to contributes
           nothing), or None when every row has one.
+    read_stop: the tokens before it are all that hold attended keys (the span's end, = stop unless whole); the
+          keys from there to stop are masked for every row, so they need no values (whole: zero padding).
     dynamic: the tensors that hold the key length are marked as varying for torch.compile (varying_keys):
           set for sampling runs (prepare(dynamic=True)), not for training calls (see varying_keys).
-    read: the tokens before it are all that hold attended keys (the span's end); the keys from there to
-          stop are masked for every row, so they need no values (whole: zero padding). None = stop.
     """
 
     start: int
     stop: int
     bias: torch.Tensor | None
     keep: torch.Tensor | None
+    read_stop: int
     dynamic: bool = False
-    read: int | None = None
-
-    @property
-    def read_stop(self) -> int:
-        return self.stop if self.read is None else self.read
 
     @classmethod
     def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
@@ -100,12 +96,12 @@ class RunMask:
             raise ValueError(f"host key mask {tuple(decide.shape)} does not fit the mask {tuple(mask.shape)}")
         rows_have_keys = decide.any(dim=1)
         start, stop = attended_span(decide, mask.shape[1], bucket)
-        read = None
+        read_stop = stop
         if whole:
             width = mask.shape[1] if width is None else width
             if width < mask.shape[1]:
                 raise ValueError(f"a whole bucket of {width} tokens for a key mask of {mask.shape[1]}")
-            start, stop, read = 0, width, stop
+            start, stop = 0, width
         # rows without keys attend to all (finite), then zeroed; columns beyond a narrower host mask attend to nothing
         needs_keep = not bool(rows_have_keys.all())
         needs_bias = (whole or not bool((decide[:, start:stop] | ~rows_have_keys[:, None]).all())
@@ -122,7 +118,7 @@ class RunMask:
                 span = mask[:, start:stop] | ~has_key[:, None]
                 bias = torch.zeros(span.shape, dtype=dtype, device=device).masked_fill_(~span, float("-inf"))
                 bias = bias[:, None, None, :]
-        made = cls(start, stop, bias, keep, dynamic=dynamic, read=read)
+        made = cls(start, stop, bias, keep, read_stop, dynamic=dynamic)
         if bias is not None:
             made.varying_keys(bias, dim=3)
         return made
