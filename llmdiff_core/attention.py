@@ -143,10 +143,10 @@ class RunMask:
         compiler keeps the length static after all, and eager code never reads it. Tensors derived from
         marked ones (g * v) are new tensors: mark them too.
 
-        Not for training calls: there inductor (torch 2.13, CPU) compiled the attention backward with a
-        static stride for the dynamic length, which failed at the next batch's length (docs/benchmarks.md
-        §3m). Training keeps torch's own automatic dynamic shapes, or one static length
-        (--compile-whole-bucket).
+        Not for training calls: there inductor (torch 2.13, CPU) compiled the attention backward of a dynamic
+        key length with a static stride, which failed at the next batch's length, marked up front or made
+        dynamic by torch at the second length (docs/benchmarks.md §3m). Compiled training attends over the
+        whole bucket instead: one static length (--compile-whole-bucket, the default).
         """
         if self.dynamic:
             import torch._dynamo  # (already imported by ComfyUI and by torch.compile; lazy for plain torch users)
