@@ -168,6 +168,7 @@ def host_overhead(device: Any, top: int) -> None:
     w_q = rnd(heads * d, heads * d)  # tau_q's weight as the run's entry holds it: in the U-Net dtype, on the device
     kh, vh = (x.view(2, -1, heads, d).transpose(1, 2) for x in (k, v))
     a_orig, s_new = rnd(2, 1, heads * d), 0.5 * attend(F.linear(n, w_q), kh_prepared, vh_prepared, rm)
+    w_orig = torch.tensor(0.9, device=a_orig.device)  # (ScaledSites.fusion_weights: a 0-d device tensor)
     w_scaled, b_scaled = 0.5 * to_out.weight, (1 - 0.9) * to_out.bias
 
     def bare_new_path() -> Any:
@@ -177,8 +178,8 @@ def host_overhead(device: Any, top: int) -> None:
         ["new path: tau_q + masked attention (every step)", per_call_us(lambda: attend(F.linear(n, w_q), kh_prepared,
                                                                                     vh_prepared, rm)),
          per_call_us(bare_new_path), "K/V pre-split into heads, the additive mask made once per run"],
-        ["fusion at the attention core (every step)", per_call_us(lambda: fuse_at_core(a_orig, s_new, 0.9)),
-         per_call_us(lambda: torch.add(s_new, a_orig, alpha=0.9)), "one add"],
+        ["fusion at the attention core (every step)", per_call_us(lambda: fuse_at_core(a_orig, s_new, w_orig)),
+         per_call_us(lambda: torch.addcmul(s_new, a_orig, w_orig)), "one addcmul"],
     ]
     fallback = [
         ["fallback: fusion after to_out (a replace patch at the site)",

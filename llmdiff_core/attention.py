@@ -173,18 +173,14 @@ def attend(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: RunMask) -
     return out
 
 
-def fuse_at_core(a_orig: torch.Tensor, scaled_new: torch.Tensor, w_orig: Gate) -> torch.Tensor:
-    """w_orig*A_orig + S, S = w_new*A_new already scaled (before the output projection).
+def fuse_at_core(a_orig: torch.Tensor, scaled_new: torch.Tensor, w_orig: torch.Tensor) -> torch.Tensor:
+    """w_orig*A_orig + S, S = w_new*A_new already scaled (before the output projection), in one kernel.
 
-    A 0-d tensor w_orig (float32 is fine: a 0-d operand does not promote a half tensor) costs the same
-    single kernel as a float, and a compiled U-Net reads it rather than recompiling on its value."""
+    w_orig is a 0-d tensor (float32 is fine: a 0-d operand does not promote a half tensor): a compiled
+    U-Net reads its value rather than recompiling on a Python float (ScaledSites.fusion_weights)."""
     if scaled_new.dtype != a_orig.dtype:  # (a same-dtype .to() is still a dispatch per site and step)
         scaled_new = scaled_new.to(a_orig.dtype)
-    if isinstance(w_orig, torch.Tensor):
-        return torch.addcmul(scaled_new, a_orig, w_orig)
-    if w_orig == 1.0:
-        return a_orig + scaled_new
-    return torch.add(scaled_new, a_orig, alpha=w_orig)
+    return torch.addcmul(scaled_new, a_orig, w_orig)
 
 
 def fuse_after_out(out: torch.Tensor, scaled_new: torch.Tensor, out_weight: torch.Tensor,

@@ -215,7 +215,8 @@ def test_fusions_equal_eq10_through_the_output_projection() -> None:
     with torch.no_grad():
         got = fuse_after_out(to_out(a_orig), w_new * a_new, to_out.weight, to_out.bias, w_orig)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(to_out(fuse_at_core(a_orig, w_new * a_new, w_orig)), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(to_out(fuse_at_core(a_orig, w_new * a_new, torch.tensor(w_orig))), want,
+                                   atol=1e-6, rtol=1e-5)
 
 
 # --- Eq. 10 end to end through the U-Net ----------------------------------------------------------------
