@@ -21,7 +21,7 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
    under it (CUDA autocast upcasts every norm) and gives the same losses within bf16 tolerance;
 9. training steps queue without a host sync, and their records read what the device computed;
 10. a training batch cut to its attended span gives the whole bucket's U-Net output (each row's noise drawn
-   over the bucket and cut: on CUDA a draw at the cut width is another sequence).
+   over the bucket and cut; other seeds change it, so the equality is not vacuous).
 """
 
 from __future__ import annotations
@@ -381,9 +381,11 @@ def main() -> None:
     # 10. a training batch cut to its attended span (what the trainer feeds from the cache) trains as the bucket
     def cut_batch_trains_as_the_bucket() -> tuple[bool, str]:
         """The trainer encodes a cached batch only up to its attended span's end, with each row's Langevin
-        noise drawn over the whole bucket and cut (docs/benchmarks.md §3j). On CUDA a Philox draw of another
-        size is another sequence, so this is where drawing at the cut width would show: the U-Net output
-        of the cut batch must be the bucket's, and the one with draws at the cut width must not."""
+        noise drawn over the whole bucket and cut (docs/benchmarks.md §3j): the U-Net output of the cut batch
+        must be the bucket's, and other seeds must change it (else the noise never reached the output and the
+        equality proves nothing). Draws at the cut width are reported, not judged: the H100 run of session 10
+        found them equal to the bucket's first tokens (torch's CUDA normal kernel maps element i to Philox
+        subsequence i, whatever the size), so the bucket-wide draw is a guarantee, not a correction."""
         from llmdiff_core.comfy_patch import TrainingCall
         from llmdiff_core.training.patching import feature_batch, training_options
 
@@ -402,20 +404,25 @@ def main() -> None:
         context = clip_pos[0][0].repeat(2, 1, 1).to(device)
         sigma = torch.full((2,), 3.0, device=device)
 
-        def output(feats: Any, host: torch.Tensor, noise_tokens: int | None) -> torch.Tensor:
-            to = training_options(patched, TrainingCall(seeds, host, noise_tokens))
+        def output(feats: Any, host: torch.Tensor, noise_tokens: int | None,
+                   noise_seeds: tuple[int, ...] = seeds) -> torch.Tensor:
+            to = training_options(patched, TrainingCall(noise_seeds, host, noise_tokens))
             with torch.no_grad():
                 return patched.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to,
                                                  llmdiff=feature_batch(feats.to(device))).float().cpu()
         whole = output(features, features.mask, bucket)
         cut = features.first_tokens(40)
         same = output(cut, features.mask[:, :18], bucket)
-        short = output(cut, features.mask[:, :18], None)  # drawn at the cut width: not the bucket's noise
-        err = float((same - whole).abs().max() / whole.abs().max())
-        off = float((short - whole).abs().max() / whole.abs().max())
-        ok = err < 1e-5 and (off > 1e-4 or not cuda)
+        reseeded = output(cut, features.mask[:, :18], bucket, (11, 12))
+        short = output(cut, features.mask[:, :18], None)  # drawn at the cut width
+
+        def rel(a: torch.Tensor) -> float:
+            return float((a - whole).abs().max() / whole.abs().max())
+        err, moved, off = rel(same), rel(reseeded), rel(short)
+        ok = err < 1e-5 and moved > 1e-3
         return ok, (f"cut to 40 of {bucket} tokens (span ends at 33), draws at the bucket: rel. difference "
-                    f"{err:.1e}; draws at the cut width: {off:.1e} ({'CUDA: must differ' if cuda else 'CPU: may agree'})")
+                    f"{err:.1e}; other seeds: {moved:.1e} (must differ); draws at the cut width: {off:.1e} "
+                    f"(reported only)")
 
     # 7. partial loading (--novram): every comfy.ops layer offloaded, weights fetched per call
     def partial_loading() -> tuple[bool, str]:

@@ -790,9 +790,9 @@ def test_only_the_tokens_up_to_the_attended_span_are_encoded(family: str, mode: 
 def test_a_training_batch_cut_short_trains_as_the_whole_bucket_with_draws_at_the_bucket(monkeypatch: Any) -> None:
     """What the trainer does with cached features: the batch arrives only as wide as its attended span needs
     (TrainingCall.noise_tokens = the bucket), and the step is the one on the whole bucket's features. The
-    Langevin draws must be made at the bucket and cut: on CUDA a draw of another size is another sequence
-    (the Philox launch depends on the element count), so the loss would depend on the batch's longest
-    caption. (A CPU draw keeps its prefix when the size is a multiple of 16, hence the shapes are checked.)"""
+    Langevin draws must be made at the bucket and cut, so that the loss cannot depend on the batch's longest
+    caption on any generator. (Today's CPU draw keeps its prefix when the size is a multiple of 16, and the
+    H100 run of session 10 found CUDA's does too, so the values cannot show it: the shapes are checked.)"""
     shapes: list[tuple[int, ...]] = []
     randn = torch.randn
 
