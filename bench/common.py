@@ -165,22 +165,38 @@ def timed(fn: Callable[[], Any], device: Any) -> Callable[[], float]:
 Measurement = Callable[[], "float | dict[str, float]"]
 
 
-def interleaved(variants: dict[str, Measurement], repeats: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+def interleaved(variants: dict[str, Measurement], repeats: int, warmup: int, progress: bool = False,
+                after_warmup: Callable[[], None] | None = None) -> dict[str, dict[str, list[float]]]:
     """Run each variant's measurement warmup + repeats times, interleaved A B / B A / A B ...
 
     A measurement returns seconds, or a dict of named metrics (e.g. per-step and per-run times).
-    Returns {variant: {metric: [values per repeat]}} ("time" for plain floats)."""
+    Returns {variant: {metric: [values per repeat]}} ("time" for plain floats). progress: a line on stderr per
+    round with each call's wall seconds, so a run its time limit stops still tells where the time went (a
+    compile in the first warm-up round). after_warmup runs between the warm-up and the timed rounds."""
     names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
+
+    def call(name: str) -> tuple[float | dict[str, float], float]:
+        t0 = now()
+        value = variants[name]()
+        return value, now() - t0
+
+    def say(label: str, walls: dict[str, float]) -> None:
+        if progress:
+            print(f"  {label}: " + ", ".join(f"{n} {s:.1f} s" for n, s in walls.items()), file=sys.stderr, flush=True)
+
+    for w in range(warmup):
+        say(f"warm-up {w + 1}/{warmup}", {name: call(name)[1] for name in names})
+    if after_warmup is not None:
+        after_warmup()
     out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for r in range(repeats):
+        walls: dict[str, float] = {}
         for name in (names if r % 2 == 0 else names[::-1]):
-            value = variants[name]()
+            value, walls[name] = call(name)
             metrics = value if isinstance(value, dict) else {"time": float(value)}
             for k, v in metrics.items():
                 out[name].setdefault(k, []).append(float(v))
+        say(f"repeat {r + 1}/{repeats}", walls)
     return out
 
 
@@ -271,6 +287,15 @@ COMPILE_PHASES = {
     "Scheduler.__init__": "fusion",
     "async_compile.wait": "waiting on kernel compiles",
 }
+
+
+def graphs_compiled() -> int:
+    """Dynamo graphs compiled in this process so far (its own counter; 0 without dynamo)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 class CompileClock:

@@ -159,10 +159,15 @@ def main() -> None:
             return with_impl
         measurements = {name: measured(name, v) for name, v in variants.items()}
         compile_clock = common.CompileClock()
-        results = common.interleaved(measurements, opts.repeats, opts.warmup)
+        graphs = {"before": common.graphs_compiled()}
+        results = common.interleaved(measurements, opts.repeats, opts.warmup, progress=True,
+                                     after_warmup=lambda: graphs.update(warm=common.graphs_compiled()))
         phases = compile_clock.phases() if opts.compile else ""
         if phases:
             report.notes.append(f"{family}: the compiles' phases, all variants (nested): {phases}")
+        if opts.compile:  # a graph compiled while timing would be an outlier repeat: the noise column's cause
+            report.notes.append(f"{family}: graphs compiled in the warm-up {graphs['warm'] - graphs['before']}, "
+                                f"in the timed repeats {common.graphs_compiled() - graphs['warm']} (0 expected)")
 
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:

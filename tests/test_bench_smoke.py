@@ -7,6 +7,7 @@ print its Markdown table, and must write finite ratios to its JSON.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -19,6 +20,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
+
+
+def bench_module(name: str) -> Any:
+    """A module of bench/ (a folder of scripts that import each other by name, not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def run_bench(script: str, *args: str, json_out: Path | None = None, timeout: int = 180) -> str:
@@ -148,11 +158,7 @@ def test_workflow_memory_cpu(tmp_path: Path) -> None:
 
 
 def test_workflow_scenario_names() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        from workflow_memory import parse_scenario
-    finally:
-        sys.path.remove(str(BENCH))
+    parse_scenario = bench_module("workflow_memory").parse_scenario
     assert parse_scenario("offload-rerun@20gib") == ("offload-rerun", 20.0)
     assert parse_scenario("24gib") == ("comfy", 24.0) and parse_scenario("offload") == ("offload", None)
     with pytest.raises(SystemExit, match="unknown scenario"):
@@ -175,8 +181,7 @@ def test_peak_memory_contexts_nest(monkeypatch) -> None:
 
     import torch
 
-    sys.path.insert(0, str(BENCH))
-    import common
+    common = bench_module("common")
 
     state = {"allocated": 0, "peak": 0}
 
@@ -215,11 +220,7 @@ def test_help(script: str) -> None:
 def test_device_gaps_charge_idle_time_to_the_phase_that_launched_late() -> None:
     """bench/device_gaps.py on a made-up step (times in ms): which phase each idle gap is charged to, whether
     it waited for the host, and busy + idle = the step."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import device_gaps as dg
-    finally:
-        sys.path.remove(str(BENCH))
+    dg = bench_module("device_gaps")
 
     ms = 1_000_000
     windows = [dg.Window(dg.STEP_PHASE, 0, 100 * ms), dg.Window("forward", 0, 50 * ms),
@@ -247,11 +248,7 @@ def test_device_gaps_charge_idle_time_to_the_phase_that_launched_late() -> None:
 def test_device_gaps_follow_a_step_into_the_next_steps_host_window() -> None:
     """The trainer queues step 2 while the device still runs step 1: step 1 is analysed up to step 2's start,
     the last step up to the end of the device work it launched."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import device_gaps as dg
-    finally:
-        sys.path.remove(str(BENCH))
+    dg = bench_module("device_gaps")
 
     ms = 1_000_000
     windows = [dg.Window(dg.STEP_PHASE, 0, 40 * ms), dg.Window(dg.STEP_PHASE, 60 * ms, 70 * ms),
@@ -271,11 +268,7 @@ def test_byte_counter_counts_what_each_op_reads_and_writes() -> None:
     """bench/traffic.py on meta tensors: an op moves its inputs and outputs once, an in-place op reads and
     writes its tensor, views and allocations move nothing, a broadcast dimension is read once; attention
     under fused_sdpa is the efficient kernel (inputs, output, logsumexp), not the full score matrix."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import traffic
-    finally:
-        sys.path.remove(str(BENCH))
+    traffic = bench_module("traffic")
     import torch
     import torch.nn.functional as F
 
@@ -316,11 +309,7 @@ def test_compile_clock_reports_the_phases_of_compiles_since_it_started() -> None
     clock started (a clock started after the compile sees nothing of it)."""
     import torch
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(BENCH))
+    common = bench_module("common")
     torch._dynamo.reset()
     before = common.CompileClock()
     compiled = torch.compile(lambda x: (x.sin() * 2).sum(), backend="aot_eager")
@@ -332,3 +321,43 @@ def test_compile_clock_reports_the_phases_of_compiles_since_it_started() -> None
     torch._dynamo.reset()
     assert phases.startswith("dynamo, forward compile included "), phases  # (the tiny graph's other phases < 0.05 s)
     assert after.phases() == "", after.phases()
+
+
+def test_interleaved_alternates_the_order_and_reports_each_round(capsys: pytest.CaptureFixture[str]) -> None:
+    """The A/B loop behind the benches: warm-up rounds untimed, then A B / B A ..., after_warmup between them,
+    and with progress a stderr line per round (what a device run cut off by its time limit still leaves)."""
+    common = bench_module("common")
+    calls: list[str] = []
+
+    def variant(name: str) -> Any:
+        def measure() -> dict[str, float]:
+            calls.append(name)
+            return {"step": float(len(calls))}
+        return measure
+    out = common.interleaved({"a": variant("a"), "b": variant("b")}, repeats=3, warmup=2, progress=True,
+                             after_warmup=lambda: calls.append("|"))
+    assert calls == ["a", "b", "a", "b", "|", "a", "b", "b", "a", "a", "b"]
+    assert out == {"a": {"step": [6.0, 9.0, 10.0]}, "b": {"step": [7.0, 8.0, 11.0]}}
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["warm-up 1/2", "warm-up 2/2", "repeat 1/3",
+                                                              "repeat 2/3", "repeat 3/3"]
+    assert lines[3].startswith("  repeat 2/3: b ") and ", a " in lines[3]  # the round's own order
+    common.interleaved({"a": variant("a")}, repeats=1, warmup=0)
+    assert capsys.readouterr().err == ""  # quiet unless asked
+
+
+def test_graphs_compiled_counts_dynamo_compiles() -> None:
+    """The compiled sampling bench's note 'graphs compiled in the timed repeats' (a recompile while timing is
+    an outlier repeat): dynamo's own counter, one more per new graph, none for a call that hits the cache."""
+    import torch
+
+    common = bench_module("common")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x.cos() + 1, backend="eager")
+    before = common.graphs_compiled()
+    compiled(torch.randn(4))
+    first = common.graphs_compiled()
+    compiled(torch.randn(4))
+    again = common.graphs_compiled()
+    torch._dynamo.reset()
+    assert (first - before, again - first) == (1, 0)
