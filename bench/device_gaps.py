@@ -12,7 +12,11 @@ step; the rest of a step is what lies outside them up to the next step (the host
 before, logging). A step is analysed from its start to the next step's start, since the trainer queues a
 step while the device still runs the one before. Device activities come from the profiler's kineto
 events (kernels, copies, memsets), linked to their launch on the host by the CUDA runtime call's
-correlation id or, failing that, to the host op that launched them.
+correlation id or, failing that, to the host op that launched them. The device-side copies of the
+annotations (kineto's gpu_user_annotation: each record_function range, the phases included, spans the
+kernels launched in it, idle gaps and all) are not device work and are left out: counted as activities
+they covered every step, and the idle time came out near zero (sessions 7 and 10 read "device-bound"
+into it).
 """
 
 from __future__ import annotations
@@ -110,6 +114,14 @@ def attribute(windows: Sequence[Window], device: Iterable[DeviceActivity]) -> tu
     return order, totals
 
 
+def is_annotation(event: object) -> bool:
+    """A kineto event that marks a range (record_function, ProfilerStep, the optimizer's step) rather than
+    work: on the device timeline it spans the kernels launched in the range, gaps included."""
+    if hasattr(event, "activity_type"):
+        return "user_annotation" in str(event.activity_type()).lower()  # (gpu_user_annotation on the device)
+    return bool(getattr(event, "is_user_annotation", lambda: False)())
+
+
 def from_profiler(prof: object) -> tuple[list[Window], list[DeviceActivity], dict[str, int]]:
     """Phase windows and device activities of a finished torch.profiler.profile, and how many device
     activities were linked to their launch (by runtime call, by host op, not at all)."""
@@ -120,6 +132,7 @@ def from_profiler(prof: object) -> tuple[list[Window], list[DeviceActivity], dic
     runtime: dict[int, int] = {}  # CUDA runtime call (cudaLaunchKernel, cudaMemcpyAsync, ...) -> its start
     host_ops: dict[int, int] = {}  # host op -> its start
     device: list[tuple[int, int, int, int]] = []
+    annotations = 0
     for e in events:
         name = e.name()
         if e.device_type() == DeviceType.CPU:
@@ -132,8 +145,11 @@ def from_profiler(prof: object) -> tuple[list[Window], list[DeviceActivity], dic
             elif e.correlation_id():
                 host_ops[e.correlation_id()] = e.start_ns()
         elif e.device_type() == DeviceType.CUDA:
+            if is_annotation(e):
+                annotations += 1
+                continue
             device.append((e.start_ns(), e.end_ns(), e.correlation_id(), e.linked_correlation_id()))
-    linked = {"by runtime call": 0, "by host op": 0, "not linked": 0}
+    linked = {"by runtime call": 0, "by host op": 0, "not linked": 0, "annotations left out": annotations}
     acts = []
     for start, end, corr, linked_corr in device:
         launch = runtime.get(corr)

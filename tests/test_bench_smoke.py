@@ -264,6 +264,39 @@ def test_device_gaps_follow_a_step_into_the_next_steps_host_window() -> None:
     assert by[dg.OTHER].host_ms == pytest.approx(90 - 35)
 
 
+def test_device_gaps_leave_the_device_copies_of_annotations_out() -> None:
+    """A record_function range (each phase, the step itself) shows up on the device timeline too, as a
+    gpu_user_annotation spanning the kernels launched in it and the gaps between them. Counted as device
+    work it made every step look busy (sessions 7 and 10: 'device idle 3 of 346 ms' on a step whose kernels
+    took 213 ms). Made-up kineto events (ms): two kernels of 10 in a 100 ms step, idle 80."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    dg = bench_module("device_gaps")
+    ms = 1_000_000
+
+    def event(name: str, device: Any, start: int, end: int, corr: int = 0, kind: str = "cpu_op") -> Any:
+        return SimpleNamespace(name=lambda: name, device_type=lambda: device, start_ns=lambda: start * ms,
+                               end_ns=lambda: end * ms, correlation_id=lambda: corr, linked_correlation_id=lambda: 0,
+                               activity_type=lambda: kind)
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [event(dg.PHASE_PREFIX + dg.STEP_PHASE, cpu, 0, 100, kind="user_annotation"),
+              event(dg.PHASE_PREFIX + "forward", cpu, 0, 50, kind="user_annotation"),
+              event("cudaLaunchKernel", cpu, 10, 11, corr=1, kind="cuda_runtime"),
+              event("cudaLaunchKernel", cpu, 60, 61, corr=2, kind="cuda_runtime"),
+              event("gemm", gpu, 20, 30, corr=1, kind="kernel"),
+              event("gemm", gpu, 70, 80, corr=2, kind="kernel"),
+              event(dg.PHASE_PREFIX + dg.STEP_PHASE, gpu, 20, 80, kind="gpu_user_annotation"),
+              event(dg.PHASE_PREFIX + "forward", gpu, 20, 30, kind="gpu_user_annotation")]
+    prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: events)))
+    windows, acts, linked = dg.from_profiler(prof)
+    assert [(a.start // ms, a.end // ms, a.launch // ms) for a in acts] == [(20, 30, 10), (70, 80, 60)]
+    assert linked == {"by runtime call": 2, "by host op": 0, "not linked": 0, "annotations left out": 2}
+    rows, totals = dg.attribute(windows, acts)
+    assert (totals["wall_ms"], totals["busy_ms"], totals["idle_ms"]) == pytest.approx((100, 20, 80))
+
+
 def test_byte_counter_counts_what_each_op_reads_and_writes() -> None:
     """bench/traffic.py on meta tensors: an op moves its inputs and outputs once, an in-place op reads and
     writes its tensor, views and allocations move nothing, a broadcast dimension is read once; attention
