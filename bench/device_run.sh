@@ -4,7 +4,7 @@
 #   bench/device_run.sh all   # everything, most important first, inside DEVICE_BUDGET_S seconds (default
 #                             # 540): a step that would not fit is skipped and named in the log, so one
 #                             # call of the 15-minute lease brings back the targets' numbers first
-#   bench/device_run.sh next  # what the last GPU session left open (docs/benchmarks.md §5e, §6)
+#   bench/device_run.sh next  # what the last GPU session left open (docs/benchmarks.md §5f, §6)
 # SKIP="label ..." leaves steps out (e.g. those a first call already measured); DEVICE_ARGS="--small"
 # tries the script on a CPU (PATH must then start with the pinned venv's bin).
 set -uo pipefail
@@ -57,34 +57,28 @@ run_part() {
       step checks-compile 60 checks 3
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what session 7 (H100, docs/benchmarks.md §5e) left open, most needed first: the two fixed checks, the
-           # SDPA kernel A/B of the training step (its attention backward is 15 % of an SD1.5 step), the whole op
-           # table of an SDXL step (its top 15 ops held a third of it), compiled sampling (never measured)
-      # 3: compiled sampling with the key length dynamic from the first compile and the gate a tensor (session 9,
-      # tested with inductor on the CPU only); 9, 10: the two checks fixed after session 7
-      step checks 90 checks 3,9,10
-      # compiled sampling: never reached in three GPU sessions, and the likely way to the sampling targets
-      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops
-      step training-sd15 60 train --models sd15 --no-floor --steps 12 --warmup 3
-      step training-sd15-flash 80 train --models sd15 --steps 12 --warmup 3 --sdpa-backends flash,efficient --profile 2
-      step training-sdxl-profile 120 train --models sdxl --steps 6 --warmup 2 --profile 2
-      step training-sdxl-flash 90 train --models sdxl --no-floor --steps 6 --warmup 2 --sdpa-backends flash,efficient
-      step training-sd15-efficient 60 train --models sd15 --no-floor --steps 12 --warmup 3 --sdpa-backends efficient
-      # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against training-compiled-sd15
-      step training-compiled-sd15 130 train --models sd15 --no-floor --compile inductor --warmup 5 --steps 10
-      step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
-      # the whole bucket (one static graph, the default since session 9) against the span (a static graph, then a dynamic
-      # one, which inductor on the CPU compiled wrongly: does CUDA run it past a third span length, and faster per step?)
+    next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first. One call with
+           # DEVICE_BUDGET_S=520 reaches the two training A/Bs; a second one at once (SKIP naming them) has ~330 s,
+           # which is what compiled SDXL sampling needs (session 10 cut it off at 233 s, still compiling or timing)
+      # 10: its negative control was wrong on CUDA (draws at the cut width equal the bucket's); now other seeds
+      step checks 40 checks 10
+      # compiled SD1.5 sampling came back at +10.4 % with 16 % noise: 15 repeats, and the new note says whether
+      # a graph compiled while timing
+      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
+      # compiled training reached 147.6 img/s (target 200) and the step is device-bound: do bigger GEMMs and
+      # convolutions (batch 32) run nearer their peak? (the target names no batch size; the first training step
+      # on a fresh machine also builds the SD1.5 feature cache, ~20 s)
+      step training-compiled-sd15-b32 170 train --models sd15 --batch sd15=32 --no-floor --compile inductor --warmup 4 --steps 8
+      # the whole bucket (one static graph, the default since session 9) against the span (a static graph, then a
+      # dynamic one, which inductor on the CPU compiled wrongly): does CUDA run it, and faster per step?
       step training-compiled-span-sd15 130 train --models sd15 --no-floor --compile inductor --no-compile-whole-bucket --warmup 5 --steps 10
-      # a device-bound step: do bigger GEMMs and convolutions (batch 32) run nearer their peak? (the target names no batch)
-      step training-compiled-sd15-b32 150 train --models sd15 --batch sd15=32 --no-floor --compile inductor --warmup 5 --steps 10
-      step training-no-copy-stream 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-copy-stream
-      step training-sync-steps 60 train --models sd15 --no-floor --steps 12 --warmup 3 --sync-steps
+      step sampling-compiled-sdxl 320 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1
+      step sampling-cudagraphs-sd15 120 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
+      # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against session 10's 147.6
+      step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
       step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
-      step sampling-compiled-sdxl 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops
-      step sampling-cudagraphs-sd15 120 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops
-      # compiling SDXL's training step took over 4 minutes on an H100 (§5e): give it a call of its own (one compile:
-      # the whole bucket, the default)
+      # compiling SDXL's training step took over 4 minutes on an H100 (§5e): a call of its own (one compile: the
+      # whole bucket, the default)
       step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2 ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
