@@ -127,11 +127,14 @@ class RunMask:
         """[B, T, ...] -> [B, stop-start, ...]: the tokens attention can read (project only these)."""
         return t[:, self.start:self.stop]
 
-    def heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
-        """[B, stop-start, H*d] (span() tokens) -> [B, H, stop-start, d], contiguous: the keys or values
-        SDPA reads every call."""
+    def heads(self, t: torch.Tensor, heads: int, contiguous: bool = True) -> torch.Tensor:
+        """[B, stop-start, H*d] (span() tokens) -> [B, H, stop-start, d]: the keys or values SDPA reads,
+        contiguous when they are read every call of a run (sampling). A training step reads them once, and
+        SDPA takes the transposed view as ComfyUI's own attention passes it: a copy there would be a kernel
+        and its backward per K and V, site and step."""
         b, _, inner = t.shape
-        return t.reshape(b, -1, heads, inner // heads).transpose(1, 2).contiguous()
+        out = t.reshape(b, -1, heads, inner // heads).transpose(1, 2)
+        return out.contiguous() if contiguous else out
 
     def varying_keys(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """t, its key-length dim marked for torch.compile as one that varies (when self.dynamic).

@@ -785,6 +785,11 @@ def test_only_the_tokens_up_to_the_attended_span_are_encoded(family: str, mode: 
         noisy = rt.entry_for(batch, torch.device("cpu"), torch.float32, TrainingCall((7, 8)))
         whole = rt._encode(features, (7, 8))  # the draws over the whole bucket
         torch.testing.assert_close(noisy.c, whole[:, :33], rtol=1e-6, atol=1e-6)
+    # sampling reads each K/V every step: laid out for SDPA once; a training step reads them once: views
+    # of the projections (no copy kernel per K and V, site and step)
+    assert all(t.is_contiguous() for kv in entry.new_kv for t in kv)
+    assert not any(t.is_contiguous() for kv in noisy.new_kv for t in kv)
+    assert all(t.stride(-1) == 1 for kv in noisy.new_kv for t in kv)
 
 
 def test_a_training_batch_cut_short_trains_as_the_whole_bucket_with_draws_at_the_bucket(monkeypatch: Any) -> None:
