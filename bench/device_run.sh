@@ -57,11 +57,13 @@ run_part() {
       step checks-compile 60 checks 3
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first. One call with
-           # DEVICE_BUDGET_S=520 reaches the two training A/Bs; a second one at once (SKIP naming them) has ~330 s,
-           # which is what compiled SDXL sampling needs (session 10 cut it off at 233 s, still compiling or timing)
+    next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first. A first call with
+           # DEVICE_BUDGET_S=520 runs the check and compiled SDXL sampling (a target never measured compiled: session 10
+           # cut it off at 233 s, compiling two SDXL U-Nets); a second one at once (SKIP naming those two) has ~330 s for
+           # compiled SD1.5 sampling again and compiled training at batch 32
       # 10: its negative control was wrong on CUDA (draws at the cut width equal the bucket's); now other seeds
       step checks 40 checks 10
+      step sampling-compiled-sdxl 460 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1
       # compiled SD1.5 sampling came back at +10.4 % with 16 % noise: 15 repeats, and the new note says whether
       # a graph compiled while timing
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
@@ -72,7 +74,8 @@ run_part() {
       # the whole bucket (one static graph, the default since session 9) against the span (a static graph, then a
       # dynamic one, which inductor on the CPU compiled wrongly): does CUDA run it, and faster per step?
       step training-compiled-span-sd15 130 train --models sd15 --no-floor --compile inductor --no-compile-whole-bucket --warmup 5 --steps 10
-      step sampling-compiled-sdxl 320 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1
+      # the eager SDXL step is partly host-bound (kernels 213 of 263 ms, §5f): the profile with the annotation fix
+      step training-sdxl-profile 90 train --models sdxl --steps 6 --warmup 2 --profile 2
       step sampling-cudagraphs-sd15 120 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
       # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against session 10's 147.6
       step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
