@@ -184,6 +184,7 @@ def main() -> None:
     moved: list[int] = []
 
     profiler: dict[str, Any] = {}  # the torch.profiler of the current model's last K steps
+    run_clock: dict[str, Any] = {"family": "", "start": 0.0}  # the current model's run, for the progress lines
 
     def train_step(self: Any) -> Any:
         if opts.profile and len(marks["start"]) == opts.warmup + opts.steps + 1:  # (one untimed step between)
@@ -197,6 +198,9 @@ def main() -> None:
             if opts.sync_steps:
                 common.sync(device)
         marks["step"].append(common.now() - t0)
+        if len(marks["start"]) <= opts.warmup + 1:  # where compiles happen: a run cut off there still says how far
+            print(f"  {run_clock['family']} step {len(marks['start'])}: {common.now() - run_clock['start']:.1f} s "
+                  "since the run's start", file=sys.stderr, flush=True)
         return out
 
     def take_batch(self: Any) -> Any:  # what the step waits for: the (prefetched) batch (+ host->device if synced)
@@ -288,6 +292,7 @@ def main() -> None:
                 v.clear()
             moved.clear()
             run_start, compile_clock = common.now(), common.CompileClock()
+            run_clock.update(family=family, start=run_start)
             with common.PeakMemory(device) as pm:
                 code = runner.run_with(TrainOptions(output_dir=str(out_dir),
                                                     max_steps=opts.warmup + opts.steps + 1 + opts.profile,
