@@ -289,6 +289,19 @@ COMPILE_PHASES = {
 }
 
 
+def comfy_compiled(model_patcher: Any, backend: str, mode: str | None = None) -> Any:
+    """A clone with ComfyUI's torch.compile wrapper, as the TorchCompileModel node makes it."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    import torch._dynamo
+
+    cfg = torch._dynamo.config  # the benches' variants are each their own graph of the same U-Net code: above 8
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 16))
+    m = model_patcher.clone()
+    set_torch_compile_wrapper(m, backend=backend, mode=mode)
+    return m
+
+
 def graphs_compiled() -> int:
     """Dynamo graphs compiled in this process so far (its own counter; 0 without dynamo)."""
     try:

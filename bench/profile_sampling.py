@@ -1,13 +1,16 @@
 """Where the adapter's per-step sampling overhead goes (profile, not a benchmark table of record).
 
-    python bench/profile_sampling.py --small [--model sd15|sdxl] [--mode clip|llm] [--steps 20]
+    python bench/profile_sampling.py --small [--model sd15|sdxl] [--mode clip|llm] [--steps 20] [--compile inductor]
 
 Runs the unpatched and the patched model through comfy.sample.sample (warm, same inputs) and prints:
   1. cProfile of the patched run: every llmdiff_core function, calls and time per sampling step;
   2. torch.profiler: aten ops per step, patched minus unpatched (count and self CPU time). On a GPU
      each extra aten op is (at least) one more kernel launch, which is what a launch-bound eager step
      pays for; on a CPU it is the dispatcher + allocator overhead of the op;
-  3. a census of what the patches do per step that is constant per run (casts, mask moves).
+  3. a census of what the patches do per step that is constant per run (casts, mask moves);
+  4. on CUDA, the device kernels per step, patched minus unpatched (count and device time): with --compile
+     (both models under ComfyUI's torch.compile wrapper, as TorchCompileModel makes them) this is what the
+     compiled graph adds per step, the part of the overhead no host-side work explains.
 Works on CPU (--small) and on CUDA (real shapes; add --small for the tiny ones).
 """
 
@@ -34,6 +37,9 @@ def parse() -> Any:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--prompt-tokens", type=int, default=None)
     p.add_argument("--top", type=int, default=25, help="rows per table")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="profile both models under ComfyUI's torch.compile wrapper (inductor, cudagraphs, ...)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile inductor")
     opts = p.parse_args()
     common.defaults(opts, repeats=1, warmup=1)
     opts.llm = opts.llm or ("tiny" if opts.small else "8b")
@@ -61,6 +67,8 @@ def main() -> None:
     clip_pos, clip_neg = builders.clip_conditioning(shape, batch, 1), builders.clip_conditioning(shape, batch, 2)
     pos, neg = builders.prompt_pair(shape, spec, opts.tokens, opts.prompt_tokens, 0, batch)
     patched = apply_adapter(base, builders.build_adapter(base, spec, opts.mode, max_tokens=opts.tokens))
+    if opts.compile:  # the warm-up below compiles each (its own graph of the same U-Net code)
+        base, patched = (common.comfy_compiled(m, opts.compile, opts.compile_mode) for m in (base, patched))
     noise = torch.randn(batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
 
     def run(mp: Any, positive: list, negative: list, steps: int) -> None:
@@ -74,7 +82,8 @@ def main() -> None:
         run(patched, pos, neg, 2)
     steps = opts.steps
     print(f"### Profile: {opts.model} {'small' if opts.small else 'real'} {shape.pixels} px, {opts.rows} rows, "
-          f"{'hybrid (clip)' if opts.mode == 'clip' else 'paper (llm)'}, {steps} steps\n")
+          f"{'hybrid (clip)' if opts.mode == 'clip' else 'paper (llm)'}, {steps} steps"
+          f"{f', compiled ({opts.compile})' if opts.compile else ''}\n")
     print(", ".join(f"{k} {v}" for k, v in common.env_header(device, opts.root).items()), "\n")
 
     # 1. cProfile: the pack's own Python, per step
@@ -95,19 +104,23 @@ def main() -> None:
     print()
 
     # 2. torch.profiler: aten ops per step, patched minus unpatched
-    def ops_of(mp: Any, positive: list, negative: list) -> tuple[Counter, Counter]:
+    def ops_of(mp: Any, positive: list, negative: list) -> tuple[Counter, Counter, Counter, Counter]:
+        """aten calls and their self time; device kernels and their device time (CUDA), per run."""
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as p:
             run(mp, positive, negative, steps)
-        count, self_us = Counter(), Counter()
+        count, self_us, kernels, kernel_us = Counter(), Counter(), Counter(), Counter()
         for e in p.key_averages():
             if e.key.startswith("aten::"):
                 count[e.key] += e.count
                 self_us[e.key] += e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
-        return count, self_us
+            elif is_kernel(e):
+                kernels[e.key[:90]] += e.count
+                kernel_us[e.key[:90]] += e.self_device_time_total
+        return count, self_us, kernels, kernel_us
 
-    c0, t0 = ops_of(base, clip_pos, clip_neg)
-    c1, t1 = ops_of(patched, pos, neg)
+    c0, t0, k0, kt0 = ops_of(base, clip_pos, clip_neg)
+    c1, t1, k1, kt1 = ops_of(patched, pos, neg)
     keys = sorted(set(c0) | set(c1), key=lambda k: -(abs(c1[k] - c0[k]) + abs(t1[k] - t0[k]) / 1e3))
     table = [[k, c0[k] / steps, c1[k] / steps, (c1[k] - c0[k]) / steps, (t1[k] - t0[k]) / steps / 1e3]
              for k in keys if c1[k] != c0[k] or abs(t1[k] - t0[k]) > 1]
@@ -129,8 +142,36 @@ def main() -> None:
     items = c1["aten::item"] - c0["aten::item"]
     print(f"- host syncs (aten::item) per step: unpatched {c0['aten::item'] / steps:.2f}, extra {items / steps:.2f}\n")
 
-    # 4. fixed host cost of the per-site math: one-token tensors, so nothing but Python + dispatch is timed
+    # 4. what the device runs per step, by kernel (CUDA): compiled, the adapter's whole cost lies here
+    if device.type == "cuda":
+        kernel_table(k0, kt0, k1, kt1, steps, len(builders.find_sites(base.model.diffusion_model)[0]), opts.top)
+
+    # 5. fixed host cost of the per-site math: one-token tensors, so nothing but Python + dispatch is timed
     host_overhead(device, opts.top)
+
+
+def is_kernel(event: Any) -> bool:
+    """A device activity of key_averages (a kernel, copy or memset), not an annotation's device-side range
+    (record_function, a compiled region: they span kernels counted already, gaps included)."""
+    from torch.autograd import DeviceType
+
+    return (getattr(event, "device_type", None) == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+            and event.self_device_time_total > 0)
+
+
+def kernel_table(k0: Counter, kt0: Counter, k1: Counter, kt1: Counter, steps: int, sites: int, top: int) -> None:
+    """Device kernels per step, unpatched vs patched: the launches and device time the adapter adds."""
+    keys = sorted(set(k0) | set(k1), key=lambda k: -abs(kt1[k] - kt0[k]))
+    rows = [[k, k0[k] / steps, k1[k] / steps, (kt1[k] - kt0[k]) / steps / 1e3] for k in keys
+            if k1[k] != k0[k] or abs(kt1[k] - kt0[k]) > 1]
+    print("**device kernels per step: unpatched vs patched** (self CUDA time)\n")
+    print(common.markdown_table(["kernel", "unpatched calls/step", "patched calls/step", "extra device ms/step"],
+                                rows[:top]))
+    n0, n1 = sum(k0.values()) / steps, sum(k1.values()) / steps
+    d0, d1 = sum(kt0.values()) / steps / 1e3, sum(kt1.values()) / steps / 1e3
+    print(f"\nkernels per step: unpatched {n0:.0f}, patched {n1:.0f} ({(n1 - n0) / sites:.1f} more per site); "
+          f"device time per step: unpatched {d0:.3f} ms, patched {d1:.3f} ms "
+          f"({100 * (d1 / d0 - 1) if d0 else float('nan'):.1f} %, {(d1 - d0) / sites * 1e3:.1f} µs per site)\n")
 
 
 def host_overhead(device: Any, top: int) -> None:

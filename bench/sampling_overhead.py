@@ -118,7 +118,8 @@ def main() -> None:
             # A new model family starts afresh: the same UNetModel.forward with new shapes would otherwise
             # recompile with dynamic shapes (automatic_dynamic), which took SDXL past 5 minutes on the GPU.
             torch._dynamo.reset()
-            variants = {name: (compiled(mp, opts), p_, n_) for name, (mp, p_, n_) in variants.items()}
+            variants = {name: (common.comfy_compiled(mp, opts.compile, opts.compile_mode), p_, n_)
+                        for name, (mp, p_, n_) in variants.items()}
         noise = torch.randn(latent_batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
         n_sites = len(builders.find_sites(base.model.diffusion_model)[0])
 
@@ -301,19 +302,6 @@ def with_attend(impl: Any, fn: Any) -> Any:
         return fn()
     finally:
         comfy_patch.attend = product
-
-
-def compiled(model_patcher: Any, opts: Any) -> Any:
-    """A clone with ComfyUI's torch.compile wrapper, as the TorchCompileModel node makes it."""
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-    import torch._dynamo
-
-    cfg = torch._dynamo.config  # 3 variants, each its own graph of the same U-Net code: above the default 8
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), 16))
-    m = model_patcher.clone()
-    set_torch_compile_wrapper(m, backend=opts.compile, mode=opts.compile_mode)
-    return m
 
 
 if __name__ == "__main__":

@@ -394,3 +394,30 @@ def test_graphs_compiled_counts_dynamo_compiles() -> None:
     again = common.graphs_compiled()
     torch._dynamo.reset()
     assert (first - before, again - first) == (1, 0)
+
+
+def test_the_kernel_table_counts_device_work_not_annotations(capsys: pytest.CaptureFixture[str]) -> None:
+    """profile_sampling's CUDA table (what a compiled step's adapter costs on the device): kernels are the
+    device events that are no annotation's device-side range; per step and per site, patched minus unpatched."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    ps = bench_module("profile_sampling")
+
+    def avg(key: str, device: Any, us: int, annotation: bool = False) -> Any:
+        return SimpleNamespace(key=key, device_type=device, is_user_annotation=annotation, self_device_time_total=us)
+    assert ps.is_kernel(avg("triton_poi_fused_addcmul_0", DeviceType.CUDA, 5))
+    assert not ps.is_kernel(avg("Torch-Compiled Region", DeviceType.CUDA, 900, annotation=True))
+    assert not ps.is_kernel(avg("aten::mm", DeviceType.CPU, 0))
+    steps, sites = 2, 4
+    unpatched = Counter({"gemm": 20, "attention": 8}), Counter({"gemm": 2000, "attention": 800})
+    patched = Counter({"gemm": 28, "attention": 16, "triton_fused": 2}), Counter({"gemm": 2400, "attention": 1600,
+                                                                                  "triton_fused": 40})
+    ps.kernel_table(*unpatched, *patched, steps, sites, top=10)
+    out = capsys.readouterr().out
+    assert "kernels per step: unpatched 14, patched 23 (2.2 more per site)" in out
+    assert "unpatched 1.400 ms, patched 2.020 ms (44.3 %, 155.0 µs per site)" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "kernel" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["attention", "gemm", "triton_fused"]  # by extra time
