@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 PHASE_PREFIX = "llmdiff.phase/"
 STEP_PHASE = "step"  # the window the analysis covers; every other phase lies inside it
@@ -114,12 +115,19 @@ def attribute(windows: Sequence[Window], device: Iterable[DeviceActivity]) -> tu
     return order, totals
 
 
-def is_annotation(event: object) -> bool:
-    """A kineto event that marks a range (record_function, ProfilerStep, the optimizer's step) rather than
-    work: on the device timeline it spans the kernels launched in the range, gaps included."""
-    if hasattr(event, "activity_type"):
-        return "user_annotation" in str(event.activity_type()).lower()  # (gpu_user_annotation on the device)
-    return bool(getattr(event, "is_user_annotation", lambda: False)())
+def is_annotation(event: Any) -> bool:
+    """A kineto event that marks a range (record_function, ProfilerStep, the optimizer's step, a compiled
+    region) rather than work: on the device timeline it spans the kernels launched in the range, gaps
+    included (activity type gpu_user_annotation there)."""
+    return bool(event.is_user_annotation()) or "user_annotation" in str(event.activity_type()).lower()
+
+
+def is_device_work(event: Any) -> bool:
+    """A row of a finished profile's key_averages() that is device work (a kernel, copy or memset), not an
+    annotation's device-side range: what torch's own "Self CUDA time total" sums."""
+    from torch.autograd import DeviceType
+
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
 def from_profiler(prof: object) -> tuple[list[Window], list[DeviceActivity], dict[str, int]]:

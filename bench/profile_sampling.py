@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import device_gaps  # noqa: E402
 
 
 def parse() -> Any:
@@ -114,7 +115,7 @@ def main() -> None:
             if e.key.startswith("aten::"):
                 count[e.key] += e.count
                 self_us[e.key] += e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
-            elif is_kernel(e):
+            elif device_gaps.is_device_work(e) and e.self_device_time_total > 0:
                 kernels[e.key[:90]] += e.count
                 kernel_us[e.key[:90]] += e.self_device_time_total
         return count, self_us, kernels, kernel_us
@@ -148,15 +149,6 @@ def main() -> None:
 
     # 5. fixed host cost of the per-site math: one-token tensors, so nothing but Python + dispatch is timed
     host_overhead(device, opts.top)
-
-
-def is_kernel(event: Any) -> bool:
-    """A device activity of key_averages (a kernel, copy or memset), not an annotation's device-side range
-    (record_function, a compiled region: they span kernels counted already, gaps included)."""
-    from torch.autograd import DeviceType
-
-    return (getattr(event, "device_type", None) == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
-            and event.self_device_time_total > 0)
 
 
 def kernel_table(k0: Counter, kt0: Counter, k1: Counter, kt1: Counter, steps: int, sites: int, top: int) -> None:

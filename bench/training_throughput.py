@@ -368,10 +368,10 @@ def profile_tables(report: Any, prof: Any, family: str, k: int, step_s: list[flo
     # the ops (aten and the optimizer step) for the tables; the device's own events (kernels, copies) for the
     # busy time, where an op's device time would count its kernels a second time
     events = [e for e in averages if e.key.startswith(("aten::", "Optimizer"))]
-    # device time of the kernels and copies themselves: annotations (the phases, ProfilerStep) span kernels
-    # that are counted already (with them SDXL's "busy" came to 132 % of its step)
-    annotations = ("aten::", "Optimizer", device_gaps.PHASE_PREFIX, "ProfilerStep")
-    busy = sum(e.self_device_time_total for e in averages if not e.key.startswith(annotations)) / k / 1e3
+    # device time of the kernels and copies themselves, not of the annotations' device-side ranges (the phases,
+    # ProfilerStep, a compiled region), which span kernels counted already (with them SDXL's "busy" came to
+    # 132 % of its step), nor of the aten ops, whose self device time is their kernels'
+    busy = sum(e.self_device_time_total for e in averages if device_gaps.is_device_work(e)) / k / 1e3
     wall_ms = sum(step_s) / k * 1e3
     ops = [e for e in prof.events() if e.name.startswith("aten::")]
     outer = sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))

@@ -279,7 +279,7 @@ def test_device_gaps_leave_the_device_copies_of_annotations_out() -> None:
     def event(name: str, device: Any, start: int, end: int, corr: int = 0, kind: str = "cpu_op") -> Any:
         return SimpleNamespace(name=lambda: name, device_type=lambda: device, start_ns=lambda: start * ms,
                                end_ns=lambda: end * ms, correlation_id=lambda: corr, linked_correlation_id=lambda: 0,
-                               activity_type=lambda: kind)
+                               activity_type=lambda: kind, is_user_annotation=lambda: "annotation" in kind)
     cpu, gpu = DeviceType.CPU, DeviceType.CUDA
     events = [event(dg.PHASE_PREFIX + dg.STEP_PHASE, cpu, 0, 100, kind="user_annotation"),
               event(dg.PHASE_PREFIX + "forward", cpu, 0, 50, kind="user_annotation"),
@@ -398,19 +398,20 @@ def test_graphs_compiled_counts_dynamo_compiles() -> None:
 
 def test_the_kernel_table_counts_device_work_not_annotations(capsys: pytest.CaptureFixture[str]) -> None:
     """profile_sampling's CUDA table (what a compiled step's adapter costs on the device): kernels are the
-    device events that are no annotation's device-side range; per step and per site, patched minus unpatched."""
+    device rows that are no annotation's device-side range (device_gaps.is_device_work, also the training
+    profile's busy time); per step and per site, patched minus unpatched."""
     from collections import Counter
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
 
-    ps = bench_module("profile_sampling")
+    ps, dg = bench_module("profile_sampling"), bench_module("device_gaps")
 
-    def avg(key: str, device: Any, us: int, annotation: bool = False) -> Any:
-        return SimpleNamespace(key=key, device_type=device, is_user_annotation=annotation, self_device_time_total=us)
-    assert ps.is_kernel(avg("triton_poi_fused_addcmul_0", DeviceType.CUDA, 5))
-    assert not ps.is_kernel(avg("Torch-Compiled Region", DeviceType.CUDA, 900, annotation=True))
-    assert not ps.is_kernel(avg("aten::mm", DeviceType.CPU, 0))
+    def avg(key: str, device: Any, annotation: bool = False) -> Any:
+        return SimpleNamespace(key=key, device_type=device, is_user_annotation=annotation)
+    assert dg.is_device_work(avg("triton_poi_fused_addcmul_0", DeviceType.CUDA))
+    assert not dg.is_device_work(avg("Torch-Compiled Region", DeviceType.CUDA, annotation=True))
+    assert not dg.is_device_work(avg("aten::mm", DeviceType.CPU))  # (its self device time is its kernels')
     steps, sites = 2, 4
     unpatched = Counter({"gemm": 20, "attention": 8}), Counter({"gemm": 2000, "attention": 800})
     patched = Counter({"gemm": 28, "attention": 16, "triton_fused": 2}), Counter({"gemm": 2400, "attention": 1600,
