@@ -58,18 +58,18 @@ run_part() {
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
     next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first. A first call with
-           # DEVICE_BUDGET_S=520 runs the check and compiled SDXL sampling (a target never measured compiled: session 10
-           # cut it off at 233 s, compiling two SDXL U-Nets); a second one at once (SKIP naming those two) has ~330 s for
-           # compiled SD1.5 sampling again, its kernel profile and, if time is left, compiled training at batch 32
+           # DEVICE_BUDGET_S=520 gives compiled SDXL sampling (a target never measured compiled: session 10 cut it off
+           # at 233 s, compiling two SDXL U-Nets) all the time it may need; a second one at once (SKIP naming what the
+           # first ran) has ~330 s for compiled SD1.5 sampling again, its kernel profile and the check
+      step sampling-compiled-sdxl 460 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1
       # 10: its negative control was wrong on CUDA (draws at the cut width equal the bucket's); now other seeds
       step checks 40 checks 10
-      step sampling-compiled-sdxl 460 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1
       # compiled SD1.5 sampling came back at +10.4 % with 16 % noise: 15 repeats, and the new note says whether
       # a graph compiled while timing
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
-      # what the compiled graph adds on the device per step, kernel by kernel (the compiles above are in inductor's
-      # cache by now, so this one is quick)
-      step profile-compiled-sd15 120 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor > $OUTDIR/profile-compiled-sd15.txt"
+      # what the compiled graph adds on the device per step, kernel by kernel (quick right after the step above:
+      # its compiles are in inductor's cache)
+      step profile-compiled-sd15 150 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor > $OUTDIR/profile-compiled-sd15.txt"
       # compiled training reached 147.6 img/s (target 200) and the step is device-bound: do bigger GEMMs and
       # convolutions (batch 32) run nearer their peak? (the target names no batch size; the first training step
       # on a fresh machine also builds the SD1.5 feature cache, ~20 s)
