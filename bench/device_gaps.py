@@ -118,8 +118,8 @@ def attribute(windows: Sequence[Window], device: Iterable[DeviceActivity]) -> tu
 def is_annotation(event: Any) -> bool:
     """A kineto event that marks a range (record_function, ProfilerStep, the optimizer's step, a compiled
     region) rather than work: on the device timeline it spans the kernels launched in the range, gaps
-    included (activity type gpu_user_annotation there)."""
-    return bool(event.is_user_annotation()) or "user_annotation" in str(event.activity_type()).lower()
+    included (activity type gpu_user_annotation there). The flag torch's own tables read."""
+    return bool(event.is_user_annotation())
 
 
 def is_device_work(event: Any) -> bool:

@@ -184,7 +184,7 @@ def main() -> None:
     moved: list[int] = []
 
     profiler: dict[str, Any] = {}  # the torch.profiler of the current model's last K steps
-    run_clock: dict[str, Any] = {"family": "", "start": 0.0}  # the current model's run, for the progress lines
+    run: dict[str, Any] = {"family": "", "start": 0.0}  # the current model's run: its name and start time
 
     def train_step(self: Any) -> Any:
         if opts.profile and len(marks["start"]) == opts.warmup + opts.steps + 1:  # (one untimed step between)
@@ -199,7 +199,7 @@ def main() -> None:
                 common.sync(device)
         marks["step"].append(common.now() - t0)
         if len(marks["start"]) <= opts.warmup + 1:  # where compiles happen: a run cut off there still says how far
-            print(f"  {run_clock['family']} step {len(marks['start'])}: {common.now() - run_clock['start']:.1f} s "
+            print(f"  {run['family']} step {len(marks['start'])}: {common.now() - run['start']:.1f} s "
                   "since the run's start", file=sys.stderr, flush=True)
         return out
 
@@ -291,8 +291,8 @@ def main() -> None:
             for v in marks.values():
                 v.clear()
             moved.clear()
-            run_start, compile_clock = common.now(), common.CompileClock()
-            run_clock.update(family=family, start=run_start)
+            run.update(family=family, start=common.now())
+            compile_clock = common.CompileClock()
             with common.PeakMemory(device) as pm:
                 code = runner.run_with(TrainOptions(output_dir=str(out_dir),
                                                     max_steps=opts.warmup + opts.steps + 1 + opts.profile,
@@ -306,14 +306,14 @@ def main() -> None:
             timed = slice(opts.warmup, opts.warmup + opts.steps)
             steps = step_times()[timed]
             if len(marks["start"]) > opts.warmup:  # what a compile costs shows here (A/B: --no-compile-whole-bucket)
-                report.notes.append(f"{family}: {marks['start'][opts.warmup] - run_start:.1f} s from the run's start "
+                report.notes.append(f"{family}: {marks['start'][opts.warmup] - run['start']:.1f} s from the run's start "
                                     f"to the first timed step (the warm-up steps: compile, cuDNN's choices)")
             phases = compile_clock.phases() if opts.compile else ""
             if phases:
                 report.notes.append(f"{family}: the compile's phases (nested): {phases}")
             if len(steps) < opts.steps:  # stopped early (device_run.sh's deadline sends SIGINT): say how far it got
                 report.notes.append(f"{family}: stopped after {len(marks['start'])} steps, "
-                                    f"{common.now() - run_start:.0f} s in: {len(steps)} of {opts.steps} timed steps "
+                                    f"{common.now() - run['start']:.0f} s in: {len(steps)} of {opts.steps} timed steps "
                                     "in its row")
             if steps:
                 rows.append(_row(opts, family, res, bsz, spec, steps, timed, marks, moved, pm, out_dir, step_tflop))

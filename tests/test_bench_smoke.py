@@ -279,7 +279,7 @@ def test_device_gaps_leave_the_device_copies_of_annotations_out() -> None:
     def event(name: str, device: Any, start: int, end: int, corr: int = 0, kind: str = "cpu_op") -> Any:
         return SimpleNamespace(name=lambda: name, device_type=lambda: device, start_ns=lambda: start * ms,
                                end_ns=lambda: end * ms, correlation_id=lambda: corr, linked_correlation_id=lambda: 0,
-                               activity_type=lambda: kind, is_user_annotation=lambda: "annotation" in kind)
+                               is_user_annotation=lambda: "annotation" in kind)
     cpu, gpu = DeviceType.CPU, DeviceType.CUDA
     events = [event(dg.PHASE_PREFIX + dg.STEP_PHASE, cpu, 0, 100, kind="user_annotation"),
               event(dg.PHASE_PREFIX + "forward", cpu, 0, 50, kind="user_annotation"),
