@@ -1144,6 +1144,73 @@ class GraphCounter:
         return run
 
 
+class CudaGraphAudit:
+    """A torch.compile backend (AOTAutograd, graphs run as traced) that records, per forward graph, what makes
+    inductor's CUDA graphs (mode reduce-overhead) skip a graph: an op CUDA graphs cannot capture, inputs that
+    are not tensors or sizes, inputs the graph writes to. The device check (one device, no CPU tensor) needs
+    CUDA: bench/gpu_checks.py check 11."""
+
+    def __init__(self) -> None:
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.graphs: list[dict[str, Any]] = []
+        self.backend = aot_autograd(fw_compiler=self._forward)
+
+    def _forward(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+        from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+        meta = torch._guards.TracingContext.get().fw_metadata
+        assert meta is not None, "AOTAutograd's metadata moved: update CudaGraphAudit"
+        incompatible = get_first_incompatible_cudagraph_node(gm)
+        self.graphs.append({
+            "incompatible op": None if incompatible is None else str(incompatible.target),
+            "non-tensor inputs": [type(t).__name__ for t in example_inputs
+                                  if not isinstance(t, (torch.Tensor, torch.SymInt))],
+            "mutated inputs": list(meta.mutated_inp_runtime_indices)})
+        return gm.forward
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_compiled_patched_unet_can_run_as_cuda_graphs(mode: str) -> None:
+    """What the patches put into the compiled U-Net keeps it capturable as CUDA graphs (TorchCompileModel
+    with mode reduce-overhead, or backend cudagraphs: the launch-bound sampling step's remedy): no op CUDA
+    graphs refuse, every input a tensor or a size, and no input written to (the per-run keys, values, gates
+    and mask are only read; a write would make inductor skip CUDA graphs for the whole U-Net)."""
+    graphs, out, want = audited_compiled_sampling(mode)
+    assert max_rel(out, want) < 1e-6
+    assert graphs == [{"incompatible op": None, "non-tensor inputs": [], "mutated inputs": []}], graphs
+
+
+def test_cuda_graph_audit_sees_a_write_to_the_cached_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit above can fail: an in-place op on a site's cached keys is a write to a graph input."""
+    import llmdiff_core.comfy_patch as comfy_patch
+
+    def attend_that_writes(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: Any) -> torch.Tensor:
+        kh.mul_(1.0)
+        return attend(q, kh, vh, mask)
+    monkeypatch.setattr(comfy_patch, "attend", attend_that_writes)
+    graphs, _, _ = audited_compiled_sampling("clip")
+    assert len(graphs) == 1 and len(graphs[0]["mutated inputs"]) == 7, graphs  # the minimal U-Net's 7 sites
+
+
+def audited_compiled_sampling(mode: str) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]:
+    """The CudaGraphAudit of a compiled sampling run of the patched minimal U-Net, its image and the eager one."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    mp = tiny_sd15_minimal()
+    m = apply_adapter(mp, adapter_for(mp, mode))
+    audit = CudaGraphAudit()
+    compiled = m.clone()
+    set_torch_compile_wrapper(compiled, backend=audit.backend)
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+    torch._dynamo.reset()
+    try:
+        out = sample(compiled, pos, neg, noise(1), steps=2)
+    finally:
+        torch._dynamo.reset()
+    return audit.graphs, out, sample(m, pos, neg, noise(1), steps=2)
+
+
 @pytest.mark.parametrize("mode", ["clip", "llm"])
 def test_compiled_unet_runs_the_patches_in_one_graph(mode: str) -> None:
     """set_torch_compile_wrapper (what TorchCompileModel does) on a patched model: the once-per-run work
