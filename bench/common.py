@@ -309,6 +309,14 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def cuda_graph_skips() -> int:
+    """Compiled graphs that CUDA graphs (inductor's reduce-overhead, the cudagraphs backend) left to run without
+    them in this process so far; torch logs each one's reason as a warning."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 class CompileClock:
     """The seconds torch's compiler spent in each phase since this clock started: where a compile's minutes go
     (Python-side tracing and lowering, or the parallel kernel compiles), read from torch's own timers."""

@@ -21,7 +21,10 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
    under it (CUDA autocast upcasts every norm) and gives the same losses within bf16 tolerance;
 9. training steps queue without a host sync, and their records read what the device computed;
 10. a training batch cut to its attended span gives the whole bucket's U-Net output (each row's noise drawn
-   over the bucket and cut; other seeds change it, so the equality is not vacuous).
+   over the bucket and cut; other seeds change it, so the equality is not vacuous);
+11. check 3 under inductor's CUDA graphs (mode reduce-overhead, what the sampling step needs to stop being
+   launch-bound): no cudagraph skip, and replays with another run's keys, values and gates give that run's
+   eager images.
 """
 
 from __future__ import annotations
@@ -146,9 +149,17 @@ def main() -> None:
         return per_step <= 0, (f"extra syncs per run: {extra_short} (2 steps), {extra_long} (8 steps) -> "
                                f"{per_step:.2f} per step (must be 0; per-run ones are the entry's)")
 
-    # 3. torch.compile
-    def compiled() -> tuple[bool, str]:
+    # 3. torch.compile; 11. the same with CUDA graphs
+    def compiled_like_eager(mode: str | None = None, steps: int = 3) -> tuple[bool, str]:
+        """Sampled under ComfyUI's compile wrapper (inductor on CUDA, eager on the CPU: the code path only) over
+        prompts of two span lengths and a second strength: one graph, no break, the eager images.
+
+        mode "reduce-overhead" (CUDA only) replays CUDA graphs: the third run is the first's shape again, so its
+        steps replay a recording made with the first run's keys, values and gates. Images equal to eager mean
+        the per-run tensors were copied in, not read stale from the recording; no cudagraph skip means the
+        patched U-Net really ran as CUDA graphs (torch raises with the reason, reported as the check's detail)."""
         import torch._dynamo
+        import torch._inductor.config as inductor_config
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         from torch._dynamo.utils import counters
 
@@ -158,21 +169,40 @@ def main() -> None:
         # 20 and 70 tokens in a 96-token bucket (spans of 32 and 95 keys), then the first at strength 0.6
         short, long = (builders.prompt_pair(shape, spec, 96, n, 0, 1) for n in (20, 70))
         runs = [(apply_adapter(base, adapter, strength=s), p) for s, p in ((1.0, short), (1.0, long), (0.6, short))]
-        eager = [sample(m, *p, 3) for m, p in runs]
+        eager = [sample(m, *p, steps) for m, p in runs]
         torch._dynamo.reset()
         counters.clear()
 
         def compiled_clone(m: Any) -> Any:
             c = m.clone()
-            set_torch_compile_wrapper(c, backend=backend)
+            set_torch_compile_wrapper(c, backend=backend, mode=mode)
             return c
-        got = [sample(compiled_clone(m), *p, 3) for m, p in runs]
+        strict = hasattr(inductor_config.triton, "cudagraph_or_error") and mode == "reduce-overhead"
+        saved = inductor_config.triton.cudagraph_or_error if strict else None
+        if strict:  # a skipped CUDA graph raises, with torch's reason for it
+            inductor_config.triton.cudagraph_or_error = True
+        try:
+            got = [sample(compiled_clone(m), *p, steps) for m, p in runs]
+        finally:
+            if strict:
+                inductor_config.triton.cudagraph_or_error = saved
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        skips = counters["inductor"]["cudagraph_skips"]
         torch._dynamo.reset()
         err = max(float((g - e).abs().max() / e.abs().max().clamp_min(1e-12)) for g, e in zip(got, eager))
-        return graphs == 1 and breaks == 0 and err < 2e-2, (f"{backend}, two span lengths and two strengths: "
-                                                          f"{graphs} graph(s), {breaks} graph break(s), largest "
-                                                          f"rel. difference to eager {err:.2e}")
+        ok = graphs == 1 and breaks == 0 and err < 2e-2 and (mode != "reduce-overhead" or skips == 0)
+        return ok, (f"{backend}{f' mode {mode}' if mode else ''}, two span lengths and two strengths: {graphs} "
+                    f"graph(s), {breaks} graph break(s)"
+                    f"{f', {skips} CUDA-graph skip(s)' if mode == 'reduce-overhead' else ''}, largest rel. "
+                    f"difference to eager {err:.2e}")
+
+    def compiled() -> tuple[bool, str]:
+        return compiled_like_eager()
+
+    def compiled_cuda_graphs() -> tuple[bool, str]:
+        if not cuda:
+            return True, "skipped: needs CUDA (CUDA graphs)"
+        return compiled_like_eager("reduce-overhead", steps=4)
 
     # 4. adapter dtype
     def loader_dtype() -> tuple[bool, str]:
@@ -463,6 +493,8 @@ def main() -> None:
                training_without_syncs, only)
     checks.run(10, "a training batch cut to its attended span trains as the whole bucket (noise drawn there)",
                cut_batch_trains_as_the_bucket, only)
+    checks.run(11, "torch.compile with CUDA graphs (reduce-overhead): no skip, eager result on replays",
+               compiled_cuda_graphs, only)
 
     report = common.Report("GPU correctness checks", common.env_header(device, opts.root))
     report.table("checks", ["#", "check", "result", "detail"], checks.rows)

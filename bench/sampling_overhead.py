@@ -169,6 +169,9 @@ def main() -> None:
         if opts.compile:  # a graph compiled while timing would be an outlier repeat: the noise column's cause
             report.notes.append(f"{family}: graphs compiled in the warm-up {graphs['warm'] - graphs['before']}, "
                                 f"in the timed repeats {common.graphs_compiled() - graphs['warm']} (0 expected)")
+        if opts.compile == "cudagraphs" or opts.compile_mode == "reduce-overhead":  # were the graphs captured?
+            report.notes.append(f"{family}: compiled graphs run without CUDA graphs: {common.cuda_graph_skips()} "
+                                f"(0 on CUDA means every variant replayed CUDA graphs; torch warns each reason)")
 
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:

@@ -170,7 +170,7 @@ def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "checks.json"
     run_bench("gpu_checks.py", "--device", "cpu", json_out=out)
     rows = section(json.loads(out.read_text()), "checks")
-    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     assert all(r["result"] == "pass" for r in rows), rows
 
 
@@ -394,6 +394,21 @@ def test_graphs_compiled_counts_dynamo_compiles() -> None:
     again = common.graphs_compiled()
     torch._dynamo.reset()
     assert (first - before, again - first) == (1, 0)
+
+
+def test_cuda_graph_skips_counts_graphs_left_without_cuda_graphs() -> None:
+    """The compiled sampling bench's note on whether CUDA graphs ran: torch's skip counter, one more for a graph
+    the cudagraphs backend leaves uncaptured (on the CPU every graph is: its tensors are CPU tensors)."""
+    import torch
+
+    common = bench_module("common")
+    torch._dynamo.reset()
+    before = common.cuda_graph_skips()
+    compiled = torch.compile(lambda x: x.cos() + 1, backend="cudagraphs")
+    out = compiled(torch.randn(4))
+    skipped = common.cuda_graph_skips()
+    torch._dynamo.reset()
+    assert torch.isfinite(out).all() and skipped - before == 1
 
 
 def test_the_kernel_table_counts_device_work_not_annotations(capsys: pytest.CaptureFixture[str]) -> None:
