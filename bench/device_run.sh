@@ -54,38 +54,49 @@ run_part() {
       step attend-calls 40 bench attend_calls
       step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
       profiles
-      step checks-compile 60 checks 3
+      step checks-compile 100 checks 3,11
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first. A first call with
-           # DEVICE_BUDGET_S=520 gives compiled SDXL sampling (a target never measured compiled: session 10 cut it off
-           # at 233 s, compiling two SDXL U-Nets) all the time it may need; a second one at once (SKIP naming what the
-           # first ran) has ~330 s for compiled SD1.5 sampling again, its kernel profile and the check
-      step sampling-compiled-sdxl 460 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1
-      # 10: its negative control was wrong on CUDA (draws at the cut width equal the bucket's); now other seeds
-      step checks 40 checks 10
-      # compiled SD1.5 sampling came back at +10.4 % with 16 % noise: 15 repeats, and the new note says whether
-      # a graph compiled while timing
+    next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first (§6 has the two calls).
+           # Call 1 (DEVICE_BUDGET_S=520): the checks, then compiled SDXL training (never measured: its compile ran
+           # past 244 s in session 7) with all the rest of the call. Call 2 at once (SKIP naming what call 1 ran,
+           # ~320 s): SD1.5 sampling under CUDA graphs (the cudagraphs backend, inductor's reduce-overhead), the
+           # likely end of the launch-bound step's overhead, then plain inductor. SDXL sampling follows later
+      # 10: its negative control was wrong on CUDA (draws at the cut width equal the bucket's); now other seeds.
+      # 11 (new): the patched U-Net under inductor's CUDA graphs: no skip, and replays with another run's tensors
+      # give that run's eager images
+      step checks 100 checks 10,11
+      # the SDXL training target compiled: its img/s against 28, the compile's phases and the profile of the step
+      # (one compile: the whole bucket, the default; the first step on a fresh machine builds the feature cache)
+      step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
+      # eager sampling is launch-bound (the issue: 25-39 ms eager against 12 ms as a CUDA graph) and plain
+      # inductor left the adapter's ~1.7-2.1 ms per step (§5f): CUDA graphs take the launches out, so what is left
+      # is the adapter's kernels (the roofline's ~4 %). First TorchCompileModel's own cudagraphs backend (what a
+      # ComfyUI user can pick without another pack; no inductor, so it compiles in seconds), then inductor's
+      step sampling-cudagraphs-sd15 100 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
+      step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 15
+      # plain inductor in the same session (session 10: +10.4 % ± 16), 15 repeats; the note says whether a graph
+      # compiled while timing
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
       # what the compiled graph adds on the device per step, kernel by kernel (quick right after the step above:
       # its compiles are in inductor's cache)
       step profile-compiled-sd15 150 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor > $OUTDIR/profile-compiled-sd15.txt"
+      # the SDXL sampling target compiled (session 10 cut plain inductor off at 233 s, two SDXL U-Nets to compile):
+      # with CUDA graphs first, then plain inductor
+      step sampling-reduce-overhead-sdxl 460 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 5 --warmup 1
+      step sampling-compiled-sdxl 460 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1
       # compiled training reached 147.6 img/s (target 200) and the step is device-bound: do bigger GEMMs and
-      # convolutions (batch 32) run nearer their peak? (the target names no batch size; the first training step
-      # on a fresh machine also builds the SD1.5 feature cache, ~20 s)
+      # convolutions (batch 32) run nearer their peak? (the target names no batch size; the first SD1.5 training
+      # step on a fresh machine also builds its feature cache, ~20 s)
       step training-compiled-sd15-b32 170 train --models sd15 --batch sd15=32 --no-floor --compile inductor --warmup 4 --steps 8
       # the whole bucket (one static graph, the default since session 9) against the span (a static graph, then a
       # dynamic one, which inductor on the CPU compiled wrongly): does CUDA run it, and faster per step?
       step training-compiled-span-sd15 130 train --models sd15 --no-floor --compile inductor --no-compile-whole-bucket --warmup 5 --steps 10
       # the eager SDXL step is partly host-bound (kernels 213 of 263 ms, §5f): the profile with the annotation fix
       step training-sdxl-profile 90 train --models sdxl --steps 6 --warmup 2 --profile 2
-      step sampling-cudagraphs-sd15 120 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
       # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against session 10's 147.6
       step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
-      step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
-      # compiling SDXL's training step took over 4 minutes on an H100 (§5e): a call of its own (one compile: the
-      # whole bucket, the default)
-      step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2 ;;
+      step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }
