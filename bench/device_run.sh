@@ -75,6 +75,9 @@ run_part() {
       # ComfyUI user can pick without another pack; no inductor, so it compiles in seconds), then inductor's
       step sampling-cudagraphs-sd15 100 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
       step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 15
+      # the adapter's kernels per step under CUDA graphs (patched minus unpatched): what is left of its cost there
+      # (its compiles are in inductor's cache from the step above)
+      step profile-reduce-overhead-sd15 100 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
       # plain inductor in the same session (session 10: +10.4 % ± 16), 15 repeats; the note says whether a graph
       # compiled while timing
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
