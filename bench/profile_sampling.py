@@ -82,9 +82,10 @@ def main() -> None:
         run(base, clip_pos, clip_neg, 2)
         run(patched, pos, neg, 2)
     steps = opts.steps
+    compiled = "" if not opts.compile else f", compiled ({opts.compile}" + (
+        f", mode {opts.compile_mode})" if opts.compile_mode else ")")
     print(f"### Profile: {opts.model} {'small' if opts.small else 'real'} {shape.pixels} px, {opts.rows} rows, "
-          f"{'hybrid (clip)' if opts.mode == 'clip' else 'paper (llm)'}, {steps} steps"
-          f"{f', compiled ({opts.compile})' if opts.compile else ''}\n")
+          f"{'hybrid (clip)' if opts.mode == 'clip' else 'paper (llm)'}, {steps} steps{compiled}\n")
     print(", ".join(f"{k} {v}" for k, v in common.env_header(device, opts.root).items()), "\n")
 
     # 1. cProfile: the pack's own Python, per step
