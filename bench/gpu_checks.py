@@ -29,6 +29,7 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import tempfile
@@ -177,15 +178,10 @@ def main() -> None:
             c = m.clone()
             set_torch_compile_wrapper(c, backend=backend, mode=mode)
             return c
-        strict = hasattr(inductor_config.triton, "cudagraph_or_error") and mode == "reduce-overhead"
-        saved = inductor_config.triton.cudagraph_or_error if strict else None
-        if strict:  # a skipped CUDA graph raises, with torch's reason for it
-            inductor_config.triton.cudagraph_or_error = True
-        try:
+        strict = mode == "reduce-overhead" and hasattr(inductor_config.triton, "cudagraph_or_error")
+        # strict: a skipped CUDA graph raises, with torch's reason for it
+        with inductor_config.patch({"triton.cudagraph_or_error": True}) if strict else contextlib.nullcontext():
             got = [sample(compiled_clone(m), *p, steps) for m, p in runs]
-        finally:
-            if strict:
-                inductor_config.triton.cudagraph_or_error = saved
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         skips = counters["inductor"]["cudagraph_skips"]
         torch._dynamo.reset()
@@ -195,9 +191,6 @@ def main() -> None:
                     f"graph(s), {breaks} graph break(s)"
                     f"{f', {skips} CUDA-graph skip(s)' if mode == 'reduce-overhead' else ''}, largest rel. "
                     f"difference to eager {err:.2e}")
-
-    def compiled() -> tuple[bool, str]:
-        return compiled_like_eager()
 
     def compiled_cuda_graphs() -> tuple[bool, str]:
         if not cuda:
@@ -482,7 +475,7 @@ def main() -> None:
 
     checks.run(1, "device sampling reproduces the CPU fp32 adapter effect", device_matches_cpu, only)
     checks.run(2, "no device->host sync per sampling step", no_sync_per_step, only)
-    checks.run(3, "torch.compile: one graph, no break, eager result", compiled, only)
+    checks.run(3, "torch.compile: one graph, no break, eager result", compiled_like_eager, only)
     checks.run(4, "Adapter Loader dtype auto", loader_dtype, only)
     checks.run(5, "LLM offloaded after encoding, kept with keep", llm_offload, only)
     checks.run(6, "training from the cache on the device (prefetch, side-stream copy)", training, only)
