@@ -297,23 +297,28 @@ class AdapterRuntime(_Shared):
         """
         for part in batch.parts:  # first: another LLM's features get the clear error, not a shape error
             check_features_match(self.config, part.features.spec)
-        if training is None:  # only what the encoding reads is copied and moved (score: H_0 and the scores)
-            features, rows = batch.distinct(self.config.features_read())
+        if training is None:  # the distinct rows' key mask first: the span it decides says how much to copy
+            key_mask, rows = batch.distinct_mask()
         else:
             features, rows = batch.materialize(), list(range(batch.num_rows))
+            key_mask = features.mask
         # RunMask decides the span on the host: on the features' mask while it is still there (sampling), on
         # the batch's host mask in training, whose features are already on the device (no sync per step)
-        identity = rows == list(range(features.batch_size))
+        identity = rows == list(range(key_mask.shape[0]))
         # The noise is drawn over the tokens the call was given, or the trainer's bucket, so it does not depend
         # on the span; a whole-bucket call attends over that bucket
-        noise_tokens = (training.noise_tokens if training is not None else None) or features.num_tokens
+        noise_tokens = (training.noise_tokens if training is not None else None) or key_mask.shape[1]
         whole = training is not None and training.whole_bucket
-        mask = RunMask.prepare(features.mask if identity else features.mask[rows], dtype, device,
+        mask = RunMask.prepare(key_mask if identity else key_mask[rows], dtype, device,
                                host_mask=None if training is None else training.host_mask,
                                whole=whole, dynamic=training is None, width=noise_tokens if whole else None)
-        # every token the adapter reads lies before mask.read_stop: only those are moved and encoded (a training
-        # batch's captions fill ~half of the 128-token bucket, and the encoding's float32 [B, L, T, D]
-        # scores are its largest tensor, kept for its backward)
+        # every token the adapter reads lies before mask.read_stop: only those are copied, moved and encoded.
+        # Sampling moves the distinct rows cut there, only what the encoding reads (score: H_0 and the scores),
+        # and joins them on the device (FeatureBatch.distinct). A training batch's captions fill ~half of the
+        # 128-token bucket, and the encoding's float32 [B, L, T, D] scores are its largest tensor, kept for its
+        # backward.
+        if training is None:
+            features, _ = batch.distinct(self.config.features_read(), tokens=mask.read_stop, device=device)
         features = features.first_tokens(mask.read_stop).to(device)
         c = c_read = self._encode(features, None if training is None else training.noise_seeds, noise_tokens)
         if c.shape[1] < mask.stop:  # (whole bucket) the keys past the span are masked: zeros give them their shape

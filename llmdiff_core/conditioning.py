@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import comfy.conds
+import torch
 
 from .errors import LLMDiffError
 from .features import LLMFeatures
@@ -55,16 +56,41 @@ class FeatureBatch:
         """One LLMFeatures with every row of the call, on the features' own device."""
         return LLMFeatures.cat([p.features.select(list(p.rows)) for p in self.parts])
 
-    def distinct(self, read: tuple[list[int], bool] | None = None) -> tuple[LLMFeatures, list[int]]:
+    def distinct(self, read: tuple[list[int], bool] | None = None, tokens: int | None = None,
+                 device: torch.device | None = None) -> tuple[LLMFeatures, list[int]]:
         """(the distinct rows of the call, for each row of the call its index among them).
 
         A latent batch of N with one prompt repeats that prompt's row N times (process_cond): what is
         computed from the features (c, every site's K/V) is then computed once and indexed, and only the
         distinct rows are copied and moved to the U-Net's device. With `read` (AdapterConfig.features_read)
-        only what the encoding reads is copied (LLMFeatures.reading).
+        only what the encoding reads is copied (LLMFeatures.reading); with `tokens` only the first `tokens`
+        positions (the attended span's end, from distinct_mask); with `device` each part's rows are moved
+        there before they are joined. So the host copies only each part's cut (nothing, for rows that are
+        whole and contiguous) and never joins the rows: a host join of an 8B prompt pair over the 128-token
+        bucket is 66 MiB written into a fresh allocation, then copied again to be moved (docs/benchmarks.md §3n).
         """
+        rows_of_part, index = self._distinct_rows()
+        parts = []
+        for part, rows in zip(self.parts, rows_of_part):
+            if not rows:
+                continue
+            view = part.features if read is None else part.features.reading(*read)
+            view = (view if tokens is None else view.first_tokens(tokens)).select(rows)
+            parts.append(view if device is None else view.to(device))
+        return LLMFeatures.cat(parts), index
+
+    def distinct_mask(self) -> tuple[torch.Tensor, list[int]]:
+        """The key mask [R, T] of the rows distinct() gives and its index, without touching the features: it
+        decides the attended span, and with it how many tokens distinct() needs to copy."""
+        rows_of_part, index = self._distinct_rows()
+        masks = [p.features.mask[list(rows)] for p, rows in zip(self.parts, rows_of_part) if rows]
+        return torch.cat(masks), index
+
+    def _distinct_rows(self) -> tuple[list[list[int]], list[int]]:
+        """(per part, the rows it contributes to the distinct rows; for each row of the call, its index among
+        them). Distinct rows are numbered part by part, so joining the parts' selections keeps that order."""
         first: dict[tuple[int, int], int] = {}  # (features object, row) -> its place among the distinct rows
-        rows_of_part: list[list[int]] = [[] for _ in self.parts]  # the distinct rows each part contributes
+        rows_of_part: list[list[int]] = [[] for _ in self.parts]
         index = []
         for p, part in enumerate(self.parts):
             for row in part.rows:
@@ -73,9 +99,7 @@ class FeatureBatch:
                     first[key] = len(first)
                     rows_of_part[p].append(row)
                 index.append(first[key])
-        # distinct rows are numbered part by part, so concatenating the parts' selections keeps that order
-        views = [p.features if read is None else p.features.reading(*read) for p in self.parts]
-        return LLMFeatures.cat([f.select(rows) for f, rows in zip(views, rows_of_part) if rows]), index
+        return rows_of_part, index
 
 
 class CONDLLMDiff(comfy.conds.CONDRegular):

@@ -469,13 +469,29 @@ def test_a_latent_batch_of_one_prompt_encodes_its_rows_once(mode: str) -> None:
         assert max_rel(sample(m, pos, neg, noise(4)[i:i + 1]), out[i:i + 1]) < 1e-5
 
 
-def test_distinct_rows_of_a_feature_batch() -> None:
+def test_distinct_rows_of_a_feature_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = make_features([3, 5], seed=1), make_features([4], seed=2)
     batch = FeatureBatch((FeaturePart(a, (1, 1, 0)), FeaturePart(b, (0, 0)), FeaturePart(a, (0,))))
     features, index = batch.distinct()
     assert index == [0, 0, 1, 2, 2, 1]
     assert torch.equal(features.hidden, torch.cat([a.hidden[[1, 0]], b.hidden[[0]]]))
     assert torch.equal(features.mask[index], batch.materialize().mask)
+    key_mask, mask_index = batch.distinct_mask()  # the span is decided before any feature is copied
+    assert mask_index == index and torch.equal(key_mask, features.mask)
+    cut, cut_index = batch.distinct(tokens=3)  # cut before joining: the same rows, 3 tokens
+    assert cut_index == index and cut.num_tokens == 3
+    for name in ("hidden", "scores", "mask"):
+        assert torch.equal(getattr(cut, name), getattr(features.first_tokens(3), name)), name
+    joined_on: list[str] = []
+    cat = torch.cat
+
+    def watched_cat(tensors: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        joined_on.extend(t.device.type for t in tensors)
+        return cat(tensors, *args, **kwargs)
+    monkeypatch.setattr(torch, "cat", watched_cat)
+    moved, moved_index = batch.distinct(tokens=3, device=torch.device("meta"))  # each part moved, then joined
+    assert moved_index == index and moved.scores.device.type == "meta" and moved.scores.shape == cut.scores.shape
+    assert joined_on and set(joined_on) == {"meta"}  # no join on the host
 
 
 def test_cache_once_per_run_same_result_as_recomputing() -> None:
