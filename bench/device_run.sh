@@ -51,6 +51,7 @@ run_part() {
       step workflow 60 bench workflow_memory
       step cache-reads 30 bench cache_reads --read-threads 1,2,4,8
       step encoder-span 20 bench encoder_span
+      step run-features 20 bench run_features
       step attend-calls 40 bench attend_calls
       step sampling-fp32-adapter 60 bench sampling_overhead --modes clip,llm --adapter-dtype fp32 --no-real-flops
       profiles
@@ -78,6 +79,8 @@ run_part() {
       # the adapter's kernels per step under CUDA graphs (patched minus unpatched): what is left of its cost there
       # (its compiles are in inductor's cache from the step above)
       step profile-reduce-overhead-sd15 100 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
+      # a run's features moved once per run (step 1 extra was 30.9 ms compiled, §5f): joined on the host or the device
+      step run-features 30 bench run_features
       # plain inductor in the same session (session 10: +10.4 % ± 16), 15 repeats; the note says whether a graph
       # compiled while timing
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15

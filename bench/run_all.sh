@@ -28,7 +28,7 @@ else
 fi
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 MD="$OUTDIR/$STAMP-$MODE.md"
-ONLY=" ${BENCH_ONLY:-sampling_overhead score_encoding training_throughput encoder_span cache_reads attend_calls workflow_memory profile_sampling} "
+ONLY=" ${BENCH_ONLY:-sampling_overhead score_encoding training_throughput encoder_span run_features cache_reads attend_calls workflow_memory profile_sampling} "
 # shellcheck disable=SC2086
 run() {  # run <label> <script> [args...]
   local label=$1 script=$2; shift 2
@@ -67,6 +67,7 @@ if [ "$MODE" = cpu-small ]; then
   run training-8b-features training_throughput --models sd15 --llm thin8b --batch 16 --samples 32 --steps 3 --warmup 1
 fi
 run encoder-span encoder_span
+run run-features run_features
 run cache-reads cache_reads
 run attend-calls attend_calls
 run workflow workflow_memory

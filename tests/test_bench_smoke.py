@@ -127,6 +127,17 @@ def test_encoder_span_small(tmp_path: Path) -> None:
     assert 0 < span["MiB saved for backward"] < bucket["MiB saved for backward"] and finite(span["ms"])
 
 
+def test_run_features_small(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    text = run_bench("run_features.py", "--small", "--layers", "3", "--width", "64", "--prompt-tokens", "20,120",
+                     "--repeats", "1", "--warmup", "0", json_out=out)
+    assert "| variant" in text
+    rows = section(json.loads(out.read_text()), "per run")
+    assert [(r["prompt tokens"], r["span end"]) for r in rows] == [(20, 33)] * 3 + [(120, 128)] * 3
+    assert [r["variant"] for r in rows[:3]] == ["join, then cut", "cut, join, move", "cut, move, join"]
+    assert rows[0]["MiB moved"] == rows[2]["MiB moved"] < rows[3]["MiB moved"] and all(finite(r["ms"]) for r in rows)
+
+
 def test_training_throughput_small(tmp_path: Path) -> None:
     out = tmp_path / "training.json"
     text = run_bench("training_throughput.py", "--small", "--models", "sd15", "--steps", "1", "--warmup", "1",
@@ -212,7 +223,8 @@ def test_profile_sampling_small() -> None:
 
 
 @pytest.mark.parametrize("script", ["sampling_overhead.py", "score_encoding.py", "training_throughput.py",
-                                    "workflow_memory.py", "profile_sampling.py", "gpu_checks.py", "encoder_span.py"])
+                                    "workflow_memory.py", "profile_sampling.py", "gpu_checks.py", "encoder_span.py",
+                                    "run_features.py"])
 def test_help(script: str) -> None:
     assert "--comfyui-root" in run_bench(script, "--help", timeout=60)
 

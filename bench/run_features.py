@@ -1,0 +1,109 @@
+"""What a sampling run does with its prompts' LLM features before its first step, once per run
+(comfy_patch.AdapterRuntime._build_entry, docs/benchmarks.md §3n): the distinct rows of the call, only what
+the score encoding reads (H_0 and the scores), only up to the attended span's end, moved to the U-Net's device.
+
+    python bench/run_features.py            # 8B shapes (32 layers x 4096), bf16 on the CPU as Text Encode
+                                            # leaves them, a positive of 20 / 60 / 120 tokens + an empty negative
+    python bench/run_features.py --small    # the same shapes, fewer repeats
+
+Three variants, interleaved:
+- `join, then cut`: the rows joined over the whole token bucket, the span cut from the result and moved (the
+  entry before session 11: a host copy of the whole bucket, then a second one of the span to move it);
+- `cut, join, move`: the span decided on the key mask first, the rows cut, joined on the host, moved;
+- `cut, move, join` (the product, FeatureBatch.distinct with a device): each prompt's cut rows moved, joined on
+  the device; the host copies only what a cut makes non-contiguous, and nothing of a whole-bucket prompt.
+On a CPU device the last two are the same work. Timed up to the features on the device (a CUDA sync
+included), so on a GPU it holds the host-to-device copies too. All give the same tensors (checked).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def parse() -> Any:
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--prompt-tokens", default="20,60,120", help="the positive prompt's tokens, BOS included")
+    p.add_argument("--max-tokens", type=int, default=128, help="the token bucket (Text Encode's max_tokens)")
+    p.add_argument("--layers", type=int, default=32, help="LLM layers")
+    p.add_argument("--width", type=int, default=4096, help="LLM hidden size")
+    opts = p.parse_args()
+    common.defaults(opts, repeats=3 if opts.small else 9, warmup=1 if opts.small else 2)
+    if opts.clock == "auto":  # copies: the wall clock is what a run waits for, also on the CPU
+        opts.clock = "wall"
+    return opts
+
+
+def main() -> None:
+    opts = parse()
+    device = common.setup_comfy(opts)
+    import torch
+
+    from llmdiff_core.attention import RunMask
+    from llmdiff_core.conditioning import FeatureBatch, FeaturePart
+    from llmdiff_core.features import LLMFeatures, LLMSpec
+
+    spec = LLMSpec("llama", "bench", opts.width, opts.layers)
+    read = ([0], True)  # AdapterConfig.features_read() of the score encoding with c0 = embeddings
+    T = opts.max_tokens
+
+    def prompt(tokens: int, seed: int) -> LLMFeatures:
+        g = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(1, opts.layers + 1, T, opts.width, generator=g).bfloat16()
+        scores = torch.randn(1, opts.layers, T, opts.width, generator=g).bfloat16()
+        mask = torch.zeros(1, T, dtype=torch.bool)
+        mask[0, 1:tokens] = True  # BOS not attended
+        return LLMFeatures(spec, hidden, scores, mask)
+
+    def join_then_cut(batch: FeatureBatch) -> LLMFeatures:
+        features, _ = batch.distinct(read)
+        stop = RunMask.prepare(features.mask, torch.float16, device).read_stop
+        return features.first_tokens(stop).to(device)
+
+    def cut_join_move(batch: FeatureBatch) -> LLMFeatures:
+        key_mask, _ = batch.distinct_mask()
+        stop = RunMask.prepare(key_mask, torch.float16, device).read_stop
+        return batch.distinct(read, tokens=stop)[0].to(device)
+
+    def cut_move_join(batch: FeatureBatch) -> LLMFeatures:
+        key_mask, _ = batch.distinct_mask()
+        stop = RunMask.prepare(key_mask, torch.float16, device).read_stop
+        return batch.distinct(read, tokens=stop, device=device)[0]
+
+    rows = []
+    for tokens in [int(x) for x in opts.prompt_tokens.split(",") if x]:
+        batch = FeatureBatch((FeaturePart(prompt(tokens, 1), (0,)), FeaturePart(prompt(1, 2), (0,))))
+        variants = {"join, then cut": join_then_cut, "cut, join, move": cut_join_move,
+                    "cut, move, join": cut_move_join}
+        now = cut_move_join(batch)
+        for fn in variants.values():
+            other = fn(batch)
+            if not all(torch.equal(getattr(other, n), getattr(now, n)) for n in ("hidden", "scores", "mask")):
+                raise SystemExit("the variants gave different features")
+        results = common.interleaved({name: common.timed(lambda fn=fn, b=batch: fn(b), device)
+                                      for name, fn in variants.items()}, opts.repeats, opts.warmup)
+        base = common.median(results["join, then cut"]["time"])
+        moved = sum(t.untyped_storage().nbytes() for t in (now.hidden, now.scores)) / 2**20
+        for name in variants:
+            t = common.median(results[name]["time"])
+            rows.append([tokens, now.num_tokens, name, t * 1e3, base / t, 100 * common.spread(results[name]["time"]),
+                         moved])
+    report = common.Report("A sampling run's LLM features, once per run: distinct rows cut to the span and moved",
+                           common.env_header(device, opts.root, llm=f"{opts.width}x{opts.layers}", max_tokens=T,
+                                             stored="bf16 on the CPU", repeats=opts.repeats, warmup=opts.warmup,
+                                             clock=opts.clock))
+    report.table("per run, a positive prompt + an empty negative (medians, interleaved)",
+                 ["prompt tokens", "span end", "variant", "ms", "speed-up", "noise ±%", "MiB moved"], rows)
+    report.notes.append("span end = RunMask.read_stop (the attended tokens rounded up to 32): all the entry copies "
+                        "and encodes. On a CPU device the copy to it is free, so the CPU rows are the host's "
+                        "copying alone; fresh allocations of tens of MiB fault in their pages, hence the noise.")
+    report.emit(opts)
+
+
+if __name__ == "__main__":
+    main()
