@@ -65,6 +65,7 @@ def test_sampling_overhead_small(tmp_path: Path) -> None:
         assert finite(r["unpatched ms/step"]) and r["unpatched ms/step"] > 0
         assert finite(r["adapter ms/step"]) and r["adapter ms/step"] > 0
         assert finite(r["overhead %"]) and (finite(r["FLOP overhead %"]) or "attend=" in name)
+        assert finite(r["whole-run overhead %"])
     hybrid = rows["hybrid (clip)"]
     assert hybrid["FLOP overhead %"] > 0 and finite(hybrid["measured / FLOP"])
     # The real-shape table counts the patched U-Net's own forward; at the 128 attended tokens the
