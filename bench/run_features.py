@@ -60,20 +60,18 @@ def main() -> None:
         mask[0, 1:tokens] = True  # BOS not attended
         return LLMFeatures(spec, hidden, scores, mask)
 
+    def span_end(key_mask: torch.Tensor) -> int:  # as the entry decides it (host mask, fp16 U-Net)
+        return RunMask.prepare(key_mask, torch.float16, device).read_stop
+
     def join_then_cut(batch: FeatureBatch) -> LLMFeatures:
         features, _ = batch.distinct(read)
-        stop = RunMask.prepare(features.mask, torch.float16, device).read_stop
-        return features.first_tokens(stop).to(device)
+        return features.first_tokens(span_end(features.mask)).to(device)
 
     def cut_join_move(batch: FeatureBatch) -> LLMFeatures:
-        key_mask, _ = batch.distinct_mask()
-        stop = RunMask.prepare(key_mask, torch.float16, device).read_stop
-        return batch.distinct(read, tokens=stop)[0].to(device)
+        return batch.distinct(read, tokens=span_end(batch.distinct_mask()[0]))[0].to(device)
 
     def cut_move_join(batch: FeatureBatch) -> LLMFeatures:
-        key_mask, _ = batch.distinct_mask()
-        stop = RunMask.prepare(key_mask, torch.float16, device).read_stop
-        return batch.distinct(read, tokens=stop, device=device)[0]
+        return batch.distinct(read, tokens=span_end(batch.distinct_mask()[0]), device=device)[0]
 
     rows = []
     for tokens in [int(x) for x in opts.prompt_tokens.split(",") if x]:
