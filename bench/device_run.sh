@@ -61,8 +61,8 @@ run_part() {
     next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first (§6 has the two calls).
            # Call 1 (DEVICE_BUDGET_S=520): the checks, then compiled SDXL training (never measured: its compile ran
            # past 244 s in session 7) with all the rest of the call. Call 2 at once (SKIP naming what call 1 ran,
-           # ~320 s): SD1.5 sampling under CUDA graphs (the cudagraphs backend, inductor's reduce-overhead), the
-           # likely end of the launch-bound step's overhead, then plain inductor. SDXL sampling follows later
+           # ~320 s): SD1.5 and SDXL sampling under TorchCompileModel's cudagraphs backend, the likely end of the
+           # launch-bound step's overhead, then SD1.5 under inductor's reduce-overhead and plain inductor
       # 10: its negative control was wrong on CUDA (draws at the cut width equal the bucket's); now other seeds.
       # 11 (new): the patched U-Net under inductor's CUDA graphs: no skip, and replays with another run's tensors
       # give that run's eager images
@@ -74,7 +74,10 @@ run_part() {
       # inductor left the adapter's ~1.7-2.1 ms per step (§5f): CUDA graphs take the launches out, so what is left
       # is the adapter's kernels (the roofline's ~4 %). First TorchCompileModel's own cudagraphs backend (what a
       # ComfyUI user can pick without another pack; no inductor, so it compiles in seconds), then inductor's
-      step sampling-cudagraphs-sd15 100 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
+      step sampling-cudagraphs-sd15 80 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
+      # the SDXL target the same way: without inductor it compiles in about a minute (SDXL --small on this CPU:
+      # 85 s for the whole run), so SDXL gets a CUDA-graph number in this call
+      step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
       step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 15
       # the adapter's kernels per step under CUDA graphs (patched minus unpatched): what is left of its cost there
       # (its compiles are in inductor's cache from the step above)
