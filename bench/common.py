@@ -317,6 +317,15 @@ def cuda_graph_skips() -> int:
     return int(counters["inductor"]["cudagraph_skips"])
 
 
+def cuda_graph_copied_inputs() -> int:
+    """Over every CUDA-graph recording in this process so far: the inputs not taken as static, which each replay
+    copies into the graph's own buffers. Per-run tensors belong there; a U-Net's parameters do not (hundreds
+    more per recording, and a copy of the weights per step)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
+
+
 class CompileClock:
     """The seconds torch's compiler spent in each phase since this clock started: where a compile's minutes go
     (Python-side tracing and lowering, or the parallel kernel compiles), read from torch's own timers."""

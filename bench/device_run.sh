@@ -61,8 +61,8 @@ run_part() {
     next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first (§6 has the two calls).
            # Call 1 (DEVICE_BUDGET_S=520): the checks, then compiled SDXL training (never measured: its compile ran
            # past 244 s in session 7) with all the rest of the call. Call 2 at once (SKIP naming what call 1 ran,
-           # ~320 s): SD1.5 and SDXL sampling under TorchCompileModel's cudagraphs backend, the likely end of the
-           # launch-bound step's overhead, then SD1.5 under inductor's reduce-overhead and plain inductor
+           # ~320 s): SD1.5 sampling under CUDA graphs (inductor's reduce-overhead, then the cudagraphs backend), the
+           # likely end of the launch-bound step's overhead, then SDXL under the cudagraphs backend
       # 10: its negative control was wrong on CUDA (draws at the cut width equal the bucket's); now other seeds.
       # 11 (new): the patched U-Net under inductor's CUDA graphs: no skip, and replays with another run's tensors
       # give that run's eager images
@@ -72,18 +72,19 @@ run_part() {
       step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
       # eager sampling is launch-bound (the issue: 25-39 ms eager against 12 ms as a CUDA graph) and plain
       # inductor left the adapter's ~1.7-2.1 ms per step (§5f): CUDA graphs take the launches out, so what is left
-      # is the adapter's kernels (the roofline's ~4 %). First TorchCompileModel's own cudagraphs backend (what a
-      # ComfyUI user can pick without another pack; no inductor, so it compiles in seconds), then inductor's
-      step sampling-cudagraphs-sd15 80 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
-      # the SDXL target the same way: without inductor it compiles in about a minute (SDXL --small on this CPU:
-      # 85 s for the whole run), so SDXL gets a CUDA-graph number in this call
-      step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
+      # is the adapter's kernels (the roofline's ~4 %). Inductor's reduce-overhead first: it keeps the weights as
+      # static inputs. TorchCompileModel's own cudagraphs backend (no inductor: it compiles in about a minute, even
+      # SDXL) treats every input as non-static on torch >= 2.5 (modules inlined: no parameter is "fixed"), so each
+      # replay also copies the U-Net's weights into the graph's buffers: its baseline step is inflated (§3n)
       step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 15
       # the adapter's kernels per step under CUDA graphs (patched minus unpatched): what is left of its cost there
       # (its compiles are in inductor's cache from the step above)
       step profile-reduce-overhead-sd15 100 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
+      step sampling-cudagraphs-sd15 80 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
       # a run's features moved once per run (step 1 extra was 30.9 ms compiled, §5f): joined on the host or the device
       step run-features 30 bench run_features
+      # SDXL under CUDA graphs in about a minute of compiling (SDXL --small on this CPU: 85 s for the whole run)
+      step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
       # plain inductor in the same session (session 10: +10.4 % ± 16), 15 repeats; the note says whether a graph
       # compiled while timing
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15

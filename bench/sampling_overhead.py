@@ -172,7 +172,10 @@ def main() -> None:
                                 f"in the timed repeats {common.graphs_compiled() - graphs['warm']} (0 expected)")
         if opts.compile == "cudagraphs" or opts.compile_mode == "reduce-overhead":  # were the graphs captured?
             report.notes.append(f"{family}: compiled graphs run without CUDA graphs: {common.cuda_graph_skips()} "
-                                f"(0 on CUDA means every variant replayed CUDA graphs; torch warns each reason)")
+                                f"(0 on CUDA means every variant replayed CUDA graphs; torch warns each reason); "
+                                f"inputs each replay copies in, summed over the recordings: "
+                                f"{common.cuda_graph_copied_inputs()} (the per-run tensors, and with the cudagraphs "
+                                f"backend every weight: docs/benchmarks.md §3n)")
 
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:
