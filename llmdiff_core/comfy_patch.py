@@ -319,7 +319,8 @@ class AdapterRuntime(_Shared):
         # backward.
         if training is None:
             features, _ = batch.distinct(self.config.features_read(), tokens=mask.read_stop, device=device)
-        features = features.first_tokens(mask.read_stop).to(device)
+        else:
+            features = features.first_tokens(mask.read_stop).to(device)
         c = c_read = self._encode(features, None if training is None else training.noise_seeds, noise_tokens)
         if c.shape[1] < mask.stop:  # (whole bucket) the keys past the span are masked: zeros give them their shape
             c = torch.nn.functional.pad(c, (0, 0, 0, mask.stop - c.shape[1]))
