@@ -42,6 +42,7 @@ from .conditioning import COND_KEY, FeatureBatch
 from .config import SDXL_POOLED_DIM, SiteSpec
 from .errors import LLMDiffError
 from .features import LLMFeatures
+from .site_stacks import SiteStack
 from .unet_sites import find_sites
 from .validation import check_adapter_matches_model, check_features_match
 
@@ -121,6 +122,8 @@ class RunEntry:
 
     K/V are kept trimmed to the attended token span and split into heads, in the U-Net dtype
     (RunMask.heads), and the mask as SDPA's additive bias: nothing of this is redone per call.
+    Sampling keeps every site's K/V stacked by shape (new_keys ... orig_values, site_stacks.py: a compiled
+    U-Net then takes a few inputs, not one per site); new_kv / orig_kv are views into those stacks.
     """
 
     batch: FeatureBatch
@@ -136,6 +139,10 @@ class RunEntry:
     context: torch.Tensor | None = None  # paper: the U-Net's context, phi(c)'s first token [R, 1, context_dim] in dtype
     pooled: torch.Tensor | None = None  # paper, SDXL: [R, 1280]
     scaled: dict[float, ScaledSites] = field(default_factory=dict)  # per strength, float gates only
+    new_keys: SiteStack | None = None  # sampling: tau_k(c) of every site, stacked (new_kv's keys are its views)
+    new_vals: SiteStack | None = None  # sampling: tau_v(c), before the gates scale it
+    orig_keys: SiteStack | None = None  # paper-mode sampling: k(phi c), stacked
+    orig_vals: SiteStack | None = None
 
     def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> bool:
         return self.device == device and self.dtype == dtype and self.batch.same_rows(batch)
@@ -153,18 +160,23 @@ class RunEntry:
         if found is not None:
             return found
         gates = [effective_gates(wo, wn, scale * w) for wo, wn, w in zip(self.w_orig, self.w_new, block_weights)]
-
-        def times(v: torch.Tensor, g: float) -> torch.Tensor:
-            return v if g == 1.0 else self.mask.varying_keys(v * g)
-
-        new = [None if is_identity(wo, wn) else times(self.new_kv[i][1], wn) for i, (wo, wn) in enumerate(gates)]
-        orig = None if self.orig_kv is None else [times(kv[1], wo) for kv, (wo, _) in zip(self.orig_kv, gates)]
+        assert self.new_vals is not None, "float gates are sampling's: its entries are stacked"
+        new_stack = self.new_vals.scaled([wn for _, wn in gates], self.mark_stack)
+        new = [None if is_identity(wo, wn) else new_stack.views[i] for i, (wo, wn) in enumerate(gates)]
+        orig_stack = None if self.orig_vals is None else self.orig_vals.scaled([wo for wo, _ in gates], self.mark_stack)
         fusion: list[torch.Tensor] = []  # paper mode folds w_orig into its values: no fusion
-        if self.orig_kv is None:  # one host->device copy per run and strength (not per step: no sync there)
-            fusion = list(torch.tensor([wo for wo, _ in gates], dtype=torch.float32, device=self.device).unbind())
-        found = ScaledSites(gates, new, orig, fusion)
+        fusion_vector = None
+        if orig_stack is None:  # one host->device copy per run and strength (not per step: no sync there)
+            fusion_vector = torch.tensor([wo for wo, _ in gates], dtype=torch.float32, device=self.device)
+            fusion = list(fusion_vector.unbind())
+        found = ScaledSites(gates, new, None if orig_stack is None else list(orig_stack.views), fusion,
+                            new_stack, orig_stack, fusion_vector)
         self.scaled[scale] = found
         return found
+
+    def mark_stack(self, stack: torch.Tensor) -> torch.Tensor:
+        """A [sites, B, H, T', d] stack with its key length marked as varying (RunMask.varying_keys)."""
+        return self.mask.varying_keys(stack, dim=3)
 
     def _scaled_tensor_sites(self, scale: float, block_weights: Sequence[float]) -> ScaledSites:
         """Tensor gates (TrainingCall, one entry per call, with gradients): effective_gates runs once on
@@ -194,12 +206,21 @@ class ScaledSites:
     0-d tensor on the U-Net's device (training: the gate tensor itself; sampling in paper mode: none). A
     compiled U-Net then reads a value rather than a Python float it would guard on: a new strength or
     block weight does not recompile.
+    new_stack, orig_stack, fusion_vector (sampling): the same values stacked, and the fusion weights as one [N]
+    tensor: what a compiled U-Net reads (site_stacks.py); the lists above are their views.
     """
 
     gates: list[tuple[Gate, Gate]]
     new_values: list[torch.Tensor | None]
     orig_values: list[torch.Tensor] | None
     fusion_weights: list[torch.Tensor]
+    new_stack: SiteStack | None = None
+    orig_stack: SiteStack | None = None
+    fusion_vector: torch.Tensor | None = None
+    active: tuple[bool, ...] = field(init=False)  # per site: whether it has a new path (gates not the identity)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "active", tuple(v is not None for v in self.new_values))
 
 
 @dataclass(frozen=True)
@@ -223,9 +244,42 @@ class CallState:
     fusion_weights: list[torch.Tensor] = field(default_factory=list)
     at_core: list[bool] = field(default_factory=list)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
+    scaled: ScaledSites | None = None
+    active: tuple[bool, ...] = ()  # per site: has_new_path
 
     def any_new_path(self) -> bool:
         return not all(is_identity(wo, wn) for wo, wn in self.gates)
+
+    def has_new_path(self, i: int) -> bool:
+        """Whether site i's gates leave it a new path (not (1, 0)). A bool, not a look at new_values[i]: a compiled
+        U-Net would guard on that tensor's shape (a recompile per key length) even where it reads the stack."""
+        if self.scaled is not None and self.scaled.new_stack is not None:
+            return self.active[i]
+        return self.new_values[i] is not None
+
+    # What the patches read at site i. Sampling's come from the run's stacks, so that a compiled U-Net takes
+    # each stack as one input (a CUDA-graph replay copies every input) and indexes it inside the graph.
+    def new_key_value(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tau_k(c) and w_new*tau_v(c) of site i."""
+        keys, values = self.entry.new_keys, None if self.scaled is None else self.scaled.new_stack
+        if keys is None or values is None:
+            return self.entry.new_kv[i][0], self.new_values[i]
+        return keys.site(i), values.site(i)
+
+    def orig_key_value(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paper mode: k(phi c) and w_orig*v(phi c) of site i."""
+        keys, values = self.entry.orig_keys, None if self.scaled is None else self.scaled.orig_stack
+        if keys is None or values is None:
+            assert self.entry.orig_kv is not None and self.orig_values is not None
+            return self.entry.orig_kv[i][0], self.orig_values[i]
+        return keys.site(i), values.site(i)
+
+    def fusion_weight(self, i: int) -> torch.Tensor:
+        """Hybrid mode: the w_orig that fuse_at_core multiplies A_orig by at site i."""
+        vector = None if self.scaled is None else self.scaled.fusion_vector
+        if vector is not None and torch.compiler.is_compiling():
+            return vector[i]
+        return self.fusion_weights[i]
 
 
 @dataclass(frozen=True)
@@ -355,9 +409,16 @@ class AdapterRuntime(_Shared):
             if context_span is not None:
                 orig_kv.append((keys(_project(site.attn2.to_k, context_span), heads),
                                 keys(_project(site.attn2.to_v, context_span), heads)))
-        return RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
-                        orig_kv=orig_kv, context=None if context is None else _unet_context(per_row(context)),
-                        pooled=pooled)
+        entry = RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
+                         orig_kv=orig_kv, context=None if context is None else _unet_context(per_row(context)),
+                         pooled=pooled)
+        if training is None:  # stacked by shape: a compiled U-Net takes a few inputs, not a few per site
+            entry.new_keys, entry.new_vals = (SiteStack.of(t, entry.mark_stack) for t in zip(*new_kv))
+            entry.new_kv = list(zip(entry.new_keys.views, entry.new_vals.views))
+            if orig_kv is not None:
+                entry.orig_keys, entry.orig_vals = (SiteStack.of(t, entry.mark_stack) for t in zip(*orig_kv))
+                entry.orig_kv = list(zip(entry.orig_keys.views, entry.orig_vals.views))
+        return entry
 
     def _encode(self, features: LLMFeatures, noise_seeds: Sequence[int] | None,
                 noise_tokens: int | None = None) -> torch.Tensor:
@@ -398,7 +459,8 @@ class AdapterRuntime(_Shared):
             at_core = [s.spec.key not in replaced and s.spec.block not in replaced for s in self.sites]
         else:
             at_core = [True] * len(self.sites)
-        return CallState(entry, scaled.gates, scaled.new_values, scaled.orig_values, scaled.fusion_weights, at_core)
+        return CallState(entry, scaled.gates, scaled.new_values, scaled.orig_values, scaled.fusion_weights, at_core,
+                         scaled=scaled, active=scaled.active)
 
     # attention-patch helpers
     def site_of(self, eo: dict[str, Any]) -> int | None:
@@ -414,7 +476,9 @@ class AdapterRuntime(_Shared):
         entry = state.entry
         w = entry.q_weights[i]
         q = torch.nn.functional.linear(n, w) if n.dtype == w.dtype else _project(self.adapter.sites[i].to_q, n)
-        return attend(q, entry.new_kv[i][0], state.new_values[i], entry.mask)
+        keys, values = state.new_key_value(i)
+        assert values is not None, "a site whose gates are the identity has no new path"
+        return attend(q, keys, values, entry.mask)
 
     def no_clip_error(self, width: int) -> LLMDiffError:
         """Hybrid mode reads CLIP; without it Text Encode (LLMDiff) leaves a 1-wide placeholder."""
@@ -547,7 +611,7 @@ class HybridNewPath(_SitePatch):
 
     def __call__(self, n: torch.Tensor, context: Any, value: Any, eo: dict[str, Any]) -> tuple[Any, Any, Any]:
         state, i = self._state_and_site(eo)
-        if state is not None and i is not None and state.new_values[i] is not None:  # None: gates are the identity
+        if state is not None and i is not None and state.has_new_path(i):
             state.pending[i] = self.runtime.new_path(state, i, n)
         return n, context, value
 
@@ -581,7 +645,7 @@ class CoreFusion:
                 if (isinstance(q, torch.Tensor) and q.shape == s.shape and not kwargs.get("skip_reshape")
                         and not kwargs.get("skip_output_reshape")):
                     s_new = pending.pop(i)
-                    w_orig = self.state.fusion_weights[i]
+                    w_orig = self.state.fusion_weight(i)
         out = func(*args, **kwargs) if self.previous is None else self.previous(func, *args, **kwargs)
         return out if s_new is None else fuse_at_core(out, s_new, w_orig)
 
@@ -608,7 +672,7 @@ class FusedReplace:
         if s_new is None or s_new.shape != out.shape:
             return out  # the output patch fuses it after to_out
         del self.state.pending[i]
-        return fuse_at_core(out, s_new, self.state.fusion_weights[i])
+        return fuse_at_core(out, s_new, self.state.fusion_weight(i))
 
 
 class HybridFusion(_SitePatch):
@@ -649,8 +713,8 @@ class PaperAttention(_SitePatch):
         # k, v are the projections of the 1-token context slice: unused, the entry's are complete.
         entry = state.entry
         # w_orig*Attn(q, k, v) = Attn(q, k, w_orig*v): both gates are folded into the cached values
-        a_orig = attend(q, entry.orig_kv[i][0], state.orig_values[i], entry.mask)
-        if state.new_values[i] is None:  # gates (1, 0): the new path adds nothing
+        a_orig = attend(q, *state.orig_key_value(i), entry.mask)
+        if not state.has_new_path(i):
             return a_orig
         return a_orig + self.runtime.new_path(state, i, n).to(a_orig.dtype)
 

@@ -1170,6 +1170,7 @@ class CudaGraphAudit:
         from torch._dynamo.backends.common import aot_autograd
 
         self.graphs: list[dict[str, Any]] = []
+        self.copied: list[int] = []  # per graph: the tensor inputs a CUDA-graph replay copies in (not static)
         self.backend = aot_autograd(fw_compiler=self._forward)
 
     def _forward(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
@@ -1183,6 +1184,9 @@ class CudaGraphAudit:
             "non-tensor inputs": [type(t).__name__ for t in example_inputs
                                   if not isinstance(t, (torch.Tensor, torch.SymInt))],
             "mutated inputs": list(meta.mutated_inp_runtime_indices)})
+        static = set(meta.static_input_indices)  # parameters and buffers: their addresses stay put
+        self.copied.append(sum(1 for i, t in enumerate(example_inputs)
+                               if isinstance(t, torch.Tensor) and i not in static))
         return gm.forward
 
 
@@ -1192,8 +1196,9 @@ def test_compiled_patched_unet_can_run_as_cuda_graphs(mode: str) -> None:
     with mode reduce-overhead, or backend cudagraphs: the launch-bound sampling step's remedy): no op CUDA
     graphs refuse, every input a tensor or a size, and no input written to (the per-run keys, values, gates
     and mask are only read; a write would make inductor skip CUDA graphs for the whole U-Net)."""
-    graphs, out, want = audited_compiled_sampling(mode)
+    audit, out, want = audited_compiled_sampling(mode)
     assert max_rel(out, want) < 1e-6
+    graphs = audit.graphs
     assert graphs == [{"incompatible op": None, "non-tensor inputs": [], "mutated inputs": []}], graphs
 
 
@@ -1205,16 +1210,18 @@ def test_cuda_graph_audit_sees_a_write_to_the_cached_keys(monkeypatch: pytest.Mo
         kh.mul_(1.0)
         return attend(q, kh, vh, mask)
     monkeypatch.setattr(comfy_patch, "attend", attend_that_writes)
-    graphs, _, _ = audited_compiled_sampling("clip")
-    assert len(graphs) == 1 and len(graphs[0]["mutated inputs"]) == 7, graphs  # the minimal U-Net's 7 sites
+    graphs = audited_compiled_sampling("clip")[0].graphs
+    # the minimal U-Net's 7 sites read their keys from 2 stacks (two head widths): each is a graph input written to
+    assert len(graphs) == 1 and len(graphs[0]["mutated inputs"]) == 2, graphs
 
 
-def audited_compiled_sampling(mode: str) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]:
-    """The CudaGraphAudit of a compiled sampling run of the patched minimal U-Net, its image and the eager one."""
+def audited_compiled_sampling(mode: str | None) -> tuple[CudaGraphAudit, torch.Tensor, torch.Tensor]:
+    """The CudaGraphAudit of a compiled sampling run of the minimal U-Net patched in `mode` (None: unpatched), its
+    image and the eager one."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     mp = tiny_sd15_minimal()
-    m = apply_adapter(mp, adapter_for(mp, mode))
+    m = mp if mode is None else apply_adapter(mp, adapter_for(mp, mode))
     audit = CudaGraphAudit()
     compiled = m.clone()
     set_torch_compile_wrapper(compiled, backend=audit.backend)
@@ -1224,7 +1231,31 @@ def audited_compiled_sampling(mode: str) -> tuple[list[dict[str, Any]], torch.Te
         out = sample(compiled, pos, neg, noise(1), steps=2)
     finally:
         torch._dynamo.reset()
-    return audit.graphs, out, sample(m, pos, neg, noise(1), steps=2)
+    return audit, out, sample(m, pos, neg, noise(1), steps=2)
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_compiled_unet_takes_a_runs_tensors_as_a_few_stacks(mode: str) -> None:
+    """A CUDA-graph replay copies every tensor input that is not a parameter, one copy and launch each. The run's
+    per-site keys and values reach the compiled U-Net stacked by shape (site_stacks.py), hybrid's fusion gates as
+    one vector: the adapter adds a few inputs whatever the number of sites (the minimal U-Net: 7 sites with two
+    head widths; before the stacks, 22 inputs in hybrid mode, 29 in paper mode; on an H100, SD1.5 copied 49
+    per step)."""
+    from llmdiff_core.site_stacks import SiteStack
+
+    mp = tiny_sd15_minimal()
+    sites = find_sites(mp.model.diffusion_model)[0]
+    widths = {(s.heads, s.dim_head) for s in sites}
+    assert (len(sites), len(widths)) == (7, 2)
+    unpatched, _, _ = audited_compiled_sampling(None)
+    patched, out, want = audited_compiled_sampling(mode)
+    assert max_rel(out, want) < 1e-6
+    # per head width: the keys and the values (paper mode: its original path's too); hybrid: the fusion vector;
+    # both: the mask's additive bias
+    added = len(widths) * (2 if mode == "clip" else 4) + (1 if mode == "clip" else 0) + 1
+    assert unpatched.copied == [3], unpatched.copied  # x, the timesteps, the context
+    assert patched.copied == [3 + added], patched.copied
+    assert SiteStack.of([torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3)]).where == ((0, 0), (1, 0), (0, 1))
 
 
 @pytest.mark.parametrize("mode", ["clip", "llm"])
