@@ -4,7 +4,7 @@
 #   bench/device_run.sh all   # everything, most important first, inside DEVICE_BUDGET_S seconds (default
 #                             # 540): a step that would not fit is skipped and named in the log, so one
 #                             # call of the 15-minute lease brings back the targets' numbers first
-#   bench/device_run.sh next  # what the last GPU session left open (docs/benchmarks.md §5f, §6)
+#   bench/device_run.sh next  # what the last GPU session left open (docs/benchmarks.md §5g, §6)
 # SKIP="label ..." leaves steps out (e.g. those a first call already measured); DEVICE_ARGS="--small"
 # tries the script on a CPU (PATH must then start with the pinned venv's bin).
 set -uo pipefail
@@ -58,43 +58,29 @@ run_part() {
       step checks-compile 100 checks 3,11
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what session 10 (H100, docs/benchmarks.md §5f) left open, most needed first (§6 has the two calls).
-           # Call 1 (DEVICE_BUDGET_S=520): the checks, then compiled SDXL training (never measured: its compile ran
-           # past 244 s in session 7) with all the rest of the call. Call 2 at once (SKIP naming what call 1 ran,
-           # ~320 s): SD1.5 sampling under CUDA graphs (inductor's reduce-overhead, then the cudagraphs backend), the
-           # likely end of the launch-bound step's overhead, then SDXL under the cudagraphs backend
-      # 10: its negative control was wrong on CUDA (draws at the cut width equal the bucket's); now other seeds.
-      # 11 (new): the patched U-Net under inductor's CUDA graphs: no skip, and replays with another run's tensors
-      # give that run's eager images
-      step checks 100 checks 10,11
-      # the SDXL training target compiled: its img/s against 28, the compile's phases and the profile of the step
-      # (one compile: the whole bucket, the default; the first step on a fresh machine builds the feature cache)
-      step training-compiled-sdxl 420 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10 --profile 2
-      # eager sampling is launch-bound (the issue: 25-39 ms eager against 12 ms as a CUDA graph) and plain
-      # inductor left the adapter's ~1.7-2.1 ms per step (§5f): CUDA graphs take the launches out, so what is left
-      # is the adapter's kernels (the roofline's ~4 %). Inductor's reduce-overhead first: it keeps the weights as
-      # static inputs. TorchCompileModel's own cudagraphs backend (no inductor: it compiles in about a minute, even
-      # SDXL) treats every input as non-static on torch >= 2.5 (modules inlined: no parameter is "fixed"), so each
-      # replay also copies the U-Net's weights into the graph's buffers: its baseline step is inflated (§3n)
+    next)  # what session 12 (H100, docs/benchmarks.md §5g) left open, most needed first (§6 has the two calls).
+           # Call 1 (DEVICE_BUDGET_S=520): the checks, then SD1.5 under inductor's CUDA graphs with session 12's
+           # stacked per-run tensors (49 input copies per replay before, ~8 now) and its profile, fixed (a warm run
+           # before each profiled model) and with the host time per Python function, then SD1.5 training under CUDA
+           # graphs. Call 2 at once (SKIP naming what call 1 ran): the SDXL sampling target under CUDA graphs, then
+           # training and plain inductor
+      # 11: the stacked keys and values replay right under CUDA graphs (another run's tensors: its eager images);
+      # 3: plain inductor, one graph for two span lengths and two strengths
+      step checks 100 checks 3,11
+      # session 12: +12.1 % +- 4.8 (12.0 -> 13.4 ms/step); 49 input copies per replay, 8 expected now
       step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 15
-      # the adapter's kernels per step under CUDA graphs (patched minus unpatched): what is left of its cost there
-      # (its compiles are in inductor's cache from the step above)
-      step profile-reduce-overhead-sd15 100 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
-      step sampling-cudagraphs-sd15 80 bench sampling_overhead --models sd15 --modes clip --compile cudagraphs --no-real-flops --repeats 15
-      # a run's features moved once per run (step 1 extra was 30.9 ms compiled, §5f): joined on the host or the device
-      step run-features 30 bench run_features
-      # SDXL under CUDA graphs in about a minute of compiling (SDXL --small on this CPU: 85 s for the whole run)
+      # the adapter's kernels per step under CUDA graphs (device) and the host time per Python function (patched
+      # minus unpatched): which of the two the wall-clock overhead is
+      step profile-reduce-overhead-sd15 130 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
+      # compiled training's step still waits on the host (SDXL: 181 ms of kernels in a 213 ms step, §5g): the
+      # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
+      # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s
+      step training-reduce-overhead-sd15 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
+      # the SDXL sampling target under inductor's CUDA graphs (two SDXL forward compiles, ~100 s each estimated
+      # from session 12's training compile: tracing 19 s, inductor forward 56 s)
+      step sampling-reduce-overhead-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 5 --warmup 1
+      # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n)
       step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
-      # plain inductor in the same session (session 10: +10.4 % ± 16), 15 repeats; the note says whether a graph
-      # compiled while timing
-      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
-      # what the compiled graph adds on the device per step, kernel by kernel (quick right after the step above:
-      # its compiles are in inductor's cache)
-      step profile-compiled-sd15 150 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor > $OUTDIR/profile-compiled-sd15.txt"
-      # the SDXL sampling target compiled (session 10 cut plain inductor off at 233 s, two SDXL U-Nets to compile):
-      # with CUDA graphs first, then plain inductor
-      step sampling-reduce-overhead-sdxl 460 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 5 --warmup 1
-      step sampling-compiled-sdxl 460 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1
       # compiled training reached 147.6 img/s (target 200) and the step is device-bound: do bigger GEMMs and
       # convolutions (batch 32) run nearer their peak? (the target names no batch size; the first SD1.5 training
       # step on a fresh machine also builds its feature cache, ~20 s)
@@ -102,11 +88,13 @@ run_part() {
       # the whole bucket (one static graph, the default since session 9) against the span (a static graph, then a
       # dynamic one, which inductor on the CPU compiled wrongly): does CUDA run it, and faster per step?
       step training-compiled-span-sd15 130 train --models sd15 --no-floor --compile inductor --no-compile-whole-bucket --warmup 5 --steps 10
-      # the eager SDXL step is partly host-bound (kernels 213 of 263 ms, §5f): the profile with the annotation fix
-      step training-sdxl-profile 90 train --models sdxl --steps 6 --warmup 2 --profile 2
       # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against session 10's 147.6
       step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
-      step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark ;;
+      step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
+      # plain inductor (session 10: +10.4 % +- 16), 15 repeats, and its kernel profile
+      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
+      step profile-compiled-sd15 150 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor > $OUTDIR/profile-compiled-sd15.txt"
+      step sampling-compiled-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1 ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }

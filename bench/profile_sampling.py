@@ -3,14 +3,18 @@
     python bench/profile_sampling.py --small [--model sd15|sdxl] [--mode clip|llm] [--steps 20] [--compile inductor]
 
 Runs the unpatched and the patched model through comfy.sample.sample (warm, same inputs) and prints:
-  1. cProfile of the patched run: every llmdiff_core function, calls and time per sampling step;
+  1. cProfile of the patched run: every llmdiff_core function, calls and time per sampling step; then
+     every Python function's own host time per step, patched minus unpatched (under CUDA graphs the
+     device runs a step as one launch: an overhead above the kernels' is host time, and this says whose);
   2. torch.profiler: aten ops per step, patched minus unpatched (count and self CPU time). On a GPU
      each extra aten op is (at least) one more kernel launch, which is what a launch-bound eager step
      pays for; on a CPU it is the dispatcher + allocator overhead of the op;
   3. a census of what the patches do per step that is constant per run (casts, mask moves);
   4. on CUDA, the device kernels per step, patched minus unpatched (count and device time): with --compile
      (both models under ComfyUI's torch.compile wrapper, as TorchCompileModel makes them) this is what the
-     compiled graph adds per step, the part of the overhead no host-side work explains.
+     compiled graph adds per step, the part of the overhead no host-side work explains. Warm-up runs have
+     the profiled length (a compiled U-Net compiles again at its first run of another step count), and each
+     model runs once unprofiled right before its profile (CUDA-graph trees may record again after a switch).
 Works on CPU (--small) and on CUDA (real shapes; add --small for the tiny ones).
 """
 
@@ -78,9 +82,11 @@ def main() -> None:
                                 disable_pbar=True, seed=0)
         common.sync(device)
 
+    # warm-up runs of the profiled length: ComfyUI hands the U-Net transformer_options["sample_sigmas"], [steps + 1],
+    # so a compiled U-Net warmed up on 2 steps compiles again (that dim dynamic) at its first 20-step run
     for _ in range(max(1, opts.warmup)):
-        run(base, clip_pos, clip_neg, 2)
-        run(patched, pos, neg, 2)
+        run(base, clip_pos, clip_neg, opts.steps)
+        run(patched, pos, neg, opts.steps)
     steps = opts.steps
     compiled = "" if not opts.compile else f", compiled ({opts.compile}" + (
         f", mode {opts.compile_mode})" if opts.compile_mode else ")")
@@ -88,12 +94,17 @@ def main() -> None:
           f"{'hybrid (clip)' if opts.mode == 'clip' else 'paper (llm)'}, {steps} steps{compiled}\n")
     print(", ".join(f"{k} {v}" for k, v in common.env_header(device, opts.root).items()), "\n")
 
-    # 1. cProfile: the pack's own Python, per step
-    prof = cProfile.Profile()
-    prof.enable()
-    run(patched, pos, neg, steps)
-    prof.disable()
-    stats = pstats.Stats(prof)
+    # 1. cProfile: the pack's own Python, per step; then every function's host time, patched minus unpatched
+    def python_profile(mp: Any, positive: list, negative: list) -> pstats.Stats:
+        run(mp, positive, negative, steps)  # (after a switch of models: see ops_of)
+        prof = cProfile.Profile()
+        prof.enable()
+        run(mp, positive, negative, steps)
+        prof.disable()
+        return pstats.Stats(prof)
+
+    base_stats = python_profile(base, clip_pos, clip_neg)
+    stats = python_profile(patched, pos, neg)
     total = stats.total_tt
     rows = []
     for (file, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
@@ -104,11 +115,17 @@ def main() -> None:
           f"under the profiler)\n")
     print(common.markdown_table(["function", "calls/step", "own ms/step", "cumulative ms/step"], rows[:opts.top]))
     print()
+    host_difference(base_stats, stats, steps, opts.top)
 
     # 2. torch.profiler: aten ops per step, patched minus unpatched
     def ops_of(mp: Any, positive: list, negative: list) -> tuple[Counter, Counter, Counter, Counter]:
         """aten calls and their self time; device kernels and their device time (CUDA), per run."""
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        # First a run of the same model, unprofiled: after a switch of models CUDA-graph trees may warm up and
+        # record again, and that belongs outside the profile (H100, session 12: the profiled unpatched run held
+        # two eager U-Net calls, ~1 ms per step of kernels that are no replay's: the warm-up had run 2 steps, so
+        # the 20-step run compiled again, and CUDA-graph trees warmed up and recorded the new graph).
+        run(mp, positive, negative, steps)
         with profile(activities=acts) as p:
             run(mp, positive, negative, steps)
         count, self_us, kernels, kernel_us = Counter(), Counter(), Counter(), Counter()
@@ -142,7 +159,11 @@ def main() -> None:
     print(f"- bool attention mask turned into an additive one inside SDPA, per step: {mask_conv / steps:.0f} "
           f"aten::where (the mask is constant over the run)")
     items = c1["aten::item"] - c0["aten::item"]
-    print(f"- host syncs (aten::item) per step: unpatched {c0['aten::item'] / steps:.2f}, extra {items / steps:.2f}\n")
+    print(f"- host syncs (aten::item) per step: unpatched {c0['aten::item'] / steps:.2f}, extra {items / steps:.2f}")
+    if device.type == "cuda" and cuda_graphs(opts):  # a replay dispatches no aten op: a convolution here is a U-Net call run eagerly
+        print(f"- CUDA graphs: aten::convolution per step (0 when every U-Net call replayed a graph): unpatched "
+              f"{c0['aten::convolution'] / steps:.2f}, patched {c1['aten::convolution'] / steps:.2f}")
+    print()
 
     # 4. what the device runs per step, by kernel (CUDA): compiled, the adapter's whole cost lies here
     if device.type == "cuda":
@@ -150,6 +171,39 @@ def main() -> None:
 
     # 5. fixed host cost of the per-site math: one-token tensors, so nothing but Python + dispatch is timed
     host_overhead(device, opts.top)
+
+
+def host_difference(base: pstats.Stats, patched: pstats.Stats, steps: int, top: int) -> None:
+    """Where the patched step's extra host time goes: every Python function's own time (the C calls it makes
+    included, as cProfile counts them), patched minus unpatched, per step. Under CUDA graphs the device runs a
+    step as one launch, so a wall-clock overhead above the kernels' is host time, and this says whose."""
+    def own(st: pstats.Stats) -> dict[str, tuple[float, float]]:
+        out: dict[str, tuple[float, float]] = {}
+        for (file, line, func), (_cc, nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+            key = f"{'/'.join(Path(file).parts[-2:])}:{line} {func}"
+            if "torchinductor" in file:  # each model's generated code has a file of its own: compare them
+                key = f"inductor's generated code: {func}"
+            elif func.endswith(".kernel.kernel>"):  # a generated CPU kernel, named by its code's hash
+                key = "<a generated kernel>"
+            calls, t = out.get(key, (0.0, 0.0))
+            out[key] = (calls + nc, t + tt)
+        return out
+    b, p = own(base), own(patched)
+    rows = [[k, b.get(k, (0, 0))[0] / steps, p.get(k, (0, 0))[0] / steps,
+             (p.get(k, (0, 0))[1] - b.get(k, (0, 0))[1]) / steps * 1e3] for k in set(b) | set(p)]
+    rows.sort(key=lambda r: -abs(r[3]))
+    print(f"**cProfile, every function: own host time per step, patched minus unpatched** (whole step under the "
+          f"profiler: unpatched {base.total_tt / steps * 1e3:.2f} ms, patched {patched.total_tt / steps * 1e3:.2f} ms)\n")
+    print(common.markdown_table(["function", "unpatched calls/step", "patched calls/step", "extra own ms/step"],
+                                rows[:top]))
+    print()
+
+
+def cuda_graphs(opts: Any) -> bool:
+    """Whether the compiled U-Net runs as CUDA graphs (TorchCompileModel's cudagraphs backend, inductor's
+    reduce-overhead / max-autotune)."""
+    return opts.compile == "cudagraphs" or (opts.compile == "inductor" and opts.compile_mode in
+                                            ("reduce-overhead", "max-autotune"))
 
 
 def kernel_table(k0: Counter, kt0: Counter, k1: Counter, kt1: Counter, steps: int, sites: int, top: int) -> None:

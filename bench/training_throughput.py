@@ -168,7 +168,8 @@ def main() -> None:
         copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
         cudnn_benchmark=cuda and not opts.no_cudnn_benchmark,
         channels_last=opts.channels_last, sdpa_backends=opts.sdpa_backends.replace(",", "+") or "torch's choice",
-        compile=opts.compile or "no", whole_bucket=bool(opts.compile) and opts.compile_whole_bucket,
+        compile=(f"{opts.compile} (mode {opts.compile_mode})" if opts.compile_mode else opts.compile) or "no",
+        whole_bucket=bool(opts.compile) and opts.compile_whole_bucket,
         mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
@@ -311,6 +312,11 @@ def main() -> None:
             phases = compile_clock.phases() if opts.compile else ""
             if phases:
                 report.notes.append(f"{family}: the compile's phases (nested): {phases}")
+            if opts.compile_mode in ("reduce-overhead", "max-autotune"):  # did the step run as CUDA graphs?
+                report.notes.append(f"{family}: compiled graphs run without CUDA graphs (so far in this process): "
+                                    f"{common.cuda_graph_skips()} (0 on CUDA: the forward and backward replayed CUDA "
+                                    f"graphs; torch warns each reason); inputs each replay copies in, summed over the "
+                                    f"recordings: {common.cuda_graph_copied_inputs()}")
             if len(steps) < opts.steps:  # stopped early (device_run.sh's deadline sends SIGINT): say how far it got
                 report.notes.append(f"{family}: stopped after {len(marks['start'])} steps, "
                                     f"{common.now() - run['start']:.0f} s in: {len(steps)} of {opts.steps} timed steps "
