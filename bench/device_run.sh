@@ -81,6 +81,10 @@ run_part() {
       step sampling-reduce-overhead-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 5 --warmup 1
       # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n)
       step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
+      # compiled SDXL training at batch 4 made 18.75 img/s (target 28; 181 ms of kernels per 213 ms step, GEMMs at
+      # ~26 % of peak): batch 8 (the target names no batch size; ~60 GiB expected) for bigger GEMMs and half the
+      # host work per image (its compile: ~230 s to the first step in session 12)
+      step training-compiled-sdxl-b8 360 train --models sdxl --batch sdxl=8 --no-floor --compile inductor --warmup 4 --steps 8
       # compiled training reached 147.6 img/s (target 200) and the step is device-bound: do bigger GEMMs and
       # convolutions (batch 32) run nearer their peak? (the target names no batch size; the first SD1.5 training
       # step on a fresh machine also builds its feature cache, ~20 s)
