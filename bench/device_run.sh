@@ -67,6 +67,9 @@ run_part() {
       # 11: the stacked keys and values replay right under CUDA graphs (another run's tensors: its eager images);
       # 3: plain inductor, one graph for two span lengths and two strengths
       step checks 100 checks 3,11
+      # a run's features from page-locked memory (staged, or kept pinned from Text Encode) against the product's
+      # pageable copy (session 12: 3.2-9.0 ms per run, ~7 GB/s): what pinning would save per run
+      step run-features 30 bench run_features
       # session 12: +12.1 % +- 4.8 (12.0 -> 13.4 ms/step); 49 input copies per replay, 8 expected now
       step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 15
       # the adapter's kernels per step under CUDA graphs (device) and the host time per Python function (patched
