@@ -28,6 +28,7 @@ from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, FeaturePart, at
 from llmdiff_core.errors import AdapterMismatchError, LLMDiffError
 from llmdiff_core.features import LLMFeatures
 from llmdiff_core.unet_sites import find_sites
+from cuda_graph_audit import CudaGraphAudit
 from tiny_unets import (SD15_CONTEXT_DIM, SDXL_ADM_DIM, SDXL_CONTEXT_DIM, make_adapter, make_adapter_config,
                         tiny_llm_spec, tiny_sd15, tiny_sd15_minimal, tiny_sdxl)
 
@@ -1158,36 +1159,6 @@ class GraphCounter:
             self.calls[index] += 1
             return gm.forward(*args)
         return run
-
-
-class CudaGraphAudit:
-    """A torch.compile backend (AOTAutograd, graphs run as traced) that records, per forward graph, what makes
-    inductor's CUDA graphs (mode reduce-overhead) skip a graph: an op CUDA graphs cannot capture, inputs that
-    are not tensors or sizes, inputs the graph writes to. The device check (one device, no CPU tensor) needs
-    CUDA: bench/gpu_checks.py check 11."""
-
-    def __init__(self) -> None:
-        from torch._dynamo.backends.common import aot_autograd
-
-        self.graphs: list[dict[str, Any]] = []
-        self.copied: list[int] = []  # per graph: the tensor inputs a CUDA-graph replay copies in (not static)
-        self.backend = aot_autograd(fw_compiler=self._forward)
-
-    def _forward(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
-        from torch._inductor.utils import get_first_incompatible_cudagraph_node
-
-        meta = torch._guards.TracingContext.get().fw_metadata
-        assert meta is not None, "AOTAutograd's metadata moved: update CudaGraphAudit"
-        incompatible = get_first_incompatible_cudagraph_node(gm)
-        self.graphs.append({
-            "incompatible op": None if incompatible is None else str(incompatible.target),
-            "non-tensor inputs": [type(t).__name__ for t in example_inputs
-                                  if not isinstance(t, (torch.Tensor, torch.SymInt))],
-            "mutated inputs": list(meta.mutated_inp_runtime_indices)})
-        static = set(meta.static_input_indices)  # parameters and buffers: their addresses stay put
-        self.copied.append(sum(1 for i, t in enumerate(example_inputs)
-                               if isinstance(t, torch.Tensor) and i not in static))
-        return gm.forward
 
 
 @pytest.mark.parametrize("mode", ["clip", "llm"])

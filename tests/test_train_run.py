@@ -21,6 +21,7 @@ from llmdiff_core.training import loop, runner
 from llmdiff_core.training.encoders import FrozenEncoders
 from llmdiff_core.training.options import TrainOptions
 from llmdiff_core.training.patching import enable_gradient_checkpointing, patch_for_training
+from cuda_graph_audit import CudaGraphAudit
 from train_support import make_images, shared_assets, tiny_clip, tiny_vae, write_folder
 from tiny_unets import tiny_sd15
 
@@ -219,6 +220,25 @@ def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, froz
     for k in a:
         torch.testing.assert_close(c[k], a[k], rtol=0, atol=1e-6, msg=k)
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+
+
+def test_compiled_training_step_can_run_as_cuda_graphs(tmp_path: Path, frozen) -> None:
+    """train.py --compile-unet inductor --compile-mode reduce-overhead runs the training step's forward and backward
+    as CUDA graphs only if neither graph holds an op CUDA graphs refuse, takes an input that is not a tensor or
+    a size, or writes to an input (inductor would skip CUDA graphs for the whole U-Net, with a logged warning).
+    The whole-bucket graph (the default) is audited with torch's own checks; GPU speed: bench/device_run.sh next."""
+    audit = CudaGraphAudit()
+    torch._dynamo.register_backend(audit.backend, name="llmdiff_cuda_graph_audit")
+    data = write_folder(tmp_path / "data", make_images(4))
+    run = options(data, tmp_path / "out", max_steps=2, compile_unet="llmdiff_cuda_graph_audit")
+    assert run.compile_whole_bucket
+    torch._dynamo.reset()
+    try:
+        assert runner.run_with(run, components(frozen)) == 0
+    finally:
+        torch._dynamo.reset()
+    assert audit.graphs == [{"incompatible op": None, "non-tensor inputs": [], "mutated inputs": []}], audit.graphs
+    assert audit.backward_graphs == [{"incompatible op": None, "non-tensor inputs": []}], audit.backward_graphs
 
 
 @pytest.mark.slow

@@ -1,0 +1,47 @@
+"""A torch.compile backend that audits compiled graphs for what would keep them from running as CUDA graphs.
+
+Inductor's CUDA graphs (mode reduce-overhead) and the cudagraphs backend leave a graph to run without them,
+with only a logged warning, when it holds an op CUDA graphs cannot capture, takes inputs that are not tensors
+or sizes, or writes to one of its inputs. This backend (AOTAutograd, graphs run as traced) records those per
+graph, forward and backward, with torch's own checks, and counts the inputs a replay would copy in. The
+device check (one device, no CPU tensor) needs CUDA: bench/gpu_checks.py check 11.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+class CudaGraphAudit:
+    def __init__(self) -> None:
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.graphs: list[dict[str, Any]] = []  # forward graphs: what skips CUDA graphs
+        self.backward_graphs: list[dict[str, Any]] = []
+        self.copied: list[int] = []  # per forward graph: the tensor inputs a CUDA-graph replay copies in (not static)
+        self.backend = aot_autograd(fw_compiler=self._forward, bw_compiler=self._backward)
+
+    @staticmethod
+    def _found(gm: torch.fx.GraphModule, example_inputs: Any) -> dict[str, Any]:
+        from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+        incompatible = get_first_incompatible_cudagraph_node(gm)
+        return {"incompatible op": None if incompatible is None else str(incompatible.target),
+                "non-tensor inputs": [type(t).__name__ for t in example_inputs
+                                      if not isinstance(t, (torch.Tensor, torch.SymInt))]}
+
+    def _forward(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+        meta = torch._guards.TracingContext.get().fw_metadata
+        assert meta is not None, "AOTAutograd's metadata moved: update CudaGraphAudit"
+        self.graphs.append({**self._found(gm, example_inputs), "mutated inputs": list(meta.mutated_inp_runtime_indices)})
+        static = set(meta.static_input_indices)  # parameters and buffers: their addresses stay put
+        self.copied.append(sum(1 for i, t in enumerate(example_inputs)
+                               if isinstance(t, torch.Tensor) and i not in static))
+        return gm.forward
+
+    def _backward(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+        # (AOTAutograd functionalises the joint graph: a backward holds no write to its inputs to look for)
+        self.backward_graphs.append(self._found(gm, example_inputs))
+        return gm.forward
