@@ -244,8 +244,7 @@ class CallState:
     fusion_weights: list[torch.Tensor] = field(default_factory=list)
     at_core: list[bool] = field(default_factory=list)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
-    scaled: ScaledSites | None = None
-    active: tuple[bool, ...] = ()  # per site: has_new_path
+    scaled: ScaledSites | None = None  # what the lists above come from (its stacks: what a compiled U-Net reads)
 
     def any_new_path(self) -> bool:
         return not all(is_identity(wo, wn) for wo, wn in self.gates)
@@ -253,9 +252,7 @@ class CallState:
     def has_new_path(self, i: int) -> bool:
         """Whether site i's gates leave it a new path (not (1, 0)). A bool, not a look at new_values[i]: a compiled
         U-Net would guard on that tensor's shape (a recompile per key length) even where it reads the stack."""
-        if self.scaled is not None and self.scaled.new_stack is not None:
-            return self.active[i]
-        return self.new_values[i] is not None
+        return self.scaled.active[i] if self.scaled is not None else self.new_values[i] is not None
 
     # What the patches read at site i. Sampling's come from the run's stacks, so that a compiled U-Net takes
     # each stack as one input (a CUDA-graph replay copies every input) and indexes it inside the graph.
@@ -460,7 +457,7 @@ class AdapterRuntime(_Shared):
         else:
             at_core = [True] * len(self.sites)
         return CallState(entry, scaled.gates, scaled.new_values, scaled.orig_values, scaled.fusion_weights, at_core,
-                         scaled=scaled, active=scaled.active)
+                         scaled=scaled)
 
     # attention-patch helpers
     def site_of(self, eo: dict[str, Any]) -> int | None:
