@@ -381,7 +381,8 @@ class AdapterRuntime(_Shared):
             return t if index is None else t.index_select(0, index)
 
         def keys(t: torch.Tensor, heads: int) -> torch.Tensor:  # [R, T', H*d] -> the call's [B, H, T', d]
-            return mask.varying_keys(per_row(mask.heads(t, heads, contiguous=training is None)))
+            # a view: sampling's stacks (below) copy it into place, a training step reads it once
+            return per_row(mask.heads(t, heads, contiguous=False))
         w_orig, w_new = self.adapter.gate_weights()
         gates_orig: list[float] | torch.Tensor = w_orig
         gates_new: list[float] | torch.Tensor = w_new

@@ -32,8 +32,8 @@ class SiteStack:
 
     @classmethod
     def of(cls, per_site: Sequence[torch.Tensor], on_stack: Callable[[torch.Tensor], object] | None = None) -> SiteStack:
-        """Stacks per_site (copies: the per-site tensors can go). on_stack sees each new stack (to mark a dim
-        as varying for torch.compile)."""
+        """Stacks per_site (a copy into fresh contiguous stacks: the per-site tensors, views or not, can go).
+        on_stack sees each new stack (to mark a dim as varying for torch.compile)."""
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(per_site):
             groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
