@@ -129,9 +129,9 @@ class RunMask:
 
     def heads(self, t: torch.Tensor, heads: int, contiguous: bool = True) -> torch.Tensor:
         """[B, stop-start, H*d] (span() tokens) -> [B, H, stop-start, d]: the keys or values SDPA reads,
-        contiguous when they are read every call of a run (sampling). A training step reads them once, and
-        SDPA takes the transposed view as ComfyUI's own attention passes it: a copy there would be one more
-        kernel per K and V, site and step."""
+        contiguous for keys read every call (the sampling entry gets the same by stacking the views,
+        site_stacks.py). A training step reads them once, and SDPA takes the transposed view as ComfyUI's own
+        attention passes it: a copy there would be one more kernel per K and V, site and step."""
         b, _, inner = t.shape
         out = t.reshape(b, -1, heads, inner // heads).transpose(1, 2)
         return out.contiguous() if contiguous else out
