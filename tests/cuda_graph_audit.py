@@ -44,4 +44,6 @@ class CudaGraphAudit:
     def _backward(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
         # (AOTAutograd functionalises the joint graph: a backward holds no write to its inputs to look for)
         self.backward_graphs.append(self._found(gm, example_inputs))
-        return gm.forward
+        from functorch.compile import make_boxed_func  # (AOTAutograd calls a backward with its inputs boxed)
+
+        return make_boxed_func(gm.forward)
