@@ -84,6 +84,11 @@ run_part() {
       step sampling-reduce-overhead-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 5 --warmup 1
       # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n)
       step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
+      # compiled SDXL training with every site's K/V projection compiled too (session 12, after its GPU run: the
+      # compiled step waited ~32 ms on the host; the projections were ~560 eager ops per forward and their
+      # backward), against 18.75 img/s, then the same-run A/B with them eager (the U-Net's graphs from the cache)
+      step training-compiled-sdxl 330 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10
+      step training-compiled-sdxl-eager-projections 200 train --models sdxl --no-floor --compile inductor --no-compile-projections --warmup 5 --steps 10
       # compiled SDXL training at batch 4 made 18.75 img/s (target 28; 181 ms of kernels per 213 ms step, GEMMs at
       # ~26 % of peak): batch 8 (the target names no batch size; ~60 GiB expected) for bigger GEMMs and half the
       # host work per image (its compile: ~230 s to the first step in session 12)

@@ -61,6 +61,9 @@ def parse() -> Any:
     p.add_argument("--compile", default="", metavar="BACKEND",
                    help="train.py --compile-unet BACKEND (inductor on a GPU); the warmup steps compile")
     p.add_argument("--compile-mode", default="", help="train.py --compile-mode")
+    p.add_argument("--compile-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="train.py --compile-projections (its default, with --compile): every site's K/V projection "
+                        "compiled too; --no-compile-projections: eager (the A/B of the host work per step)")
     p.add_argument("--compile-whole-bucket", action=argparse.BooleanOptionalAction, default=True,
                    help="train.py --compile-whole-bucket (its default, with --compile): one static key length, one "
                         "compile; --no-compile-whole-bucket: the span's (a static, then a dynamic graph)")
@@ -170,6 +173,7 @@ def main() -> None:
         channels_last=opts.channels_last, sdpa_backends=opts.sdpa_backends.replace(",", "+") or "torch's choice",
         compile=(f"{opts.compile} (mode {opts.compile_mode})" if opts.compile_mode else opts.compile) or "no",
         whole_bucket=bool(opts.compile) and opts.compile_whole_bucket,
+        compiled_projections=bool(opts.compile) and opts.compile_projections,
         mixed_precision=precision))
     step_tflop = {} if opts.no_floor else floor_table(report, opts)  # family -> TFLOP per image per step
     if opts.floor_only:
@@ -269,6 +273,7 @@ def main() -> None:
                              sdpa_backends=opts.sdpa_backends,
                              cudnn_benchmark=not opts.no_cudnn_benchmark,
                              compile_mode=opts.compile_mode, compile_whole_bucket=opts.compile_whole_bucket,
+                             compile_projections=opts.compile_projections,
                              mixed_precision=precision, seed=0)
             # 1. the cache pre-pass (LLM loaded), not timed; a finished one kept by an earlier run (--keep) is reused
             spec = builders.llm_spec(opts.llm)

@@ -306,6 +306,7 @@ class AdapterRuntime(_Shared):
         # fresh id, so a re-applied adapter (new strength) keeps the key and a compiled U-Net its graph.
         self.state_key = f"llmdiff_state_{stack_position}"
         self._entries: list[RunEntry] | None = None  # None outside a sampling run: no caching
+        self.project_sites: Callable[..., list[tuple[torch.Tensor, torch.Tensor]]] = self._site_projections
         self._set_window(model_sampling)
 
     # sampling runs
@@ -383,6 +384,7 @@ class AdapterRuntime(_Shared):
         def keys(t: torch.Tensor, heads: int) -> torch.Tensor:  # [R, T', H*d] -> the call's [B, H, T', d]
             # a view: sampling's stacks (below) copy it into place, a training step reads it once
             return per_row(mask.heads(t, heads, contiguous=False))
+        project = self._site_projections if training is None else self.project_sites
         w_orig, w_new = self.adapter.gate_weights()
         gates_orig: list[float] | torch.Tensor = w_orig
         gates_new: list[float] | torch.Tensor = w_new
@@ -398,11 +400,10 @@ class AdapterRuntime(_Shared):
         c_span = mask.span(c)
         context_span = None if context is None else mask.span(context)
         like = torch.empty(0, dtype=dtype, device=device)
-        new_kv, q_weights = [], []
+        new_kv = [(per_row(k), per_row(v)) for k, v in project(c_span, dtype, mask)]
+        q_weights = []
         for i, site in enumerate(self.sites):
             heads = site.spec.heads
-            k, v = (t if t.dtype == dtype else t.to(dtype) for t in self.adapter.site_keys_values(i, c_span))
-            new_kv.append((keys(k, heads), keys(v, heads)))
             q_weights.append(_weight_bias(self.adapter.sites[i].to_q, like)[0].to(device=device, dtype=dtype))
             if context_span is not None:
                 orig_kv.append((keys(_project(site.attn2.to_k, context_span), heads),
@@ -417,6 +418,23 @@ class AdapterRuntime(_Shared):
                 entry.orig_keys, entry.orig_vals = (SiteStack.of(t, entry.mark_stack) for t in zip(*orig_kv))
                 entry.orig_kv = list(zip(entry.orig_keys.views, entry.orig_vals.views))
         return entry
+
+    def _site_projections(self, c_span: torch.Tensor, dtype: torch.dtype,
+                          mask: RunMask) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every site's tau_k(c), tau_v(c) in dtype, split into heads: [R, H, T', d] views (RunMask.heads).
+
+        A training call runs it as self.project_sites, which compile_training_projections replaces with a
+        compiled copy: ~8 ops per site (70 sites for SDXL) and their backward, as two graphs instead of hundreds
+        of dispatches every step."""
+        out = []
+        for i, site in enumerate(self.sites):
+            k, v = (t if t.dtype == dtype else t.to(dtype) for t in self.adapter.site_keys_values(i, c_span))
+            out.append((mask.heads(k, site.spec.heads, contiguous=False), mask.heads(v, site.spec.heads, contiguous=False)))
+        return out
+
+    def compile_training_projections(self, backend: Any, mode: str | None = None) -> None:
+        """Training calls project every site's K/V through torch.compile (training/patching.compile_unet)."""
+        self.project_sites = torch.compile(self._site_projections, backend=backend, mode=mode)
 
     def _encode(self, features: LLMFeatures, noise_seeds: Sequence[int] | None,
                 noise_tokens: int | None = None) -> torch.Tensor:
@@ -763,6 +781,11 @@ def _refuse_replaced_sites(model_patcher: ModelPatcher, sites: list[SiteBinding]
                     f"Another patch (IP-Adapter or similar) already replaces the cross-attention at {key}. A "
                     f"paper-mode LLMDiff adapter takes over cross-attention and cannot be combined with it: "
                     f"use a hybrid (clip-mode) LLMDiff adapter together with IP-Adapter.")
+
+
+def applied_runtimes(model_patcher: ModelPatcher) -> list[AdapterRuntime]:
+    """The runtimes of the adapters apply_adapter put on this model, in stack order."""
+    return [w.runtime for w in model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)]
 
 
 def apply_adapter(model_patcher: ModelPatcher, adapter: LLMDiffAdapter, strength: float = 1.0,

@@ -222,23 +222,29 @@ def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, froz
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
 
 
-def test_compiled_training_step_can_run_as_cuda_graphs(tmp_path: Path, frozen) -> None:
+@pytest.mark.parametrize("projections", [True, False], ids=["compiled_projections", "eager_projections"])
+def test_compiled_training_step_can_run_as_cuda_graphs(tmp_path: Path, frozen, projections: bool) -> None:
     """train.py --compile-unet inductor --compile-mode reduce-overhead runs the training step's forward and backward
-    as CUDA graphs only if neither graph holds an op CUDA graphs refuse, takes an input that is not a tensor or
-    a size, or writes to an input (inductor would skip CUDA graphs for the whole U-Net, with a logged warning).
-    The whole-bucket graph (the default) is audited with torch's own checks; GPU speed: bench/device_run.sh next."""
+    as CUDA graphs only if no graph holds an op CUDA graphs refuse, takes an input that is not a tensor or a
+    size, or writes to an input (inductor would skip CUDA graphs for the whole U-Net, with a logged warning).
+    The whole-bucket graphs (the default) are audited with torch's own checks; GPU speed: bench/device_run.sh next.
+    With --compile-projections (the default) every site's K/V projection is a graph of its own, forward and
+    backward; --no-compile-projections leaves the U-Net's alone."""
     audit = CudaGraphAudit()
-    torch._dynamo.register_backend(audit.backend, name="llmdiff_cuda_graph_audit")
+    name = f"llmdiff_cuda_graph_audit_{id(audit)}"  # (a registered name is taken for the process)
+    torch._dynamo.register_backend(audit.backend, name=name)
     data = write_folder(tmp_path / "data", make_images(4))
-    run = options(data, tmp_path / "out", max_steps=2, compile_unet="llmdiff_cuda_graph_audit")
+    run = options(data, tmp_path / "out", max_steps=2, compile_unet=name, compile_projections=projections)
     assert run.compile_whole_bucket
     torch._dynamo.reset()
     try:
         assert runner.run_with(run, components(frozen)) == 0
     finally:
         torch._dynamo.reset()
-    assert audit.graphs == [{"incompatible op": None, "non-tensor inputs": [], "mutated inputs": []}], audit.graphs
-    assert audit.backward_graphs == [{"incompatible op": None, "non-tensor inputs": []}], audit.backward_graphs
+    graphs = 2 if projections else 1  # forward and backward each: the K/V projections', then the U-Net's
+    assert audit.graphs == [{"incompatible op": None, "non-tensor inputs": [], "mutated inputs": []}] * graphs, \
+        audit.graphs
+    assert audit.backward_graphs == [{"incompatible op": None, "non-tensor inputs": []}] * graphs, audit.backward_graphs
 
 
 @pytest.mark.slow

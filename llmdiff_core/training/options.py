@@ -124,6 +124,10 @@ class TrainOptions:
                                       "then one with the key length dynamic, which inductor on the CPU (torch "
                                       "2.13) compiled wrongly: it failed at the third span length "
                                       "(docs/benchmarks.md §3m)")
+    compile_projections: bool = _opt(True, "with --compile-unet: compile every site's K/V projection of the adapter "
+                                     "too (graphs of their own, forward and backward), so a step dispatches a "
+                                     "few calls for them instead of hundreds (SDXL: 70 sites); "
+                                     "--no-compile-projections runs them eagerly")
     cudnn_benchmark: bool = _opt(True, "CUDA: let cuDNN time its convolution algorithms for the U-Net's shapes in the "
                                  "first steps and keep the fastest (the training resolution is fixed: once); off = "
                                  "cuDNN's heuristic choice")

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 import comfy.patcher_extension as pe
 
 from ..adapter import LLMDiffAdapter
-from ..comfy_patch import TRAINING_KEY, TrainingCall, apply_adapter
+from ..comfy_patch import TRAINING_KEY, TrainingCall, apply_adapter, applied_runtimes
 from ..conditioning import FeatureBatch, FeaturePart
 from ..features import LLMFeatures
 
@@ -35,14 +35,17 @@ def patch_for_training(model_patcher: Any, adapter: LLMDiffAdapter) -> Any:
     return apply_adapter(model_patcher, adapter, strength=1.0)
 
 
-def compile_unet(patched: Any, backend: str, mode: str | None = None) -> None:
+def compile_unet(patched: Any, backend: str, mode: str | None = None, projections: bool = True) -> None:
     """torch.compile the patched model's U-Net the way ComfyUI's TorchCompileModel node does: an
     APPLY_MODEL wrapper swaps the compiled module in for each call. The adapter's per-call work runs
     outside it (comfy_patch.ApplyModelWrapper) and its attention patches trace into the U-Net's graph,
-    forward and backward."""
+    forward and backward. Of that per-call work, every site's K/V projection (the bulk of its ops: SDXL's
+    70 sites, ~8 ops each and their backward) is compiled too (projections), as graphs of its own."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     set_torch_compile_wrapper(patched, backend=backend, mode=mode)
+    for runtime in applied_runtimes(patched) if projections else []:
+        runtime.compile_training_projections(backend, mode)
 
 
 def uncompiled(patched: Any) -> Any:

@@ -222,7 +222,7 @@ def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch
             log.warning("--compile-unet with --gradient-checkpointing: correct, but dynamo splits the U-Net into "
                         "many graphs (the adapter's fusion state is a side effect inside each checkpointed "
                         "block), so expect little of compile's speed-up")
-        compile_unet(patched, opts.compile_unet, opts.compile_mode or None)
+        compile_unet(patched, opts.compile_unet, opts.compile_mode or None, opts.compile_projections)
         # the first steps then sit silent for minutes (SDXL); say why, and that it is paid once per machine
         log.info("--compile-unet %s: the first training steps compile the U-Net (minutes for SDXL); torch keeps "
                  "the result in its compile cache (TORCHINDUCTOR_CACHE_DIR, else torchinductor_<user> in the temp "
