@@ -428,8 +428,9 @@ class AdapterRuntime(_Shared):
         of dispatches every step."""
         out = []
         for i, site in enumerate(self.sites):
-            k, v = (t if t.dtype == dtype else t.to(dtype) for t in self.adapter.site_keys_values(i, c_span))
-            out.append((mask.heads(k, site.spec.heads, contiguous=False), mask.heads(v, site.spec.heads, contiguous=False)))
+            k, v = (mask.heads(t if t.dtype == dtype else t.to(dtype), site.spec.heads, contiguous=False)
+                    for t in self.adapter.site_keys_values(i, c_span))
+            out.append((k, v))
         return out
 
     def compile_training_projections(self, backend: Any, mode: str | None = None) -> None:

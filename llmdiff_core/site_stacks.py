@@ -31,7 +31,8 @@ class SiteStack:
     views: tuple[torch.Tensor, ...]
 
     @classmethod
-    def of(cls, per_site: Sequence[torch.Tensor], on_stack: Callable[[torch.Tensor], object] | None = None) -> SiteStack:
+    def of(cls, per_site: Sequence[torch.Tensor],
+           on_stack: Callable[[torch.Tensor], object] | None = None) -> SiteStack:
         """Stacks per_site (a copy into fresh contiguous stacks: the per-site tensors, views or not, can go).
         on_stack sees each new stack (to mark a dim as varying for torch.compile)."""
         groups: dict[tuple, list[int]] = {}

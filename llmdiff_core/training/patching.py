@@ -44,8 +44,9 @@ def compile_unet(patched: Any, backend: str, mode: str | None = None, projection
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     set_torch_compile_wrapper(patched, backend=backend, mode=mode)
-    for runtime in applied_runtimes(patched) if projections else []:
-        runtime.compile_training_projections(backend, mode)
+    if projections:
+        for runtime in applied_runtimes(patched):
+            runtime.compile_training_projections(backend, mode)
 
 
 def uncompiled(patched: Any) -> Any:
