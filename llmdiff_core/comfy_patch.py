@@ -227,9 +227,9 @@ class ScaledSites:
 class CallState:
     """One U-Net call: its run entry and each site's effective (w_orig, w_new).
 
-    gates, new_values, orig_values, fusion_weights: the entry's ScaledSites for this call's strength, prepared
-    before the U-Net runs, so the patches inside it only read (nothing for a compiled U-Net to trace but
-    tensor math).
+    scaled: the entry's ScaledSites for this call's strength (gates, gate-scaled values, fusion weights),
+    prepared before the U-Net runs, so the patches inside it only read (nothing for a compiled U-Net to trace
+    but tensor math); the patches read them through the methods below.
 
     pending: site -> w_new*A_new, from the attn2_patch until the attention core (CoreFusion) or,
     failing that, the attn2_output_patch takes it. It lives here, not in the patches' extra_options,
@@ -238,45 +238,46 @@ class CallState:
     """
 
     entry: RunEntry
-    gates: list[tuple[Gate, Gate]]
-    new_values: list[torch.Tensor | None]
-    orig_values: list[torch.Tensor] | None = None
-    fusion_weights: list[torch.Tensor] = field(default_factory=list)
+    scaled: ScaledSites
     at_core: list[bool] = field(default_factory=list)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
-    scaled: ScaledSites | None = None  # what the lists above come from (its stacks: what a compiled U-Net reads)
 
     def any_new_path(self) -> bool:
-        return not all(is_identity(wo, wn) for wo, wn in self.gates)
+        return any(self.scaled.active)
 
     def has_new_path(self, i: int) -> bool:
-        """Whether site i's gates leave it a new path (not (1, 0)). A bool, not a look at new_values[i]: a compiled
+        """Whether site i's gates leave it a new path (not (1, 0)). A bool, not a look at its values: a compiled
         U-Net would guard on that tensor's shape (a recompile per key length) even where it reads the stack."""
-        return self.scaled.active[i] if self.scaled is not None else self.new_values[i] is not None
+        return self.scaled.active[i]
 
-    # What the patches read at site i. Sampling's come from the run's stacks, so that a compiled U-Net takes
-    # each stack as one input (a CUDA-graph replay copies every input) and indexes it inside the graph.
+    # What the patches read at site i. Sampling's come from the run's stacks (training's entries have none), so
+    # that a compiled U-Net takes each stack as one input (a CUDA-graph replay copies every input) and indexes
+    # it inside the graph.
     def new_key_value(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tau_k(c) and w_new*tau_v(c) of site i."""
-        keys, values = self.entry.new_keys, None if self.scaled is None else self.scaled.new_stack
+        keys, values = self.entry.new_keys, self.scaled.new_stack
         if keys is None or values is None:
-            return self.entry.new_kv[i][0], self.new_values[i]
+            return self.entry.new_kv[i][0], self.scaled.new_values[i]
         return keys.site(i), values.site(i)
 
     def orig_key_value(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Paper mode: k(phi c) and w_orig*v(phi c) of site i."""
-        keys, values = self.entry.orig_keys, None if self.scaled is None else self.scaled.orig_stack
+        keys, values = self.entry.orig_keys, self.scaled.orig_stack
         if keys is None or values is None:
-            assert self.entry.orig_kv is not None and self.orig_values is not None
-            return self.entry.orig_kv[i][0], self.orig_values[i]
+            assert self.entry.orig_kv is not None and self.scaled.orig_values is not None
+            return self.entry.orig_kv[i][0], self.scaled.orig_values[i]
         return keys.site(i), values.site(i)
 
     def fusion_weight(self, i: int) -> torch.Tensor:
         """Hybrid mode: the w_orig that fuse_at_core multiplies A_orig by at site i."""
-        vector = None if self.scaled is None else self.scaled.fusion_vector
+        vector = self.scaled.fusion_vector
         if vector is not None and torch.compiler.is_compiling():
             return vector[i]
-        return self.fusion_weights[i]
+        return self.scaled.fusion_weights[i]
+
+    def orig_gate(self, i: int) -> Gate:
+        """Site i's effective w_orig (the fallback fusion after to_out)."""
+        return self.scaled.gates[i][0]
 
 
 @dataclass(frozen=True)
@@ -476,8 +477,7 @@ class AdapterRuntime(_Shared):
             at_core = [s.spec.key not in replaced and s.spec.block not in replaced for s in self.sites]
         else:
             at_core = [True] * len(self.sites)
-        return CallState(entry, scaled.gates, scaled.new_values, scaled.orig_values, scaled.fusion_weights, at_core,
-                         scaled=scaled)
+        return CallState(entry, scaled, at_core)
 
     # attention-patch helpers
     def site_of(self, eo: dict[str, Any]) -> int | None:
@@ -708,7 +708,7 @@ class HybridFusion(_SitePatch):
         if s_new is None:
             return out
         weight, bias = _weight_bias(self.runtime.sites[i].attn2.to_out[0], out)
-        return fuse_after_out(out, s_new, weight, bias, state.gates[i][0])
+        return fuse_after_out(out, s_new, weight, bias, state.orig_gate(i))
 
 
 class PaperInput(_SitePatch):

@@ -23,7 +23,7 @@ from comfy.patcher_extension import WrappersMP
 
 from llmdiff_core.attention import RunMask, attend, attended_span, effective_gates, fuse_after_out, fuse_at_core
 from llmdiff_core.comfy_patch import (FEATURES_KEY, TRAINING_KEY, WRAPPER_KEY, AdapterRuntime, TrainingCall,
-                                      apply_adapter)
+                                      applied_runtimes, apply_adapter)
 from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, FeaturePart, attach_features
 from llmdiff_core.errors import AdapterMismatchError, LLMDiffError
 from llmdiff_core.features import LLMFeatures
@@ -101,7 +101,7 @@ def diffusion_output(mp: Any, x: torch.Tensor, sigma: torch.Tensor, context: tor
 
 
 def runtime_of(mp: Any) -> AdapterRuntime:
-    return mp.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY)[-1].runtime
+    return applied_runtimes(mp)[-1]
 
 
 def count_calls(obj: Any, name: str, counts: dict[str, int], monkeypatch: Any = None) -> None:
