@@ -309,21 +309,23 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def cuda_graph_skips() -> int:
-    """Compiled graphs that CUDA graphs (inductor's reduce-overhead, the cudagraphs backend) left to run without
-    them in this process so far; torch logs each one's reason as a warning."""
+def uses_cuda_graphs(backend: str | None, mode: str | None) -> bool:
+    """Whether a compile runs its graphs as CUDA graphs: TorchCompileModel's cudagraphs backend, or inductor's
+    reduce-overhead / max-autotune modes."""
+    return backend == "cudagraphs" or (backend == "inductor" and mode in ("reduce-overhead", "max-autotune"))
+
+
+def cuda_graph_note() -> str:
+    """What CUDA graphs did in this process so far, from torch's counters: the compiled graphs they left to run
+    without them (torch logs each one's reason as a warning), and over every recording the inputs not taken
+    as static, which each replay copies into the graph's own buffers. Per-run tensors belong there; a U-Net's
+    parameters do not (hundreds more per recording, and a copy of the weights per step: docs/benchmarks.md §3n)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["inductor"]["cudagraph_skips"])
-
-
-def cuda_graph_copied_inputs() -> int:
-    """Over every CUDA-graph recording in this process so far: the inputs not taken as static, which each replay
-    copies into the graph's own buffers. Per-run tensors belong there; a U-Net's parameters do not (hundreds
-    more per recording, and a copy of the weights per step)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
+    return (f"compiled graphs run without CUDA graphs: {int(counters['inductor']['cudagraph_skips'])} (0 on CUDA: "
+            f"every graph replayed as a CUDA graph; torch warns each reason); inputs each replay copies in, summed "
+            f"over the recordings: {int(counters['inductor']['cudagraph_recorded_non_static_inputs'])} (the "
+            f"per-run tensors, and with the cudagraphs backend every weight)")
 
 
 class CompileClock:

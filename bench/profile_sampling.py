@@ -160,7 +160,8 @@ def main() -> None:
           f"aten::where (the mask is constant over the run)")
     items = c1["aten::item"] - c0["aten::item"]
     print(f"- host syncs (aten::item) per step: unpatched {c0['aten::item'] / steps:.2f}, extra {items / steps:.2f}")
-    if device.type == "cuda" and cuda_graphs(opts):  # a replay dispatches no aten op: a convolution here is a U-Net call run eagerly
+    # a replay dispatches no aten op: a convolution here is a U-Net call run eagerly
+    if device.type == "cuda" and common.uses_cuda_graphs(opts.compile, opts.compile_mode):
         print(f"- CUDA graphs: aten::convolution per step (0 when every U-Net call replayed a graph): unpatched "
               f"{c0['aten::convolution'] / steps:.2f}, patched {c1['aten::convolution'] / steps:.2f}")
     print()
@@ -197,13 +198,6 @@ def host_difference(base: pstats.Stats, patched: pstats.Stats, steps: int, top: 
     print(common.markdown_table(["function", "unpatched calls/step", "patched calls/step", "extra own ms/step"],
                                 rows[:top]))
     print()
-
-
-def cuda_graphs(opts: Any) -> bool:
-    """Whether the compiled U-Net runs as CUDA graphs (TorchCompileModel's cudagraphs backend, inductor's
-    reduce-overhead / max-autotune)."""
-    return opts.compile == "cudagraphs" or (opts.compile == "inductor" and opts.compile_mode in
-                                            ("reduce-overhead", "max-autotune"))
 
 
 def kernel_table(k0: Counter, kt0: Counter, k1: Counter, kt1: Counter, steps: int, sites: int, top: int) -> None:

@@ -170,12 +170,8 @@ def main() -> None:
         if opts.compile:  # a graph compiled while timing would be an outlier repeat: the noise column's cause
             report.notes.append(f"{family}: graphs compiled in the warm-up {graphs['warm'] - graphs['before']}, "
                                 f"in the timed repeats {common.graphs_compiled() - graphs['warm']} (0 expected)")
-        if opts.compile == "cudagraphs" or opts.compile_mode in ("reduce-overhead", "max-autotune"):  # captured?
-            report.notes.append(f"{family}: compiled graphs run without CUDA graphs: {common.cuda_graph_skips()} "
-                                f"(0 on CUDA means every variant replayed CUDA graphs; torch warns each reason); "
-                                f"inputs each replay copies in, summed over the recordings: "
-                                f"{common.cuda_graph_copied_inputs()} (the per-run tensors, and with the cudagraphs "
-                                f"backend every weight: docs/benchmarks.md §3n)")
+        if common.uses_cuda_graphs(opts.compile, opts.compile_mode):
+            report.notes.append(f"{family}: {common.cuda_graph_note()}")
 
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:

@@ -317,11 +317,8 @@ def main() -> None:
             phases = compile_clock.phases() if opts.compile else ""
             if phases:
                 report.notes.append(f"{family}: the compile's phases (nested): {phases}")
-            if opts.compile_mode in ("reduce-overhead", "max-autotune"):  # did the step run as CUDA graphs?
-                report.notes.append(f"{family}: compiled graphs run without CUDA graphs (so far in this process): "
-                                    f"{common.cuda_graph_skips()} (0 on CUDA: the forward and backward replayed CUDA "
-                                    f"graphs; torch warns each reason); inputs each replay copies in, summed over the "
-                                    f"recordings: {common.cuda_graph_copied_inputs()}")
+            if common.uses_cuda_graphs(opts.compile, opts.compile_mode):  # did the step run as CUDA graphs?
+                report.notes.append(f"{family} (so far in this process): {common.cuda_graph_note()}")
             if len(steps) < opts.steps:  # stopped early (device_run.sh's deadline sends SIGINT): say how far it got
                 report.notes.append(f"{family}: stopped after {len(marks['start'])} steps, "
                                     f"{common.now() - run['start']:.0f} s in: {len(steps)} of {opts.steps} timed steps "

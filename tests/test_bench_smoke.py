@@ -409,17 +409,25 @@ def test_graphs_compiled_counts_dynamo_compiles() -> None:
     assert (first - before, again - first) == (1, 0)
 
 
-def test_cuda_graph_skips_counts_graphs_left_without_cuda_graphs() -> None:
-    """The compiled sampling bench's note on whether CUDA graphs ran: torch's skip counter, one more for a graph
-    the cudagraphs backend leaves uncaptured (on the CPU every graph is: its tensors are CPU tensors)."""
+def test_cuda_graph_note_counts_graphs_left_without_cuda_graphs() -> None:
+    """The compiled benches' note on whether CUDA graphs ran: torch's skip counter, one more for a graph the
+    cudagraphs backend leaves uncaptured (on the CPU every graph is: its tensors are CPU tensors)."""
+    import re
+
     import torch
 
     common = bench_module("common")
+
+    def skips() -> int:
+        return int(re.search(r"run without CUDA graphs: (\d+)", common.cuda_graph_note()).group(1))
+    assert [common.uses_cuda_graphs(*c) for c in (("cudagraphs", None), ("inductor", "reduce-overhead"),
+                                                   ("inductor", None), ("inductor", "max-autotune-no-cudagraphs"))] \
+        == [True, True, False, False]
     torch._dynamo.reset()
-    before = common.cuda_graph_skips()
+    before = skips()
     compiled = torch.compile(lambda x: x.cos() + 1, backend="cudagraphs")
     out = compiled(torch.randn(4))
-    skipped = common.cuda_graph_skips()
+    skipped = skips()
     torch._dynamo.reset()
     assert torch.isfinite(out).all() and skipped - before == 1
 
