@@ -289,8 +289,34 @@ COMPILE_PHASES = {
 }
 
 
+HOST_ONLY = "host-only"  # --compile host-only: the step without the U-Net's kernels (host_only_backend)
+
+
+def host_only_backend() -> Callable:
+    """A torch.compile backend whose graphs compute nothing after their first call: it traces through dynamo
+    and AOTAutograd as inductor does, runs the graph once, and from then on every call returns those first
+    outputs. Under ComfyUI's compile wrapper a sampling step then costs exactly its host work: the sampler's
+    Python, the patches' wrappers, dynamo's guards and AOTAutograd's runtime wrappers, but no U-Net kernel.
+    Patched minus unpatched is the adapter's host time per step when the U-Net itself is free, as under CUDA
+    graphs, where a step's U-Net is one replay (what is left of the overhead is then device time).
+    The images are garbage (every step sees the first step's U-Net output): a timing tool only."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def frozen(gm: Any, example_inputs: Any) -> Callable:
+        first: list[Any] = []
+
+        def call(*args: Any) -> Any:
+            if not first:
+                first.append(gm(*args))
+            return first[0]
+        return make_boxed_func(call)
+    return aot_autograd(fw_compiler=frozen)
+
+
 def comfy_compiled(model_patcher: Any, backend: str, mode: str | None = None) -> Any:
-    """A clone with ComfyUI's torch.compile wrapper, as the TorchCompileModel node makes it."""
+    """A clone with ComfyUI's torch.compile wrapper, as the TorchCompileModel node makes it (backend HOST_ONLY:
+    host_only_backend)."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     import torch._dynamo
 
@@ -298,7 +324,7 @@ def comfy_compiled(model_patcher: Any, backend: str, mode: str | None = None) ->
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), 16))
     m = model_patcher.clone()
-    set_torch_compile_wrapper(m, backend=backend, mode=mode)
+    set_torch_compile_wrapper(m, backend=host_only_backend() if backend == HOST_ONLY else backend, mode=mode)
     return m
 
 
@@ -326,6 +352,53 @@ def cuda_graph_note() -> str:
             f"every graph replayed as a CUDA graph; torch warns each reason); inputs each replay copies in, summed "
             f"over the recordings: {int(counters['inductor']['cudagraph_recorded_non_static_inputs'])} (the "
             f"per-run tensors, and with the cudagraphs backend every weight)")
+
+
+class ReplayClock:
+    """The device time of every CUDA-graph replay that inductor's CUDA-graph trees (`reduce-overhead`) launch
+    while it is installed: a CUDA event on each side of each `graph.replay()`. The events sit on the stream
+    after the replay's input copies, so each pair times the graph alone on the device, with the gaps between
+    its kernels (which a profiler's sum of kernel times leaves out). A sampling step's time minus its replays'
+    is what the step spends outside the U-Net's graph: the host, the input copies and the sampler's own kernels.
+
+    install() wraps node_class.run_graph (CUDAGraphNode's by default; tests pass their own) until uninstall();
+    take() returns the milliseconds of the replays timed since the last take(), synchronising first."""
+
+    def __init__(self, node_class: Any = None, event: Callable[[], Any] | None = None) -> None:
+        self.node_class, self.event = node_class, event
+        self.pairs: list[tuple[Any, Any]] = []
+        self._original: Callable | None = None
+
+    def install(self) -> ReplayClock:
+        import torch
+
+        if self.node_class is None:
+            from torch._inductor.cudagraph_trees import CUDAGraphNode
+            self.node_class = CUDAGraphNode
+        if self.event is None:
+            self.event = lambda: torch.cuda.Event(enable_timing=True)
+        original = self._original = self.node_class.run_graph
+        pairs, event = self.pairs, self.event
+
+        def run_graph(node: Any) -> None:
+            start, end = event(), event()
+            start.record()
+            original(node)
+            end.record()
+            pairs.append((start, end))
+        self.node_class.run_graph = run_graph
+        return self
+
+    def uninstall(self) -> None:
+        if self._original is not None:
+            self.node_class.run_graph = self._original
+            self._original = None
+
+    def take(self, device: Any) -> list[float]:
+        sync(device)
+        times = [start.elapsed_time(end) for start, end in self.pairs]
+        self.pairs.clear()
+        return times
 
 
 class CompileClock:

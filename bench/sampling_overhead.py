@@ -50,7 +50,8 @@ def parse() -> Any:
     p.add_argument("--compile", default=None, metavar="BACKEND",
                    help="time every variant under ComfyUI's torch.compile wrapper (what TorchCompileModel does): "
                         "inductor or cudagraphs as in that node, or any torch.compile backend (eager, aot_eager); "
-                        "implies --no-flops")
+                        f"{common.HOST_ONLY}: graphs that compute nothing after their first call, so a step is its "
+                        "host work alone (common.host_only_backend); implies --no-flops")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode with --compile inductor (e.g. reduce-overhead = CUDA graphs, max-autotune)")
     p.add_argument("--attend", default="", metavar="IMPLS",
@@ -100,6 +101,15 @@ def main() -> None:
         compile=f"{opts.compile} (mode {opts.compile_mode})" if opts.compile else "no (eager)"))
     rows_out: list[list[Any]] = []
     flop_rows: list[list[Any]] = []
+    replay_rows: list[list[Any]] = []
+    # under inductor's CUDA graphs, each replay's device time (CUDA events): the step's split into the graph and
+    # the rest (host, input copies, sampler kernels), measured in the same runs as the step
+    replays = None
+    if device.type == "cuda" and opts.compile == "inductor" and common.uses_cuda_graphs(opts.compile, opts.compile_mode):
+        try:
+            replays = common.ReplayClock().install()
+        except (ImportError, AttributeError) as exc:  # another torch's CUDA-graph trees: the table goes without it
+            report.notes.append(f"no replay split: torch's CUDAGraphNode.run_graph is not there ({exc})")
 
     for family in ([] if opts.floor_only else models):
         shape = builders.unet_shape(family, opts.small, opts.latent)
@@ -134,6 +144,8 @@ def main() -> None:
                     flops.append(flops[0].get_total_flops())
 
             common.sync(device)
+            if replays is not None:
+                replays.take(device)  # (drops what ran before this run)
             t0 = common.now()
             with torch.inference_mode():
                 import comfy.sample
@@ -143,7 +155,11 @@ def main() -> None:
             common.sync(device)
             t1 = common.now()
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-            return {"step": common.median(gaps), "first": stamps[0] - t0, "run": t1 - t0}
+            out = {"step": common.median(gaps), "first": stamps[0] - t0, "run": t1 - t0}
+            if replays is not None:  # ms per step over the run's replays (a warm run replays once per U-Net call)
+                times = replays.take(device)
+                out.update(replay=sum(times) / 1e3 / steps, replays=len(times) / steps)
+            return out
 
         failed: dict[str, str] = {}  # variant -> why its --attend implementation could not run here
 
@@ -202,6 +218,12 @@ def main() -> None:
                 measured_per_flop = overhead / flop_over if flop_over > 0 else float("nan")
                 per_run = ((a1 - b1) - (a2 - b2)) / 1e9
             name = MODE_NAMES[mode.split("+")[0]] + (f", attend={impl_of[mode]}" if mode in impl_of else "")
+            if replays is not None:
+                base_replay = common.median(results["unpatched"].get("replay", []))
+                replay = common.median(r.get("replay", []))
+                replay_rows.append([family, name, base_replay * 1e3, replay * 1e3, (replay - base_replay) * 1e3,
+                                    (step - base_step) * 1e3, ((step - replay) - (base_step - base_replay)) * 1e3,
+                                    (base_step - base_replay) * 1e3, common.median(r.get("replays", []))])
             rows_out.append([family, shape.pixels, opts.rows, name, base_step * 1e3, step * 1e3,
                              100 * overhead, 100 * noise_pct, (step - base_step) / n_sites * 1e6,
                              100 * flop_over, measured_per_flop,
@@ -212,12 +234,28 @@ def main() -> None:
         gc.collect()
         mm.soft_empty_cache()
 
+    if replays is not None:
+        replays.uninstall()
     if not opts.floor_only:
         report.table("per-step time, interleaved repeats (medians)",
                      ["model", "px", "rows", "adapter", "unpatched ms/step", "adapter ms/step", "overhead %",
                       "noise ±%", "extra µs/site/step", "FLOP overhead %", "measured / FLOP", "step 1 extra ms",
                       "whole-run overhead %", "once-per-run GFLOP"],
                      rows_out)
+    if replay_rows:
+        report.table("the step split at its CUDA-graph replays (device time of each replay from CUDA events around "
+                     "it, ms per step, medians of the runs)",
+                     ["model", "adapter", "unpatched replay", "adapter replay", "replay extra (device)",
+                      "step extra", "extra outside the replay", "unpatched outside the replay",
+                      "replays per step"], replay_rows)
+        report.notes.append("outside the replay = step - replays: the host (sampler, wrappers, guards), the replay's "
+                            "input copies and the sampler's own kernels. A step runs its U-Net as one replay, so an "
+                            "extra there is host time or copies; an extra in the replay is the adapter's kernels.")
+    if opts.compile == common.HOST_ONLY:
+        report.notes.append(f"compile {common.HOST_ONLY}: every U-Net call returns its graph's first outputs without "
+                            "running a kernel, so ms/step is the host's work per step alone (sampler, wrappers, "
+                            "dynamo's guards, AOTAutograd); the adapter's extra here is its host time, which a "
+                            "CUDA-graph step pays on top of its replay. Images are garbage: a timing tool only.")
 
     if not opts.no_real_flops:
         import flop_floor

@@ -432,6 +432,74 @@ def test_cuda_graph_note_counts_graphs_left_without_cuda_graphs() -> None:
     assert torch.isfinite(out).all() and skipped - before == 1
 
 
+def test_host_only_backend_runs_a_graph_once_and_then_returns_its_first_outputs() -> None:
+    """--compile host-only: after its first call a compiled function launches nothing, so a sampling step
+    under it is its host work alone. A later call with other values gets the first call's result back
+    (and the guards, which stay, still send a new shape to a new graph)."""
+    import torch
+
+    common = bench_module("common")
+    torch._dynamo.reset()
+    ran: list[int] = []
+
+    def traced(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+    compiled = torch.compile(traced, backend=common.host_only_backend())
+    with torch.inference_mode():
+        first = compiled(torch.ones(3))
+        with torch.profiler.profile() as prof:
+            again = compiled(torch.full((3,), 5.0))
+        ran += [e.count for e in prof.key_averages() if e.key in ("aten::mul", "aten::add")]
+        other_shape = compiled(torch.ones(4))
+    torch._dynamo.reset()
+    assert torch.equal(first, torch.full((3,), 3.0)) and torch.equal(again, first)
+    assert ran == []  # no kernel of the graph ran on the second call
+    assert torch.equal(other_shape, torch.full((4,), 3.0))
+
+
+def test_replay_clock_times_each_replay_and_only_while_installed() -> None:
+    """The CUDA-graph split of sampling_overhead: a pair of events around each run_graph of inductor's graph
+    nodes, taken per run. Fakes stand in for CUDAGraphNode and torch.cuda.Event (no GPU here)."""
+    common = bench_module("common")
+    clock_ms = [0.0]
+
+    class Event:
+        def record(self) -> None:
+            self.at = clock_ms[0]
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.at - self.at
+
+    class Node:
+        def __init__(self, ms: float) -> None:
+            self.ms = ms
+
+        def run_graph(self) -> None:
+            clock_ms[0] += self.ms
+
+    original = Node.run_graph
+    clock = common.ReplayClock(node_class=Node, event=Event).install()
+    Node(2.0).run_graph()
+    clock_ms[0] += 10.0  # outside any replay: not counted
+    Node(0.5).run_graph()
+    assert clock.take("cpu") == [2.0, 0.5] and clock.take("cpu") == []
+    clock.uninstall()
+    Node(1.0).run_graph()
+    assert Node.run_graph is original and clock.take("cpu") == []
+
+
+def test_sampling_overhead_host_only_small(tmp_path: Path) -> None:
+    """The step's host work alone (no U-Net kernel runs), patched against unpatched, with the table's note."""
+    out = tmp_path / "host.json"
+    text = run_bench("sampling_overhead.py", "--small", "--models", "sd15", "--modes", "clip", "--steps", "4",
+                     "--repeats", "2", "--warmup", "1", "--compile", "host-only", "--no-real-flops", json_out=out)
+    assert "compile host-only: every U-Net call returns its graph's first outputs" in text
+    assert "graphs compiled in the warm-up 2, in the timed repeats 0" in text
+    (row,) = section(json.loads(out.read_text()), "per-step time")
+    assert row["adapter"] == "hybrid (clip)" and finite(row["overhead %"])
+    assert 0 < row["unpatched ms/step"] and 0 < row["adapter ms/step"]
+
+
 def test_the_kernel_table_counts_device_work_not_annotations(capsys: pytest.CaptureFixture[str]) -> None:
     """profile_sampling's CUDA table (what a compiled step's adapter costs on the device): kernels are the
     device rows that are no annotation's device-side range (device_gaps.is_device_work, also the training
