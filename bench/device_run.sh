@@ -86,6 +86,9 @@ run_part() {
       # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
       # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s
       step training-reduce-overhead-sd15 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
+      # the same for SDXL, whose compiled step idles ~32 ms of 213 on the host (§5g): kernel launches that a replay
+      # takes off the host; the way to the ~22 img/s its kernels allow (the compile: ~230 s in session 12)
+      step training-reduce-overhead-sdxl 380 train --models sdxl --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
       # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n)
       step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
       # compiled SDXL training with every site's K/V projection compiled too (session 12, after its GPU run: the

@@ -3,12 +3,14 @@
 Inductor's CUDA graphs (mode reduce-overhead) and the cudagraphs backend leave a graph to run without them,
 with only a logged warning, when it holds an op CUDA graphs cannot capture, takes inputs that are not tensors
 or sizes, or writes to one of its inputs. This backend (AOTAutograd, graphs run as traced) records those per
-graph, forward and backward, with torch's own checks, and counts the inputs a replay would copy in. The
-device check (one device, no CPU tensor) needs CUDA: bench/gpu_checks.py check 11.
+graph, forward and backward, with torch's own checks, and counts the inputs a replay would copy in and the
+ops that compute (not views) in each forward graph. The device check (one device, no CPU tensor) needs CUDA:
+bench/gpu_checks.py check 11.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -21,6 +23,7 @@ class CudaGraphAudit:
         self.graphs: list[dict[str, Any]] = []  # forward graphs: what skips CUDA graphs
         self.backward_graphs: list[dict[str, Any]] = []
         self.copied: list[int] = []  # per forward graph: the tensor inputs a CUDA-graph replay copies in (not static)
+        self.computing: list[Counter[str]] = []  # per forward graph: its ops that make new data (kernels), by name
         self.backend = aot_autograd(fw_compiler=self._forward, bw_compiler=self._backward)
 
     @staticmethod
@@ -39,6 +42,9 @@ class CudaGraphAudit:
         static = set(meta.static_input_indices)  # parameters and buffers: their addresses stay put
         self.copied.append(sum(1 for i, t in enumerate(example_inputs)
                                if isinstance(t, torch.Tensor) and i not in static))
+        self.computing.append(Counter(
+            str(n.target.overloadpacket) for n in gm.graph.nodes if n.op == "call_function"
+            and isinstance(n.target, torch._ops.OpOverload) and not _is_view(n.target)))
         return gm.forward
 
     def _backward(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
@@ -47,3 +53,10 @@ class CudaGraphAudit:
         from functorch.compile import make_boxed_func  # (AOTAutograd calls a backward with its inputs boxed)
 
         return make_boxed_func(gm.forward)
+
+
+def _is_view(op: torch._ops.OpOverload) -> bool:
+    """An aten op whose output aliases its input (a view: no kernel, no data moved). _unsafe_view is AOTAutograd's
+    reshape of a tensor nothing else reads: a view too, though its schema does not say so."""
+    return (op.overloadpacket is torch.ops.aten._unsafe_view
+            or any(a.alias_info is not None and not a.alias_info.is_write for a in op._schema.returns))

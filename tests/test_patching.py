@@ -1230,6 +1230,27 @@ def test_compiled_unet_takes_a_runs_tensors_as_a_few_stacks(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_compiled_unet_computes_no_more_per_site_than_the_method_needs(mode: str) -> None:
+    """What the adapter adds to a compiled U-Net's step, op by op (views aside: each op left is a kernel, or
+    several): hybrid, per site, tau_q's matmul, the masked attention and the fusion (one addcmul) and nothing
+    else: no cast, copy or mask rebuilt per step (those belong to the once-per-run entry). Paper mode replaces
+    the attention: its two attentions and their sum, and tau_q in place of to_k / to_v of the placeholder
+    context, which the graph then drops as dead code. A regression that adds work per site and step fails here.
+    (On an H100 the SD1.5 step under CUDA graphs is 12.0 ms, and 16 sites x one extra kernel of a few µs is
+    ~0.5 % of it: docs/benchmarks.md §3p.)"""
+    unpatched = audited_compiled_sampling(None)[0]
+    patched = audited_compiled_sampling(mode)[0]
+    n = len(find_sites(tiny_sd15_minimal().model.diffusion_model)[0])
+    assert len(unpatched.computing) == len(patched.computing) == 1
+    base, ops = unpatched.computing[0], patched.computing[0]
+    (sdpa,) = [op for op in base if "scaled_dot_product" in op]
+    if mode == "clip":
+        assert (dict(ops - base), dict(base - ops)) == ({"aten.mm": n, sdpa: n, "aten.addcmul": n}, {})
+    else:
+        assert (dict(ops - base), dict(base - ops)) == ({sdpa: n, "aten.add": n}, {"aten.mm": n})
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
 def test_compiled_unet_runs_the_patches_in_one_graph(mode: str) -> None:
     """set_torch_compile_wrapper (what TorchCompileModel does) on a patched model: the once-per-run work
     stays outside the compiled U-Net, the patches trace into the U-Net's single graph (no graph break,
