@@ -526,3 +526,15 @@ def test_the_kernel_table_counts_device_work_not_annotations(capsys: pytest.Capt
     assert "unpatched 1.400 ms, patched 2.020 ms (44.3 %, 155.0 µs per site)" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "kernel" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["attention", "gemm", "triton_fused"]  # by extra time
+
+
+def test_kernel_families_compare_two_graphs_triton_kernels() -> None:
+    """Inductor numbers each graph's Triton kernels, so the patched and unpatched graphs' kernels of the same fused
+    ops only line up in profile_sampling's kernel table without the number; library kernels keep their names."""
+    ps = bench_module("profile_sampling")
+    assert ps.kernel_family("triton_poi_fused_addcmul_select_transpose_view_9") == \
+        ps.kernel_family("triton_poi_fused_addcmul_select_transpose_view_31") == \
+        "triton_poi_fused_addcmul_select_transpose_view"
+    assert ps.kernel_family("triton_red_fused_native_group_norm_0") != ps.kernel_family("triton_poi_fused_silu_0")
+    gemm = "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas"
+    assert ps.kernel_family(gemm) == gemm[:90]
