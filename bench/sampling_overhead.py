@@ -156,9 +156,10 @@ def main() -> None:
             t1 = common.now()
             gaps = [b - a for a, b in zip(stamps, stamps[1:])]
             out = {"step": common.median(gaps), "first": stamps[0] - t0, "run": t1 - t0}
-            if replays is not None:  # ms per step over the run's replays (a warm run replays once per U-Net call)
+            if replays is not None:  # a warm run replays once per U-Net call: the median replay times the count
                 times = replays.take(device)
-                out.update(replay=sum(times) / 1e3 / steps, replays=len(times) / steps)
+                out.update(replay=common.median(times) / 1e3 * len(times) / steps if times else 0.0,
+                           replays=len(times) / steps)
             return out
 
         failed: dict[str, str] = {}  # variant -> why its --attend implementation could not run here
