@@ -350,8 +350,17 @@ def cuda_graph_note() -> str:
 
     return (f"compiled graphs run without CUDA graphs: {int(counters['inductor']['cudagraph_skips'])} (0 on CUDA: "
             f"every graph replayed as a CUDA graph; torch warns each reason); inputs each replay copies in, summed "
-            f"over the recordings: {int(counters['inductor']['cudagraph_recorded_non_static_inputs'])} (the "
+            f"over the recordings: {cuda_graph_recorded_inputs()} (the "
             f"per-run tensors, and with the cudagraphs backend every weight)")
+
+
+def cuda_graph_recorded_inputs() -> int:
+    """torch's count of the inputs each CUDA-graph recording leaves to copy per replay, summed over the recordings
+    so far: it grows with every new recording (each has at least its per-call inputs), so a growth while timing
+    warm runs means graphs were recorded again there."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
 
 
 class ReplayClock:

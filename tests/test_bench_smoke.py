@@ -66,6 +66,7 @@ def test_sampling_overhead_small(tmp_path: Path) -> None:
         assert finite(r["adapter ms/step"]) and r["adapter ms/step"] > 0
         assert finite(r["overhead %"]) and (finite(r["FLOP overhead %"]) or "attend=" in name)
         assert finite(r["whole-run overhead %"])
+        assert finite(r["of which the entry ms"]) and r["of which the entry ms"] > 0  # (each run builds its own)
     hybrid = rows["hybrid (clip)"]
     assert hybrid["FLOP overhead %"] > 0 and finite(hybrid["measured / FLOP"])
     # The real-shape table counts the patched U-Net's own forward; at the 128 attended tokens the
