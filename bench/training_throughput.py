@@ -404,11 +404,33 @@ def profile_tables(report: Any, prof: Any, family: str, k: int, step_s: list[flo
                  [[e.key[:70], e.count / k, e.self_cpu_time_total / k / 1e3,
                    100 * e.self_cpu_time_total / k / 1e3 / wall_ms] for e in host])
     phase_table(report, prof, family, k, cuda)
+    eager = collections.Counter(e.name for e in ops if not in_compiled_graph(e)
+                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    if len(eager) < len(set(e.name for e in ops)):  # (something ran compiled: else this is the table above again)
+        report.table(f"{family}: profile of {k} steps, ops launched outside the compiled graphs (per step)",
+                     ["op", "calls/step"], [[name[:70], n / k] for name, n in eager.most_common(top // 2)])
+        report.notes.append(f"{family} profile: {sum(eager.values()) / k:.0f} aten calls per step outside the "
+                            "compiled graphs: what stays launched from the host when the graphs replay as CUDA "
+                            "graphs (the adapter's eager encoding, the loss, the optimizer, the data's copies)")
     report.notes.append(f"{family} profile: {len(ops) / k:.0f} aten calls per step ({outer / k:.0f} not inside "
                         "another aten op: dispatched from Python or autograd)")
     report.notes.append(f"{family} profile: {wall_ms:.1f} ms per step under the profiler; device busy "
                         f"{busy:.1f} ms per step ({100 * busy / wall_ms:.0f} %)" if cuda else
                         f"{family} profile: {wall_ms:.1f} ms per step under the profiler (CPU: no device time)")
+
+
+COMPILED_REGIONS = ("Torch-Compiled Region", "CompiledFunction", "## Call CompiledFxGraph")
+
+
+def in_compiled_graph(event: Any) -> bool:
+    """Whether a profiler event ran inside a compiled graph (forward or backward): under one of the ranges torch
+    puts around a compiled call."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(COMPILED_REGIONS):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def phase_table(report: Any, prof: Any, family: str, k: int, cuda: bool) -> None:

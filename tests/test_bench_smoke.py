@@ -158,6 +158,20 @@ def test_training_throughput_small(tmp_path: Path) -> None:
     assert (tmp_path / "work" / "run-sd15" / "metrics.jsonl").exists()  # the real training loop ran
 
 
+def test_training_profile_counts_the_ops_left_outside_the_compiled_graphs(tmp_path: Path) -> None:
+    """Under a compiled U-Net the training profile lists the ops launched outside its graphs, what CUDA graphs
+    would leave to the host: none of the U-Net's own (its convolutions run inside the graph)."""
+    out = tmp_path / "training.json"
+    run_bench("training_throughput.py", "--small", "--models", "sd15", "--steps", "1", "--warmup", "1",
+              "--samples", "4", "--keep", str(tmp_path / "work"), "--profile", "1", "--no-floor",
+              "--compile", "aot_eager", json_out=out)
+    data = json.loads(out.read_text())
+    outside = {r["op"]: r["calls/step"] for r in section(data, "sd15: profile of 1 steps, ops launched outside")}
+    everything = {r["op"] for r in section(data, "sd15: profile of 1 steps, top ops by self host time")}
+    assert outside and not [op for op in outside if "convolution" in op]
+    assert [op for op in everything if "convolution" in op]  # (the control: the step does run convolutions)
+
+
 def test_workflow_memory_cpu(tmp_path: Path) -> None:
     assert "needs a CUDA GPU" in run_bench("workflow_memory.py", "--device", "cpu")
     out = tmp_path / "workflow.json"
