@@ -404,8 +404,9 @@ def profile_tables(report: Any, prof: Any, family: str, k: int, step_s: list[flo
                  [[e.key[:70], e.count / k, e.self_cpu_time_total / k / 1e3,
                    100 * e.self_cpu_time_total / k / 1e3 / wall_ms] for e in host])
     phase_table(report, prof, family, k, cuda)
+    # the ops dispatched from Python or autograd (not inside another op) outside every compiled graph
     eager = collections.Counter(e.name for e in ops if not in_compiled_graph(e)
-                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+                                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
     if len(eager) < len(set(e.name for e in ops)):  # (something ran compiled: else this is the table above again)
         report.table(f"{family}: profile of {k} steps, ops launched outside the compiled graphs (per step)",
                      ["op", "calls/step"], [[name[:70], n / k] for name, n in eager.most_common(top // 2)])
