@@ -371,10 +371,12 @@ class ReplayClock:
     is what the step spends outside the U-Net's graph: the host, the input copies and the sampler's own kernels.
 
     install() wraps node_class.run_graph (CUDAGraphNode's by default; tests pass their own) until uninstall();
-    take() returns the milliseconds of the replays timed since the last take(), synchronising first."""
+    take() returns the milliseconds of the replays timed since the last take(), synchronising first. A replay
+    while a stream captures is left untimed (its events would be captured into the graph being recorded)."""
 
-    def __init__(self, node_class: Any = None, event: Callable[[], Any] | None = None) -> None:
-        self.node_class, self.event = node_class, event
+    def __init__(self, node_class: Any = None, event: Callable[[], Any] | None = None,
+                 capturing: Callable[[], bool] | None = None) -> None:
+        self.node_class, self.event, self.capturing = node_class, event, capturing
         self.pairs: list[tuple[Any, Any]] = []
         self._original: Callable | None = None
 
@@ -386,10 +388,14 @@ class ReplayClock:
             self.node_class = CUDAGraphNode
         if self.event is None:
             self.event = lambda: torch.cuda.Event(enable_timing=True)
+        if self.capturing is None:
+            self.capturing = torch.cuda.is_current_stream_capturing
         original = self._original = self.node_class.run_graph
-        pairs, event = self.pairs, self.event
+        pairs, event, capturing = self.pairs, self.event, self.capturing
 
         def run_graph(node: Any) -> None:
+            if capturing():
+                return original(node)
             start, end = event(), event()
             start.record()
             original(node)

@@ -493,11 +493,15 @@ def test_replay_clock_times_each_replay_and_only_while_installed() -> None:
             clock_ms[0] += self.ms
 
     original = Node.run_graph
-    clock = common.ReplayClock(node_class=Node, event=Event).install()
+    capturing = [False]
+    clock = common.ReplayClock(node_class=Node, event=Event, capturing=lambda: capturing[0]).install()
     Node(2.0).run_graph()
     clock_ms[0] += 10.0  # outside any replay: not counted
     Node(0.5).run_graph()
-    assert clock.take("cpu") == [2.0, 0.5] and clock.take("cpu") == []
+    capturing[0] = True
+    Node(4.0).run_graph()  # inside a capture: runs, untimed
+    capturing[0] = False
+    assert clock.take("cpu") == [2.0, 0.5] and clock.take("cpu") == [] and clock_ms[0] == 16.5
     clock.uninstall()
     Node(1.0).run_graph()
     assert Node.run_graph is original and clock.take("cpu") == []
