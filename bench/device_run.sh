@@ -89,6 +89,10 @@ run_part() {
       # the same for SDXL, whose compiled step idles ~32 ms of 213 on the host (§5g): kernel launches that a replay
       # takes off the host; the way to the ~22 img/s its kernels allow (the compile: ~230 s in session 12)
       step training-reduce-overhead-sdxl 380 train --models sdxl --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
+      # the new path's attention backend under CUDA graphs (session 13: sdpa_kernel traces into the one graph, so a
+      # forced backend costs nothing per call there, unlike eager, §5e): if the split puts the overhead in the
+      # replay, is torch's choice for the masked attention (64 keys, head dim 40) the fastest kernel?
+      step sampling-reduce-overhead-sd15-attend 200 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 9 --attend efficient,cudnn
       # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n)
       step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
       # compiled SDXL training with every site's K/V projection compiled too (session 12, after its GPU run: the
