@@ -91,8 +91,9 @@ run_part() {
       step training-reduce-overhead-sdxl 380 train --models sdxl --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
       # the new path's attention backend under CUDA graphs (session 13: sdpa_kernel traces into the one graph, so a
       # forced backend costs nothing per call there, unlike eager, §5e): if the split puts the overhead in the
-      # replay, is torch's choice for the masked attention (64 keys, head dim 40) the fastest kernel?
-      step sampling-reduce-overhead-sd15-attend 200 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 9 --attend efficient,cudnn
+      # replay, is torch's choice for the masked attention (64 keys, head dim 40) the fastest kernel, and what does
+      # the mask cost (unmasked: a lower bound, wrong where tokens are masked)?
+      step sampling-reduce-overhead-sd15-attend 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 9 --attend efficient,cudnn,unmasked
       # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n)
       step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
       # compiled SDXL training with every site's K/V projection compiled too (session 12, after its GPU run: the

@@ -22,6 +22,7 @@ FLOP floor (issue 5): torch.utils.flop_counter.FlopCounterMode counts
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 from pathlib import Path
@@ -57,7 +58,9 @@ def parse() -> Any:
     p.add_argument("--attend", default="", metavar="IMPLS",
                    help="also time each adapter with its masked attention done another way (an A/B for the "
                         "product's llmdiff_core.attention.attend, which lets torch pick the SDPA backend): comma "
-                        "list of efficient, cudnn, math (SDPA with that backend forced) and bmm (matmul-softmax-matmul)")
+                        "list of efficient, cudnn, math (SDPA with that backend forced), bmm (matmul-softmax-matmul) "
+                        "and unmasked (SDPA without the mask: wrong wherever tokens are masked, a lower bound on what "
+                        "the mask costs)")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting on the timed device")
     p.add_argument("--no-real-flops", action="store_true", help="skip the real-shape FLOP floor (meta device)")
     p.add_argument("--floor-only", action="store_true", help="only the real-shape FLOP floor table (no timing)")
@@ -341,6 +344,10 @@ def attend_variant(name: str) -> Any:
 
     from llmdiff_core import attention
 
+    if name == "unmasked":
+        def unmasked(q: Any, kh: Any, vh: Any, mask: Any) -> Any:
+            return attention.attend(q, kh, vh, dataclasses.replace(mask, bias=None, keep=None))
+        return unmasked
     if name == "bmm":
         def attend(q: Any, kh: Any, vh: Any, mask: Any) -> Any:  # 3-5 plain kernels, no SDPA dispatch
             b, n, inner = q.shape
@@ -355,7 +362,7 @@ def attend_variant(name: str) -> Any:
     backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "math": SDPBackend.MATH}.get(name)
     if backend is None:
-        raise SystemExit(f"--attend: unknown implementation {name!r} (efficient, cudnn, math, bmm)")
+        raise SystemExit(f"--attend: unknown implementation {name!r} (efficient, cudnn, math, bmm, unmasked)")
 
     def forced(q: Any, kh: Any, vh: Any, mask: Any) -> Any:
         with sdpa_kernel(backend):
