@@ -44,7 +44,9 @@ def parse() -> Any:
     p.add_argument("--prompt-tokens", type=int, default=None)
     p.add_argument("--top", type=int, default=25, help="rows per table")
     p.add_argument("--compile", default=None, metavar="BACKEND",
-                   help="profile both models under ComfyUI's torch.compile wrapper (inductor, cudagraphs, ...)")
+                   help="profile both models under ComfyUI's torch.compile wrapper (inductor, cudagraphs, ...; "
+                        f"{common.HOST_ONLY}: graphs that launch nothing after their first call, so the host-time "
+                        "table is a step's host work alone)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile inductor")
     opts = p.parse_args()
     common.defaults(opts, repeats=1, warmup=1)
