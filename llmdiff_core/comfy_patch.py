@@ -164,13 +164,13 @@ class RunEntry:
         new_stack = self.new_vals.scaled([wn for _, wn in gates], self.mark_stack)
         new = [None if is_identity(wo, wn) else new_stack.views[i] for i, (wo, wn) in enumerate(gates)]
         orig_stack = None if self.orig_vals is None else self.orig_vals.scaled([wo for wo, _ in gates], self.mark_stack)
-        fusion: list[torch.Tensor] = []  # paper mode folds w_orig into its values: no fusion
-        fusion_vector = None
+        fusion_stack = None  # paper mode folds w_orig into its values: no fusion
         if orig_stack is None:  # one host->device copy per run and strength (not per step: no sync there)
-            fusion_vector = torch.tensor([wo for wo, _ in gates], dtype=torch.float32, device=self.device)
-            fusion = list(fusion_vector.unbind())
-        found = ScaledSites(gates, new, None if orig_stack is None else list(orig_stack.views), fusion,
-                            new_stack, orig_stack, fusion_vector)
+            fusion_stack = SiteStack.one(torch.tensor([wo for wo, _ in gates], dtype=torch.float32,
+                                                      device=self.device))
+        found = ScaledSites(gates, new, None if orig_stack is None else list(orig_stack.views),
+                            [] if fusion_stack is None else list(fusion_stack.views),
+                            new_stack, orig_stack, fusion_stack)
         self.scaled[scale] = found
         return found
 
@@ -206,8 +206,8 @@ class ScaledSites:
     0-d tensor on the U-Net's device (training: the gate tensor itself; sampling in paper mode: none). A
     compiled U-Net then reads a value rather than a Python float it would guard on: a new strength or
     block weight does not recompile.
-    new_stack, orig_stack, fusion_vector (sampling): the same values stacked, and the fusion weights as one [N]
-    tensor: what a compiled U-Net reads (site_stacks.py); the lists above are their views.
+    new_stack, orig_stack, fusion_stack (sampling): the same values stacked, the fusion weights as one [N] vector:
+    what a compiled U-Net reads (site_stacks.py); the lists above are their views.
     """
 
     gates: list[tuple[Gate, Gate]]
@@ -216,7 +216,7 @@ class ScaledSites:
     fusion_weights: list[torch.Tensor]
     new_stack: SiteStack | None = None
     orig_stack: SiteStack | None = None
-    fusion_vector: torch.Tensor | None = None
+    fusion_stack: SiteStack | None = None
     active: tuple[bool, ...] = field(init=False)  # per site: whether it has a new path (gates not the identity)
 
     def __post_init__(self) -> None:
@@ -270,10 +270,8 @@ class CallState:
 
     def fusion_weight(self, i: int) -> torch.Tensor:
         """Hybrid mode: the w_orig that fuse_at_core multiplies A_orig by at site i."""
-        vector = self.scaled.fusion_vector
-        if vector is not None and torch.compiler.is_compiling():
-            return vector[i]
-        return self.scaled.fusion_weights[i]
+        stack = self.scaled.fusion_stack
+        return self.scaled.fusion_weights[i] if stack is None else stack.site(i)
 
     def orig_gate(self, i: int) -> Gate:
         """Site i's effective w_orig (the fallback fusion after to_out)."""

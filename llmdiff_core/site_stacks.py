@@ -47,6 +47,11 @@ class SiteStack:
         return cls._made(stacks, where, on_stack)
 
     @classmethod
+    def one(cls, stack: torch.Tensor) -> SiteStack:
+        """A stack that is already one group: site i's tensor is stack[i] (hybrid's fusion gates, a [N] vector)."""
+        return cls._made([stack], [(0, i) for i in range(stack.shape[0])], None)
+
+    @classmethod
     def _made(cls, stacks: list[torch.Tensor], where: Sequence[tuple[int, int]],
               on_stack: Callable[[torch.Tensor], object] | None) -> SiteStack:
         if on_stack is not None:
