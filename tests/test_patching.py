@@ -9,6 +9,7 @@ unpatched model's attn2 modules, explicit softmax attention), independent of the
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any, Callable
 
@@ -1167,7 +1168,7 @@ def test_compiled_patched_unet_can_run_as_cuda_graphs(mode: str) -> None:
     with mode reduce-overhead, or backend cudagraphs: the launch-bound sampling step's remedy): no op CUDA
     graphs refuse, every input a tensor or a size, and no input written to (the per-run keys, values, gates
     and mask are only read; a write would make inductor skip CUDA graphs for the whole U-Net)."""
-    audit, out, want = audited_compiled_sampling(mode)
+    audit, out, want = product_audit(mode)
     assert max_rel(out, want) < 1e-6
     graphs = audit.graphs
     assert graphs == [{"incompatible op": None, "non-tensor inputs": [], "mutated inputs": []}], graphs
@@ -1205,6 +1206,13 @@ def audited_compiled_sampling(mode: str | None) -> tuple[CudaGraphAudit, torch.T
     return audit, out, sample(m, pos, neg, noise(1), steps=2)
 
 
+@functools.cache
+def product_audit(mode: str | None) -> tuple[CudaGraphAudit, torch.Tensor, torch.Tensor]:
+    """audited_compiled_sampling of the product's own code, once per mode for the tests that read it (a compile
+    each: ~3 s); a test that patches the product calls audited_compiled_sampling itself."""
+    return audited_compiled_sampling(mode)
+
+
 @pytest.mark.parametrize("mode", ["clip", "llm"])
 def test_compiled_unet_takes_a_runs_tensors_as_a_few_stacks(mode: str) -> None:
     """A CUDA-graph replay copies every tensor input that is not a parameter, one copy and launch each. The run's
@@ -1218,8 +1226,8 @@ def test_compiled_unet_takes_a_runs_tensors_as_a_few_stacks(mode: str) -> None:
     sites = find_sites(mp.model.diffusion_model)[0]
     widths = {(s.heads, s.dim_head) for s in sites}
     assert (len(sites), len(widths)) == (7, 2)
-    unpatched, _, _ = audited_compiled_sampling(None)
-    patched, out, want = audited_compiled_sampling(mode)
+    unpatched, _, _ = product_audit(None)
+    patched, out, want = product_audit(mode)
     assert max_rel(out, want) < 1e-6
     # per head width: the keys and the values (paper mode: its original path's too); hybrid: the fusion vector;
     # both: the mask's additive bias
@@ -1238,8 +1246,8 @@ def test_compiled_unet_computes_no_more_per_site_than_the_method_needs(mode: str
     context, which the graph then drops as dead code. A regression that adds work per site and step fails here.
     (On an H100 the SD1.5 step under CUDA graphs is 12.0 ms, and 16 sites x one extra kernel of a few µs is
     ~0.5 % of it: docs/benchmarks.md §3p.)"""
-    unpatched = audited_compiled_sampling(None)[0]
-    patched = audited_compiled_sampling(mode)[0]
+    unpatched = product_audit(None)[0]
+    patched = product_audit(mode)[0]
     n = len(find_sites(tiny_sd15_minimal().model.diffusion_model)[0])
     assert len(unpatched.computing) == len(patched.computing) == 1
     base, ops = unpatched.computing[0], patched.computing[0]
