@@ -212,6 +212,37 @@ def spread(xs: Sequence[float]) -> float:
     return (q[2] - q[0]) / 2 / median(xs)
 
 
+def median_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, coverage): the distribution-free interval for the median from order statistics.
+
+    s[j] (0-based) lies above the true median exactly when at most j of the n values lie below it: binomial(n,
+    1/2) odds, whatever the values' distribution. The interval is the widest-inward pair of order statistics
+    whose coverage is still >= level; with too few values for that (n < 6 at 95 %) it is min..max and the
+    coverage says how much less it is."""
+    s = sorted(xs)
+    n = len(s)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    tail = (1.0 - level) / 2
+    j = 0
+    above = 1 / 2 ** n  # P(binomial(n, 1/2) <= j): the chance that s[j] lies above the true median
+    while j + 1 <= (n - 1) // 2:
+        nxt = above + math.comb(n, j + 1) / 2 ** n
+        if nxt > tail:
+            break
+        above, j = nxt, j + 1
+    return s[j], s[n - 1 - j], 1.0 - 2 * above
+
+
+def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """a[r] / b[r] per repeat r of an interleaved run (common.interleaved runs the two back to back in every
+    repeat): the drift both share (clocks, temperature, a neighbour on the machine) cancels in each ratio,
+    which the two series' own spreads cannot tell apart from the difference being measured."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} and {len(b)} repeats: pairs need the same repeats")
+    return [x / y for x, y in zip(a, b)]
+
+
 # --- FLOPs --------------------------------------------------------------------------------------
 
 def flop_counter() -> Any:

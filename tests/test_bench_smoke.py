@@ -66,6 +66,9 @@ def test_sampling_overhead_small(tmp_path: Path) -> None:
         assert finite(r["adapter ms/step"]) and r["adapter ms/step"] > 0
         assert finite(r["overhead %"]) and (finite(r["FLOP overhead %"]) or "attend=" in name)
         assert finite(r["whole-run overhead %"])
+        # one repeat: its one pair's ratio is the ratio of the medians (the pairs are the same repeat's runs)
+        assert r["paired overhead %"] == pytest.approx(r["overhead %"], rel=1e-9, abs=1e-9)
+        assert r["its interval %"] == f"{r['paired overhead %']:.2f} .. {r['paired overhead %']:.2f}"
         assert finite(r["of which the entry ms"]) and r["of which the entry ms"] > 0  # (each run builds its own)
     hybrid = rows["hybrid (clip)"]
     assert hybrid["FLOP overhead %"] > 0 and finite(hybrid["measured / FLOP"])
@@ -405,6 +408,37 @@ def test_interleaved_alternates_the_order_and_reports_each_round(capsys: pytest.
     assert lines[3].startswith("  repeat 2/3: b ") and ", a " in lines[3]  # the round's own order
     common.interleaved({"a": variant("a")}, repeats=1, warmup=0)
     assert capsys.readouterr().err == ""  # quiet unless asked
+
+
+def test_median_interval_is_the_order_statistics_interval_of_the_binomial() -> None:
+    common = bench_module("common")
+    for n in range(1, 31):
+        low, high, coverage = common.median_interval([float(i) for i in range(n)])
+        j = int(low)
+        assert high == n - 1 - j  # symmetric ranks
+        # brute force: s[j] lies above the median when at most j of n fair coins come up "below"
+        def p_at_most(k: int) -> float:
+            return sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+        assert coverage == pytest.approx(1 - 2 * p_at_most(j))
+        if j > 0 or n >= 6:  # (below 6 values not even min..max reaches 95 %)
+            assert coverage >= 0.95
+        if j + 1 <= (n - 1) // 2:  # the next pair inward would fall short: the interval is the narrowest
+            assert 1 - 2 * p_at_most(j + 1) < 0.95
+    assert common.median_interval([3.0, 1.0, 2.0])[:2] == (1.0, 3.0)  # (sorted first)
+    # the textbook ranks (1-based): n = 9 -> 2nd and 8th, n = 15 -> 4th and 12th
+    assert common.median_interval(list(map(float, range(9))))[:2] == (1.0, 7.0)
+    assert common.median_interval(list(map(float, range(15))))[:2] == (3.0, 11.0)
+
+
+def test_paired_ratios_cancel_the_drift_both_variants_share() -> None:
+    common = bench_module("common")
+    drift = [1.0, 1.3, 0.8, 1.6, 1.1, 0.9]  # e.g. the clock changing between repeats
+    base = [10.0 * d for d in drift]
+    adapter = [10.5 * d for d in drift]
+    assert common.spread(base) > 0.1  # the series alone: a noise far above the 5 % difference
+    assert common.paired_ratios(adapter, base) == pytest.approx([1.05] * len(drift))
+    with pytest.raises(ValueError, match="same repeats"):
+        common.paired_ratios(adapter, base[:-1])
 
 
 def test_graphs_compiled_counts_dynamo_compiles() -> None:
