@@ -501,6 +501,7 @@ class Report:
     header: dict[str, Any]
     sections: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)  # JSON only: e.g. every repeat's value, for later statistics
 
     def table(self, name: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         self.sections.append({"name": name, "headers": list(headers), "rows": [list(r) for r in rows]})
@@ -526,7 +527,7 @@ class Report:
                 return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
             data = {"title": self.title, "header": {k: clean(v) for k, v in self.header.items()},
                     "sections": [{**s, "rows": [[clean(c) for c in r] for r in s["rows"]]} for s in self.sections],
-                    "notes": self.notes}
+                    "notes": self.notes, "raw": self.raw}
             Path(opts.json_out).write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 

@@ -27,11 +27,12 @@ step() {  # step <label> <seconds it needs at least> command...: run it if that 
   [[ " ${SKIP:-} " == *" $label "* ]] && return 0
   if (( left < need )); then echo "== $label: SKIPPED (${left}s left, needs ~${need}s)"; return 0; fi
   echo "== $label"
-  timeout --signal=INT --kill-after=15 "$left" bash -c '"$@"' step "$@" || result="exit $?"  # (124: out of time)
+  STEP_LABEL=$label timeout --signal=INT --kill-after=15 "$left" bash -c '"$@"' step "$@" || result="exit $?"  # (124: out of time)
   echo "== $label: $result after $((SECONDS - t0))s"
 }
 # shellcheck disable=SC2086  # DEVICE_ARGS: words
-bench() { python3 "bench/$1.py" $DEVICE_ARGS "${@:2}" --markdown "$MD"; }
+# (each step's JSON too: its tables and, where a script keeps them, every repeat's values)
+bench() { mkdir -p "$OUTDIR/json"; python3 "bench/$1.py" $DEVICE_ARGS "${@:2}" --markdown "$MD" --json "$OUTDIR/json/${STEP_LABEL:-$1}.json"; }
 checks() { python3 bench/gpu_checks.py --only "$1" --markdown "$OUTDIR/gpu-checks-$PART.md"; }
 train() { bench training_throughput --keep "$KEEP" "$@"; }  # (the first step per model builds the cache)
 export -f bench checks train

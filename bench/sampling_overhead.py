@@ -190,6 +190,7 @@ def main() -> None:
         def warm() -> None:
             graphs.update(warm=common.graphs_compiled(), recorded=common.cuda_graph_recorded_inputs())
         results = common.interleaved(measurements, opts.repeats, opts.warmup, progress=True, after_warmup=warm)
+        report.raw[family] = results  # every repeat's metrics, in the JSON (seconds), for other statistics later
         phases = compile_clock.phases() if opts.compile else ""
         if phases:
             report.notes.append(f"{family}: the compiles' phases, all variants (nested): {phases}")

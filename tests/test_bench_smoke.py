@@ -70,6 +70,9 @@ def test_sampling_overhead_small(tmp_path: Path) -> None:
         assert r["paired overhead %"] == pytest.approx(r["overhead %"], rel=1e-9, abs=1e-9)
         assert r["its interval %"] == f"{r['paired overhead %']:.2f} .. {r['paired overhead %']:.2f}"
         assert finite(r["of which the entry ms"]) and r["of which the entry ms"] > 0  # (each run builds its own)
+    raw = data["raw"]["sd15"]  # every repeat's values (seconds), for statistics the tables do not give
+    assert set(raw) == {"unpatched", "clip", "llm", "clip+bmm", "llm+bmm"}
+    assert len(raw["clip"]["step"]) == 1 and raw["clip"]["step"][0] * 1e3 == pytest.approx(rows["hybrid (clip)"]["adapter ms/step"])
     hybrid = rows["hybrid (clip)"]
     assert hybrid["FLOP overhead %"] > 0 and finite(hybrid["measured / FLOP"])
     # The real-shape table counts the patched U-Net's own forward; at the 128 attended tokens the
