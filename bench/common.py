@@ -172,8 +172,13 @@ def interleaved(variants: dict[str, Measurement], repeats: int, warmup: int, pro
     A measurement returns seconds, or a dict of named metrics (e.g. per-step and per-run times).
     Returns {variant: {metric: [values per repeat]}} ("time" for plain floats). progress: a line on stderr per
     round with each call's wall seconds, so a run its time limit stops still tells where the time went (a
-    compile in the first warm-up round). after_warmup runs between the warm-up and the timed rounds."""
+    compile in the first warm-up round). after_warmup runs between the warm-up and the timed rounds.
+
+    With $BENCH_DEADLINE (Unix seconds; bench/device_run.sh sets it to where the step's time limit stops it) the
+    timed rounds end early, after at least MIN_REPEATS, when another round like the last would not end before
+    it: the step then reports fewer repeats instead of being killed with nothing (a GPU lease's minutes)."""
     names = list(variants)
+    deadline = float(os.environ.get(DEADLINE_ENV) or "inf")
 
     def call(name: str) -> tuple[float | dict[str, float], float]:
         t0 = now()
@@ -197,7 +202,19 @@ def interleaved(variants: dict[str, Measurement], repeats: int, warmup: int, pro
             for k, v in metrics.items():
                 out[name].setdefault(k, []).append(float(v))
         say(f"repeat {r + 1}/{repeats}", walls)
+        if r + 1 >= MIN_REPEATS and r + 1 < repeats and time.time() + 1.2 * sum(walls.values()) > deadline:
+            print(f"  stopped after {r + 1} of {repeats} repeats: ${DEADLINE_ENV} is near", file=sys.stderr, flush=True)
+            break
     return out
+
+
+DEADLINE_ENV = "BENCH_DEADLINE"
+MIN_REPEATS = 3  # (fewer would leave no median worth reporting: the run goes on and may be stopped)
+
+
+def repeats_done(results: dict[str, dict[str, list[float]]]) -> int:
+    """How many timed repeats interleaved() ran (fewer than asked when $BENCH_DEADLINE ended it early)."""
+    return min((len(v) for metrics in results.values() for v in metrics.values()), default=0)
 
 
 def median(xs: Sequence[float]) -> float:

@@ -27,7 +27,8 @@ step() {  # step <label> <seconds it needs at least> command...: run it if that 
   [[ " ${SKIP:-} " == *" $label "* ]] && return 0
   if (( left < need )); then echo "== $label: SKIPPED (${left}s left, needs ~${need}s)"; return 0; fi
   echo "== $label"
-  STEP_LABEL=$label timeout --signal=INT --kill-after=15 "$left" bash -c '"$@"' step "$@" || result="exit $?"  # (124: out of time)
+  # BENCH_DEADLINE: interleaved benchmarks stop repeating before the timeout would stop them with nothing
+  STEP_LABEL=$label BENCH_DEADLINE=$(( $(date +%s) + left - 20 )) timeout --signal=INT --kill-after=15 "$left" bash -c '"$@"' step "$@" || result="exit $?"  # (124: out of time)
   echo "== $label: $result after $((SECONDS - t0))s"
 }
 # shellcheck disable=SC2086  # DEVICE_ARGS: words
@@ -60,29 +61,30 @@ run_part() {
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
     next)  # what session 12 (H100, docs/benchmarks.md §5g) left open, most needed first (§6 has the two calls).
-           # Call 1 (DEVICE_BUDGET_S=520): the checks, then SD1.5 under inductor's CUDA graphs with session 12's
-           # stacked per-run tensors (49 input copies per replay before, ~8 now) and its step split at the replays
-           # (session 13), the host's share alone (--compile host-only), the fixed profile. Call 2 at once (SKIP
-           # naming what call 1 ran): the SDXL sampling target under CUDA graphs, then training and plain inductor
+           # Call 1 (DEVICE_BUDGET_S=570): the checks, then both sampling targets under inductor's CUDA graphs
+           # with session 12's stacked per-run tensors (49 input copies per SD1.5 replay before, ~8 now), each step
+           # split at its replays (session 13). Call 2 at once (SKIP naming what call 1 ran): the fixed profile,
+           # the pinned features, the host's share alone (--compile host-only), then training and plain inductor.
+           # (A 15-minute lease leaves the second call ~200 s after a cold start: session 12's were 500 + 273 s.)
       # 11: the stacked keys and values replay right under CUDA graphs (another run's tensors: its eager images);
       # 3: plain inductor, one graph for two span lengths and two strengths
       step checks 100 checks 3,11
-      # a run's features from page-locked memory (staged, or kept pinned from Text Encode) against the product's
-      # pageable copy (session 12: 3.2-9.0 ms per run, ~7 GB/s): what pinning would save per run
-      step run-features 30 bench run_features
       # session 12: +12.1 % +- 4.8 (12.0 -> 13.4 ms/step); 49 input copies per replay, 8 expected now. Its new
       # table splits the step at the replays (CUDA events): the adapter's extra inside the graph (its kernels)
-      # against outside it (host, copies)
+      # against outside it (host, copies); the paired overhead's interval says whether 4 % is met
       step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 15
-      # the step's host work alone, no U-Net kernel (session 13 on the CPU: the adapter adds 0.11 ms per SD1.5 step
-      # to 0.87): this host's figure, SD1.5 and SDXL
-      step sampling-host-only 100 bench sampling_overhead --modes clip --compile host-only --no-real-flops --repeats 9 --warmup 1
+      # the SDXL sampling target under inductor's CUDA graphs, never measured (two SDXL forward compiles, ~100 s
+      # each estimated from session 12's training compile: tracing 19 s, inductor forward 56 s)
+      step sampling-reduce-overhead-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 5 --warmup 1
       # which kernels the adapter adds to the replay (device time per kernel, patched minus unpatched) and whose
       # Python its host time is (per function)
       step profile-reduce-overhead-sd15 130 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
-      # the SDXL sampling target under inductor's CUDA graphs (two SDXL forward compiles, ~100 s each estimated
-      # from session 12's training compile: tracing 19 s, inductor forward 56 s)
-      step sampling-reduce-overhead-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 5 --warmup 1
+      # a run's features from page-locked memory (staged, or kept pinned from Text Encode) against the product's
+      # pageable copy (session 12: 3.2-9.0 ms per run, ~7 GB/s): what pinning would save per run
+      step run-features 30 bench run_features
+      # the step's host work alone, no U-Net kernel (session 13 on the CPU: the adapter adds 0.11 ms per SD1.5 step
+      # to 0.87): this host's figure, SD1.5 and SDXL
+      step sampling-host-only 100 bench sampling_overhead --modes clip --compile host-only --no-real-flops --repeats 9 --warmup 1
       # compiled training's step still waits on the host (SDXL: 181 ms of kernels in a 213 ms step, §5g): the
       # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
       # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s

@@ -191,6 +191,9 @@ def main() -> None:
             graphs.update(warm=common.graphs_compiled(), recorded=common.cuda_graph_recorded_inputs())
         results = common.interleaved(measurements, opts.repeats, opts.warmup, progress=True, after_warmup=warm)
         report.raw[family] = results  # every repeat's metrics, in the JSON (seconds), for other statistics later
+        if common.repeats_done(results) < opts.repeats:
+            report.notes.append(f"{family}: {common.repeats_done(results)} of {opts.repeats} repeats (the step's time "
+                                f"ran out: ${common.DEADLINE_ENV})")
         phases = compile_clock.phases() if opts.compile else ""
         if phases:
             report.notes.append(f"{family}: the compiles' phases, all variants (nested): {phases}")

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +443,19 @@ def test_paired_ratios_cancel_the_drift_both_variants_share() -> None:
     assert common.paired_ratios(adapter, base) == pytest.approx([1.05] * len(drift))
     with pytest.raises(ValueError, match="same repeats"):
         common.paired_ratios(adapter, base[:-1])
+
+
+def test_interleaved_stops_repeating_before_the_steps_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    common = bench_module("common")
+    variants = {"a": lambda: 1.0, "b": lambda: 2.0}
+    monkeypatch.delenv(common.DEADLINE_ENV, raising=False)
+    assert common.repeats_done(common.interleaved(variants, 7, 0)) == 7
+    monkeypatch.setenv(common.DEADLINE_ENV, str(time.time() + 3600))  # far: every repeat
+    assert common.repeats_done(common.interleaved(variants, 7, 0)) == 7
+    monkeypatch.setenv(common.DEADLINE_ENV, str(time.time() - 1))  # passed: the fewest that still give a median
+    out = common.interleaved(variants, 7, 1)
+    assert common.repeats_done(out) == common.MIN_REPEATS == len(out["a"]["time"]) == len(out["b"]["time"])
+    assert common.repeats_done(common.interleaved(variants, 2, 0)) == 2  # (never fewer than asked below the minimum)
 
 
 def test_graphs_compiled_counts_dynamo_compiles() -> None:
