@@ -196,13 +196,14 @@ def interleaved(variants: dict[str, Measurement], repeats: int, warmup: int, pro
     out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for r in range(repeats):
         walls: dict[str, float] = {}
+        round_start = time.time()  # (walls may be CPU seconds: --clock cpu)
         for name in (names if r % 2 == 0 else names[::-1]):
             value, walls[name] = call(name)
             metrics = value if isinstance(value, dict) else {"time": float(value)}
             for k, v in metrics.items():
                 out[name].setdefault(k, []).append(float(v))
         say(f"repeat {r + 1}/{repeats}", walls)
-        if r + 1 >= MIN_REPEATS and r + 1 < repeats and time.time() + 1.2 * sum(walls.values()) > deadline:
+        if r + 1 >= MIN_REPEATS and r + 1 < repeats and time.time() + 1.2 * (time.time() - round_start) > deadline:
             print(f"  stopped after {r + 1} of {repeats} repeats: ${DEADLINE_ENV} is near", file=sys.stderr, flush=True)
             break
     return out
@@ -233,8 +234,8 @@ def median_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, fl
     """(low, high, coverage): the distribution-free interval for the median from order statistics.
 
     s[j] (0-based) lies above the true median exactly when at most j of the n values lie below it: binomial(n,
-    1/2) odds, whatever the values' distribution. The interval is the widest-inward pair of order statistics
-    whose coverage is still >= level; with too few values for that (n < 6 at 95 %) it is min..max and the
+    1/2) odds, whatever the values' distribution. The interval is the narrowest symmetric pair of order
+    statistics whose coverage is still >= level; with too few values for that (n < 6 at 95 %) it is min..max and the
     coverage says how much less it is."""
     s = sorted(xs)
     n = len(s)

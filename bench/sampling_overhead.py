@@ -245,7 +245,8 @@ def main() -> None:
                                     (base_step - base_replay) * 1e3, common.median(r.get("replays", []))])
             rows_out.append([family, shape.pixels, opts.rows, name, base_step * 1e3, step * 1e3,
                              100 * overhead, 100 * noise_pct, 100 * (common.median(ratios) - 1.0),
-                             f"{100 * (low - 1.0):.2f} .. {100 * (high - 1.0):.2f}", (step - base_step) / n_sites * 1e6,
+                             f"{100 * (low - 1.0):.2f} .. {100 * (high - 1.0):.2f}",
+                             (step - base_step) / n_sites * 1e6,
                              100 * flop_over, measured_per_flop,
                              (common.median(r["first"]) - base_first) * 1e3, common.median(r["entry"]) * 1e3,
                              100 * (common.median(r["run"]) / base_run - 1.0), per_run])
@@ -259,8 +260,9 @@ def main() -> None:
     if not opts.floor_only:
         report.table("per-step time, interleaved repeats (medians)",
                      ["model", "px", "rows", "adapter", "unpatched ms/step", "adapter ms/step", "overhead %",
-                      "noise ±%", "paired overhead %", "its interval %", "extra µs/site/step", "FLOP overhead %", "measured / FLOP", "step 1 extra ms",
-                      "of which the entry ms", "whole-run overhead %", "once-per-run GFLOP"],
+                      "noise ±%", "paired overhead %", "its interval %", "extra µs/site/step", "FLOP overhead %",
+                      "measured / FLOP", "step 1 extra ms", "of which the entry ms", "whole-run overhead %",
+                      "once-per-run GFLOP"],
                      rows_out)
     if replay_rows:
         report.table("the step split at its CUDA-graph replays (device time of each replay from CUDA events around "
