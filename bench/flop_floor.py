@@ -223,13 +223,15 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
             batch = _meta_features(spec, mask)
             calls: dict[str, int] = {}
             with _host_values(adapter, mask, gates, calls):
+                runtime.runs.forget()  # (the first call builds the run's entry: what `once` counts)
                 runtime.begin_run(patched.get_model_object("model_sampling"))
                 try:
                     first, _ = _counted(lambda: m.call(wrapper, options, batch))
                     calls.clear()
                     second_traffic: list[Any] = []
                     second, second_attn = _counted(lambda: m.call(wrapper, options, batch), second_traffic)
-                    span = runtime._entries[0].mask.stop - runtime._entries[0].mask.start
+                    entry = runtime.runs.this_run[0]
+                    span = entry.mask.stop - entry.mask.start
                 finally:
                     runtime.end_run()
             step = second_traffic[0]

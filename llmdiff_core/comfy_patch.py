@@ -8,7 +8,9 @@ Wiring (comfyui-internals.md §3-§4):
   In paper mode it also swaps the U-Net context for phi(c) and (SDXL) the pooled part of y. It runs
   outside `diffusion_model`, so a torch.compile'd U-Net (TorchCompileModel) traces only the patches.
 - An OUTER_SAMPLE wrapper brackets each sampling run: what is constant over a run (c, phi(c), the
-  pooled vector, every site's K/V) is computed at the first U-Net call and reused by every step.
+  pooled vector, every site's K/V) is computed at the first U-Net call and reused by every step; in hybrid
+  mode also by the next run with the same prompts while the adapter's weights stay the same (run_cache.py),
+  until ComfyUI unloads the model (an ON_DETACH callback).
 - Training (training/patching.py) runs the same patches: a TrainingCall in transformer_options makes
   one U-Net call a training step (gates as tensors, Langevin noise, nothing cached). See TrainingCall.
 - hybrid (original_path "clip"): composable patches, so other packs' attention patches (IP-Adapter)
@@ -25,6 +27,7 @@ copy would duplicate the U-Net and the adapter) and have no .to(): the adapter m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -42,9 +45,12 @@ from .conditioning import COND_KEY, FeatureBatch
 from .config import SDXL_POOLED_DIM, SiteSpec
 from .errors import LLMDiffError
 from .features import LLMFeatures
+from .run_cache import RunCache
 from .site_stacks import SiteStack
 from .unet_sites import find_sites
 from .validation import check_adapter_matches_model, check_features_match
+
+log = logging.getLogger("llmdiff")
 
 WRAPPER_KEY = "llmdiff"
 FEATURES_KEY = "llmdiff_features"  # transformer_options: the FeatureBatch of the current U-Net call
@@ -301,10 +307,13 @@ class AdapterRuntime(_Shared):
         self.end_percent = end_percent
         self.whole_run = start_percent <= 0.0 and end_percent >= 1.0  # the default window: always active
         self.cache_enabled = True  # off: recompute every call (tests compare the two)
+        # a sampling run's entries, kept for the next run with the same prompts in hybrid mode; paper mode's
+        # entry also projects with the U-Net's own to_k / to_v, whose weights a LoRA or a lowvram weight patch
+        # can change unseen between runs (run_cache.py)
+        self.runs: RunCache[RunEntry] = RunCache(across_runs=not self.paper)
         # Several adapters may be stacked: one key each. The key is their place in the stack, not a
         # fresh id, so a re-applied adapter (new strength) keeps the key and a compiled U-Net its graph.
         self.state_key = f"llmdiff_state_{stack_position}"
-        self._entries: list[RunEntry] | None = None  # None outside a sampling run: no caching
         self.project_sites: Callable[..., list[tuple[torch.Tensor, torch.Tensor]]] = self._site_projections
         self._set_window(model_sampling)
 
@@ -315,10 +324,12 @@ class AdapterRuntime(_Shared):
 
     def begin_run(self, model_sampling: Any) -> None:
         self._set_window(model_sampling)  # the model_sampling in use now (ModelSampling* nodes)
-        self._entries = []
+        self.runs.begin(self.adapter)
 
     def end_run(self) -> None:
-        self._entries = None
+        self.runs.end()
+        log.debug("LLMDiff run: %d adapter entries built, %d taken from the last run", self.runs.built,
+                  self.runs.reused)
 
     def is_active(self, sigmas: torch.Tensor | None) -> bool:
         if sigmas is None or self.whole_run:  # outside a sampler (training, direct calls), or every sigma
@@ -329,14 +340,14 @@ class AdapterRuntime(_Shared):
     # per-run cache
     def entry_for(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype,
                   training: TrainingCall | None = None) -> RunEntry:
-        cache = self._entries if self.cache_enabled and training is None else None
-        if cache is not None:
-            for entry in cache:
-                if entry.matches(batch, device, dtype):
-                    return entry
+        caching = self.cache_enabled and training is None and self.runs.active
+        if caching:
+            found = self.runs.find(lambda e: e.matches(batch, device, dtype))
+            if found is not None:
+                return found
         entry = self._build_entry(batch, device, dtype, training)
-        if cache is not None:
-            cache.append(entry)
+        if caching:
+            self.runs.add(entry)
         return entry
 
     def _build_entry(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype,
@@ -594,6 +605,22 @@ def _paper_unet_inputs(entry: RunEntry, y: torch.Tensor | None) -> tuple[torch.T
     return entry.context, y
 
 
+class ForgetKeptRuns(_Shared):
+    """ON_DETACH: when ComfyUI unloads the model, the entries kept for the next run (device tensors outside its
+    model management) go too.
+
+    Only a detach that unpatches the weights is an unload (model_management.free_memory, unload_all_models).
+    ComfyUI also detaches a patcher without unpatching when a clone of it takes its place in the loaded models
+    (every sampling run loads its own clone) and when a clone is garbage-collected; the model stays loaded."""
+
+    def __init__(self, runtime: AdapterRuntime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, model_patcher: Any, unpatch_all: bool = True) -> None:
+        if unpatch_all:
+            self.runtime.runs.forget()
+
+
 class OuterSampleWrapper(_Shared):
     """Starts and ends the per-run cache around one sampling run."""
 
@@ -606,7 +633,7 @@ class OuterSampleWrapper(_Shared):
         try:
             return executor(*args, **kwargs)
         finally:
-            self.runtime.end_run()  # frees the cached tensors
+            self.runtime.end_run()  # keeps its entries for the next run (hybrid), or frees them
 
 
 # --- attention patches --------------------------------------------------------------------------
@@ -804,6 +831,9 @@ def apply_adapter(model_patcher: ModelPatcher, adapter: LLMDiffAdapter, strength
     m.set_additional_models(WRAPPER_KEY, stacked + [_adapter_patcher(adapter, m)])
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, ApplyModelWrapper(runtime))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, OuterSampleWrapper(runtime))
+    on_detach = getattr(comfy.patcher_extension.CallbacksMP, "ON_DETACH", None)
+    if on_detach is not None:  # (a ComfyUI without it: the kept entries go when the next run replaces them)
+        m.add_callback_with_key(on_detach, WRAPPER_KEY, ForgetKeptRuns(runtime))
     if runtime.paper:
         _refuse_replaced_sites(m, sites)
         m.set_model_attn2_patch(PaperInput(runtime))

@@ -377,7 +377,7 @@ def test_langevin_noise_only_in_training_calls_and_from_the_row_seeds(mode: str)
     try:
         run(TrainingCall())
         run(TrainingCall())
-        assert runtime._entries == []
+        assert runtime.runs.this_run == []
     finally:
         runtime.end_run()
     assert counts == {"encode": 2, "site_keys_values": 2 * len(adapter.sites)}
@@ -515,11 +515,78 @@ def test_cache_once_per_run_same_result_as_recomputing() -> None:
 
     runtime_of(m).cache_enabled = True
     assert torch.equal(sample(m, pos, neg, noise(1), steps=steps), cached)
-    assert counts["encode"] == 2 + steps  # cleared between runs: computed again, once
-    assert runtime_of(m)._entries is None  # and freed at the end of the run
+    assert counts["encode"] == 2 + steps  # the uncached run kept nothing: computed again, once
+    runs = runtime_of(m).runs
+    assert not runs.active and runs.this_run == [] and len(runs.kept) == 1  # kept for the next run
 
     new_prompt = prompt("minimal", [6], 99)  # new features: a new object, other values
     assert max_rel(sample(m, new_prompt, neg, noise(1), steps=steps), cached) > 1e-3
+    assert counts["encode"] == 3 + steps
+
+
+def test_a_run_reuses_the_last_runs_entries_while_the_adapter_weights_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ComfyUI samples again with the same conditioning objects when only the seed (steps, sampler) changes: a
+    hybrid run then takes the last run's entry instead of building it, and gives what a fresh runtime gives.
+    Weights changed in place (an optimizer step, an EMA copy) or replaced, another prompt in between, or the
+    model unloaded by ComfyUI: built again."""
+    import comfy.model_management as mm
+
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp)
+    m = apply_adapter(mp, adapter)
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+    builds: list[Any] = []
+    build = AdapterRuntime._build_entry
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        builds.append(self)
+        return build(self, *args, **kwargs)
+    monkeypatch.setattr(AdapterRuntime, "_build_entry", spy)
+
+    def fresh(seed: int) -> torch.Tensor:  # a new runtime: nothing kept
+        return sample(apply_adapter(mp, adapter), pos, neg, noise(1, seed))
+
+    sample(m, pos, neg, noise(1, 0))
+    assert len(builds) == 1
+    second = sample(m, pos, neg, noise(1, 1))  # a new seed, the same prompts
+    assert len(builds) == 1 and torch.equal(second, fresh(1))
+    assert len(builds) == 2  # (fresh's own runtime built its own)
+
+    with torch.no_grad():  # in place, as an optimizer step or an EMA copy does
+        adapter.sites[0].to_k.weight.mul_(1.5)
+    changed = sample(m, pos, neg, noise(1, 1))
+    assert len(builds) == 3 and torch.equal(changed, fresh(1)) and max_rel(changed, second) > 1e-4
+    site = adapter.sites[1].to_v
+    monkeypatch.setattr(site, "weight", torch.nn.Parameter(site.weight.detach() * 2))  # a new object
+    replaced = sample(m, pos, neg, noise(1, 1))
+    assert len(builds) == 5 and torch.equal(replaced, fresh(1)) and max_rel(replaced, changed) > 1e-4
+    assert torch.equal(sample(m, pos, neg, noise(1, 0)), fresh(0)) and len(builds) == 7  # (1 kept, 1 fresh)
+
+    other = prompt("minimal", [9], 3)  # another prompt: its entry replaces the kept one (one run's at most)
+    sample(m, other, neg, noise(1))
+    (kept,) = runtime_of(m).runs.kept
+    assert len(builds) == 8 and any(p.features is other[0][1]["model_conds"]["llmdiff"].cond for p in kept.batch.parts)
+    sample(m, pos, neg, noise(1))
+    assert len(builds) == 9
+
+    assert runtime_of(m).runs.kept
+    mm.unload_all_models()  # ComfyUI unloads the model: what was kept (device tensors) goes with it
+    assert runtime_of(m).runs.kept == []
+    sample(m, pos, neg, noise(1, 0))
+    assert len(builds) == 10
+
+
+def test_paper_mode_builds_each_runs_entry_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paper mode's entry also projects phi(c) with the U-Net's own to_k / to_v, which a LoRA or a lowvram
+    weight patch can change between runs unseen: nothing is kept across runs."""
+    mp = tiny_sd15_minimal()
+    m = apply_adapter(mp, adapter_for(mp, "llm"))
+    pos, neg = prompt("minimal", [6], 1), prompt("minimal", [3], 2)
+    counts: dict[str, int] = {}
+    count_calls(runtime_of(m).runs, "add", counts)
+    sample(m, pos, neg, noise(1))
+    sample(m, pos, neg, noise(1))
+    assert counts["add"] == 2 and runtime_of(m).runs.kept == []
 
 
 def test_cache_keeps_prompts_apart_within_a_run(node_classes: dict) -> None:
@@ -1022,6 +1089,7 @@ def test_compiled_sampling_traces_one_graph_for_prompts_of_any_length(mode: str,
         for seed, length in enumerate([6, 40, 70, 20]):
             pos = attach_features(clip_conditioning("minimal", 1, seed), make_features([length], seed, tokens=80))
             out = sample(c, pos, neg, noise(1), steps=2)
+            runtime_of(m).runs.forget()  # (c shares m's runtime: the eager run builds its own entry, not c's)
             assert max_rel(out, sample(m, pos, neg, noise(1), steps=2)) < (1e-6 if backend == "dynamo" else 1e-4)
         assert keys == [32, 32, 64, 64, 79, 79, 32, 32]  # (compiled, eager) per prompt
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

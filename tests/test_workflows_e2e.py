@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import io
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -146,7 +147,7 @@ def link_models(cache: Path, models_dir: Path) -> Path:
 def start_demo_server(comfy_root: Path, work: Path) -> ComfyServer:
     """A started ComfyServer whose models folder holds the demo stand-ins."""
     models = link_models(demo_models_dir(comfy_root), work / "models")
-    return ComfyServer(comfy_root, sys.executable, models_dir=models).start()
+    return ComfyServer(comfy_root, sys.executable, models_dir=models, extra_args=("--verbose", "DEBUG")).start()
 
 
 def run_prompt(server: ComfyServer, api: dict[str, Any], timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
@@ -273,6 +274,35 @@ def test_wrong_adapter_fails_with_our_message_then_the_server_recovers(demo_serv
     entry = run_prompt(demo_server, good)
     assert_success(entry, demo_server)
     assert sampler not in cached_nodes(entry)
+
+
+@pytest.mark.server
+def test_a_new_seed_takes_the_last_runs_adapter_entry_and_a_new_prompt_builds_one(demo_server: ComfyServer) -> None:
+    """ComfyUI keeps Text Encode's output and the patched MODEL while only the seed changes: the hybrid run takes
+    the last run's once-per-run entry (run_cache.py) instead of building it. The server runs with --verbose DEBUG,
+    and every sampling run logs what it built and took."""
+    api = shrink_for_cpu(load_api("sd15_llmdiff_hybrid"))
+    sampler = next(i for i, n in api.items() if n["class_type"] == "KSampler")
+    encode = next(i for i, n in api.items() if n["class_type"] == "LLMDiffTextEncode")
+
+    def run_and_count() -> tuple[int, int]:
+        before = demo_server.log_text().count(RUN_LOG)
+        assert_success(run_prompt(demo_server, api), demo_server)
+        lines = [line for line in demo_server.log_text().splitlines() if RUN_LOG in line]
+        assert len(lines) == before + 1, lines[-3:]  # (one sampling run)
+        built, taken = re.search(r"(\d+) adapter entries built, (\d+) taken", lines[-1]).groups()
+        return int(built), int(taken)
+
+    api[encode]["inputs"]["text"] += ", seen from above"  # a prompt no other test ran: built
+    api[sampler]["inputs"]["seed"] = 101
+    assert run_and_count() == (1, 0)
+    api[sampler]["inputs"]["seed"] = 102  # only the seed: the same conditioning objects, the same MODEL
+    assert run_and_count() == (0, 1)
+    api[encode]["inputs"]["text"] += " at dusk"  # a new prompt: new features, built anew
+    assert run_and_count() == (1, 0)
+
+
+RUN_LOG = "LLMDiff run:"
 
 
 def test_demo_files_have_the_real_cross_attention_layout(comfy_root: Path) -> None:
