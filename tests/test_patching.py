@@ -551,6 +551,9 @@ def test_a_run_reuses_the_last_runs_entries_while_the_adapter_weights_stay(monke
     second = sample(m, pos, neg, noise(1, 1))  # a new seed, the same prompts
     assert len(builds) == 1 and torch.equal(second, fresh(1))
     assert len(builds) == 2  # (fresh's own runtime built its own)
+    big = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    sample(m, pos, neg, big, steps=3)  # another size and step count (a hires-fix pass): the same K/V
+    assert len(builds) == 2
 
     with torch.no_grad():  # in place, as an optimizer step or an EMA copy does
         adapter.sites[0].to_k.weight.mul_(1.5)
