@@ -203,7 +203,8 @@ def interleaved(variants: dict[str, Measurement], repeats: int, warmup: int, pro
             for k, v in metrics.items():
                 out[name].setdefault(k, []).append(float(v))
         say(f"repeat {r + 1}/{repeats}", walls)
-        if r + 1 >= MIN_REPEATS and r + 1 < repeats and time.time() + 1.2 * (time.time() - round_start) > deadline:
+        now_s = time.time()
+        if r + 1 >= MIN_REPEATS and r + 1 < repeats and now_s + 1.2 * (now_s - round_start) > deadline:
             print(f"  stopped after {r + 1} of {repeats} repeats: ${DEADLINE_ENV} is near", file=sys.stderr, flush=True)
             break
     return out

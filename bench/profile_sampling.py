@@ -65,7 +65,7 @@ def main() -> None:
     import builders
     import comfy.model_management as mm
     import comfy.sample
-    from llmdiff_core.comfy_patch import applied_runtimes, apply_adapter
+    from llmdiff_core.comfy_patch import apply_adapter, forget_kept_entries
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     spec = builders.llm_spec(opts.llm)
@@ -80,8 +80,7 @@ def main() -> None:
     noise = torch.randn(batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
 
     def run(mp: Any, positive: list, negative: list, steps: int) -> None:
-        for runtime in applied_runtimes(mp):  # every run builds its entry, as for a new prompt (run_cache.py):
-            runtime.runs.forget()  # what sessions before 14 profiled (a re-run of the same prompts takes the last)
+        forget_kept_entries(mp)  # every run builds its entry, as for a new prompt: what sessions before 14 profiled
         with torch.inference_mode():
             comfy.sample.sample(mp, noise, steps, 5.0, "euler", "normal", positive, negative, torch.zeros_like(noise),
                                 disable_pbar=True, seed=0)

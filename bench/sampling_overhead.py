@@ -91,7 +91,7 @@ def main() -> None:
 
     import builders
     import comfy.model_management as mm
-    from llmdiff_core.comfy_patch import applied_runtimes, apply_adapter
+    from llmdiff_core.comfy_patch import apply_adapter, forget_kept_entries
 
     entry_seconds = timed_entry_builds(device)
 
@@ -154,8 +154,7 @@ def main() -> None:
                     flops.append(flops[0].get_total_flops())
 
             if not opts.keep_entries:  # every run builds its entry, as for a new prompt (run_cache.py)
-                for runtime in applied_runtimes(mp):
-                    runtime.runs.forget()
+                forget_kept_entries(mp)
             common.sync(device)
             if replays is not None:
                 replays.take(device)  # (drops what ran before this run)

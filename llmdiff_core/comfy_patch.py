@@ -814,6 +814,13 @@ def applied_runtimes(model_patcher: ModelPatcher) -> list[AdapterRuntime]:
     return [w.runtime for w in model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)]
 
 
+def forget_kept_entries(model_patcher: ModelPatcher) -> None:
+    """Drop what the adapters applied to this model keep for their next run (run_cache.py): that run builds its
+    entries, as a run with new prompts does."""
+    for runtime in applied_runtimes(model_patcher):
+        runtime.runs.forget()
+
+
 def apply_adapter(model_patcher: ModelPatcher, adapter: LLMDiffAdapter, strength: float = 1.0,
                   start_percent: float = 0.0, end_percent: float = 1.0,
                   block_weights: dict[int, float] | None = None) -> ModelPatcher:

@@ -24,7 +24,7 @@ from comfy.patcher_extension import WrappersMP
 
 from llmdiff_core.attention import RunMask, attend, attended_span, effective_gates, fuse_after_out, fuse_at_core
 from llmdiff_core.comfy_patch import (FEATURES_KEY, TRAINING_KEY, WRAPPER_KEY, AdapterRuntime, TrainingCall,
-                                      applied_runtimes, apply_adapter)
+                                      applied_runtimes, apply_adapter, forget_kept_entries)
 from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, FeaturePart, attach_features
 from llmdiff_core.errors import AdapterMismatchError, LLMDiffError
 from llmdiff_core.features import LLMFeatures
@@ -1092,7 +1092,7 @@ def test_compiled_sampling_traces_one_graph_for_prompts_of_any_length(mode: str,
         for seed, length in enumerate([6, 40, 70, 20]):
             pos = attach_features(clip_conditioning("minimal", 1, seed), make_features([length], seed, tokens=80))
             out = sample(c, pos, neg, noise(1), steps=2)
-            runtime_of(m).runs.forget()  # (c shares m's runtime: the eager run builds its own entry, not c's)
+            forget_kept_entries(m)  # (c shares m's runtime: the eager run builds its own entry, not c's)
             assert max_rel(out, sample(m, pos, neg, noise(1), steps=2)) < (1e-6 if backend == "dynamo" else 1e-4)
         assert keys == [32, 32, 64, 64, 79, 79, 32, 32]  # (compiled, eager) per prompt
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -276,6 +276,9 @@ def test_wrong_adapter_fails_with_our_message_then_the_server_recovers(demo_serv
     assert sampler not in cached_nodes(entry)
 
 
+RUN_LOG = "LLMDiff run:"  # comfy_patch.AdapterRuntime.end_run's DEBUG line, one per sampling run
+
+
 @pytest.mark.server
 def test_a_new_seed_takes_the_last_runs_adapter_entry_and_a_new_prompt_builds_one(demo_server: ComfyServer) -> None:
     """ComfyUI keeps Text Encode's output and the patched MODEL while only the seed changes: the hybrid run takes
@@ -300,9 +303,6 @@ def test_a_new_seed_takes_the_last_runs_adapter_entry_and_a_new_prompt_builds_on
     assert run_and_count() == (0, 1)
     api[encode]["inputs"]["text"] += " at dusk"  # a new prompt: new features, built anew
     assert run_and_count() == (1, 0)
-
-
-RUN_LOG = "LLMDiff run:"
 
 
 def test_demo_files_have_the_real_cross_attention_layout(comfy_root: Path) -> None:
