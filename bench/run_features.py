@@ -53,7 +53,7 @@ def main() -> None:
 
     from llmdiff_core.attention import RunMask
     from llmdiff_core.conditioning import FeatureBatch, FeaturePart
-    from llmdiff_core.features import LLMFeatures, LLMSpec, _base, _broadcast_dims
+    from llmdiff_core.features import LLMFeatures, LLMSpec, stored_values
 
     spec = LLMSpec("llama", "bench", opts.width, opts.layers)
     read = ([0], True)  # AdapterConfig.features_read() of the score encoding with c0 = embeddings
@@ -82,8 +82,7 @@ def main() -> None:
 
     def moved_async(t: torch.Tensor, staged: bool) -> torch.Tensor:
         """t on the device from page-locked memory: through a staging copy (staged), or t's own pinned storage."""
-        dims = _broadcast_dims(t)
-        base = _base(t, dims)
+        base = stored_values(t)
         if staged:
             base = torch.empty(base.shape, dtype=base.dtype, pin_memory=True).copy_(base)
         return base.to(device, non_blocking=True).expand(t.shape)

@@ -47,8 +47,8 @@ def main() -> None:
     report = common.Report("Score encoding vs plain LLM forward", common.env_header(
         device, opts.root, dtype=str(dtype).replace("torch.", ""), tokens=opts.tokens, batch=opts.batch,
         repeats=opts.repeats, warmup=opts.warmup))
-    rows = []
-    for shape in [s for s in opts.shapes.split(",") if s]:
+    def measure(shape: str) -> list[Any]:
+        """One LLM shape's row; its model is freed when this returns."""
         loaded = builders.build_llm(shape, dtype, device)
         texts = [builders.prompt_of(opts.tokens - 1)] * opts.batch
         batch = tokenize(loaded, texts, opts.tokens)
@@ -72,11 +72,14 @@ def main() -> None:
             peaks[name] = pm.peak_gib
         t_plain, t_score = common.median(results["plain"]["time"]), common.median(results["score"]["time"])
         spec = loaded.spec
-        rows.append([shape, f"{spec.hidden_size}x{spec.num_layers}", opts.batch, opts.tokens, t_plain * 1e3,
-                     t_score * 1e3, t_score / t_plain,
-                     100 * max(common.spread(results["plain"]["time"]), common.spread(results["score"]["time"])),
-                     TARGET, common.gib(peaks["plain"]), common.gib(peaks["score"])])
-        del loaded, decoder
+        return [shape, f"{spec.hidden_size}x{spec.num_layers}", opts.batch, opts.tokens, t_plain * 1e3,
+                t_score * 1e3, t_score / t_plain,
+                100 * max(common.spread(results["plain"]["time"]), common.spread(results["score"]["time"])),
+                TARGET, common.gib(peaks["plain"]), common.gib(peaks["score"])]
+
+    rows = []
+    for shape in [s for s in opts.shapes.split(",") if s]:
+        rows.append(measure(shape))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report.table("median ms per call (interleaved)", ["LLM", "D x L", "batch", "tokens", "plain forward ms",

@@ -127,6 +127,12 @@ def _base(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return t
 
 
+def stored_values(t: torch.Tensor) -> torch.Tensor:
+    """What t holds in memory: t without its broadcast axes (each cut to one position); t itself if it has
+    none. `stored_values(t).expand(t.shape)` is t again, so moving this moves all of t."""
+    return _base(t, _broadcast_dims(t))
+
+
 def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     dims = _broadcast_dims(t)
     if not dims:
