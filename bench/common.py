@@ -413,6 +413,51 @@ def cuda_graph_recorded_inputs() -> int:
     return int(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
 
 
+class StepStamps:
+    """Where each step of a sampling run ends, stamped at the sampler's callback: seconds after start().
+
+    synced: at each stamp the host waits for the device and reads the benchmark clock. A step then holds its
+    host work and its device work back to back, as ComfyUI's sampler runs when something reads every step's
+    latent (a preview). Every sampling number before session 15 was taken this way.
+    pipelined: a CUDA event recorded on the stream at each stamp and read after the run. The host runs ahead as
+    the sampler does when nothing reads: a step takes the longer of its host and its device work, and the
+    stamps are the device's. On a CPU the two are the same clock (the device is the host), so pipelined is
+    synced there unless an `event` factory is given (tests)."""
+
+    def __init__(self, device: Any, synced: bool, event: Callable[[], Any] | None = None) -> None:
+        self.device = device
+        self.pipelined = not synced and (event is not None or getattr(device, "type", str(device)) == "cuda")
+        self.event = event
+        self.origin: Any = None
+        self.marks: list[Any] = []
+
+    def _mark(self) -> Any:
+        if not self.pipelined:
+            sync(self.device)
+            return now()
+        if self.event is None:
+            import torch
+
+            self.event = lambda: torch.cuda.Event(enable_timing=True)
+        mark = self.event()
+        mark.record()
+        return mark
+
+    def start(self) -> None:
+        self.marks = []
+        self.origin = self._mark()
+
+    def stamp(self) -> None:
+        self.marks.append(self._mark())
+
+    def seconds(self) -> list[float]:
+        """Each stamp's seconds after start() (pipelined: synchronises first, then reads the events)."""
+        if not self.pipelined:
+            return [m - self.origin for m in self.marks]
+        sync(self.device)
+        return [self.origin.elapsed_time(m) / 1e3 for m in self.marks]
+
+
 class ReplayClock:
     """The device time of every CUDA-graph replay that inductor's CUDA-graph trees (`reduce-overhead`) launch
     while it is installed: a CUDA event on each side of each `graph.replay()`. The events sit on the stream

@@ -72,7 +72,11 @@ run_part() {
       # session 12: +12.1 % +- 4.8 (12.0 -> 13.4 ms/step); 49 input copies per replay, 8 expected now. Its new
       # table splits the step at the replays (CUDA events): the adapter's extra inside the graph (its kernels)
       # against outside it (host, copies); the paired overhead's interval says whether 4 % is met (more repeats
-      # than before for a tighter interval: ~0.6 s each after the compile, and BENCH_DEADLINE cuts them if need be)
+      # than before for a tighter interval: ~0.6 s each after the compile, and BENCH_DEADLINE cuts them if need be).
+      # Each variant is timed with both step clocks (session 15): synced is session 12's clock (the host waits for
+      # the device every step, as with a preview), pipelined lets the host run ahead (no preview). Session 12's
+      # profile had the device busy 7.3 ms of the 12.0 ms synced step: pipelined says what a step costs when the
+      # host's work overlaps the device's
       step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 31
       # the SDXL sampling target under inductor's CUDA graphs, never measured (two SDXL forward compiles, ~100 s
       # each estimated from session 12's training compile: tracing 19 s, inductor forward 56 s)
@@ -85,7 +89,7 @@ run_part() {
       step run-features 30 bench run_features
       # the step's host work alone, no U-Net kernel (session 13 on the CPU: the adapter adds 0.11 ms per SD1.5 step
       # to 0.87): this host's figure, SD1.5 and SDXL
-      step sampling-host-only 100 bench sampling_overhead --modes clip --compile host-only --no-real-flops --repeats 9 --warmup 1
+      step sampling-host-only 100 bench sampling_overhead --modes clip --compile host-only --no-real-flops --repeats 9 --warmup 1 --step-clock synced
       # compiled training's step still waits on the host (SDXL: 181 ms of kernels in a 213 ms step, §5g): the
       # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
       # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s
@@ -97,9 +101,9 @@ run_part() {
       # forced backend costs nothing per call there, unlike eager, §5e): if the split puts the overhead in the
       # replay, is torch's choice for the masked attention (64 keys, head dim 40) the fastest kernel, and what does
       # the mask cost (unmasked: a lower bound, wrong where tokens are masked)?
-      step sampling-reduce-overhead-sd15-attend 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 9 --attend efficient,cudnn,unmasked
+      step sampling-reduce-overhead-sd15-attend 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 9 --attend efficient,cudnn,unmasked --step-clock pipelined
       # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n)
-      step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1
+      step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1 --step-clock synced
       # compiled SDXL training with every site's K/V projection compiled too (session 12, after its GPU run: the
       # compiled step waited ~32 ms on the host; the projections were ~560 eager ops per forward and their
       # backward), against 18.75 img/s, then the same-run A/B with them eager (the U-Net's graphs from the cache)

@@ -5,7 +5,10 @@
 
 What is timed: comfy.sample.sample (what KSampler runs: euler, CFG 5, one latent -> the U-Net sees
 cond + uncond = 2 rows), under inference_mode like a node. A sampler callback stamps the end of
-every step (CUDA synchronised); the per-step time of a run is the median of the step-to-step gaps
+every step (common.StepStamps), on CUDA two ways, each variant timed with both in the same rounds: synced
+(the host waits for the device at every step, as with a preview; a step is its host work plus its device
+work) and pipelined (CUDA events, the host runs ahead as when nothing reads a step; a step is the longer of
+the two). The per-step time of a run is the median of the step-to-step gaps
 (so ComfyUI's model loading and the adapter's once-per-run work, done in step 1, are left out and
 reported separately as "step 1 extra"; "whole-run overhead %" compares whole runs, the per-run work and
 the sampler's own setup included: what a user waits for). Variants (unpatched, hybrid adapter, paper adapter) run
@@ -64,6 +67,12 @@ def parse() -> Any:
     p.add_argument("--keep-entries", action="store_true",
                    help="let each run take the last run's once-per-run entry, as a re-run of the same prompts does "
                         "in hybrid mode (default: every run builds its own, as a new prompt does)")
+    p.add_argument("--step-clock", choices=("both", "pipelined", "synced"), default=None,
+                   help="how steps are stamped (common.StepStamps): pipelined = CUDA events, the host runs ahead as "
+                        "the sampler does when nothing reads a step's latent; synced = the host waits for the device "
+                        "every step, as with a preview (the only clock before session 15); both = each variant "
+                        "timed both ways in the same rounds (default on CUDA; on a CPU the two are one clock, so the "
+                        "default there is synced)")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting on the timed device")
     p.add_argument("--no-real-flops", action="store_true", help="skip the real-shape FLOP floor (meta device)")
     p.add_argument("--floor-only", action="store_true", help="only the real-shape FLOP floor table (no timing)")
@@ -100,6 +109,9 @@ def main() -> None:
     spec = builders.llm_spec(opts.llm)
     models = [m for m in opts.models.split(",") if m]
     modes = [m for m in opts.modes.split(",") if m]
+    step_clock = opts.step_clock or ("both" if device.type == "cuda" else "synced")  # (a CPU: one clock, StepStamps)
+    clocks = ["pipelined", "synced"] if step_clock == "both" else [step_clock]
+    suffix = {clock: (f"@{clock}" if i else "") for i, clock in enumerate(clocks)}  # variant name -> its clock
     cfg = 5.0 if opts.rows % 2 == 0 else 1.0
     latent_batch = opts.rows // 2 if cfg > 1 else opts.rows
     report = common.Report("Sampling overhead per step (adapter vs unpatched)", common.env_header(
@@ -107,7 +119,8 @@ def main() -> None:
         llm=f"{opts.llm} (D={spec.hidden_size}, L={spec.num_layers})", tokens=opts.tokens,
         adapter_dtype=opts.adapter_dtype, steps=opts.steps, repeats=opts.repeats, warmup=opts.warmup,
         compile=f"{opts.compile} (mode {opts.compile_mode})" if opts.compile else "no (eager)",
-        entry="the last run's (--keep-entries)" if opts.keep_entries else "built every run"))
+        entry="the last run's (--keep-entries)" if opts.keep_entries else "built every run",
+        step_clock=" and ".join(clocks)))
     rows_out: list[list[Any]] = []
     flop_rows: list[list[Any]] = []
     replay_rows: list[list[Any]] = []
@@ -144,12 +157,12 @@ def main() -> None:
         noise = torch.randn(latent_batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
         n_sites = len(builders.find_sites(base.model.diffusion_model)[0])
 
-        def sampler_run(mp: Any, positive: list, negative: list, steps: int, flops: Any = None) -> dict[str, float]:
-            stamps: list[float] = []
+        def sampler_run(mp: Any, positive: list, negative: list, steps: int, flops: Any = None,
+                        synced: bool = True) -> dict[str, float]:
+            stamps = common.StepStamps(device, synced)
 
             def callback(step: int, x0: Any, x: Any, total: int) -> None:
-                common.sync(device)
-                stamps.append(common.now())
+                stamps.stamp()
                 if flops is not None:
                     flops.append(flops[0].get_total_flops())
 
@@ -160,6 +173,7 @@ def main() -> None:
                 replays.take(device)  # (drops what ran before this run)
             entry_seconds.clear()
             t0 = common.now()
+            stamps.start()
             with torch.inference_mode():
                 import comfy.sample
                 comfy.sample.sample(mp, noise, steps, cfg, "euler", "normal", positive, negative,
@@ -167,8 +181,9 @@ def main() -> None:
                                     callback=callback)
             common.sync(device)
             t1 = common.now()
-            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-            out = {"step": common.median(gaps), "first": stamps[0] - t0, "run": t1 - t0, "entry": sum(entry_seconds)}
+            ends = stamps.seconds()
+            gaps = [b - a for a, b in zip(ends, ends[1:])]
+            out = {"step": common.median(gaps), "first": ends[0], "run": t1 - t0, "entry": sum(entry_seconds)}
             if replays is not None:  # a warm run replays once per U-Net call: the median replay times the count
                 times = replays.take(device)
                 out.update(replay=common.median(times) / 1e3 * len(times) / steps if times else 0.0,
@@ -177,19 +192,23 @@ def main() -> None:
 
         failed: dict[str, str] = {}  # variant -> why its --attend implementation could not run here
 
-        def measured(name: str, v: tuple[Any, list, list]) -> Any:
+        def measured(name: str, v: tuple[Any, list, list], clock: str) -> Any:
+            def run() -> dict[str, float]:
+                return sampler_run(*v, steps=opts.steps, synced=clock == "synced")
             if name not in impl_of:
-                return lambda: sampler_run(*v, steps=opts.steps)
+                return run
 
             def with_impl() -> dict[str, float]:  # an implementation this device lacks is reported, not fatal
                 if name not in failed:
                     try:
-                        return with_attend(attend_impls[impl_of[name]], lambda: sampler_run(*v, steps=opts.steps))
+                        return with_attend(attend_impls[impl_of[name]], run)
                     except RuntimeError as exc:
                         failed[name] = str(exc).splitlines()[0][:160]
                 return {"step": float("nan"), "first": float("nan"), "run": float("nan"), "entry": float("nan")}
             return with_impl
-        measurements = {name: measured(name, v) for name, v in variants.items()}
+        # every variant once per clock (the same compiled model: no second compile), interleaved in one set of rounds
+        measurements = {name + suffix[clock]: measured(name, v, clock) for clock in clocks
+                        for name, v in variants.items()}
         compile_clock = common.CompileClock()
         graphs = {"before": common.graphs_compiled()}
 
@@ -224,15 +243,13 @@ def main() -> None:
                 step_flops[name] = (float(step1), float(total - step1))  # (step 1, step 2) FLOPs, all rows
 
         report.notes += [f"{family} {name}: failed ({why})" for name, why in failed.items()]
-        base_step = common.median(results["unpatched"]["step"])
-        base_first = common.median(results["unpatched"]["first"])
-        base_run = common.median(results["unpatched"]["run"])
-        for mode in [m for m in variants if m != "unpatched"]:
-            r = results[mode]
+        for clock, mode in [(c, m) for c in clocks for m in variants if m != "unpatched"]:
+            r, r0 = results[mode + suffix[clock]], results["unpatched" + suffix[clock]]
+            base_step, base_first, base_run = (common.median(r0[k]) for k in ("step", "first", "run"))
             step = common.median(r["step"])
             overhead = step / base_step - 1.0
-            noise_pct = max(common.spread(r["step"]), common.spread(results["unpatched"]["step"]))
-            ratios = common.paired_ratios(r["step"], results["unpatched"]["step"])
+            noise_pct = max(common.spread(r["step"]), common.spread(r0["step"]))
+            ratios = common.paired_ratios(r["step"], r0["step"])
             low, high, coverage = common.median_interval(ratios)
             coverages.add(round(100 * coverage, 1))
             flop_over = measured_per_flop = per_run = float("nan")
@@ -242,9 +259,10 @@ def main() -> None:
                 flop_over = (a2 - b2) / b2
                 measured_per_flop = overhead / flop_over if flop_over > 0 else float("nan")
                 per_run = ((a1 - b1) - (a2 - b2)) / 1e9
-            name = MODE_NAMES[mode.split("+")[0]] + (f", attend={impl_of[mode]}" if mode in impl_of else "")
+            name = MODE_NAMES[mode.split("+")[0]] + (f", attend={impl_of[mode]}" if mode in impl_of else "") + (
+                f", steps {clock}" if len(clocks) > 1 else "")
             if replays is not None:
-                base_replay = common.median(results["unpatched"].get("replay", []))
+                base_replay = common.median(r0.get("replay", []))
                 replay = common.median(r.get("replay", []))
                 replay_rows.append([family, name, base_replay * 1e3, replay * 1e3, (replay - base_replay) * 1e3,
                                     (step - base_step) * 1e3, ((step - replay) - (base_step - base_replay)) * 1e3,
@@ -263,6 +281,14 @@ def main() -> None:
 
     if replays is not None:
         replays.uninstall()
+    if not opts.floor_only and len(clocks) > 1:
+        report.notes.append("steps pipelined: stamped by CUDA events, the host free to run ahead (ComfyUI without a "
+                            "preview): a step costs the longer of its host and its device work, so an adapter's host "
+                            "time is hidden where the device is the slower. steps synced: the host waits for the "
+                            "device at every step (a preview reads each latent; sessions 3-14's only clock), so a "
+                            "step is its host work plus its device work and both extras count." + (
+                                "" if device.type == "cuda" else " On this CPU both rows read one clock (the device "
+                                "is the host): their difference is noise."))
     if not opts.floor_only:
         report.table("per-step time, interleaved repeats (medians)",
                      ["model", "px", "rows", "adapter", "unpatched ms/step", "adapter ms/step", "overhead %",

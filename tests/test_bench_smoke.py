@@ -565,6 +565,58 @@ def test_replay_clock_times_each_replay_and_only_while_installed() -> None:
     assert Node.run_graph is original and clock.take("cpu") == []
 
 
+def test_sampling_overhead_times_each_variant_with_both_step_clocks(tmp_path: Path) -> None:
+    """--step-clock both (the CUDA default): every variant is timed pipelined and synced in the same rounds, and
+    each clock's rows compare with that clock's unpatched runs (on this CPU the two clocks are one)."""
+    out = tmp_path / "clocks.json"
+    text = run_bench("sampling_overhead.py", "--small", "--models", "sd15", "--modes", "clip", "--steps", "3",
+                     "--repeats", "2", "--warmup", "0", "--no-real-flops", "--step-clock", "both", json_out=out)
+    assert "steps pipelined: stamped by CUDA events" in text and "both rows read one clock" in text
+    data = json.loads(out.read_text())
+    raw = data["raw"]["sd15"]
+    assert set(raw) == {"unpatched", "clip", "unpatched@synced", "clip@synced"}
+    rows = {r["adapter"]: r for r in section(data, "per-step time")}
+    assert set(rows) == {"hybrid (clip), steps pipelined", "hybrid (clip), steps synced"}
+    for name, suffix in (("hybrid (clip), steps pipelined", ""), ("hybrid (clip), steps synced", "@synced")):
+        mine, base = raw["clip" + suffix], raw["unpatched" + suffix]
+        ratios = [a / u for a, u in zip(mine["step"], base["step"])]
+        assert rows[name]["paired overhead %"] == pytest.approx(100 * (statistics.median(ratios) - 1))
+        assert rows[name]["unpatched ms/step"] == pytest.approx(1e3 * statistics.median(base["step"]))
+
+
+def test_step_stamps_read_the_device_clock_after_the_run_when_pipelined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sampling_overhead's step clock. Pipelined: an event per stamp, read only after the run (one sync, then the
+    device's times); synced: a sync and the host clock at every stamp. A fake event stands in for
+    torch.cuda.Event (no GPU here); on a CPU device without one, pipelined is the synced clock."""
+    common = bench_module("common")
+    device_ms, host_s, syncs = [0.0], [100.0], [0]
+
+    class Event:
+        def record(self) -> None:
+            self.at = device_ms[0]
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.at - self.at
+
+    monkeypatch.setattr(common, "sync", lambda device: syncs.__setitem__(0, syncs[0] + 1))
+    monkeypatch.setattr(common, "now", lambda: host_s[0])
+    pipelined = common.StepStamps("cpu", synced=False, event=Event)
+    pipelined.start()
+    for ms in (5.0, 2.0, 3.0):
+        device_ms[0] += ms
+        host_s[0] += 1.0  # the host's clock is not what a pipelined stamp reads
+        pipelined.stamp()
+    assert syncs[0] == 0
+    assert pipelined.seconds() == [0.005, 0.007, 0.010] and syncs[0] == 1
+
+    synced = common.StepStamps("cpu", synced=True, event=Event)
+    synced.start()
+    host_s[0] += 0.5
+    synced.stamp()
+    assert synced.seconds() == [0.5] and syncs[0] == 3  # (start and stamp each synchronised)
+    assert not common.StepStamps("cpu", synced=False).pipelined  # a CPU device: one clock
+
+
 def test_sampling_overhead_host_only_small(tmp_path: Path) -> None:
     """The step's host work alone (no U-Net kernel runs), patched against unpatched, with the table's note."""
     out = tmp_path / "host.json"
