@@ -413,6 +413,13 @@ def cuda_graph_recorded_inputs() -> int:
     return int(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
 
 
+def cuda_timing_event() -> Any:
+    """A CUDA event that records a time (StepStamps' and ReplayClock's marks on the stream)."""
+    import torch
+
+    return torch.cuda.Event(enable_timing=True)
+
+
 class StepStamps:
     """Where each step of a sampling run ends, stamped at the sampler's callback: seconds after start().
 
@@ -427,7 +434,7 @@ class StepStamps:
     def __init__(self, device: Any, synced: bool, event: Callable[[], Any] | None = None) -> None:
         self.device = device
         self.pipelined = not synced and (event is not None or getattr(device, "type", str(device)) == "cuda")
-        self.event = event
+        self.event = event or cuda_timing_event
         self.origin: Any = None
         self.marks: list[Any] = []
 
@@ -435,10 +442,6 @@ class StepStamps:
         if not self.pipelined:
             sync(self.device)
             return now()
-        if self.event is None:
-            import torch
-
-            self.event = lambda: torch.cuda.Event(enable_timing=True)
         mark = self.event()
         mark.record()
         return mark
@@ -482,7 +485,7 @@ class ReplayClock:
             from torch._inductor.cudagraph_trees import CUDAGraphNode
             self.node_class = CUDAGraphNode
         if self.event is None:
-            self.event = lambda: torch.cuda.Event(enable_timing=True)
+            self.event = cuda_timing_event
         if self.capturing is None:
             self.capturing = torch.cuda.is_current_stream_capturing
         original = self._original = self.node_class.run_graph

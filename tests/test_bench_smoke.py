@@ -530,18 +530,23 @@ def test_host_only_backend_runs_a_graph_once_and_then_returns_its_first_outputs(
     assert torch.equal(other_shape, torch.full((4,), 3.0))
 
 
-def test_replay_clock_times_each_replay_and_only_while_installed() -> None:
-    """The CUDA-graph split of sampling_overhead: a pair of events around each run_graph of inductor's graph
-    nodes, taken per run. Fakes stand in for CUDAGraphNode and torch.cuda.Event (no GPU here)."""
-    common = bench_module("common")
-    clock_ms = [0.0]
-
+def fake_cuda_event(clock_ms: list[float]) -> type:
+    """A stand-in for torch.cuda.Event (no GPU here): record() notes clock_ms[0], the device's time in ms."""
     class Event:
         def record(self) -> None:
             self.at = clock_ms[0]
 
         def elapsed_time(self, end: "Event") -> float:
             return end.at - self.at
+    return Event
+
+
+def test_replay_clock_times_each_replay_and_only_while_installed() -> None:
+    """The CUDA-graph split of sampling_overhead: a pair of events around each run_graph of inductor's graph
+    nodes, taken per run. Fakes stand in for CUDAGraphNode and torch.cuda.Event (no GPU here)."""
+    common = bench_module("common")
+    clock_ms = [0.0]
+    Event = fake_cuda_event(clock_ms)
 
     class Node:
         def __init__(self, ms: float) -> None:
@@ -590,14 +595,7 @@ def test_step_stamps_read_the_device_clock_after_the_run_when_pipelined(monkeypa
     torch.cuda.Event (no GPU here); on a CPU device without one, pipelined is the synced clock."""
     common = bench_module("common")
     device_ms, host_s, syncs = [0.0], [100.0], [0]
-
-    class Event:
-        def record(self) -> None:
-            self.at = device_ms[0]
-
-        def elapsed_time(self, end: "Event") -> float:
-            return end.at - self.at
-
+    Event = fake_cuda_event(device_ms)
     monkeypatch.setattr(common, "sync", lambda device: syncs.__setitem__(0, syncs[0] + 1))
     monkeypatch.setattr(common, "now", lambda: host_s[0])
     pipelined = common.StepStamps("cpu", synced=False, event=Event)
