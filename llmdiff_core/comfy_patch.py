@@ -18,7 +18,9 @@ Wiring (comfyui-internals.md §3-§4):
   (transformer_options["optimized_attention_override"], chained) adds it to w_orig*A_orig before the
   site's own to_out, so the output projection runs once; at a site another pack's replace patch
   occupies, the replace's output is fused the same way (FusedReplace); an attn2_output_patch fuses
-  after to_out only where neither happened (a ComfyUI without the hook).
+  after to_out only where neither happened (a ComfyUI without the hook). With site_kernel "fused"
+  (fused_site.py, opt-in) the attn2_patch only leaves the site's input waiting, and the core hook runs the
+  new path and the fusion as one kernel.
   paper (original_path "llm"): attn2 replace patches.
 
 Patch objects deep-copy to themselves (ComfyUI 0.3.75 deep-copies model_options on every clone; a
@@ -39,6 +41,7 @@ import comfy.ops
 import comfy.patcher_extension
 from comfy.model_patcher import ModelPatcher
 
+from . import fused_site
 from .adapter import LLMDiffAdapter
 from .attention import Gate, RunMask, attend, effective_gates, fuse_after_out, fuse_at_core, is_identity
 from .conditioning import COND_KEY, FeatureBatch
@@ -149,6 +152,10 @@ class RunEntry:
     new_vals: SiteStack | None = None  # sampling: tau_v(c), before the gates scale it
     orig_keys: SiteStack | None = None  # paper-mode sampling: k(phi c), stacked
     orig_vals: SiteStack | None = None
+    # sampling, hybrid: per site, whether fused_site's one kernel runs its new path and fusion (site_kernel
+    # "fused" and shapes it takes); site_op is that kernel's op, looked up once per run, not while compiling
+    fused: tuple[bool, ...] = ()
+    site_op: Callable[..., torch.Tensor] | None = None
 
     def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> bool:
         return self.device == device and self.dtype == dtype and self.batch.same_rows(batch)
@@ -240,6 +247,9 @@ class CallState:
     pending: site -> w_new*A_new, from the attn2_patch until the attention core (CoreFusion) or,
     failing that, the attn2_output_patch takes it. It lives here, not in the patches' extra_options,
     because the core override sees transformer_options itself (both hold this object).
+    deferred: site -> its normed input n, where the entry runs the site with fused_site's one kernel: the core
+    computes the new path and the fusion together (AdapterRuntime.fused_path); anywhere else, the new path is
+    computed from n when it is taken (take_scaled_new).
     at_core: per site, whether the attention core may fuse (no replace patch occupies the site).
     """
 
@@ -247,9 +257,20 @@ class CallState:
     scaled: ScaledSites
     at_core: list[bool] = field(default_factory=list)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
+    deferred: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def any_new_path(self) -> bool:
         return any(self.scaled.active)
+
+    def any_pending(self) -> bool:
+        return bool(self.pending or self.deferred)
+
+    def take_scaled_new(self, i: int, runtime: AdapterRuntime) -> torch.Tensor | None:
+        """Site i's w_new*A_new if it is waiting (computed now if it was deferred to the fused kernel), else None."""
+        found = self.pending.pop(i, None)
+        if found is None and i in self.deferred:
+            found = runtime.new_path(self, i, self.deferred.pop(i))
+        return found
 
     def has_new_path(self, i: int) -> bool:
         """Whether site i's gates leave it a new path (not (1, 0)). A bool, not a look at its values: a compiled
@@ -295,7 +316,8 @@ class AdapterRuntime(_Shared):
     """One applied adapter: its sites, settings and the per-run cache, shared by all its patches."""
 
     def __init__(self, adapter: LLMDiffAdapter, sites: list[SiteBinding], strength: float,
-                 start_percent: float, end_percent: float, model_sampling: Any, stack_position: int = 0) -> None:
+                 start_percent: float, end_percent: float, model_sampling: Any, stack_position: int = 0,
+                 site_kernel: str = "torch") -> None:
         self.adapter = adapter
         self.config = adapter.config
         self.paper = adapter.config.original_path == "llm"
@@ -306,6 +328,7 @@ class AdapterRuntime(_Shared):
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.whole_run = start_percent <= 0.0 and end_percent >= 1.0  # the default window: always active
+        self.site_kernel = site_kernel  # hybrid sampling: "fused" runs each site's new path in one kernel
         self.cache_enabled = True  # off: recompute every call (tests compare the two)
         # a sampling run's entries, kept for the next run with the same prompts in hybrid mode; paper mode's
         # entry also projects with the U-Net's own to_k / to_v, whose weights a LoRA or a lowvram weight patch
@@ -421,6 +444,10 @@ class AdapterRuntime(_Shared):
         entry = RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
                          orig_kv=orig_kv, context=None if context is None else _unet_context(per_row(context)),
                          pooled=pooled)
+        if training is None and not self.paper and self.site_kernel == "fused":
+            entry.fused = tuple(fused_site.applies(device, dtype, s.spec.heads, w.shape[0] // s.spec.heads,
+                                                   mask.stop - mask.start) for s, w in zip(self.sites, q_weights))
+            entry.site_op = fused_site.op() if any(entry.fused) else None
         if training is None:  # stacked by shape: a compiled U-Net takes a few inputs, not a few per site
             entry.new_keys, entry.new_vals = (SiteStack.of(t, entry.mark_stack) for t in zip(*new_kv))
             entry.new_kv = list(zip(entry.new_keys.views, entry.new_vals.views))
@@ -505,6 +532,17 @@ class AdapterRuntime(_Shared):
         keys, values = state.new_key_value(i)
         assert values is not None, "a site whose gates are the identity has no new path"
         return attend(q, keys, values, entry.mask)
+
+    def fused_path(self, state: CallState, i: int, n: torch.Tensor, a_orig: torch.Tensor,
+                   w_orig: torch.Tensor) -> torch.Tensor:
+        """w_orig*A_orig + w_new*A_new at the attention core: one fused_site kernel where n, tau_q's weight,
+        A_orig and the keys share a dtype, else new_path and fuse_at_core."""
+        entry = state.entry
+        w = entry.q_weights[i]
+        keys, values = state.new_key_value(i)
+        if entry.site_op is not None and n.dtype == w.dtype == a_orig.dtype == keys.dtype:
+            return entry.site_op(n, w, keys, values, entry.mask.bias, entry.mask.keep, a_orig, w_orig)
+        return fuse_at_core(a_orig, self.new_path(state, i, n), w_orig)
 
     def no_clip_error(self, width: int) -> LLMDiffError:
         """Hybrid mode reads CLIP; without it Text Encode (LLMDiff) leaves a 1-wide placeholder."""
@@ -654,7 +692,10 @@ class HybridNewPath(_SitePatch):
     def __call__(self, n: torch.Tensor, context: Any, value: Any, eo: dict[str, Any]) -> tuple[Any, Any, Any]:
         state, i = self._state_and_site(eo)
         if state is not None and i is not None and state.has_new_path(i):
-            state.pending[i] = self.runtime.new_path(state, i, n)
+            if state.entry.fused and state.entry.fused[i] and state.at_core[i]:
+                state.deferred[i] = n  # the core runs the new path and the fusion in one kernel
+            else:
+                state.pending[i] = self.runtime.new_path(state, i, n)
         return n, context, value
 
 
@@ -677,18 +718,24 @@ class CoreFusion:
         return self
 
     def __call__(self, func: Callable, *args: Any, **kwargs: Any) -> Any:
-        pending = self.state.pending
-        s_new = None
-        if pending:
+        state = self.state
+        s_new = n = None
+        if state.any_pending():
             i = self.runtime.site_of(kwargs.get("transformer_options") or {})
-            if i is not None and self.state.at_core[i] and i in pending:
+            if i is not None and state.at_core[i]:
                 q = args[0] if args else None
-                s = pending[i]
-                if (isinstance(q, torch.Tensor) and q.shape == s.shape and not kwargs.get("skip_reshape")
-                        and not kwargs.get("skip_output_reshape")):
-                    s_new = pending.pop(i)
-                    w_orig = self.state.fusion_weight(i)
+                plain = (isinstance(q, torch.Tensor) and not kwargs.get("skip_reshape")
+                         and not kwargs.get("skip_output_reshape"))
+                if plain and i in state.pending and q.shape == state.pending[i].shape:
+                    s_new = state.pending.pop(i)
+                elif (plain and i in state.deferred and q.shape[:-1] == state.deferred[i].shape[:-1]
+                      and q.shape[-1] == state.entry.q_weights[i].shape[0]):
+                    n = state.deferred.pop(i)
+                if s_new is not None or n is not None:
+                    w_orig = state.fusion_weight(i)
         out = func(*args, **kwargs) if self.previous is None else self.previous(func, *args, **kwargs)
+        if n is not None:
+            return self.runtime.fused_path(state, i, n, out, w_orig)
         return out if s_new is None else fuse_at_core(out, s_new, w_orig)
 
 
@@ -727,9 +774,9 @@ class HybridFusion(_SitePatch):
 
     def __call__(self, out: torch.Tensor, eo: dict[str, Any]) -> torch.Tensor:
         state, i = self._state_and_site(eo)
-        if state is None or not state.pending or i is None:
+        if state is None or not state.any_pending() or i is None:
             return out
-        s_new = state.pending.pop(i, None)
+        s_new = state.take_scaled_new(i, self.runtime)
         if s_new is None:
             return out
         weight, bias = _weight_bias(self.runtime.sites[i].attn2.to_out[0], out)
@@ -823,18 +870,21 @@ def forget_kept_entries(model_patcher: ModelPatcher) -> None:
 
 def apply_adapter(model_patcher: ModelPatcher, adapter: LLMDiffAdapter, strength: float = 1.0,
                   start_percent: float = 0.0, end_percent: float = 1.0,
-                  block_weights: dict[int, float] | None = None) -> ModelPatcher:
+                  block_weights: dict[int, float] | None = None, site_kernel: str | None = None) -> ModelPatcher:
     """A clone of `model_patcher` (a comfy ModelPatcher) with the adapter in every cross-attention layer.
 
     strength scales the adapter (0 = the unpatched model in hybrid mode); it acts while
     start_percent <= sampling progress <= end_percent. block_weights maps transformer_index
-    (SD1.5 0..15, SDXL 0..10) to a multiplier of strength; missing layers use 1.
+    (SD1.5 0..15, SDXL 0..10) to a multiplier of strength; missing layers use 1. site_kernel (hybrid
+    sampling): "torch" (three kernels per site) or "fused" (fused_site.py, one Triton kernel where it applies);
+    default $LLMDIFF_SITE_KERNEL, else "torch".
     """
     sites = _bind_sites(model_patcher, adapter, block_weights)
     m = model_patcher.clone()
     stacked = m.get_additional_models_with_key(WRAPPER_KEY)
     runtime = AdapterRuntime(adapter, sites, strength, start_percent, end_percent,
-                             m.get_model_object("model_sampling"), stack_position=len(stacked))
+                             m.get_model_object("model_sampling"), stack_position=len(stacked),
+                             site_kernel=fused_site.site_kernel_setting(site_kernel))
     m.set_additional_models(WRAPPER_KEY, stacked + [_adapter_patcher(adapter, m)])
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, ApplyModelWrapper(runtime))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, OuterSampleWrapper(runtime))

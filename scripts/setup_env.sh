@@ -98,6 +98,15 @@ log "compat: ${COMPAT_TRANSFORMERS[*]} (for tests/test_compat.py)"
 "$VPY" -m pip install --disable-pip-version-check -q --no-deps --target "$ENV_DIR/compat/transformers-floor" \
   "${COMPAT_TRANSFORMERS[@]}" 2> >(grep -v "is ignored: it is neither" >&2)
 
+# Triton, for Triton's CPU interpreter only: tests/test_fused_site.py runs llmdiff_core/fused_site.py's kernel
+# under it in a subprocess with this folder on its path (the suite's own torch must not see Triton).
+TRITON_INTERPRETER=(triton==3.9.0)
+log "compat: ${TRITON_INTERPRETER[*]} (for tests/test_fused_site.py, a 290 MB download)"
+"$VPY" -m pip install --disable-pip-version-check -q --no-deps --target "$ENV_DIR/compat/triton" \
+  "${TRITON_INTERPRETER[@]}" 2> >(grep -v "is ignored: it is neither" >&2)
+# the interpreter compiles nothing: the GPU backends' toolchains (~470 MB of the 1 GB) go
+rm -rf "$ENV_DIR"/compat/triton/triton/backends/{nvidia,amd}/{bin,lib}
+
 log "verifying"
 (cd "$ROOT" && "$VPY" -W ignore -c "
 import sys, os; sys.path.insert(0, os.getcwd())

@@ -1,0 +1,216 @@
+"""One Triton kernel for a hybrid site's whole new path at sampling time (CUDA, opt-in).
+
+At a hybrid site the pack computes, per U-Net call (comfy_patch.CoreFusion, Eq. 10 of DESIGN.md §1.2):
+
+    A = w_orig * A_orig + keep * softmax(tau_q(n)_h K_h^T / sqrt(d) + bias) (w_new V)_h      (per head h)
+
+as three kernels, each moving a full-resolution [N, C] tensor: tau_q's GEMM (reads n, writes q), the masked
+attention (reads q, writes its output) and the fusion's addcmul (reads both outputs, writes A): ~7 N*C
+elements per site and step for a few FLOPs, which is most of the adapter's sampling cost (docs/benchmarks.md
+§3j). The keys are few (the attended span, at most a few hundred tokens), so one program can hold a block of
+query rows, project them, attend over every key and fuse, reading n and A_orig once and writing A once:
+~3 N*C. Here that is `hybrid_site`, a torch custom op, so that torch.compile traces it into the U-Net's graph
+as one op and CUDA graphs capture its launch.
+
+It is opt-in (LLMDIFF_SITE_KERNEL=fused, or apply_adapter(site_kernel="fused")) until a GPU run has measured
+it against the three kernels; where it does not apply (no CUDA or no Triton, float32, a head wider than 256 or
+more than MAX_KEYS keys, a training call) the pack takes the three-kernel path. TRITON_INTERPRET=1 runs it on
+the CPU (Triton's interpreter), which is how the tests check its math without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+SITE_KERNEL_ENV = "LLMDIFF_SITE_KERNEL"
+SITE_KERNELS = ("torch", "fused")
+MAX_KEYS = 256  # one block of keys per program; longer spans take the three-kernel path
+MAX_HEAD_DIM = 256  # (SD1.5's deepest sites: 8 heads of 160)
+
+
+def site_kernel_setting(requested: str | None = None) -> str:
+    """The site kernel to use: `requested` if given, else $LLMDIFF_SITE_KERNEL, else "torch"."""
+    value = requested if requested is not None else os.environ.get(SITE_KERNEL_ENV, "torch")
+    if value not in SITE_KERNELS:
+        raise ValueError(f"site kernel {value!r} (from {'the call' if requested is not None else SITE_KERNEL_ENV}) "
+                         f"is not one of {', '.join(SITE_KERNELS)}")
+    return value
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_ready() -> bool:
+    """Triton is there (it ships with torch's CUDA wheels on Linux), and torch has custom_op (2.4 on)."""
+    return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "custom_op")
+
+
+def applies(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int, keys: int) -> bool:
+    """Whether hybrid_site can run a site of these shapes: CUDA in half precision (or Triton's CPU interpreter
+    in float32 or float16), a head of at most MAX_HEAD_DIM channels and at most MAX_KEYS keys. On the meta device
+    (shapes only: the benchmarks count FLOPs and bytes there) it answers as for CUDA, Triton or not."""
+    shapes_fit = 0 < head_dim <= MAX_HEAD_DIM and 0 < keys <= MAX_KEYS and heads > 0
+    if device.type == "meta":
+        return shapes_fit and dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda":
+        if dtype not in (torch.float16, torch.bfloat16):
+            return False  # float32 would run tl.dot as TF32: less exact than the path it replaces
+    elif not (device.type == "cpu" and _interpreted() and dtype in (torch.float32, torch.float16)):
+        return False  # (the interpreter's tl.dot reads bfloat16 as raw bits)
+    return shapes_fit and _triton_ready()
+
+
+def hybrid_site(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
+                w_orig: torch.Tensor) -> torch.Tensor:
+    """w_orig*A_orig + keep*Attn(n @ w_q^T, keys, values, bias) in one kernel.
+
+    n: [B, N, C] the site's normed input; w_q: [H*d, C] tau_q's weight; keys, values: [B, H, T, d] (values
+    already scaled by w_new); bias: [B, 1, 1, T] additive (0 / -inf) or None; keep: [B, 1, 1] or None;
+    a_orig: [B, N, H*d] the original path's attention output; w_orig: a 0-d tensor. All but w_orig in one
+    dtype on one device (applies() says which)."""
+    return op()(n, w_q, keys, values, bias, keep, a_orig, w_orig)
+
+
+def reference(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+              keep: torch.Tensor | None, a_orig: torch.Tensor, w_orig: torch.Tensor) -> torch.Tensor:
+    """hybrid_site's math written out in float64 torch ops, head by head: the slow reference the tests and the
+    GPU check (bench/gpu_checks.py, check 12) hold the kernel to. Not used by the pack."""
+    b, rows, _ = n.shape
+    heads, _, d = keys.shape[1:]
+    q = (n.double() @ w_q.double().T).view(b, rows, heads, d).transpose(1, 2)
+    scores = q @ keys.double().transpose(-1, -2) / math.sqrt(d)
+    if bias is not None:
+        scores = scores + bias.double()
+    out = scores.softmax(-1) @ values.double()
+    if keep is not None:
+        out = out * keep.double().view(b, 1, 1, 1)
+    return w_orig.double() * a_orig.double() + out.transpose(1, 2).reshape(b, rows, heads * d)
+
+
+@functools.cache
+def op() -> Callable[..., torch.Tensor]:
+    """hybrid_site's custom op, defined on first use (importing Triton is for CUDA runs only). Callers that
+    torch.compile traces look it up before: defining an op is nothing to trace.
+
+    An opaque op (torch.library.custom_op with a fake implementation), not a triton_op that inductor would
+    inline: there is nothing for inductor to fuse into it, and the op then traces the same way under Triton's
+    CPU interpreter, whose kernels triton_op cannot trace, as on a GPU. Triton is imported at the first launch:
+    the meta device runs the fake implementation only."""
+    from torch.library import custom_op
+    from torch.utils.flop_counter import register_flop_formula
+
+    @custom_op("llmdiff::hybrid_site", mutates_args=())
+    def hybrid_site_op(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
+                       w_orig: torch.Tensor) -> torch.Tensor:
+        import triton
+
+        b, rows, channels = n.shape
+        heads, tokens, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
+        out = torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        block_rows = 64 if block_d <= 64 else 32 if block_d <= 128 else 16  # q's and A's tiles in registers
+        block_c = 64 if channels >= 64 else max(16, triton.next_power_of_2(channels))
+        # (a missing bias or keep: any pointer, never read)
+        bias_t = a_orig if bias is None else bias
+        keep_t = a_orig if keep is None else keep
+        grid = (heads, triton.cdiv(rows, block_rows), b)
+        _kernel()[grid](
+            n, w_q, keys, values, bias_t, keep_t, a_orig, w_orig, out,
+            rows, channels, tokens, 1.0 / math.sqrt(head_dim),
+            n.stride(0), n.stride(1), n.stride(2), w_q.stride(0), w_q.stride(1),
+            keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+            values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+            0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(3),
+            0 if keep is None else keep.stride(0),
+            a_orig.stride(0), a_orig.stride(1), a_orig.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=head_dim, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
+            BLOCK_N=block_rows, BLOCK_C=block_c, BLOCK_D=block_d,
+            BLOCK_T=max(16, triton.next_power_of_2(tokens)), num_warps=4)
+        return out
+
+    @hybrid_site_op.register_fake
+    def _(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+          keep: torch.Tensor | None, a_orig: torch.Tensor, w_orig: torch.Tensor) -> torch.Tensor:
+        return torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
+
+    @register_flop_formula(torch.ops.llmdiff.hybrid_site)
+    def _flops(n: Any, w_q: Any, keys: Any, *_: Any, **__: Any) -> int:  # (shapes) what FlopCounterMode counts:
+        b, rows, channels = n  # tau_q, then scores and values over the keys; the tiles' padding of a head to a
+        inner, tokens = w_q[0], keys[2]  # power of two (SD1.5's 40, 80, 160) is not in it
+        return 2 * b * rows * channels * inner + 4 * b * rows * tokens * inner
+
+    return hybrid_site_op
+
+
+@functools.cache
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def hybrid_site_kernel(
+            n_ptr, wq_ptr, k_ptr, v_ptr, bias_ptr, keep_ptr, a_ptr, wo_ptr, out_ptr,
+            N, C, T, scale,
+            n_sb, n_sn, n_sc, wq_si, wq_sc,
+            k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
+            bias_sb, bias_st, keep_sb,
+            a_sb, a_sn, a_si, o_sb, o_sn, o_si,
+            HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        # one program: head h of BLOCK_N query rows of batch row b. The heads of a row block are neighbouring
+        # programs, so n's block is read from HBM about once and from L2 by the other heads.
+        h = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = tl.program_id(2)
+        row_ok = rows < N
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        col = h * HEAD_DIM + d  # this head's channels of q, A_orig and A
+
+        # tau_q, this head's slice: q = n[b, rows] @ w_q[col]^T over C, rounded to the U-Net dtype as F.linear's is
+        q = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            x = tl.load(n_ptr + b * n_sb + rows[:, None] * n_sn + c[None, :] * n_sc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            w = tl.load(wq_ptr + col[None, :] * wq_si + c[:, None] * wq_sc,
+                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            q += tl.dot(x, w)
+        q = q.to(n_ptr.dtype.element_ty)
+
+        # every key at once (T <= BLOCK_T): scores, the mask, a plain softmax
+        t = tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        k = tl.load(k_ptr + b * k_sb + h * k_sh + t[None, :] * k_st + d[:, None] * k_sd,
+                    mask=d_ok[:, None] & t_ok[None, :], other=0.0)
+        s = tl.dot(q, k) * scale
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + b * bias_sb + t * bias_st, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])
+        v = tl.load(v_ptr + b * v_sb + h * v_sh + t[:, None] * v_st + d[None, :] * v_sd,
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        o = tl.dot(p.to(v.dtype), v) / tl.sum(p, axis=1)[:, None]
+        if HAS_KEEP:  # a row with nothing to attend to contributes nothing (RunMask.keep)
+            o = o * tl.load(keep_ptr + b * keep_sb).to(tl.float32)
+
+        # the fusion: w_orig * A_orig + (w_new * A_new), rounded once
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        a = tl.load(a_ptr + b * a_sb + rows[:, None] * a_sn + col[None, :] * a_si, mask=out_mask, other=0.0)
+        fused = tl.load(wo_ptr).to(tl.float32) * a.to(tl.float32) + o
+        tl.store(out_ptr + b * o_sb + rows[:, None] * o_sn + col[None, :] * o_si,
+                 fused.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    return hybrid_site_kernel

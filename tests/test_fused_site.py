@@ -1,0 +1,88 @@
+"""The opt-in one-kernel hybrid site (llmdiff_core/fused_site.py).
+
+Its Triton kernel is checked by Triton's CPU interpreter in a pytest of its own
+(tests/interpreted_fused_site.py): Triton is not part of the CPU test environment, so scripts/setup_env.sh
+installs it into <env>/compat/triton beside the pinned ComfyUI, and only that subprocess puts it on its path
+(a torch that sees Triton changes what torch.compile does, which the rest of the suite must not). The tests
+here need no Triton: the setting, and that a request for the kernel where it cannot run changes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmdiff_core import fused_site
+from llmdiff_core.comfy_patch import apply_adapter
+from llmdiff_core.conditioning import CONDLLMDiff
+from test_patching import adapter_for, diffusion_output, direct_inputs, make_features, runtime_of
+from tiny_unets import tiny_sd15_minimal
+
+REPO = Path(__file__).resolve().parents[1]
+INTERPRETED_TESTS = 21  # tests/interpreted_fused_site.py's count, parametrized cases included
+
+
+def triton_path() -> str:
+    """What the interpreter subprocess adds to PYTHONPATH: nothing where this Python has Triton (a CUDA torch),
+    else the pinned runtime's copy."""
+    if importlib.util.find_spec("triton") is not None:
+        return ""
+    site = Path(os.environ["LLMDIFF_COMFYUI_ROOT"]).resolve().parent / "compat" / "triton"
+    if not site.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{site} is missing: scripts/setup_env.sh installs Triton there with the pinned runtime")
+        pytest.skip("needs Triton: the pinned runtime of scripts/setup_env.sh, or a torch that ships it")
+    return str(site)
+
+
+@pytest.mark.slow
+def test_the_kernel_under_tritons_interpreter() -> None:
+    """Its math against a literal float64 reference at SD1.5's and SDXL's head widths and spans, the patched
+    U-Net with every site in the kernel (Eq. 10), the fallbacks, and one compiled graph: ~90 s."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (triton_path(), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
+                           "tests/interpreted_fused_site.py"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert re.search(rf"\b{INTERPRETED_TESTS} passed\b", proc.stdout) and "skipped" not in proc.stdout, \
+        proc.stdout[-500:]
+
+
+def test_the_setting_comes_from_the_call_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fused_site.SITE_KERNEL_ENV, raising=False)
+    assert fused_site.site_kernel_setting() == "torch"
+    monkeypatch.setenv(fused_site.SITE_KERNEL_ENV, "fused")
+    assert fused_site.site_kernel_setting() == "fused"
+    assert fused_site.site_kernel_setting("torch") == "torch"
+    monkeypatch.setenv(fused_site.SITE_KERNEL_ENV, "triton")
+    with pytest.raises(ValueError, match=r"'triton' \(from LLMDIFF_SITE_KERNEL\) is not one of torch, fused"):
+        fused_site.site_kernel_setting()
+    with pytest.raises(ValueError, match="from the call"):
+        apply_adapter(tiny_sd15_minimal(), adapter_for(tiny_sd15_minimal()), site_kernel="Fused")
+
+
+def test_a_request_where_the_kernel_cannot_run_is_the_three_kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without Triton's interpreter (or without Triton) the kernel does not apply: every site keeps the
+    three kernels, bit for bit, and Triton is never imported."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp)
+    features = make_features([5, 11], seed=3)
+    x, sigma, context, y = direct_inputs("minimal")
+    m = apply_adapter(mp, adapter, site_kernel="fused")
+    got = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]))
+    want = diffusion_output(apply_adapter(mp, adapter, site_kernel="torch"), x, sigma, context, y,
+                            CONDLLMDiff(features).concat([]))
+    assert torch.equal(got, want)
+    entry = runtime_of(m).entry_for(CONDLLMDiff(features).concat([]), torch.device("cpu"), torch.float32)
+    assert entry.fused == (False,) * len(adapter.sites) and entry.site_op is None
+    assert not fused_site.applies(torch.device("cpu"), torch.float32, 8, 40, 64)
+    assert "triton" not in sys.modules
