@@ -67,8 +67,10 @@ run_part() {
            # the pinned features, the host's share alone (--compile host-only), then training and plain inductor.
            # (A 15-minute lease leaves the second call ~200 s after a cold start: session 12's were 500 + 273 s.)
       # 11: the stacked keys and values replay right under CUDA graphs (another run's tensors: its eager images);
-      # 3: plain inductor, one graph for two span lengths and two strengths
-      step checks 100 checks 3,11
+      # 3: plain inductor, one graph for two span lengths and two strengths; 12 (session 16): the one-kernel hybrid
+      # site (fused_site.py, opt-in), compiled by Triton for the first time: the kernel against float64 at the real
+      # site shapes in fp16 and bf16, sampling with it, and under CUDA graphs
+      step checks 130 checks 3,11,12
       # session 12: +12.1 % +- 4.8 (12.0 -> 13.4 ms/step); 49 input copies per replay, 8 expected now. Its new
       # table splits the step at the replays (CUDA events): the adapter's extra inside the graph (its kernels)
       # against outside it (host, copies); the paired overhead's interval says whether 4 % is met (more repeats
@@ -76,11 +78,16 @@ run_part() {
       # Each variant is timed with both step clocks (session 15): synced is session 12's clock (the host waits for
       # the device every step, as with a preview), pipelined lets the host run ahead (no preview). Session 12's
       # profile had the device busy 7.3 ms of the 12.0 ms synced step: pipelined says what a step costs when the
-      # host's work overlaps the device's
-      step sampling-reduce-overhead-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 31
+      # host's work overlaps the device's. Session 16: hybrid with the three kernels per site (the product's
+      # default) and with the one-kernel site (--site-kernel fused, ~3 N*C bytes per site instead of ~7), each
+      # paired with the same unpatched runs
+      step sampling-reduce-overhead-sd15 200 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 31 --site-kernel torch,fused
       # the SDXL sampling target under inductor's CUDA graphs, never measured (two SDXL forward compiles, ~100 s
       # each estimated from session 12's training compile: tracing 19 s, inductor forward 56 s)
       step sampling-reduce-overhead-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1
+      # the SDXL target with the one-kernel site (session 16; 70 sites: ~1.6 GB of the adapter's bytes per step at
+      # three kernels, §3j); a step of its own, as a third SDXL compile would not fit the target's step
+      step sampling-reduce-overhead-sdxl-fused 250 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel fused
       # which kernels the adapter adds to the replay (device time per kernel, patched minus unpatched) and whose
       # Python its host time is (per function)
       step profile-reduce-overhead-sd15 130 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"

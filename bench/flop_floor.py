@@ -45,7 +45,7 @@ class StepFlops:
     extra: float  # patched step 2 - unpatched, all rows
     extra_attn: float  # of which attention (SDPA / bmm)
     once: float  # step 1 - step 2 (the per-run entry), all rows
-    core_fusions: int  # per step: sites fused at the attention core (no second output projection)
+    core_fusions: int  # per step: sites fused at the attention core (no second output projection; fused_site's too)
     out_fusions: int  # per step: sites fused after to_out (a second output projection each)
     unet_bytes: float = float("nan")  # memory traffic of the unpatched call, op by op (traffic.ByteCounter)
     extra_bytes: float = float("nan")  # patched step 2 - unpatched
@@ -86,8 +86,10 @@ def _counted(fn: Any, traffic_out: list[Any] | None = None) -> tuple[float, floa
 @contextlib.contextmanager
 def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
                  calls: dict[str, int]) -> Iterator[None]:
-    """Answers the two host reads of a meta run from host values, and counts the fusion calls."""
+    """Answers the two host reads of a meta run from host values, and counts the fusion calls (a one-kernel
+    site's, fused_site, as "fused_site")."""
     import llmdiff_core.comfy_patch as cp
+    from llmdiff_core import fused_site
     from llmdiff_core.attention import SPAN_BUCKET, RunMask
 
     original = RunMask.__dict__["prepare"]
@@ -108,10 +110,13 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
         return wrapper
 
     saved = {name: getattr(cp, name) for name in ("fuse_at_core", "fuse_after_out")}
+    lookup = fused_site.op
     RunMask.prepare = classmethod(prepare)
     adapter.gate_weights = lambda: (torch.full((n,), gates[0]), torch.full((n,), gates[1]))
     for name, fn in saved.items():
         setattr(cp, name, counting(name, fn))
+    op = lookup()  # defined (and its FLOP formula registered) before a FlopCounterMode copies torch's registry
+    fused_site.op = lambda: counting("fused_site", op)  # (the entry looks the op up once per run)
     try:
         yield
     finally:
@@ -119,6 +124,7 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
         del adapter.gate_weights
         for name, fn in saved.items():
             setattr(cp, name, fn)
+        fused_site.op = lookup
 
 
 class _UNetCall:
@@ -159,7 +165,8 @@ class _MetaModel:
     def patched(self, spec: Any, mode: str, bucket: int, dtype: torch.dtype,
                 extra_options: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any], Any]:
         """(adapter on meta, apply_adapter's clone, the transformer_options a sampler hands the U-Net
-        (patches + the patcher's wrappers), the clone's ApplyModelWrapper)."""
+        (patches + the patcher's wrappers), the clone's ApplyModelWrapper). mode: clip or llm, or clip+<site kernel>
+        (apply_adapter's site_kernel)."""
         from llmdiff_core.adapter import LLMDiffAdapter
         from llmdiff_core.comfy_patch import ApplyModelWrapper, apply_adapter
         from llmdiff_core.config import AdapterConfig
@@ -167,10 +174,11 @@ class _MetaModel:
 
         import comfy.patcher_extension as pe
 
+        path, _, kernel = mode.partition("+")
         with torch.device("meta"):
             adapter = LLMDiffAdapter(AdapterConfig(base=base_family(self.mp.model), sites=self.sites, llm=spec,
-                                                   original_path=mode, max_tokens=bucket)).to(dtype)
-        patched = apply_adapter(self.mp, adapter, strength=1.0)
+                                                   original_path=path, max_tokens=bucket)).to(dtype)
+        patched = apply_adapter(self.mp, adapter, strength=1.0, site_kernel=kernel or None)
         # what comfy.sampler_helpers.prepare_model_patcher hands the U-Net: the patches plus the patcher's wrappers
         options = dict(patched.model_options["transformer_options"])
         options["wrappers"] = pe.merge_nested_dicts(options.get("wrappers", {}), patched.wrappers)
@@ -237,7 +245,8 @@ def real_shape_steps(family: str, modes: list[str], spec: Any, cases: list[tuple
             step = second_traffic[0]
             out.append(StepFlops(family, mode, label, span, len(m.sites), rows, base, base_attn,
                                  second - base, second_attn - base_attn, first - second,
-                                 calls.get("fuse_at_core", 0), calls.get("fuse_after_out", 0), base_bytes,
+                                 calls.get("fuse_at_core", 0) + calls.get("fused_site", 0),
+                                 calls.get("fuse_after_out", 0), base_bytes,
                                  step.total - base_bytes, base_s,
                                  step.kernel_bound()[0] - base_s))
     return out

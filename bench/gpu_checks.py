@@ -24,7 +24,10 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
    over the bucket and cut; other seeds change it, so the equality is not vacuous);
 11. check 3 under inductor's CUDA graphs (mode reduce-overhead, what the sampling step needs to stop being
    launch-bound): no cudagraph skip, and replays with another run's keys, values and gates give that run's
-   eager images.
+   eager images;
+12. the one-kernel hybrid site (llmdiff_core/fused_site.py, opt-in: site_kernel "fused"), compiled by Triton for
+   this GPU: the kernel against float64 math at the real SD1.5 and SDXL site shapes in fp16 and bf16, sampling
+   with it against the three kernels, and under CUDA graphs as check 11.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ def main() -> None:
                                f"{per_step:.2f} per step (must be 0; per-run ones are the entry's)")
 
     # 3. torch.compile; 11. the same with CUDA graphs
-    def compiled_like_eager(mode: str | None = None, steps: int = 3) -> tuple[bool, str]:
+    def compiled_like_eager(mode: str | None = None, steps: int = 3, site_kernel: str = "torch") -> tuple[bool, str]:
         """Sampled under ComfyUI's compile wrapper (inductor on CUDA, eager on the CPU: the code path only) over
         prompts of two span lengths and a second strength: one graph, no break, the eager images.
 
@@ -169,7 +172,8 @@ def main() -> None:
         adapter = builders.build_adapter(base, spec, "clip", "auto", 96)
         # 20 and 70 tokens in a 96-token bucket (spans of 32 and 95 keys), then the first at strength 0.6
         short, long = (builders.prompt_pair(shape, spec, 96, n, 0, 1) for n in (20, 70))
-        runs = [(apply_adapter(base, adapter, strength=s), p) for s, p in ((1.0, short), (1.0, long), (0.6, short))]
+        runs = [(apply_adapter(base, adapter, strength=s, site_kernel=site_kernel), p)
+                for s, p in ((1.0, short), (1.0, long), (0.6, short))]
         eager = [sample(m, *p, steps) for m, p in runs]
         torch._dynamo.reset()
         counters.clear()
@@ -196,6 +200,59 @@ def main() -> None:
         if not cuda:
             return True, "skipped: needs CUDA (CUDA graphs)"
         return compiled_like_eager("reduce-overhead", steps=4)
+
+    # 12. the one-kernel hybrid site
+    def fused_site_kernel() -> tuple[bool, str]:
+        if not cuda:
+            return True, "skipped: needs CUDA (tests/test_fused_site.py runs the kernel in Triton's CPU interpreter)"
+        from llmdiff_core import fused_site
+
+        details, ok = [], True
+        g = torch.Generator(device=device).manual_seed(0)
+        worst: dict[str, float] = {}
+        # (rows, heads, head dim, keys): SD1.5 512 px's three head widths, SDXL 1024 px's sites; 2 rows, 64 keys
+        for rows, heads, head_dim in ((4096, 8, 40), (1024, 8, 80), (256, 8, 160), (4096, 10, 64), (1024, 20, 64)):
+            for dtype in (torch.float16, torch.bfloat16):
+                c, tokens = heads * head_dim, 64
+
+                def rand(*size: int) -> torch.Tensor:
+                    return torch.randn(*size, generator=g, device=device).to(dtype)
+                bias = torch.zeros(2, 1, 1, tokens, device=device, dtype=dtype)
+                bias[0, ..., 40:] = float("-inf")  # row 0 attends to 40 keys, row 1 to all
+                inputs = (rand(2, rows, c), rand(c, c) / math.sqrt(c), rand(2, heads, tokens, head_dim),
+                          rand(2, heads, tokens, head_dim), bias, None, rand(2, rows, c),
+                          torch.tensor(0.7, device=device))
+                got, want = fused_site.hybrid_site(*inputs), fused_site.reference(*inputs)
+                err = float((got.double() - want).abs().max() / want.abs().max())
+                key = str(dtype).replace("torch.", "")
+                worst[key] = max(worst.get(key, 0.0), err)
+        limits = {"float16": 5e-3, "bfloat16": 4e-2}
+        ok &= all(worst[k] < limits[k] for k in limits)
+        details.append("kernel vs float64 at the real site shapes: " + ", ".join(
+            f"{k} {worst[k]:.2e} (limit {limits[k]})" for k in limits))
+        # sampling: the one kernel against the three, eager, and the kernel must have run at every site
+        base = models(device, unet_dtype)
+        adapter = builders.build_adapter(base, spec, "clip", "auto", 32)
+        calls = {"kernel": 0}
+        lookup = fused_site.op
+        real = lookup()
+
+        def counted(*args: Any) -> torch.Tensor:
+            calls["kernel"] += 1
+            return real(*args)
+        fused_site.op = lambda: counted  # the entry looks the op up once per run
+        try:
+            one = sample(apply_adapter(base, adapter, site_kernel="fused"), pos, neg)
+        finally:
+            fused_site.op = lookup
+        three = sample(apply_adapter(base, adapter, site_kernel="torch"), pos, neg)
+        err = float((one - three).abs().max() / three.abs().max())
+        ok &= err < 2e-2 and calls["kernel"] > 0
+        details.append(f"sampling, one kernel vs three: rel. difference {err:.2e} (limit 2e-2), "
+                       f"{calls['kernel']} kernel calls")
+        graphs_ok, graphs = compiled_like_eager("reduce-overhead", steps=4, site_kernel="fused")
+        details.append(graphs)
+        return ok and graphs_ok, "; ".join(details)
 
     # 4. adapter dtype
     def loader_dtype() -> tuple[bool, str]:
@@ -488,6 +545,8 @@ def main() -> None:
                cut_batch_trains_as_the_bucket, only)
     checks.run(11, "torch.compile with CUDA graphs (reduce-overhead): no skip, eager result on replays",
                compiled_cuda_graphs, only)
+    checks.run(12, "the one-kernel hybrid site (fused_site): real shapes, sampling, CUDA graphs", fused_site_kernel,
+               only)
 
     report = common.Report("GPU correctness checks", common.env_header(device, opts.root))
     report.table("checks", ["#", "check", "result", "detail"], checks.rows)

@@ -64,6 +64,11 @@ def parse() -> Any:
                         "list of efficient, cudnn, math (SDPA with that backend forced), bmm (matmul-softmax-matmul) "
                         "and unmasked (SDPA without the mask: wrong wherever tokens are masked, a lower bound on what "
                         "the mask costs)")
+    p.add_argument("--site-kernel", default="", metavar="KERNELS",
+                   help="hybrid mode: time the adapter with each of these site kernels (apply_adapter's site_kernel, "
+                        "comma list: torch = the three kernels per site, fused = llmdiff_core/fused_site.py's one "
+                        "Triton kernel), a variant each against the same unpatched runs (default: the product's "
+                        "setting alone, torch unless $LLMDIFF_SITE_KERNEL says otherwise)")
     p.add_argument("--keep-entries", action="store_true",
                    help="let each run take the last run's once-per-run entry, as a re-run of the same prompts does "
                         "in hybrid mode (default: every run builds its own, as a new prompt does)")
@@ -106,6 +111,7 @@ def main() -> None:
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     attend_impls = {name: attend_variant(name) for name in opts.attend.split(",") if name}
+    site_kernels = [k for k in opts.site_kernel.split(",") if k]
     spec = builders.llm_spec(opts.llm)
     models = [m for m in opts.models.split(",") if m]
     modes = [m for m in opts.modes.split(",") if m]
@@ -146,11 +152,17 @@ def main() -> None:
         pos, neg = builders.prompt_pair(shape, spec, opts.tokens, opts.prompt_tokens, 0, latent_batch)
         variants: dict[str, tuple[Any, list, list]] = {"unpatched": (base, clip_pos, clip_neg)}
         impl_of: dict[str, str] = {}  # variant -> the attend implementation it runs with ("" = the product's)
+        kernel_of: dict[str, str] = {}  # variant -> the site kernel it was applied with (--site-kernel)
         for mode in modes:
             adapter = builders.build_adapter(base, spec, mode, opts.adapter_dtype, max_tokens=opts.tokens)
-            variants[mode] = (apply_adapter(base, adapter, strength=1.0), pos, neg)
+            named = []
+            for kernel in site_kernels if mode == "clip" and site_kernels else [None]:  # (paper mode: no fusion)
+                named.append(mode if kernel is None else f"{mode}+{kernel}")
+                variants[named[-1]] = (apply_adapter(base, adapter, strength=1.0, site_kernel=kernel), pos, neg)
+                if kernel is not None:
+                    kernel_of[named[-1]] = kernel
             for impl in attend_impls:
-                variants[f"{mode}+{impl}"] = variants[mode]
+                variants[f"{mode}+{impl}"] = variants[named[0]]
                 impl_of[f"{mode}+{impl}"] = impl
         if opts.compile:  # warmup runs compile; each variant is its own dynamo graph of the same U-Net code
             # A new model family starts afresh: the same UNetModel.forward with new shapes would otherwise
@@ -237,8 +249,8 @@ def main() -> None:
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:
             for name, v in variants.items():
-                if name in impl_of:
-                    continue  # the same FLOPs as the product's attend
+                if name in impl_of or kernel_of.get(name) == "fused":
+                    continue  # the same FLOPs as the product's attend; a custom op's FlopCounterMode does not count
                 counter = common.flop_counter()
                 marks: list[Any] = [counter]
                 with counter:
@@ -264,6 +276,7 @@ def main() -> None:
                 measured_per_flop = overhead / flop_over if flop_over > 0 else float("nan")
                 per_run = ((a1 - b1) - (a2 - b2)) / 1e9
             name = MODE_NAMES[mode.split("+")[0]] + (f", attend={impl_of[mode]}" if mode in impl_of else "") + (
+                f", site kernel {kernel_of[mode]}" if mode in kernel_of else "") + (
                 f", steps {clock}" if len(clocks) > 1 else "")
             if replays is not None:
                 base_replay = common.median(r0.get("replay", []))
@@ -321,17 +334,20 @@ def main() -> None:
         cases = [(f"{n} + {n}", [n, n]), (f"{p_len} + empty", [p_len, 0])]
         bucket = max(opts.tokens, n + 1, p_len + 1)  # the BOS is never attended (except by an empty prompt)
         roofline_rows: list[list[Any]] = []
+        floor_modes = modes + [f"clip+{k}" for k in site_kernels if "clip" in modes and k != "torch"]
         for family in models:
-            for r in flop_floor.real_shape_steps(family, modes, builders.llm_spec("8b"), cases, bucket):
+            for r in flop_floor.real_shape_steps(family, floor_modes, builders.llm_spec("8b"), cases, bucket):
+                path, _, kernel = r.mode.partition("+")
+                adapter_name = MODE_NAMES[path] + (f", site kernel {kernel}" if kernel else "")
                 no_attn = r.unet - r.unet_attn
-                flop_rows.append([r.family, builders.unet_shape(r.family, False).pixels, MODE_NAMES[r.mode],
+                flop_rows.append([r.family, builders.unet_shape(r.family, False).pixels, adapter_name,
                                   r.prompt, r.span, r.sites, r.unet / r.rows / 1e12, no_attn / r.rows / 1e12,
                                   r.extra / r.rows / 1e9, r.extra_attn / r.rows / 1e9, 100 * r.extra / r.unet,
                                   100 * r.extra / no_attn, 100 * flop_floor.ISSUE_FLOOR[r.family],
                                   100 * flop_floor.ISSUE_TARGET[r.family],
-                                  r.core_fusions if r.mode == "clip" else "n/a", r.out_fusions,
+                                  r.core_fusions if path == "clip" else "n/a", r.out_fusions,
                                   r.once / r.rows / 1e9])
-                roofline_rows.append([r.family, MODE_NAMES[r.mode], r.prompt, r.unet_bytes / r.rows / 1e9,
+                roofline_rows.append([r.family, adapter_name, r.prompt, r.unet_bytes / r.rows / 1e9,
                                       r.extra_bytes / r.rows / 1e9, 1e3 * r.unet_kernel_s / r.rows,
                                       1e3 * r.extra_kernel_s / r.rows, 100 * r.extra_kernel_s / r.unet_kernel_s,
                                       100 * r.extra / r.unet, 100 * flop_floor.ISSUE_TARGET[r.family]])

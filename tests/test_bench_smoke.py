@@ -99,6 +99,26 @@ def test_sampling_overhead_small(tmp_path: Path) -> None:
     assert all(finite(r["extra % of U-Net"]) and r["extra % of U-Net"] > 0 for r in floor.values())
 
 
+def test_the_floor_counts_the_one_kernel_site_as_the_bytes_it_moves(tmp_path: Path) -> None:
+    """--floor-only --site-kernel torch,fused: on the meta device the one-kernel site (fused_site.py) computes the
+    same FLOPs as the three kernels (its FLOP formula) and moves fewer than half their bytes (its op reads n and
+    A_orig and writes A once, instead of ~7 full-resolution tensors per site)."""
+    out = tmp_path / "floor.json"
+    run_bench("sampling_overhead.py", "--floor-only", "--models", "sd15", "--modes", "clip", "--site-kernel",
+              "torch,fused", json_out=out)
+    data = json.loads(out.read_text())
+    floor = {(r["adapter"], r["prompt (pos + neg tokens)"]): r for r in section(data, "FLOP floor")}
+    roof = {(r["adapter"], r["prompt (pos + neg tokens)"]): r for r in section(data, "eager roofline")}
+    for prompt in ("128 + 128", "60 + empty"):
+        three, one = (floor[(name, prompt)] for name in ("hybrid (clip)", "hybrid (clip), site kernel fused"))
+        assert one["extra GFLOP/sample/step"] == pytest.approx(three["extra GFLOP/sample/step"], rel=1e-6)
+        assert one["fused at core/step"] == three["fused at core/step"] == 16
+        assert one["once-per-run GFLOP/sample"] == pytest.approx(three["once-per-run GFLOP/sample"], rel=1e-6)
+        three, one = (roof[(name, prompt)] for name in ("hybrid (clip)", "hybrid (clip), site kernel fused"))
+        assert 0.3 < one["extra GB"] / three["extra GB"] < 0.55
+        assert one["extra % (roofline)"] < 0.55 * three["extra % (roofline)"]
+
+
 def test_score_encoding_small(tmp_path: Path) -> None:
     out = tmp_path / "encoding.json"
     text = run_bench("score_encoding.py", "--small", "--repeats", "1", "--warmup", "0", json_out=out)
@@ -211,7 +231,7 @@ def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "checks.json"
     run_bench("gpu_checks.py", "--device", "cpu", json_out=out)
     rows = section(json.loads(out.read_text()), "checks")
-    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert [r["#"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     assert all(r["result"] == "pass" for r in rows), rows
 
 
