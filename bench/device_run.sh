@@ -71,6 +71,10 @@ run_part() {
       # site (fused_site.py, opt-in), compiled by Triton for the first time: the kernel against float64 at the real
       # site shapes in fp16 and bf16, sampling with it, and under CUDA graphs
       step checks 130 checks 3,11,12
+      # (session 16) a hybrid site per call at the real shapes, device time of CUDA-graph replays: the three kernels
+      # against the one-kernel site and its tile shapes (seconds; says per site shape whether and by how much the
+      # kernel wins, and which tiles to keep)
+      step site-calls 60 bench site_calls
       # session 12: +12.1 % +- 4.8 (12.0 -> 13.4 ms/step); 49 input copies per replay, 8 expected now. Its new
       # table splits the step at the replays (CUDA events): the adapter's extra inside the graph (its kernels)
       # against outside it (host, copies); the paired overhead's interval says whether 4 % is met (more repeats

@@ -71,14 +71,15 @@ def applies(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int,
 
 def hybrid_site(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
-                w_orig: torch.Tensor) -> torch.Tensor:
+                w_orig: torch.Tensor, block_rows: int = 0, num_warps: int = 0) -> torch.Tensor:
     """w_orig*A_orig + keep*Attn(n @ w_q^T, keys, values, bias) in one kernel.
 
     n: [B, N, C] the site's normed input; w_q: [H*d, C] tau_q's weight; keys, values: [B, H, T, d] (values
     already scaled by w_new); bias: [B, 1, 1, T] additive (0 / -inf) or None; keep: [B, 1, 1] or None;
     a_orig: [B, N, H*d] the original path's attention output; w_orig: a 0-d tensor. All but w_orig in one
-    dtype on one device (applies() says which)."""
-    return op()(n, w_q, keys, values, bias, keep, a_orig, w_orig)
+    dtype on one device (applies() says which). block_rows, num_warps: the tiles (query rows per program, a power of
+    two >= 16) and warps per program; 0 = this module's choice (bench/site_calls.py compares others)."""
+    return op()(n, w_q, keys, values, bias, keep, a_orig, w_orig, block_rows, num_warps)
 
 
 def reference(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
@@ -112,14 +113,15 @@ def op() -> Callable[..., torch.Tensor]:
     @custom_op("llmdiff::hybrid_site", mutates_args=())
     def hybrid_site_op(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
-                       w_orig: torch.Tensor) -> torch.Tensor:
+                       w_orig: torch.Tensor, block_rows: int = 0, num_warps: int = 0) -> torch.Tensor:
         import triton
 
         b, rows, channels = n.shape
         heads, tokens, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
         out = torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
         block_d = max(16, triton.next_power_of_2(head_dim))
-        block_rows = 64 if block_d <= 64 else 32 if block_d <= 128 else 16  # q's and A's tiles in registers
+        if not block_rows:  # q's, the scores' and A's tiles in registers
+            block_rows = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
         block_c = 64 if channels >= 64 else max(16, triton.next_power_of_2(channels))
         # (a missing bias or keep: any pointer, never read)
         bias_t = a_orig if bias is None else bias
@@ -136,12 +138,13 @@ def op() -> Callable[..., torch.Tensor]:
             a_orig.stride(0), a_orig.stride(1), a_orig.stride(2), out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=head_dim, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
             BLOCK_N=block_rows, BLOCK_C=block_c, BLOCK_D=block_d,
-            BLOCK_T=max(16, triton.next_power_of_2(tokens)), num_warps=4)
+            BLOCK_T=max(16, triton.next_power_of_2(tokens)), num_warps=num_warps or 4)
         return out
 
     @hybrid_site_op.register_fake
     def _(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-          keep: torch.Tensor | None, a_orig: torch.Tensor, w_orig: torch.Tensor) -> torch.Tensor:
+          keep: torch.Tensor | None, a_orig: torch.Tensor, w_orig: torch.Tensor, block_rows: int = 0,
+          num_warps: int = 0) -> torch.Tensor:
         return torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
 
     @register_flop_formula(torch.ops.llmdiff.hybrid_site)

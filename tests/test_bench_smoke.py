@@ -119,6 +119,19 @@ def test_the_floor_counts_the_one_kernel_site_as_the_bytes_it_moves(tmp_path: Pa
         assert one["extra % (roofline)"] < 0.55 * three["extra % (roofline)"]
 
 
+def test_site_calls_small(tmp_path: Path) -> None:
+    """bench/site_calls.py on the CPU: the three-kernel site at every SD1.5 site shape, exact against float64."""
+    out = tmp_path / "sites.json"
+    run_bench("site_calls.py", "--small", "--models", "sd15", "--repeats", "1", "--calls", "1", json_out=out)
+    data = json.loads(out.read_text())
+    rows = section(data, "µs per site call")
+    assert [(r["channels"], r["variant"]) for r in rows] == [(320, "three"), (640, "three"), (1280, "three"),
+                                                              (1280, "three")]
+    assert all(finite(r["µs/call"]) and r["µs/call"] > 0 and float(r["rel. error vs float64"]) < 1e-5 for r in rows)
+    (step,) = section(data, "per U-Net call")
+    assert step["sites"] == 16 and finite(step["ms/step"])
+
+
 def test_score_encoding_small(tmp_path: Path) -> None:
     out = tmp_path / "encoding.json"
     text = run_bench("score_encoding.py", "--small", "--repeats", "1", "--warmup", "0", json_out=out)

@@ -1,0 +1,197 @@
+"""A hybrid site's whole new path and fusion per call, at the real site shapes: the product's three kernels
+(tau_q's GEMM, the masked attention, the fusion's addcmul) against llmdiff_core/fused_site.py's one kernel, and
+that kernel's tiles against each other.
+
+    python bench/site_calls.py            # GPU: SD1.5 512 px and SDXL 1024 px site shapes, fp16, device time
+    python bench/site_calls.py --small    # CPU: a 16x16 latent, the three kernels only (eager wall time)
+
+Under CUDA graphs (the sampling targets' setting) a step's U-Net is one replay, so what a site costs there is
+its kernels' device time. On CUDA each variant's calls are captured in a CUDA graph and its replays timed with
+CUDA events: device time only, no launch overhead, as in a replayed step. Each variant's error is against
+fused_site.reference (float64). "per step" weighs each shape by its number of sites (SD1.5: 16, SDXL: 70), with
+the bytes each way at the H100's bandwidth beside it (the three kernels move ~7 full-resolution tensors per site,
+the one kernel ~3).
+
+Variants: three = the product's default path; fused = the kernel with its own tiles; fused:R/W = R query rows per
+program and W warps (the sweep says whether another tile shape is faster at some site shape).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from attend_calls import SITES  # noqa: E402
+
+TILES = ("16/4", "32/4", "64/4", "64/8", "128/8")  # query rows per program / warps: fused:<tile> variants
+
+
+def parse() -> Any:
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="sd15,sdxl")
+    p.add_argument("--variants", default=None,
+                   help="comma list: three, fused, fused:<rows>/<warps> (default on CUDA: three, fused and "
+                        f"fused:{', fused:'.join(TILES)}; on a CPU: three, and fused under Triton's interpreter)")
+    p.add_argument("--calls", type=int, default=None, help="calls per measurement (default 50 GPU, 3 --small)")
+    opts = p.parse_args()
+    common.defaults(opts, repeats=3 if opts.small else 7, warmup=1)
+    opts.calls = opts.calls or (3 if opts.small else 50)
+    return opts
+
+
+def site_inputs(dtype: Any, device: Any, side: int, channels: int, heads: int, gen: Any,
+                mask: Any) -> tuple[Any, ...]:
+    """n, tau_q's weight, the keys and gate-scaled values as the run entry holds them, A_orig, w_orig: a site of
+    side x side latent tokens, 2 rows."""
+    import torch
+
+    n = side * side
+
+    def rand(*size: int, scale: float = 1.0) -> Any:
+        return (scale * torch.randn(*size, generator=gen)).to(device, dtype)
+    kv = [mask.heads(mask.span(torch.randn(2, 129, channels, generator=gen)).to(device, dtype), heads)
+          for _ in range(2)]
+    return (rand(2, n, channels), rand(channels, channels, scale=channels ** -0.5), kv[0], 0.5 * kv[1],
+            rand(2, n, channels), torch.tensor(0.9, device=device))
+
+
+def three_kernels(mask: Any) -> Callable[..., Any]:
+    """The product's default path at a site: tau_q (F.linear), attention.attend, attention.fuse_at_core."""
+    import torch.nn.functional as F
+
+    from llmdiff_core.attention import attend, fuse_at_core
+
+    def site(n: Any, w_q: Any, keys: Any, values: Any, a_orig: Any, w_orig: Any) -> Any:
+        return fuse_at_core(a_orig, attend(F.linear(n, w_q), keys, values, mask), w_orig)
+    return site
+
+
+def fused_kernel(mask: Any, tile: str = "") -> Callable[..., Any]:
+    from llmdiff_core import fused_site
+
+    rows, warps = (int(x) for x in tile.split("/")) if tile else (0, 0)
+
+    def site(n: Any, w_q: Any, keys: Any, values: Any, a_orig: Any, w_orig: Any) -> Any:
+        return fused_site.hybrid_site(n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig, rows, warps)
+    return site
+
+
+def device_timer(fn: Callable[[], Any], calls: int, device: Any) -> Callable[[], float]:
+    """Seconds per call: on CUDA, `calls` calls captured in one CUDA graph, its replay timed by CUDA events;
+    elsewhere a synchronised loop."""
+    import torch
+
+    if device.type != "cuda":
+        def loop() -> float:
+            t0 = common.now()
+            for _ in range(calls):
+                fn()
+            return (common.now() - t0) / calls
+        return loop
+    side = torch.cuda.Stream()  # warmed on a side stream before the capture, as torch.cuda.graph's docs ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()  # (Triton's first launch compiles; cuBLAS and cuDNN set up their workspaces and plans)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+
+    def replay() -> float:
+        start, end = common.cuda_timing_event(), common.cuda_timing_event()
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    return replay
+
+
+def main() -> None:
+    opts = parse()
+    device = common.setup_comfy(opts)
+    import torch
+
+    from llmdiff_core import fused_site
+    from llmdiff_core.attention import RunMask
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    kernel_runs = fused_site.applies(device, dtype, 8, 64, 64)
+    names = (opts.variants.split(",") if opts.variants else
+             ["three"] + (["fused"] + [f"fused:{t}" for t in TILES] if kernel_runs else []))
+    report = common.Report("A hybrid site per call at the site shapes: three kernels vs one", common.env_header(
+        device, opts.root, dtype=str(dtype).replace("torch.", ""), calls=opts.calls, repeats=opts.repeats,
+        warmup=opts.warmup, clock="device time, CUDA-graph replays" if device.type == "cuda" else opts.clock))
+    tokens = torch.zeros(2, 129, dtype=torch.bool)
+    tokens[0, 1:61] = True  # the prompt (BOS not attended)
+    tokens[1, 1] = True  # the empty negative's one token
+    mask = RunMask.prepare(tokens, dtype, device)
+    variants: dict[str, Callable[..., Any]] = {}
+    for name in names:
+        if name == "three":
+            variants[name] = three_kernels(mask)
+        elif name == "fused" or name.startswith("fused:"):
+            if not kernel_runs:
+                raise SystemExit(f"{name}: fused_site's kernel does not run here (CUDA with Triton, or Triton's "
+                                 "interpreter on a CPU)")
+            variants[name] = fused_kernel(mask, name.partition(":")[2])
+        else:
+            raise SystemExit(f"--variants: unknown {name!r} (three, fused, fused:<rows>/<warps>)")
+
+    rows, step_rows = [], []
+    gen = torch.Generator().manual_seed(0)
+    element = torch.finfo(dtype).bits // 8
+    for family in [m for m in opts.models.split(",") if m]:
+        per_step = {name: 0.0 for name in variants}
+        bytes_step = {"three": 0.0, "one": 0.0}
+        for side, channels, heads, sites in SITES[family]:
+            side = side // 4 if opts.small else side
+            inputs = site_inputs(dtype, device, side, channels, heads, gen, mask)
+            n, w_q, keys, values, a_orig, w_orig = inputs
+            want = fused_site.reference(n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig)
+            full = 2 * side * side * channels * element  # one full-resolution [2, N, C] tensor
+            bytes_step["three"] += 7 * full * sites
+            bytes_step["one"] += 3 * full * sites
+            errors: dict[str, float] = {}
+            measurements = {}
+            with torch.inference_mode():
+                for name, site in variants.items():
+                    got = site(*inputs).double()
+                    errors[name] = float((got - want).abs().max() / want.abs().max())
+                    measurements[name] = device_timer(lambda site=site: site(*inputs), opts.calls, device)
+                results = common.interleaved(measurements, opts.repeats, opts.warmup)
+            base = common.median(results["three"]["time"]) if "three" in results else float("nan")
+            for name in variants:
+                t = common.median(results[name]["time"])
+                per_step[name] += t * sites
+                moved = (7 if name == "three" else 3) * full
+                rows.append([family, side * side, channels, heads, sites, name, t * 1e6, t / base,
+                             100 * common.spread(results[name]["time"]), f"{errors[name]:.1e}",
+                             moved / common.H100_BYTES * 1e6])
+        for name, t in per_step.items():
+            moved = bytes_step["three" if name == "three" else "one"]
+            step_rows.append([family, sum(s[3] for s in SITES[family]), name, t * 1e3,
+                              (t - per_step.get("three", float("nan"))) * 1e3, moved / 1e9,
+                              moved / common.H100_BYTES * 1e3])
+    report.table("µs per site call (interleaved medians)",
+                 ["model", "tokens", "channels", "heads", "sites", "variant", "µs/call", "vs three", "noise ±%",
+                  "rel. error vs float64", "bytes at 3.35 TB/s µs"], rows)
+    report.table("per U-Net call (all sites)", ["model", "sites", "variant", "ms/step", "ms vs three", "GB moved",
+                                                 "GB at 3.35 TB/s ms"], step_rows)
+    report.notes.append("rows 2, 64 attended keys (a 60-token prompt and an empty negative in the 129-token bucket).")
+    if device.type == "cuda":
+        report.notes.append("device time per call: each variant's calls captured in a CUDA graph and replayed "
+                            "(no launch overhead, as in a sampling step under reduce-overhead).")
+    if opts.small:
+        report.notes.append("--small: CPU at a 16x16 latent; per-call costs here say nothing about a GPU's.")
+    report.emit(opts)
+
+
+if __name__ == "__main__":
+    main()
