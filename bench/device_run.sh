@@ -83,9 +83,10 @@ run_part() {
       # the device every step, as with a preview), pipelined lets the host run ahead (no preview). Session 12's
       # profile had the device busy 7.3 ms of the 12.0 ms synced step: pipelined says what a step costs when the
       # host's work overlaps the device's. Session 16: hybrid with the three kernels per site (the product's
-      # default) and with the one-kernel site (--site-kernel fused, ~3 N*C bytes per site instead of ~7), each
-      # paired with the same unpatched runs
-      step sampling-reduce-overhead-sd15 200 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 31 --site-kernel torch,fused
+      # default), with the one-kernel site (fused, ~3 N*C bytes per site instead of ~7) and with tau_q's GEMM
+      # then one kernel (fused-attention, ~5), each paired with the same unpatched runs (21 repeats: four
+      # variants, two clocks)
+      step sampling-reduce-overhead-sd15 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 21 --site-kernel torch,fused,fused-attention
       # the SDXL sampling target under inductor's CUDA graphs, never measured (two SDXL forward compiles, ~100 s
       # each estimated from session 12's training compile: tracing 19 s, inductor forward 56 s)
       step sampling-reduce-overhead-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1

@@ -25,9 +25,10 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 11. check 3 under inductor's CUDA graphs (mode reduce-overhead, what the sampling step needs to stop being
    launch-bound): no cudagraph skip, and replays with another run's keys, values and gates give that run's
    eager images;
-12. the one-kernel hybrid site (llmdiff_core/fused_site.py, opt-in: site_kernel "fused"), compiled by Triton for
-   this GPU: the kernel against float64 math at the real SD1.5 and SDXL site shapes in fp16 and bf16, sampling
-   with it against the three kernels, and under CUDA graphs as check 11.
+12. the one-kernel hybrid site (llmdiff_core/fused_site.py, opt-in: site_kernel "fused" or "fused-attention"),
+   compiled by Triton for this GPU: the kernel against float64 math at the real SD1.5 and SDXL site shapes in
+   fp16 and bf16 (given n, or given tau_q(n)), sampling with each site kernel against the three kernels, and
+   "fused" under CUDA graphs as check 11.
 """
 
 from __future__ import annotations
@@ -222,10 +223,12 @@ def main() -> None:
                 inputs = (rand(2, rows, c), rand(c, c) / math.sqrt(c), rand(2, heads, tokens, head_dim),
                           rand(2, heads, tokens, head_dim), bias, None, rand(2, rows, c),
                           torch.tensor(0.7, device=device))
-                got, want = fused_site.hybrid_site(*inputs), fused_site.reference(*inputs)
-                err = float((got.double() - want).abs().max() / want.abs().max())
-                key = str(dtype).replace("torch.", "")
-                worst[key] = max(worst.get(key, 0.0), err)
+                given_q = (inputs[0] @ inputs[1].T, None, *inputs[2:])  # (site kernel fused-attention)
+                for args in (inputs, given_q):
+                    got, want = fused_site.hybrid_site(*args), fused_site.reference(*args)
+                    err = float((got.double() - want).abs().max() / want.abs().max())
+                    key = str(dtype).replace("torch.", "")
+                    worst[key] = max(worst.get(key, 0.0), err)
         limits = {"float16": 5e-3, "bfloat16": 4e-2}
         ok &= all(worst[k] < limits[k] for k in limits)
         details.append("kernel vs float64 at the real site shapes: " + ", ".join(
@@ -242,14 +245,15 @@ def main() -> None:
             return real(*args)
         fused_site.op = lambda: counted  # the entry looks the op up once per run
         try:
-            one = sample(apply_adapter(base, adapter, site_kernel="fused"), pos, neg)
+            kernels = {k: sample(apply_adapter(base, adapter, site_kernel=k), pos, neg)
+                       for k in ("fused", "fused-attention")}
         finally:
             fused_site.op = lookup
         three = sample(apply_adapter(base, adapter, site_kernel="torch"), pos, neg)
-        err = float((one - three).abs().max() / three.abs().max())
-        ok &= err < 2e-2 and calls["kernel"] > 0
-        details.append(f"sampling, one kernel vs three: rel. difference {err:.2e} (limit 2e-2), "
-                       f"{calls['kernel']} kernel calls")
+        errs = {k: float((got - three).abs().max() / three.abs().max()) for k, got in kernels.items()}
+        ok &= max(errs.values()) < 2e-2 and calls["kernel"] > 0
+        details.append("sampling against the three kernels: " + ", ".join(f"{k} {e:.2e}" for k, e in errs.items())
+                       + f" (limit 2e-2), {calls['kernel']} kernel calls")
         graphs_ok, graphs = compiled_like_eager("reduce-overhead", steps=4, site_kernel="fused")
         details.append(graphs)
         return ok and graphs_ok, "; ".join(details)

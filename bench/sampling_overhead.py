@@ -249,8 +249,8 @@ def main() -> None:
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:
             for name, v in variants.items():
-                if name in impl_of or kernel_of.get(name) == "fused":
-                    continue  # the same FLOPs as the product's attend; a custom op's FlopCounterMode does not count
+                if name in impl_of:
+                    continue  # the same FLOPs as the product's attend
                 counter = common.flop_counter()
                 marks: list[Any] = [counter]
                 with counter:

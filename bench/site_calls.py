@@ -13,7 +13,9 @@ the bytes each way at the H100's bandwidth beside it (the three kernels move ~7 
 the one kernel ~3).
 
 Variants: three = the product's default path; fused = the kernel with its own tiles; fused:R/W = R query rows per
-program and W warps (the sweep says whether another tile shape is faster at some site shape).
+program and W warps (the sweep says whether another tile shape is faster at some site shape); fused-attention
+(and :R/W) = tau_q as the library GEMM, then the kernel for the attention and the fusion (site kernel
+fused-attention: ~5 full-resolution tensors moved, and the GEMM at the library's speed).
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ import common  # noqa: E402
 from attend_calls import SITES  # noqa: E402
 
 TILES = ("16/4", "32/4", "64/4", "64/8", "128/8")  # query rows per program / warps: fused:<tile> variants
+ATTENTION_TILES = ("64/4", "128/8")  # fused-attention:<tile> variants
 
 
 def parse() -> Any:
     p = common.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sd15,sdxl")
     p.add_argument("--variants", default=None,
-                   help="comma list: three, fused, fused:<rows>/<warps> (default on CUDA: three, fused and "
-                        f"fused:{', fused:'.join(TILES)}; on a CPU: three, and fused under Triton's interpreter)")
+                   help="comma list: three, fused, fused:<rows>/<warps>, fused-attention, fused-attention:<rows>/"
+                        f"<warps> (default where the kernel runs: three, fused, fused:{', fused:'.join(TILES)}, "
+                        f"fused-attention, fused-attention:{', fused-attention:'.join(ATTENTION_TILES)}; else three)")
     p.add_argument("--calls", type=int, default=None, help="calls per measurement (default 50 GPU, 3 --small)")
     opts = p.parse_args()
     common.defaults(opts, repeats=3 if opts.small else 7, warmup=1)
@@ -69,12 +73,17 @@ def three_kernels(mask: Any) -> Callable[..., Any]:
     return site
 
 
-def fused_kernel(mask: Any, tile: str = "") -> Callable[..., Any]:
+def fused_kernel(mask: Any, tile: str = "", project: bool = True) -> Callable[..., Any]:
+    """fused_site's kernel at a site (project=False: tau_q by F.linear first, the site kernel fused-attention)."""
+    import torch.nn.functional as F
+
     from llmdiff_core import fused_site
 
     rows, warps = (int(x) for x in tile.split("/")) if tile else (0, 0)
 
     def site(n: Any, w_q: Any, keys: Any, values: Any, a_orig: Any, w_orig: Any) -> Any:
+        if not project:
+            n, w_q = F.linear(n, w_q), None
         return fused_site.hybrid_site(n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig, rows, warps)
     return site
 
@@ -124,7 +133,8 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     kernel_runs = fused_site.applies(device, dtype, 8, 64, 64)
     names = (opts.variants.split(",") if opts.variants else
-             ["three"] + (["fused"] + [f"fused:{t}" for t in TILES] if kernel_runs else []))
+             ["three"] + (["fused"] + [f"fused:{t}" for t in TILES] + ["fused-attention"]
+                          + [f"fused-attention:{t}" for t in ATTENTION_TILES] if kernel_runs else []))
     report = common.Report("A hybrid site per call at the site shapes: three kernels vs one", common.env_header(
         device, opts.root, dtype=str(dtype).replace("torch.", ""), calls=opts.calls, repeats=opts.repeats,
         warmup=opts.warmup, clock="device time, CUDA-graph replays" if device.type == "cuda" else opts.clock))
@@ -136,28 +146,30 @@ def main() -> None:
     for name in names:
         if name == "three":
             variants[name] = three_kernels(mask)
-        elif name == "fused" or name.startswith("fused:"):
+        elif name.partition(":")[0] in ("fused", "fused-attention"):
             if not kernel_runs:
                 raise SystemExit(f"{name}: fused_site's kernel does not run here (CUDA with Triton, or Triton's "
                                  "interpreter on a CPU)")
-            variants[name] = fused_kernel(mask, name.partition(":")[2])
+            kind, _, tile = name.partition(":")
+            variants[name] = fused_kernel(mask, tile, project=kind == "fused")
         else:
-            raise SystemExit(f"--variants: unknown {name!r} (three, fused, fused:<rows>/<warps>)")
+            raise SystemExit(f"--variants: unknown {name!r} (three, fused[:<rows>/<warps>], "
+                             "fused-attention[:<rows>/<warps>])")
 
     rows, step_rows = [], []
     gen = torch.Generator().manual_seed(0)
     element = torch.finfo(dtype).bits // 8
     for family in [m for m in opts.models.split(",") if m]:
         per_step = {name: 0.0 for name in variants}
-        bytes_step = {"three": 0.0, "one": 0.0}
+        bytes_step = {"three": 0.0, "fused": 0.0, "fused-attention": 0.0}
         for side, channels, heads, sites in SITES[family]:
             side = side // 4 if opts.small else side
             inputs = site_inputs(dtype, device, side, channels, heads, gen, mask)
             n, w_q, keys, values, a_orig, w_orig = inputs
             want = fused_site.reference(n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig)
             full = 2 * side * side * channels * element  # one full-resolution [2, N, C] tensor
-            bytes_step["three"] += 7 * full * sites
-            bytes_step["one"] += 3 * full * sites
+            for kind, tensors in (("three", 7), ("fused", 3), ("fused-attention", 5)):
+                bytes_step[kind] += tensors * full * sites
             errors: dict[str, float] = {}
             measurements = {}
             with torch.inference_mode():
@@ -170,12 +182,12 @@ def main() -> None:
             for name in variants:
                 t = common.median(results[name]["time"])
                 per_step[name] += t * sites
-                moved = (7 if name == "three" else 3) * full
+                moved = {"three": 7, "fused-attention": 5}.get(name.partition(":")[0], 3) * full
                 rows.append([family, side * side, channels, heads, sites, name, t * 1e6, t / base,
                              100 * common.spread(results[name]["time"]), f"{errors[name]:.1e}",
                              moved / common.H100_BYTES * 1e6])
         for name, t in per_step.items():
-            moved = bytes_step["three" if name == "three" else "one"]
+            moved = bytes_step[name.partition(":")[0]]
             step_rows.append([family, sum(s[3] for s in SITES[family]), name, t * 1e3,
                               (t - per_step.get("three", float("nan"))) * 1e3, moved / 1e9,
                               moved / common.H100_BYTES * 1e3])

@@ -18,9 +18,9 @@ Wiring (comfyui-internals.md §3-§4):
   (transformer_options["optimized_attention_override"], chained) adds it to w_orig*A_orig before the
   site's own to_out, so the output projection runs once; at a site another pack's replace patch
   occupies, the replace's output is fused the same way (FusedReplace); an attn2_output_patch fuses
-  after to_out only where neither happened (a ComfyUI without the hook). With site_kernel "fused"
+  after to_out only where neither happened (a ComfyUI without the hook). With a fused site kernel
   (fused_site.py, opt-in) the attn2_patch only leaves the site's input waiting, and the core hook runs the
-  new path and the fusion as one kernel.
+  new path and the fusion in one kernel.
   paper (original_path "llm"): attn2 replace patches.
 
 Patch objects deep-copy to themselves (ComfyUI 0.3.75 deep-copies model_options on every clone; a
@@ -152,8 +152,8 @@ class RunEntry:
     new_vals: SiteStack | None = None  # sampling: tau_v(c), before the gates scale it
     orig_keys: SiteStack | None = None  # paper-mode sampling: k(phi c), stacked
     orig_vals: SiteStack | None = None
-    # sampling, hybrid: per site, whether fused_site's one kernel runs its new path and fusion (site_kernel
-    # "fused" and shapes it takes); site_op is that kernel's op, looked up once per run, not while compiling
+    # sampling, hybrid: per site, whether fused_site's kernel runs its new path and fusion (a site_kernel other
+    # than "torch", and shapes it takes); site_op is that kernel's op, looked up once per run, not while compiling
     fused: tuple[bool, ...] = ()
     site_op: Callable[..., torch.Tensor] | None = None
 
@@ -328,7 +328,7 @@ class AdapterRuntime(_Shared):
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.whole_run = start_percent <= 0.0 and end_percent >= 1.0  # the default window: always active
-        self.site_kernel = site_kernel  # hybrid sampling: "fused" runs each site's new path in one kernel
+        self.site_kernel = site_kernel  # hybrid sampling: fused_site.SITE_KERNELS (not "torch": fused_site's kernel)
         self.cache_enabled = True  # off: recompute every call (tests compare the two)
         # a sampling run's entries, kept for the next run with the same prompts in hybrid mode; paper mode's
         # entry also projects with the U-Net's own to_k / to_v, whose weights a LoRA or a lowvram weight patch
@@ -444,7 +444,7 @@ class AdapterRuntime(_Shared):
         entry = RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
                          orig_kv=orig_kv, context=None if context is None else _unet_context(per_row(context)),
                          pooled=pooled)
-        if training is None and not self.paper and self.site_kernel == "fused":
+        if training is None and not self.paper and self.site_kernel != "torch":
             entry.fused = tuple(fused_site.applies(device, dtype, s.spec.heads, w.shape[0] // s.spec.heads,
                                                    mask.stop - mask.start) for s, w in zip(self.sites, q_weights))
             entry.site_op = fused_site.op() if any(entry.fused) else None
@@ -536,11 +536,14 @@ class AdapterRuntime(_Shared):
     def fused_path(self, state: CallState, i: int, n: torch.Tensor, a_orig: torch.Tensor,
                    w_orig: torch.Tensor) -> torch.Tensor:
         """w_orig*A_orig + w_new*A_new at the attention core: one fused_site kernel where n, tau_q's weight,
-        A_orig and the keys share a dtype, else new_path and fuse_at_core."""
+        A_orig and the keys share a dtype (site kernel fused-attention: tau_q's GEMM first, then the kernel),
+        else new_path and fuse_at_core."""
         entry = state.entry
         w = entry.q_weights[i]
         keys, values = state.new_key_value(i)
         if entry.site_op is not None and n.dtype == w.dtype == a_orig.dtype == keys.dtype:
+            if self.site_kernel == "fused-attention":
+                n, w = torch.nn.functional.linear(n, w), None
             return entry.site_op(n, w, keys, values, entry.mask.bias, entry.mask.keep, a_orig, w_orig)
         return fuse_at_core(a_orig, self.new_path(state, i, n), w_orig)
 
@@ -876,8 +879,9 @@ def apply_adapter(model_patcher: ModelPatcher, adapter: LLMDiffAdapter, strength
     strength scales the adapter (0 = the unpatched model in hybrid mode); it acts while
     start_percent <= sampling progress <= end_percent. block_weights maps transformer_index
     (SD1.5 0..15, SDXL 0..10) to a multiplier of strength; missing layers use 1. site_kernel (hybrid
-    sampling): "torch" (three kernels per site) or "fused" (fused_site.py, one Triton kernel where it applies);
-    default $LLMDIFF_SITE_KERNEL, else "torch".
+    sampling): "torch" (three kernels per site), "fused" (fused_site.py, one Triton kernel where it applies) or
+    "fused-attention" (tau_q's GEMM, then the attention and the fusion in one kernel); default
+    $LLMDIFF_SITE_KERNEL, else "torch".
     """
     sites = _bind_sites(model_patcher, adapter, block_weights)
     m = model_patcher.clone()

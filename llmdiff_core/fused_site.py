@@ -12,10 +12,15 @@ query rows, project them, attend over every key and fuse, reading n and A_orig o
 ~3 N*C. Here that is `hybrid_site`, a torch custom op, so that torch.compile traces it into the U-Net's graph
 as one op and CUDA graphs capture its launch.
 
-It is opt-in (LLMDIFF_SITE_KERNEL=fused, or apply_adapter(site_kernel="fused")) until a GPU run has measured
-it against the three kernels; where it does not apply (no CUDA or no Triton, float32, a head wider than 256 or
-more than MAX_KEYS keys, a training call) the pack takes the three-kernel path. TRITON_INTERPRET=1 runs it on
-the CPU (Triton's interpreter), which is how the tests check its math without a GPU.
+A second variant, fused-attention, leaves tau_q to the library GEMM and fuses the attention and the fusion
+(~5 N*C): at wide sites (SDXL's 1280 channels) tau_q's FLOPs count, and a library GEMM may do them faster than
+this kernel's tiles.
+
+Both are opt-in (LLMDIFF_SITE_KERNEL=fused or fused-attention, or apply_adapter(site_kernel=...)) until a GPU
+run has measured them against the three kernels. Where the kernel does not apply (no CUDA or no Triton, float32,
+a head wider than MAX_HEAD_DIM, more than MAX_KEYS keys, a training call, paper mode) the pack takes the
+three-kernel path. TRITON_INTERPRET=1 runs it on the CPU (Triton's interpreter), which is how the tests check its
+math without a GPU.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from typing import Any
 import torch
 
 SITE_KERNEL_ENV = "LLMDIFF_SITE_KERNEL"
-SITE_KERNELS = ("torch", "fused")
+# torch: tau_q's GEMM, the masked attention and the fusion as three kernels; fused: all three in one kernel;
+# fused-attention: tau_q stays a library GEMM (where a site is wide, its FLOPs count: SDXL's 1280-channel sites),
+# the attention and the fusion are one kernel (~5 N*C moved instead of ~7, and ~3 for fused)
+SITE_KERNELS = ("torch", "fused", "fused-attention")
 MAX_KEYS = 256  # one block of keys per program; longer spans take the three-kernel path
 MAX_HEAD_DIM = 256  # (SD1.5's deepest sites: 8 heads of 160)
 
@@ -69,12 +77,13 @@ def applies(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int,
     return shapes_fit and _triton_ready()
 
 
-def hybrid_site(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+def hybrid_site(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
                 bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
                 w_orig: torch.Tensor, block_rows: int = 0, num_warps: int = 0) -> torch.Tensor:
     """w_orig*A_orig + keep*Attn(n @ w_q^T, keys, values, bias) in one kernel.
 
-    n: [B, N, C] the site's normed input; w_q: [H*d, C] tau_q's weight; keys, values: [B, H, T, d] (values
+    n: [B, N, C] the site's normed input; w_q: [H*d, C] tau_q's weight, or None when n is already tau_q(n)
+    ([B, N, H*d]: site kernel fused-attention); keys, values: [B, H, T, d] (values
     already scaled by w_new); bias: [B, 1, 1, T] additive (0 / -inf) or None; keep: [B, 1, 1] or None;
     a_orig: [B, N, H*d] the original path's attention output; w_orig: a 0-d tensor. All but w_orig in one
     dtype on one device (applies() says which). block_rows, num_warps: the tiles (query rows per program, a power of
@@ -82,13 +91,14 @@ def hybrid_site(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: 
     return op()(n, w_q, keys, values, bias, keep, a_orig, w_orig, block_rows, num_warps)
 
 
-def reference(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-              keep: torch.Tensor | None, a_orig: torch.Tensor, w_orig: torch.Tensor) -> torch.Tensor:
+def reference(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+              bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
+              w_orig: torch.Tensor) -> torch.Tensor:
     """hybrid_site's math written out in float64 torch ops, head by head: the slow reference the tests and the
     GPU check (bench/gpu_checks.py, check 12) hold the kernel to. Not used by the pack."""
     b, rows, _ = n.shape
     heads, _, d = keys.shape[1:]
-    q = (n.double() @ w_q.double().T).view(b, rows, heads, d).transpose(1, 2)
+    q = (n.double() if w_q is None else n.double() @ w_q.double().T).view(b, rows, heads, d).transpose(1, 2)
     scores = q @ keys.double().transpose(-1, -2) / math.sqrt(d)
     if bias is not None:
         scores = scores + bias.double()
@@ -111,7 +121,7 @@ def op() -> Callable[..., torch.Tensor]:
     from torch.utils.flop_counter import register_flop_formula
 
     @custom_op("llmdiff::hybrid_site", mutates_args=())
-    def hybrid_site_op(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    def hybrid_site_op(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
                        bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
                        w_orig: torch.Tensor, block_rows: int = 0, num_warps: int = 0) -> torch.Tensor:
         import triton
@@ -123,35 +133,37 @@ def op() -> Callable[..., torch.Tensor]:
         if not block_rows:  # q's, the scores' and A's tiles in registers
             block_rows = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
         block_c = 64 if channels >= 64 else max(16, triton.next_power_of_2(channels))
-        # (a missing bias or keep: any pointer, never read)
-        bias_t = a_orig if bias is None else bias
-        keep_t = a_orig if keep is None else keep
+        # (a missing w_q, bias or keep: any pointer, never read)
         grid = (heads, triton.cdiv(rows, block_rows), b)
         _kernel()[grid](
-            n, w_q, keys, values, bias_t, keep_t, a_orig, w_orig, out,
+            n, n if w_q is None else w_q, keys, values, a_orig if bias is None else bias,
+            a_orig if keep is None else keep, a_orig, w_orig, out,
             rows, channels, tokens, 1.0 / math.sqrt(head_dim),
-            n.stride(0), n.stride(1), n.stride(2), w_q.stride(0), w_q.stride(1),
+            n.stride(0), n.stride(1), n.stride(2), 0 if w_q is None else w_q.stride(0),
+            0 if w_q is None else w_q.stride(1),
             keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
             values.stride(0), values.stride(1), values.stride(2), values.stride(3),
             0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(3),
             0 if keep is None else keep.stride(0),
             a_orig.stride(0), a_orig.stride(1), a_orig.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=head_dim, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
+            HEAD_DIM=head_dim, PROJECT=w_q is not None, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
             BLOCK_N=block_rows, BLOCK_C=block_c, BLOCK_D=block_d,
             BLOCK_T=max(16, triton.next_power_of_2(tokens)), num_warps=num_warps or 4)
         return out
 
     @hybrid_site_op.register_fake
-    def _(n: torch.Tensor, w_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-          keep: torch.Tensor | None, a_orig: torch.Tensor, w_orig: torch.Tensor, block_rows: int = 0,
-          num_warps: int = 0) -> torch.Tensor:
+    def _(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+          bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor, w_orig: torch.Tensor,
+          block_rows: int = 0, num_warps: int = 0) -> torch.Tensor:
         return torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
 
     @register_flop_formula(torch.ops.llmdiff.hybrid_site)
-    def _flops(n: Any, w_q: Any, keys: Any, *_: Any, **__: Any) -> int:  # (shapes) what FlopCounterMode counts:
-        b, rows, channels = n  # tau_q, then scores and values over the keys; the tiles' padding of a head to a
-        inner, tokens = w_q[0], keys[2]  # power of two (SD1.5's 40, 80, 160) is not in it
-        return 2 * b * rows * channels * inner + 4 * b * rows * tokens * inner
+    def _flops(n: Any, w_q: Any, keys: Any, *_: Any, **__: Any) -> int:
+        """(shapes) what FlopCounterMode counts: tau_q (unless w_q is None), then the scores and the values over
+        the keys. The tiles' padding of a head to a power of two (SD1.5's 40, 80, 160) is not in it."""
+        b, rows, channels = n
+        inner, tokens = keys[1] * keys[3], keys[2]
+        return (0 if w_q is None else 2 * b * rows * channels * inner) + 4 * b * rows * tokens * inner
 
     return hybrid_site_op
 
@@ -169,7 +181,7 @@ def _kernel() -> Any:
             k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
             bias_sb, bias_st, keep_sb,
             a_sb, a_sn, a_si, o_sb, o_sn, o_si,
-            HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
+            HEAD_DIM: tl.constexpr, PROJECT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
         # one program: head h of BLOCK_N query rows of batch row b. The heads of a row block are neighbouring
         # programs, so n's block is read from HBM about once and from L2 by the other heads.
@@ -181,17 +193,20 @@ def _kernel() -> Any:
         d_ok = d < HEAD_DIM
         col = h * HEAD_DIM + d  # this head's channels of q, A_orig and A
 
-        # tau_q, this head's slice: q = n[b, rows] @ w_q[col]^T over C, rounded to the U-Net dtype as F.linear's is
-        q = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < C
-            x = tl.load(n_ptr + b * n_sb + rows[:, None] * n_sn + c[None, :] * n_sc,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            w = tl.load(wq_ptr + col[None, :] * wq_si + c[:, None] * wq_sc,
-                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            q += tl.dot(x, w)
-        q = q.to(n_ptr.dtype.element_ty)
+        if PROJECT:  # tau_q, this head's slice: q = n[b, rows] @ w_q[col]^T over C, rounded as F.linear's is
+            acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                c_ok = c < C
+                x = tl.load(n_ptr + b * n_sb + rows[:, None] * n_sn + c[None, :] * n_sc,
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                w = tl.load(wq_ptr + col[None, :] * wq_si + c[:, None] * wq_sc,
+                            mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+                acc += tl.dot(x, w)
+            q = acc.to(n_ptr.dtype.element_ty)
+        else:  # n is tau_q(n) already: this head's columns
+            q = tl.load(n_ptr + b * n_sb + rows[:, None] * n_sn + col[None, :] * n_sc,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
         # every key at once (T <= BLOCK_T): scores, the mask, a plain softmax
         t = tl.arange(0, BLOCK_T)

@@ -17,9 +17,9 @@ import torch
 from llmdiff_core import fused_site
 from llmdiff_core.comfy_patch import AdapterRuntime, TrainingCall, apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff, attach_features
-from test_patching import (DummyReplace, GraphCounter, adapter_for, clip_conditioning, count_calls, diffusion_output,
-                           direct_inputs, half_copy, make_features, max_rel, noise, reference_output, runtime_of, sample,
-                           with_dummy)
+from test_patching import (DummyReplace, GraphCounter, adapter_for, clip_conditioning, count_calls,
+                           diffusion_output, direct_inputs, half_copy, make_features, max_rel, noise, reference_output,
+                           runtime_of, sample, with_dummy)
 from tiny_unets import tiny_sd15, tiny_sd15_minimal, tiny_sdxl
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -56,9 +56,13 @@ def site_inputs(rows: int, heads: int, head_dim: int, tokens: int, dtype: torch.
     (70, 3, 64, 256),   # SDXL's heads, the longest span the kernel takes
 ])
 @pytest.mark.parametrize("masked, empty_row", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("project", [True, False], ids=["fused", "fused-attention"])
 def test_kernel_is_the_literal_math(rows: int, heads: int, head_dim: int, tokens: int, masked: bool,
-                                    empty_row: bool) -> None:
+                                    empty_row: bool, project: bool) -> None:
+    """project=False: the kernel is given tau_q(n) (site kernel fused-attention) and attends and fuses only."""
     inputs = site_inputs(rows, heads, head_dim, tokens, torch.float32, masked, empty_row)
+    if not project:
+        inputs = (inputs[0] @ inputs[1].T, None, *inputs[2:])
     assert fused_site.applies(torch.device("cpu"), torch.float32, heads, head_dim, tokens)
     got = fused_site.hybrid_site(*inputs)
     want = fused_site.reference(*inputs)
@@ -83,8 +87,8 @@ def test_kernel_takes_what_it_can_and_says_so() -> None:
     assert not fused_site.applies(cpu, torch.float32, 1, fused_site.MAX_HEAD_DIM + 1, 32)
 
 
-def fused(mp: Any, adapter: Any, **kwargs: Any) -> Any:
-    return apply_adapter(mp, adapter, site_kernel="fused", **kwargs)
+def fused(mp: Any, adapter: Any, kernel: str = "fused", **kwargs: Any) -> Any:
+    return apply_adapter(mp, adapter, site_kernel=kernel, **kwargs)
 
 
 def counted_op(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -99,8 +103,9 @@ def counted_op(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_every_site_runs_in_the_kernel_and_the_unet_is_eq10(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("family, kernel", [("sd15", "fused"), ("sdxl", "fused"), ("sd15", "fused-attention")])
+def test_every_site_runs_in_the_kernel_and_the_unet_is_eq10(family: str, kernel: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import llmdiff_core.comfy_patch as cp
     mp = UNETS[family]()
     adapter = adapter_for(mp, "clip")
@@ -109,7 +114,7 @@ def test_every_site_runs_in_the_kernel_and_the_unet_is_eq10(family: str, monkeyp
     counts = counted_op(monkeypatch)
     count_calls(cp, "fuse_at_core", counts, monkeypatch)
     count_calls(AdapterRuntime, "new_path", counts, monkeypatch)
-    got = diffusion_output(fused(mp, adapter), x, sigma, context, y, CONDLLMDiff(features).concat([]))
+    got = diffusion_output(fused(mp, adapter, kernel), x, sigma, context, y, CONDLLMDiff(features).concat([]))
     assert max_rel(got, reference_output(mp, adapter, features, x, sigma, context, y, paper=False)) < 1e-5
     assert counts == {"kernel": len(adapter.sites), "fuse_at_core": 0, "new_path": 0}
 

@@ -26,7 +26,7 @@ from test_patching import adapter_for, diffusion_output, direct_inputs, make_fea
 from tiny_unets import tiny_sd15_minimal
 
 REPO = Path(__file__).resolve().parents[1]
-INTERPRETED_TESTS = 21  # tests/interpreted_fused_site.py's count, parametrized cases included
+INTERPRETED_TESTS = 34  # tests/interpreted_fused_site.py's count, parametrized cases included
 
 
 def triton_path() -> str:
@@ -63,7 +63,8 @@ def test_the_setting_comes_from_the_call_or_the_environment(monkeypatch: pytest.
     assert fused_site.site_kernel_setting() == "fused"
     assert fused_site.site_kernel_setting("torch") == "torch"
     monkeypatch.setenv(fused_site.SITE_KERNEL_ENV, "triton")
-    with pytest.raises(ValueError, match=r"'triton' \(from LLMDIFF_SITE_KERNEL\) is not one of torch, fused"):
+    with pytest.raises(ValueError, match=r"'triton' \(from LLMDIFF_SITE_KERNEL\) is not one of torch, fused, "
+                                         "fused-attention"):
         fused_site.site_kernel_setting()
     with pytest.raises(ValueError, match="from the call"):
         apply_adapter(tiny_sd15_minimal(), adapter_for(tiny_sd15_minimal()), site_kernel="Fused")
