@@ -206,22 +206,23 @@ def main() -> None:
                            replays=len(times) / steps)
             return out
 
-        failed: dict[str, str] = {}  # variant -> why its --attend implementation could not run here
+        failed: dict[str, str] = {}  # variant -> why its --attend implementation or site kernel could not run here
 
         def measured(name: str, v: tuple[Any, list, list], clock: str) -> Any:
             def run() -> dict[str, float]:
                 return sampler_run(*v, steps=opts.steps, synced=clock == "synced")
-            if name not in impl_of:
+            if name not in impl_of and kernel_of.get(name, "torch") == "torch":
                 return run
+            catch = RuntimeError if name in impl_of else Exception  # (a site kernel: Triton's compile errors too)
 
-            def with_impl() -> dict[str, float]:  # an implementation this device lacks is reported, not fatal
+            def tolerant() -> dict[str, float]:  # a variant this device cannot run is reported, not fatal to the rest
                 if name not in failed:
                     try:
-                        return with_attend(attend_impls[impl_of[name]], run)
-                    except RuntimeError as exc:
-                        failed[name] = str(exc).splitlines()[0][:160]
+                        return with_attend(attend_impls[impl_of[name]], run) if name in impl_of else run()
+                    except catch as exc:
+                        failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 return {"step": float("nan"), "first": float("nan"), "run": float("nan"), "entry": float("nan")}
-            return with_impl
+            return tolerant
         # every variant once per clock (the same compiled model: no second compile), interleaved in one set of rounds
         measurements = {name + suffix[clock]: measured(name, v, clock) for clock in clocks
                         for name, v in variants.items()}
@@ -249,8 +250,8 @@ def main() -> None:
         step_flops: dict[str, tuple[float, float]] = {}
         if not opts.no_flops:
             for name, v in variants.items():
-                if name in impl_of:
-                    continue  # the same FLOPs as the product's attend
+                if name in impl_of or name in failed:
+                    continue  # the same FLOPs as the product's attend; a variant that failed has none
                 counter = common.flop_counter()
                 marks: list[Any] = [counter]
                 with counter:

@@ -77,6 +77,23 @@ def applies(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int,
     return shapes_fit and _triton_ready()
 
 
+def _power_of_two(x: int) -> int:
+    """The least power of two >= x, at least 16 (tl.dot's smallest side)."""
+    return max(16, 1 << (x - 1).bit_length())
+
+
+def launch_config(head_dim: int, channels: int, tokens: int, block_rows: int = 0,
+                  num_warps: int = 0) -> dict[str, int]:
+    """The kernel's tile sizes and warps for a site (block_rows, num_warps: 0 = this choice): a program holds
+    BLOCK_N query rows of one head, padded to BLOCK_D channels, and every key (BLOCK_T). Wider heads take fewer
+    rows, so that q's, the scores' and A's tiles stay in registers. tests/compiled_fused_site.py compiles each
+    for Hopper and Ampere and checks its shared memory."""
+    block_d = _power_of_two(head_dim)
+    return {"BLOCK_N": block_rows or (64 if block_d <= 64 else 32 if block_d <= 128 else 16),
+            "BLOCK_C": 64 if channels >= 64 else _power_of_two(channels), "BLOCK_D": block_d,
+            "BLOCK_T": _power_of_two(tokens), "num_warps": num_warps or 4}
+
+
 def hybrid_site(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
                 bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
                 w_orig: torch.Tensor, block_rows: int = 0, num_warps: int = 0) -> torch.Tensor:
@@ -124,17 +141,12 @@ def op() -> Callable[..., torch.Tensor]:
     def hybrid_site_op(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
                        bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
                        w_orig: torch.Tensor, block_rows: int = 0, num_warps: int = 0) -> torch.Tensor:
-        import triton
-
         b, rows, channels = n.shape
         heads, tokens, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
         out = torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        if not block_rows:  # q's, the scores' and A's tiles in registers
-            block_rows = 64 if block_d <= 64 else 32 if block_d <= 128 else 16
-        block_c = 64 if channels >= 64 else max(16, triton.next_power_of_2(channels))
+        config = launch_config(head_dim, channels, tokens, block_rows, num_warps)
         # (a missing w_q, bias or keep: any pointer, never read)
-        grid = (heads, triton.cdiv(rows, block_rows), b)
+        grid = (heads, -(-rows // config["BLOCK_N"]), b)
         _kernel()[grid](
             n, n if w_q is None else w_q, keys, values, a_orig if bias is None else bias,
             a_orig if keep is None else keep, a_orig, w_orig, out,
@@ -147,8 +159,7 @@ def op() -> Callable[..., torch.Tensor]:
             0 if keep is None else keep.stride(0),
             a_orig.stride(0), a_orig.stride(1), a_orig.stride(2), out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=head_dim, PROJECT=w_q is not None, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
-            BLOCK_N=block_rows, BLOCK_C=block_c, BLOCK_D=block_d,
-            BLOCK_T=max(16, triton.next_power_of_2(tokens)), num_warps=num_warps or 4)
+            **config)
         return out
 
     @hybrid_site_op.register_fake

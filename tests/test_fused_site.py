@@ -1,10 +1,11 @@
 """The opt-in one-kernel hybrid site (llmdiff_core/fused_site.py).
 
-Its Triton kernel is checked by Triton's CPU interpreter in a pytest of its own
-(tests/interpreted_fused_site.py): Triton is not part of the CPU test environment, so scripts/setup_env.sh
-installs it into <env>/compat/triton beside the pinned ComfyUI, and only that subprocess puts it on its path
-(a torch that sees Triton changes what torch.compile does, which the rest of the suite must not). The tests
-here need no Triton: the setting, and that a request for the kernel where it cannot run changes nothing.
+Its Triton kernel is checked in pytests of their own: run by Triton's CPU interpreter
+(tests/interpreted_fused_site.py), and compiled for Hopper and Ampere (tests/compiled_fused_site.py). Triton is
+not part of the CPU test environment, so scripts/setup_env.sh installs it into <env>/compat/triton beside the
+pinned ComfyUI, and only those subprocesses put it on their path (a torch that sees Triton changes what
+torch.compile does, which the rest of the suite must not). The other tests here need no Triton: the setting,
+and that a request for the kernel where it cannot run changes nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tiny_unets import tiny_sd15_minimal
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED_TESTS = 34  # tests/interpreted_fused_site.py's count, parametrized cases included
+COMPILED_TESTS = 13  # tests/compiled_fused_site.py's
 
 
 def triton_path() -> str:
@@ -42,18 +44,31 @@ def triton_path() -> str:
     return str(site)
 
 
+def run_with_triton(test_file: str, count: int, interpret: bool) -> None:
+    """pytest on test_file in a subprocess with Triton on its path: every one of its `count` tests passes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (triton_path(), os.environ.get("PYTHONPATH", ""))
+                                                      if p))
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
+                           test_file], cwd=REPO, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert re.search(rf"\b{count} passed\b", proc.stdout) and "skipped" not in proc.stdout, proc.stdout[-500:]
+
+
 @pytest.mark.slow
 def test_the_kernel_under_tritons_interpreter() -> None:
     """Its math against a literal float64 reference at SD1.5's and SDXL's head widths and spans, the patched
-    U-Net with every site in the kernel (Eq. 10), the fallbacks, and one compiled graph: ~90 s."""
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(p for p in (triton_path(), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
-                           "tests/interpreted_fused_site.py"],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    assert re.search(rf"\b{INTERPRETED_TESTS} passed\b", proc.stdout) and "skipped" not in proc.stdout, \
-        proc.stdout[-500:]
+    U-Net with every site in the kernel (Eq. 10), the fallbacks, and one compiled graph: ~2 min."""
+    run_with_triton("tests/interpreted_fused_site.py", INTERPRETED_TESTS, interpret=True)
+
+
+@pytest.mark.slow
+def test_the_kernel_compiles_for_hopper_and_ampere() -> None:
+    """Compiled by Triton for sm_90 and sm_80 (fp16, bf16; with and without tau_q) at every site shape, the
+    product's tiles and the GPU benchmark's, each within the GPU's shared memory: ~1 min."""
+    run_with_triton("tests/compiled_fused_site.py", COMPILED_TESTS, interpret=False)
 
 
 def test_the_setting_comes_from_the_call_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

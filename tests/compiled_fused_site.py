@@ -1,0 +1,70 @@
+"""fused_site.py's Triton kernel compiled for the GPUs it targets (Hopper sm_90, Ampere sm_80), on a CPU.
+
+Not collected by the suite itself (the name is not test_*): tests/test_fused_site.py runs this file in a pytest of
+its own with Triton on the path and without TRITON_INTERPRET (the interpreter's kernels do not compile). Triton
+compiles for a target without a GPU (its ptxas ships in the wheel), so a kernel that does not compile, or tiles
+that ask for more shared memory than a GPU has, fail here and not in a lent GPU's few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmdiff_core import fused_site
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from site_calls import ATTENTION_TILES, TILES  # noqa: E402  (the tile shapes the GPU benchmark sweeps)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise RuntimeError("run through tests/test_fused_site.py, without TRITON_INTERPRET")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+if tuple(int(x) for x in triton.__version__.split(".")[:2]) != (3, 9) and not os.environ.get("CI"):
+    pytest.skip(f"written against Triton 3.9's compile API, this is {triton.__version__}", allow_module_level=True)
+
+# (head dim, channels) of every site: SD1.5 (8 heads at 320, 640, 1280 channels), SDXL (64 channels a head)
+SITES = [(40, 320), (80, 640), (160, 1280), (64, 640), (64, 1280)]
+SHARED = {90: 227 * 1024, 80: 163 * 1024}  # bytes of shared memory a program may have (H100, A100)
+
+
+def compiled(arch: int, dtype: str, head_dim: int, channels: int, tokens: int, project: bool,
+             tiles: tuple[int, int] = (0, 0)) -> Any:
+    """The kernel as hybrid_site launches it (launch_config), compiled for sm_<arch>."""
+    kernel = fused_site._kernel()
+    config = fused_site.launch_config(head_dim, channels, tokens, *tiles)
+    warps = config.pop("num_warps")
+    const = {"HEAD_DIM": head_dim, "PROJECT": project, "HAS_BIAS": True, "HAS_KEEP": True, **config}
+    names = kernel.arg_names
+    signature = {name: "constexpr" if name in const else
+                 ("*fp32" if name == "wo_ptr" else f"*{dtype}") if name.endswith("_ptr") else
+                 "fp32" if name == "scale" else "i32" for name in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+@pytest.mark.parametrize("arch, dtype", [(90, "fp16"), (90, "bf16"), (80, "fp16")])
+@pytest.mark.parametrize("project", [True, False], ids=["fused", "fused-attention"])
+def test_the_products_tiles_compile_within_shared_memory(arch: int, dtype: str, project: bool) -> None:
+    """Every site shape at the longest span the kernel takes (MAX_KEYS: the most shared memory)."""
+    for head_dim, channels in SITES:
+        kernel = compiled(arch, dtype, head_dim, channels, fused_site.MAX_KEYS, project)
+        assert "ptx" in kernel.asm and "cubin" in kernel.asm
+        assert kernel.metadata.shared <= SHARED[arch], (head_dim, channels, kernel.metadata.shared)
+
+
+@pytest.mark.parametrize("tile", TILES + tuple(f"attention {t}" for t in ATTENTION_TILES))
+def test_the_benchmarks_tile_shapes_compile_for_hopper(tile: str) -> None:
+    """bench/site_calls.py's sweep (64 attended keys, fp16): each tile shape runs at every site shape."""
+    project = not tile.startswith("attention")
+    rows, warps = (int(x) for x in tile.split()[-1].split("/"))
+    for head_dim, channels in SITES:
+        kernel = compiled(90, "fp16", head_dim, channels, 64, project, (rows, warps))
+        assert kernel.metadata.shared <= SHARED[90], (head_dim, channels, kernel.metadata.shared)
