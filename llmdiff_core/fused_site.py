@@ -85,13 +85,17 @@ def _power_of_two(x: int) -> int:
 def launch_config(head_dim: int, channels: int, tokens: int, block_rows: int = 0,
                   num_warps: int = 0) -> dict[str, int]:
     """The kernel's tile sizes and warps for a site (block_rows, num_warps: 0 = this choice): a program holds
-    BLOCK_N query rows of one head, padded to BLOCK_D channels, and every key (BLOCK_T). Wider heads take fewer
-    rows, so that q's, the scores' and A's tiles stay in registers. tests/compiled_fused_site.py compiles each
-    for Hopper and Ampere and checks its shared memory."""
+    BLOCK_N query rows of one head, padded to BLOCK_D channels, and every key (BLOCK_T).
+
+    Chosen by what ptxas makes of them for sm_90 (registers and spills, docs/benchmarks.md §3t): 64 rows on 8
+    warps for heads up to 64 channels (4 warps took 254 registers a thread and spilled at 128 keys), 32 rows on 4
+    for 128, 64 on 8 for 256 (16 rows on 4 spilled at 128 keys and leave Hopper's 64-row MMA a quarter full).
+    tests/compiled_fused_site.py compiles each for Hopper and Ampere: within shared memory, and for `fused` no
+    spill up to 128 keys."""
     block_d = _power_of_two(head_dim)
-    return {"BLOCK_N": block_rows or (64 if block_d <= 64 else 32 if block_d <= 128 else 16),
-            "BLOCK_C": 64 if channels >= 64 else _power_of_two(channels), "BLOCK_D": block_d,
-            "BLOCK_T": _power_of_two(tokens), "num_warps": num_warps or 4}
+    rows, warps = (32, 4) if block_d == 128 else (64, 8)
+    return {"BLOCK_N": block_rows or rows, "BLOCK_C": 64 if channels >= 64 else _power_of_two(channels),
+            "BLOCK_D": block_d, "BLOCK_T": _power_of_two(tokens), "num_warps": num_warps or warps}
 
 
 def hybrid_site(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,

@@ -9,7 +9,10 @@ that ask for more shared memory than a GPU has, fail here and not in a lent GPU'
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,20 @@ def compiled(arch: int, dtype: str, head_dim: int, channels: int, tokens: int, p
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
+def registers_and_spill(kernel: Any) -> tuple[int, int]:
+    """(registers a thread, bytes of stack a thread: spilled registers) of a compiled kernel, read from its cubin by
+    the cuobjdump that ships with Triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    assert found, usage
+    return int(found.group(1)), int(found.group(2))
+
+
 @pytest.mark.parametrize("arch, dtype", [(90, "fp16"), (90, "bf16"), (80, "fp16")])
 @pytest.mark.parametrize("project", [True, False], ids=["fused", "fused-attention"])
 def test_the_products_tiles_compile_within_shared_memory(arch: int, dtype: str, project: bool) -> None:
@@ -58,6 +75,15 @@ def test_the_products_tiles_compile_within_shared_memory(arch: int, dtype: str, 
         kernel = compiled(arch, dtype, head_dim, channels, fused_site.MAX_KEYS, project)
         assert "ptx" in kernel.asm and "cubin" in kernel.asm
         assert kernel.metadata.shared <= SHARED[arch], (head_dim, channels, kernel.metadata.shared)
+
+
+@pytest.mark.parametrize("tokens", [64, 128])
+def test_the_products_tiles_keep_the_fused_kernel_in_registers(tokens: int) -> None:
+    """launch_config's tiles leave the one-kernel site no register spill on Hopper at every site shape, for spans
+    up to 128 keys (a 128-token prompt bucket; 4 warps for 64 rows spilled there)."""
+    for head_dim, channels in SITES:
+        registers, spill = registers_and_spill(compiled(90, "fp16", head_dim, channels, tokens, project=True))
+        assert spill == 0, (head_dim, channels, tokens, registers, spill)
 
 
 @pytest.mark.parametrize("tile", TILES + tuple(f"attention {t}" for t in ATTENTION_TILES))

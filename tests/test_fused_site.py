@@ -28,7 +28,7 @@ from tiny_unets import tiny_sd15_minimal
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED_TESTS = 34  # tests/interpreted_fused_site.py's count, parametrized cases included
-COMPILED_TESTS = 13  # tests/compiled_fused_site.py's
+COMPILED_TESTS = 15  # tests/compiled_fused_site.py's
 
 
 def triton_path() -> str:
