@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from attend_calls import SITES  # noqa: E402
 
-TILES = ("16/4", "32/4", "64/4", "64/8", "128/8")  # query rows per program / warps: fused:<tile> variants
-ATTENTION_TILES = ("64/4", "128/8")  # fused-attention:<tile> variants
+# query rows per program / warps: the fused:<tile> variants (launch_config's own: 64/8, or 32/4 for 128-wide heads)
+TILES = ("16/4", "32/4", "32/8", "64/4", "128/8")
+ATTENTION_TILES = ("32/4", "128/8")  # fused-attention:<tile> variants
 
 
 def parse() -> Any:
