@@ -87,12 +87,12 @@ run_part() {
       # then one kernel (fused-attention, ~5), each paired with the same unpatched runs (21 repeats: four
       # variants, two clocks)
       step sampling-reduce-overhead-sd15 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 21 --site-kernel torch,fused,fused-attention
-      # the SDXL sampling target under inductor's CUDA graphs, never measured (two SDXL forward compiles, ~100 s
-      # each estimated from session 12's training compile: tracing 19 s, inductor forward 56 s)
-      step sampling-reduce-overhead-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1
+      # the SDXL sampling target under inductor's CUDA graphs, never measured (two SDXL forward compiles; session
+      # 12's two-variant SDXL run under the cudagraphs backend took 118 s in all; BENCH_DEADLINE cuts repeats)
+      step sampling-reduce-overhead-sdxl 240 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1
       # the SDXL target with the one-kernel site (session 16; 70 sites: ~1.6 GB of the adapter's bytes per step at
       # three kernels, §3j); a step of its own, as a third SDXL compile would not fit the target's step
-      step sampling-reduce-overhead-sdxl-fused 250 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel fused
+      step sampling-reduce-overhead-sdxl-fused 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel fused
       # which kernels the adapter adds to the replay (device time per kernel, patched minus unpatched) and whose
       # Python its host time is (per function)
       step profile-reduce-overhead-sd15 130 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
