@@ -526,12 +526,14 @@ class AdapterRuntime(_Shared):
         w_new is folded into tau_v(c) (RunEntry.scaled_sites); tau_q's weight is the entry's, already
         in the U-Net dtype.
         """
-        entry = state.entry
-        w = entry.q_weights[i]
-        q = torch.nn.functional.linear(n, w) if n.dtype == w.dtype else _project(self.adapter.sites[i].to_q, n)
         keys, values = state.new_key_value(i)
         assert values is not None, "a site whose gates are the identity has no new path"
-        return attend(q, keys, values, entry.mask)
+        return attend(self.tau_q(state.entry, i, n), keys, values, state.entry.mask)
+
+    def tau_q(self, entry: RunEntry, i: int, n: torch.Tensor) -> torch.Tensor:
+        """Site i's tau_q(n) in n's dtype: the entry's weight (already cast, LoRA-patched) where n is in it."""
+        w = entry.q_weights[i]
+        return torch.nn.functional.linear(n, w) if n.dtype == w.dtype else _project(self.adapter.sites[i].to_q, n)
 
     def fused_path(self, state: CallState, i: int, n: torch.Tensor, a_orig: torch.Tensor,
                    w_orig: torch.Tensor) -> torch.Tensor:
@@ -543,7 +545,7 @@ class AdapterRuntime(_Shared):
         keys, values = state.new_key_value(i)
         if entry.site_op is not None and n.dtype == w.dtype == a_orig.dtype == keys.dtype:
             if self.site_kernel == "fused-attention":
-                n, w = torch.nn.functional.linear(n, w), None
+                n, w = self.tau_q(entry, i, n), None
             return entry.site_op(n, w, keys, values, entry.mask.bias, entry.mask.keep, a_orig, w_orig)
         return fuse_at_core(a_orig, self.new_path(state, i, n), w_orig)
 
