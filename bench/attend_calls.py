@@ -51,6 +51,28 @@ def parse() -> Any:
     return opts
 
 
+def site_mask(dtype: Any, device: Any) -> Any:
+    """The benches' per-site prompt pair (attend_calls, site_calls, gpu_checks' check 12): rows 2, a 60-token prompt
+    and an empty negative in the 129-token bucket, prepared as a run prepares it (a span of 64 keys)."""
+    import torch
+
+    from llmdiff_core.attention import RunMask
+
+    tokens = torch.zeros(2, 129, dtype=torch.bool)
+    tokens[0, 1:61] = True  # the prompt (BOS not attended)
+    tokens[1, 1] = True  # the empty negative's one token
+    return RunMask.prepare(tokens, dtype, device)
+
+
+def site_keys_values(mask: Any, channels: int, heads: int, gen: Any, device: Any, dtype: Any) -> list[Any]:
+    """Random keys and values of one site for site_mask's prompts, cut to its span and split into heads as a run
+    entry holds them: [2, heads, 64, channels / heads] each."""
+    import torch
+
+    return [mask.heads(mask.span(torch.randn(2, 129, channels, generator=gen)).to(device, dtype), heads)
+            for _ in range(2)]
+
+
 KEY_PAD = 8  # extra head channels: flash attention wants head dims in multiples of 8
 MASKED = -1e4  # the extra key channel of a masked token (x the query's 1): exp(scale * -1e4) = 0 in fp16 too
 
@@ -92,17 +114,14 @@ def main() -> None:
     device = common.setup_comfy(opts)
     import torch
 
-    from llmdiff_core.attention import RunMask, attend
+    from llmdiff_core.attention import attend
     from sampling_overhead import attend_variant
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     report = common.Report("Adapter attention per call at the site shapes", common.env_header(
         device, opts.root, dtype=str(dtype).replace("torch.", ""), calls=opts.calls, repeats=opts.repeats,
         warmup=opts.warmup))
-    tokens = torch.zeros(2, 129, dtype=torch.bool)
-    tokens[0, 1:61] = True  # the prompt (BOS not attended)
-    tokens[1, 1] = True  # the empty negative's one token
-    mask = RunMask.prepare(tokens, dtype, device)
+    mask = site_mask(dtype, device)
     unmasked = dataclasses.replace(mask, bias=None, keep=None)
     impls: dict[str, Any] = {}
     for name in [v for v in opts.variants.split(",") if v]:
@@ -126,8 +145,7 @@ def main() -> None:
             side = side // 4 if opts.small else side
             n = side * side
             q = torch.randn(2, n, channels, generator=gen).to(device, dtype)
-            kv = [mask.heads(mask.span(torch.randn(2, 129, channels, generator=gen)).to(device, dtype), heads)
-                  for _ in range(2)]
+            kv = site_keys_values(mask, channels, heads, gen, device, dtype)
             want = attend(q, kv[0], kv[1], mask).float()
             errors: dict[str, float] = {}
             measurements = {}

@@ -206,24 +206,20 @@ def main() -> None:
     def fused_site_kernel() -> tuple[bool, str]:
         if not cuda:
             return True, "skipped: needs CUDA (tests/test_fused_site.py runs the kernel in Triton's CPU interpreter)"
+        from attend_calls import SITES, site_mask
         from llmdiff_core import fused_site
+        from site_calls import site_inputs
 
         details, ok = [], True
-        g = torch.Generator(device=device).manual_seed(0)
+        g = torch.Generator().manual_seed(0)
         worst: dict[str, float] = {}
-        # (rows, heads, head dim, keys): SD1.5 512 px's three head widths, SDXL 1024 px's sites; 2 rows, 64 keys
-        for rows, heads, head_dim in ((4096, 8, 40), (1024, 8, 80), (256, 8, 160), (4096, 10, 64), (1024, 20, 64)):
+        # every site shape of SD1.5 512 px (head widths 40, 80, 160) and SDXL 1024 px (64), 2 rows, 64 keys
+        for side, channels, heads, _ in SITES["sd15"][:3] + SITES["sdxl"]:
             for dtype in (torch.float16, torch.bfloat16):
-                c, tokens = heads * head_dim, 64
-
-                def rand(*size: int) -> torch.Tensor:
-                    return torch.randn(*size, generator=g, device=device).to(dtype)
-                bias = torch.zeros(2, 1, 1, tokens, device=device, dtype=dtype)
-                bias[0, ..., 40:] = float("-inf")  # row 0 attends to 40 keys, row 1 to all
-                inputs = (rand(2, rows, c), rand(c, c) / math.sqrt(c), rand(2, heads, tokens, head_dim),
-                          rand(2, heads, tokens, head_dim), bias, None, rand(2, rows, c),
-                          torch.tensor(0.7, device=device))
-                given_q = (inputs[0] @ inputs[1].T, None, *inputs[2:])  # (site kernel fused-attention)
+                mask = site_mask(dtype, device)
+                n, w_q, keys, values, a_orig, w_orig = site_inputs(dtype, device, side, channels, heads, g, mask)
+                inputs = (n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig)
+                given_q = (n @ w_q.T, None, *inputs[2:])  # (site kernel fused-attention)
                 for args in (inputs, given_q):
                     got, want = fused_site.hybrid_site(*args), fused_site.reference(*args)
                     err = float((got.double() - want).abs().max() / want.abs().max())

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from attend_calls import SITES  # noqa: E402
+from attend_calls import SITES, site_keys_values, site_mask  # noqa: E402
 
 # query rows per program / warps: the fused:<tile> variants (launch_config's own: 64/8, or 32/4 for 128-wide heads)
 TILES = ("16/4", "32/4", "32/8", "64/4", "128/8")
@@ -57,8 +57,7 @@ def site_inputs(dtype: Any, device: Any, side: int, channels: int, heads: int, g
 
     def rand(*size: int, scale: float = 1.0) -> Any:
         return (scale * torch.randn(*size, generator=gen)).to(device, dtype)
-    kv = [mask.heads(mask.span(torch.randn(2, 129, channels, generator=gen)).to(device, dtype), heads)
-          for _ in range(2)]
+    kv = site_keys_values(mask, channels, heads, gen, device, dtype)
     return (rand(2, n, channels), rand(channels, channels, scale=channels ** -0.5), kv[0], 0.5 * kv[1],
             rand(2, n, channels), torch.tensor(0.9, device=device))
 
@@ -129,7 +128,6 @@ def main() -> None:
     import torch
 
     from llmdiff_core import fused_site
-    from llmdiff_core.attention import RunMask
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     kernel_runs = fused_site.applies(device, dtype, 8, 64, 64)
@@ -139,10 +137,7 @@ def main() -> None:
     report = common.Report("A hybrid site per call at the site shapes: three kernels vs one", common.env_header(
         device, opts.root, dtype=str(dtype).replace("torch.", ""), calls=opts.calls, repeats=opts.repeats,
         warmup=opts.warmup, clock="device time, CUDA-graph replays" if device.type == "cuda" else opts.clock))
-    tokens = torch.zeros(2, 129, dtype=torch.bool)
-    tokens[0, 1:61] = True  # the prompt (BOS not attended)
-    tokens[1, 1] = True  # the empty negative's one token
-    mask = RunMask.prepare(tokens, dtype, device)
+    mask = site_mask(dtype, device)
     variants: dict[str, Callable[..., Any]] = {}
     for name in names:
         if name == "three":
