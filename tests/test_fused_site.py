@@ -10,6 +10,7 @@ and that a request for the kernel where it cannot run changes nothing.
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import os
 import re
@@ -87,10 +88,27 @@ def test_the_setting_comes_from_the_call_or_the_environment(monkeypatch: pytest.
         apply_adapter(tiny_sd15_minimal(), adapter_for(tiny_sd15_minimal()), site_kernel="Fused")
 
 
+class TritonLookups(importlib.abc.MetaPathFinder):
+    """Records every lookup of a triton module that reaches the import system (an import or a find_spec) and
+    finds nothing itself. Where Triton is not imported yet (always in the pinned runtime, which lacks it), every
+such lookup reaches it."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name.partition(".")[0] == "triton":
+            self.names.append(name)
+        return None
+
+
 def test_a_request_where_the_kernel_cannot_run_is_the_three_kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU without Triton's interpreter (or without Triton) the kernel does not apply: every site keeps the
-    three kernels, bit for bit, and Triton is never imported."""
+    three kernels, bit for bit, and nothing so much as looks for Triton."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    lookups = TritonLookups()
+    monkeypatch.setattr(sys, "meta_path", [lookups, *sys.meta_path])
+    fused_site._triton_ready.cache_clear()  # (a cached answer would hide a lookup)
     mp = tiny_sd15_minimal()
     adapter = adapter_for(mp)
     features = make_features([5, 11], seed=3)
@@ -103,4 +121,4 @@ def test_a_request_where_the_kernel_cannot_run_is_the_three_kernel_path(monkeypa
     entry = runtime_of(m).entry_for(CONDLLMDiff(features).concat([]), torch.device("cpu"), torch.float32)
     assert entry.fused == (False,) * len(adapter.sites) and entry.site_op is None
     assert not fused_site.applies(torch.device("cpu"), torch.float32, 8, 40, 64)
-    assert "triton" not in sys.modules
+    assert lookups.names == []
