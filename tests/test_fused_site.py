@@ -101,24 +101,30 @@ such lookup reaches it."""
             self.names.append(name)
         return None
 
+    def __enter__(self) -> TritonLookups:
+        sys.meta_path.insert(0, self)  # (the interpreter's own list: a finder added meanwhile stays)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.meta_path.remove(self)
+
 
 def test_a_request_where_the_kernel_cannot_run_is_the_three_kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU without Triton's interpreter (or without Triton) the kernel does not apply: every site keeps the
     three kernels, bit for bit, and nothing so much as looks for Triton."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    lookups = TritonLookups()
-    monkeypatch.setattr(sys, "meta_path", [lookups, *sys.meta_path])
     fused_site._triton_ready.cache_clear()  # (a cached answer would hide a lookup)
-    mp = tiny_sd15_minimal()
-    adapter = adapter_for(mp)
-    features = make_features([5, 11], seed=3)
-    x, sigma, context, y = direct_inputs("minimal")
-    m = apply_adapter(mp, adapter, site_kernel="fused")
-    got = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]))
-    want = diffusion_output(apply_adapter(mp, adapter, site_kernel="torch"), x, sigma, context, y,
-                            CONDLLMDiff(features).concat([]))
-    assert torch.equal(got, want)
-    entry = runtime_of(m).entry_for(CONDLLMDiff(features).concat([]), torch.device("cpu"), torch.float32)
-    assert entry.fused == (False,) * len(adapter.sites) and entry.site_op is None
-    assert not fused_site.applies(torch.device("cpu"), torch.float32, 8, 40, 64)
+    with TritonLookups() as lookups:
+        mp = tiny_sd15_minimal()
+        adapter = adapter_for(mp)
+        features = make_features([5, 11], seed=3)
+        x, sigma, context, y = direct_inputs("minimal")
+        m = apply_adapter(mp, adapter, site_kernel="fused")
+        got = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]))
+        want = diffusion_output(apply_adapter(mp, adapter, site_kernel="torch"), x, sigma, context, y,
+                                CONDLLMDiff(features).concat([]))
+        assert torch.equal(got, want)
+        entry = runtime_of(m).entry_for(CONDLLMDiff(features).concat([]), torch.device("cpu"), torch.float32)
+        assert entry.fused == (False,) * len(adapter.sites) and entry.site_op is None
+        assert not fused_site.applies(torch.device("cpu"), torch.float32, 8, 40, 64)
     assert lookups.names == []
