@@ -157,14 +157,7 @@ def main() -> None:
                     failed[name] = str(exc).splitlines()[0][:60]
                     continue
 
-                def loop(impl: Any = impl) -> float:
-                    common.sync(device)
-                    t0 = common.now()
-                    for _ in range(opts.calls):
-                        impl(q, *kv)
-                    common.sync(device)
-                    return (common.now() - t0) / opts.calls
-                measurements[name] = loop
+                measurements[name] = common.timed(lambda impl=impl: impl(q, *kv), device, opts.calls)
             with torch.inference_mode():
                 results = common.interleaved(measurements, opts.repeats, opts.warmup)
             base = common.median(results["product"]["time"]) if "product" in results else float("nan")

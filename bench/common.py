@@ -151,14 +151,15 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: Any) -> Callable[[], float]:
-    """A measurement: fn's wall time in seconds, CUDA synchronised before and after."""
+def timed(fn: Callable[[], Any], device: Any, calls: int = 1) -> Callable[[], float]:
+    """A measurement: seconds per call of `calls` back-to-back calls of fn, CUDA synchronised before and after."""
     def measure() -> float:
         sync(device)
         t0 = now()
-        fn()
+        for _ in range(calls):
+            fn()
         sync(device)
-        return now() - t0
+        return (now() - t0) / calls
     return measure
 
 

@@ -31,6 +31,8 @@ from attend_calls import SITES, site_keys_values, site_mask  # noqa: E402
 # query rows per program / warps: the fused:<tile> variants (launch_config's own: 64/8, or 32/4 for 128-wide heads)
 TILES = ("16/4", "32/4", "32/8", "64/4", "128/8")
 ATTENTION_TILES = ("32/4", "128/8")  # fused-attention:<tile> variants
+# full-resolution [rows, N, C] tensors each variant kind reads or writes per site (fused_site's docstring)
+TENSORS_MOVED = {"three": 7, "fused": 3, "fused-attention": 5}
 
 
 def parse() -> Any:
@@ -90,16 +92,11 @@ def fused_kernel(mask: Any, tile: str = "", project: bool = True) -> Callable[..
 
 def device_timer(fn: Callable[[], Any], calls: int, device: Any) -> Callable[[], float]:
     """Seconds per call: on CUDA, `calls` calls captured in one CUDA graph, its replay timed by CUDA events;
-    elsewhere a synchronised loop."""
+    elsewhere a loop of `calls` calls (common.timed)."""
     import torch
 
     if device.type != "cuda":
-        def loop() -> float:
-            t0 = common.now()
-            for _ in range(calls):
-                fn()
-            return (common.now() - t0) / calls
-        return loop
+        return common.timed(fn, device, calls)
     side = torch.cuda.Stream()  # warmed on a side stream before the capture, as torch.cuda.graph's docs ask
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -157,14 +154,14 @@ def main() -> None:
     element = torch.finfo(dtype).bits // 8
     for family in [m for m in opts.models.split(",") if m]:
         per_step = {name: 0.0 for name in variants}
-        bytes_step = {"three": 0.0, "fused": 0.0, "fused-attention": 0.0}
+        bytes_step = dict.fromkeys(TENSORS_MOVED, 0.0)
         for side, channels, heads, sites in SITES[family]:
             side = side // 4 if opts.small else side
             inputs = site_inputs(dtype, device, side, channels, heads, gen, mask)
             n, w_q, keys, values, a_orig, w_orig = inputs
             want = fused_site.reference(n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig)
             full = 2 * side * side * channels * element  # one full-resolution [2, N, C] tensor
-            for kind, tensors in (("three", 7), ("fused", 3), ("fused-attention", 5)):
+            for kind, tensors in TENSORS_MOVED.items():
                 bytes_step[kind] += tensors * full * sites
             errors: dict[str, str] = {}
             measurements = {}
@@ -183,7 +180,7 @@ def main() -> None:
                 times = results[name]["time"] if name in results else [float("nan")]
                 t = common.median(times)
                 per_step[name] += t * sites
-                moved = {"three": 7, "fused-attention": 5}.get(name.partition(":")[0], 3) * full
+                moved = TENSORS_MOVED[name.partition(":")[0]] * full
                 rows.append([family, side * side, channels, heads, sites, name, t * 1e6, t / base,
                              100 * common.spread(times), errors[name], moved / common.H100_BYTES * 1e6])
         for name, t in per_step.items():

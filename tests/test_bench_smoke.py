@@ -128,8 +128,12 @@ def test_site_calls_small(tmp_path: Path) -> None:
     assert [(r["channels"], r["variant"]) for r in rows] == [(320, "three"), (640, "three"), (1280, "three"),
                                                               (1280, "three")]
     assert all(finite(r["µs/call"]) and r["µs/call"] > 0 and float(r["rel. error vs float64"]) < 1e-5 for r in rows)
+    full = [2 * r["tokens"] * r["channels"] * 4 for r in rows]  # one [2, N, C] float32 tensor, bytes
+    bandwidth = bench_module("common").H100_BYTES
+    assert [r["bytes at 3.35 TB/s µs"] for r in rows] == pytest.approx([7 * b / bandwidth * 1e6 for b in full])
     (step,) = section(data, "per U-Net call")
     assert step["sites"] == 16 and finite(step["ms/step"])
+    assert step["GB moved"] == pytest.approx(7 * sum(b * r["sites"] for b, r in zip(full, rows)) / 1e9)
 
 
 def test_score_encoding_small(tmp_path: Path) -> None:
