@@ -12,6 +12,7 @@ synchronised around every timed region; peak GPU memory comes from torch.cuda.ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
@@ -412,6 +413,26 @@ def cuda_graph_recorded_inputs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
+
+
+@contextlib.contextmanager
+def counting_site_kernel(calls: dict[str, int], key: str = "fused_site") -> Iterator[None]:
+    """Counts fused_site's kernel calls into calls[key] while inside. The op is defined here, before the block (its
+    FLOP formula is registered before a FlopCounterMode copies torch's registry), and a run entry looks it up once
+    per run through fused_site.op, so the entries built inside call the counting wrapper."""
+    from llmdiff_core import fused_site
+
+    lookup = fused_site.op
+    op = lookup()
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[key] = calls.get(key, 0) + 1
+        return op(*args, **kwargs)
+    fused_site.op = lambda: counted
+    try:
+        yield
+    finally:
+        fused_site.op = lookup
 
 
 def cuda_timing_event() -> Any:

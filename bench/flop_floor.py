@@ -89,7 +89,6 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
     """Answers the two host reads of a meta run from host values, and counts the fusion calls (a one-kernel
     site's, fused_site, as "fused_site")."""
     import llmdiff_core.comfy_patch as cp
-    from llmdiff_core import fused_site
     from llmdiff_core.attention import SPAN_BUCKET, RunMask
 
     original = RunMask.__dict__["prepare"]
@@ -110,21 +109,18 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
         return wrapper
 
     saved = {name: getattr(cp, name) for name in ("fuse_at_core", "fuse_after_out")}
-    lookup = fused_site.op
     RunMask.prepare = classmethod(prepare)
     adapter.gate_weights = lambda: (torch.full((n,), gates[0]), torch.full((n,), gates[1]))
     for name, fn in saved.items():
         setattr(cp, name, counting(name, fn))
-    op = lookup()  # defined (and its FLOP formula registered) before a FlopCounterMode copies torch's registry
-    fused_site.op = lambda: counting("fused_site", op)  # (the entry looks the op up once per run)
     try:
-        yield
+        with common.counting_site_kernel(calls):
+            yield
     finally:
         RunMask.prepare = original
         del adapter.gate_weights
         for name, fn in saved.items():
             setattr(cp, name, fn)
-        fused_site.op = lookup
 
 
 class _UNetCall:

@@ -233,18 +233,9 @@ def main() -> None:
         base = models(device, unet_dtype)
         adapter = builders.build_adapter(base, spec, "clip", "auto", 32)
         calls = {"kernel": 0}
-        lookup = fused_site.op
-        real = lookup()
-
-        def counted(*args: Any) -> torch.Tensor:
-            calls["kernel"] += 1
-            return real(*args)
-        fused_site.op = lambda: counted  # the entry looks the op up once per run
-        try:
+        with common.counting_site_kernel(calls, "kernel"):
             kernels = {k: sample(apply_adapter(base, adapter, site_kernel=k), pos, neg)
                        for k in ("fused", "fused-attention")}
-        finally:
-            fused_site.op = lookup
         three = sample(apply_adapter(base, adapter, site_kernel="torch"), pos, neg)
         errs = {k: float((got - three).abs().max() / three.abs().max()) for k, got in kernels.items()}
         ok &= max(errs.values()) < 2e-2 and calls["kernel"] > 0
