@@ -88,7 +88,7 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
                  calls: dict[str, int]) -> Iterator[None]:
     """Answers the two host reads of a meta run from host values, and counts the fusion calls (a one-kernel
     site's, fused_site, as "fused_site")."""
-    import llmdiff_core.comfy_patch as cp
+    import llmdiff_core.site_patches as cp
     from llmdiff_core.attention import SPAN_BUCKET, RunMask
 
     original = RunMask.__dict__["prepare"]
@@ -164,7 +164,8 @@ class _MetaModel:
         (patches + the patcher's wrappers), the clone's ApplyModelWrapper). mode: clip or llm, or clip+<site kernel>
         (apply_adapter's site_kernel)."""
         from llmdiff_core.adapter import LLMDiffAdapter
-        from llmdiff_core.comfy_patch import ApplyModelWrapper, apply_adapter
+        from llmdiff_core.comfy_patch import apply_adapter
+        from llmdiff_core.model_wrappers import ApplyModelWrapper
         from llmdiff_core.config import AdapterConfig
         from llmdiff_core.unet_sites import base_family
 
@@ -271,7 +272,8 @@ def real_shape_training(family: str, modes: list[str], spec: Any, bucket: int, c
     device's decomposition), and the bytes each op moves are counted alongside (traffic.ByteCounter)."""
     import traffic
 
-    from llmdiff_core.comfy_patch import TRAINING_KEY, TrainingCall
+    from llmdiff_core.adapter_runtime import TrainingCall
+    from llmdiff_core.model_wrappers import TRAINING_KEY
 
     dt = torch.bfloat16
     m = _MetaModel.build(family, dt, rows)

@@ -362,11 +362,11 @@ def main() -> None:
             return True, "skipped: needs CUDA (CPU autocast does not upcast norms)"
         from torch.profiler import ProfilerActivity, profile
 
-        from llmdiff_core import comfy_patch
+        from llmdiff_core import model_wrappers
         from llmdiff_core.training import loop
 
         casts: dict[str, int] = {}
-        product_rule, original_step = comfy_patch.unet_autocast_off, loop.Trainer.train_step
+        product_rule, original_step = model_wrappers.unet_autocast_off, loop.Trainer.train_step
         current = [""]
 
         def counted(self: Any) -> Any:  # the casts (aten::_to_copy, forward and backward) of step 2
@@ -379,13 +379,13 @@ def main() -> None:
 
         def choose(name: str) -> None:
             current[0] = name
-            comfy_patch.unet_autocast_off = product_rule if name == "outside" else (lambda *a: False)
+            model_wrappers.unet_autocast_off = product_rule if name == "outside" else (lambda *a: False)
         loop.Trainer.train_step = counted  # type: ignore[method-assign]
         try:
             with tempfile.TemporaryDirectory(prefix="llmdiff-gpu-checks-") as tmp:
                 losses = cached_training(Path(tmp), {"outside": {}, "under": {}}, spy=choose)
         finally:
-            comfy_patch.unet_autocast_off, loop.Trainer.train_step = product_rule, original_step
+            model_wrappers.unet_autocast_off, loop.Trainer.train_step = product_rule, original_step
         a, b = torch.tensor(losses["outside"]), torch.tensor(losses["under"])
         close = a.shape == b.shape and bool(torch.allclose(a, b, rtol=5e-2, atol=1e-3))
         ok = close and bool(torch.isfinite(a).all()) and casts["outside"] < casts["under"]
@@ -457,7 +457,7 @@ def main() -> None:
         equality proves nothing). Draws at the cut width are reported, not judged: the H100 run of session 10
         found them equal to the bucket's first tokens (torch's CUDA normal kernel maps element i to Philox
         subsequence i, whatever the size), so the bucket-wide draw is a guarantee, not a correction."""
-        from llmdiff_core.comfy_patch import TrainingCall
+        from llmdiff_core.adapter_runtime import TrainingCall
         from llmdiff_core.training.patching import feature_batch, training_options
 
         bucket, seeds = 96, (5, 6)

@@ -1,5 +1,5 @@
 """What a sampling run does with its prompts' LLM features before its first step, once per run
-(comfy_patch.AdapterRuntime._build_entry, docs/benchmarks.md §3n): the distinct rows of the call, only what
+(adapter_runtime.AdapterRuntime._build_entry, docs/benchmarks.md §3n): the distinct rows of the call, only what
 the score encoding reads (H_0 and the scores), only up to the attended span's end, moved to the U-Net's device.
 
     python bench/run_features.py            # 8B shapes (32 layers x 4096), bf16 on the CPU as Text Encode

@@ -390,7 +390,7 @@ def timed_entry_builds(device: Any) -> list[float]:
     """The seconds of every once-per-run entry build from now on (AdapterRuntime._build_entry: the features
     moved, encoded, every site's K/V projected and stacked), synchronised at its end so its device work counts:
     what of a run's "step 1 extra" the entry is, and what is something else (a CUDA-graph recording, ...)."""
-    from llmdiff_core.comfy_patch import AdapterRuntime
+    from llmdiff_core.adapter_runtime import AdapterRuntime
 
     seconds: list[float] = []
     build = AdapterRuntime._build_entry
@@ -439,15 +439,15 @@ def attend_variant(name: str) -> Any:
 
 
 def with_attend(impl: Any, fn: Any) -> Any:
-    """fn() with the adapter's per-site attention replaced by impl (comfy_patch calls it by this name)."""
-    from llmdiff_core import comfy_patch
+    """fn() with the adapter's per-site attention replaced by impl (adapter_runtime calls it by this name)."""
+    from llmdiff_core import adapter_runtime
 
-    product = comfy_patch.attend
-    comfy_patch.attend = impl
+    product = adapter_runtime.attend
+    adapter_runtime.attend = impl
     try:
         return fn()
     finally:
-        comfy_patch.attend = product
+        adapter_runtime.attend = product
 
 
 if __name__ == "__main__":

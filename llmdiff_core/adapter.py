@@ -56,7 +56,7 @@ class ScoreEncoder(nn.Module):
         """LLM features -> c [B, T, D] in float32 (padding rows are computed but masked later).
 
         eps: standard-normal draws [B, T, D] for the Langevin noise (score mode; the caller draws them, so
-        each training row comes from its own seed: comfy_patch.AdapterRuntime._encode); None = no noise."""
+        each training row comes from its own seed: adapter_runtime.AdapterRuntime._encode); None = no noise."""
         hidden = features.hidden.float()
         if self.mode == "score":
             c = hidden[:, 0] if self.c0 == "embeddings" else torch.zeros_like(hidden[:, 0])

@@ -27,7 +27,7 @@ def is_identity(w_orig: Gate, w_new: Gate) -> bool:
             and w_orig == 1.0 and w_new == 0.0)
 
 
-# --- prepared once per sampling run (comfy_patch.RunEntry) -------------------------------------------
+# --- prepared once per sampling run (run_entry.RunEntry) -------------------------------------------
 
 SPAN_BUCKET = 32  # the new path's attention sees key lengths that are multiples of this (RunMask)
 

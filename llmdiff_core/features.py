@@ -76,7 +76,7 @@ class LLMFeatures:
 
     def first_tokens(self, n: int) -> LLMFeatures:
         """The first n token positions (views, no copy): an adapter reads only the attended span, so the
-        tokens after it need not be encoded at all (comfy_patch.AdapterRuntime._build_entry)."""
+        tokens after it need not be encoded at all (adapter_runtime.AdapterRuntime._build_entry)."""
         if not 1 <= n <= self.num_tokens:
             raise ValueError(f"first_tokens({n}) of features with {self.num_tokens} tokens")
         if n == self.num_tokens:

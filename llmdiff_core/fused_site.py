@@ -1,6 +1,6 @@
 """One Triton kernel for a hybrid site's whole new path at sampling time (CUDA, opt-in).
 
-At a hybrid site the pack computes, per U-Net call (comfy_patch.CoreFusion, Eq. 10 of DESIGN.md §1.2):
+At a hybrid site the pack computes, per U-Net call (site_patches.CoreFusion, Eq. 10 of DESIGN.md §1.2):
 
     A = w_orig * A_orig + keep * softmax(tau_q(n)_h K_h^T / sqrt(d) + bias) (w_new V)_h      (per head h)
 

@@ -1,6 +1,6 @@
 """An applied adapter's once-per-run entries: kept for their run and, where allowed, for the next run.
 
-A sampling run computes everything the adapter derives from its prompts once (comfy_patch.RunEntry: the
+A sampling run computes everything the adapter derives from its prompts once (run_entry.RunEntry: the
 features moved, encoded, every site's keys and values). ComfyUI runs the sampler again with the very same
 conditioning objects when only the seed, the steps or the sampler change (its node cache keeps Text Encode's
 output). Rebuilding the entry then costs each such run again; its step 1 was ~20 ms slower than the

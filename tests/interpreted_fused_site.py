@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from llmdiff_core import fused_site
-from llmdiff_core.comfy_patch import AdapterRuntime, TrainingCall, apply_adapter
+from llmdiff_core.adapter_runtime import AdapterRuntime, TrainingCall
+from llmdiff_core.comfy_patch import apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff, attach_features
 from test_patching import (DummyReplace, GraphCounter, adapter_for, clip_conditioning, count_calls,
                            diffusion_output, direct_inputs, half_copy, make_features, max_rel, noise, reference_output,
@@ -106,13 +107,13 @@ def counted_op(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 @pytest.mark.parametrize("family, kernel", [("sd15", "fused"), ("sdxl", "fused"), ("sd15", "fused-attention")])
 def test_every_site_runs_in_the_kernel_and_the_unet_is_eq10(family: str, kernel: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import llmdiff_core.comfy_patch as cp
+    import llmdiff_core.site_patches as patches
     mp = UNETS[family]()
     adapter = adapter_for(mp, "clip")
     features = make_features([5, 11], seed=3)
     x, sigma, context, y = direct_inputs(family)
     counts = counted_op(monkeypatch)
-    count_calls(cp, "fuse_at_core", counts, monkeypatch)
+    count_calls(patches, "fuse_at_core", counts, monkeypatch)
     count_calls(AdapterRuntime, "new_path", counts, monkeypatch)
     got = diffusion_output(fused(mp, adapter, kernel), x, sigma, context, y, CONDLLMDiff(features).concat([]))
     assert max_rel(got, reference_output(mp, adapter, features, x, sigma, context, y, paper=False)) < 1e-5
@@ -139,7 +140,7 @@ def test_half_precision_sampling_is_as_exact_as_the_three_kernel_path() -> None:
 def test_a_site_the_core_does_not_fuse_computes_its_new_path_where_it_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sites taken by a replace patch (IP-Adapter) are not deferred; a deferred site whose core call the override
     cannot fuse (here: every one) is computed from its input at the output patch, with the same result."""
-    import llmdiff_core.comfy_patch as cp
+    import llmdiff_core.site_patches as patches
     mp = tiny_sd15_minimal()
     adapter = adapter_for(mp, "clip")
     features = make_features([5, 11], seed=3)
@@ -154,8 +155,8 @@ def test_a_site_the_core_does_not_fuse_computes_its_new_path_where_it_is_taken(m
 
     def core_that_never_fuses(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
-    monkeypatch.setattr(cp.CoreFusion, "__call__", core_that_never_fuses)
-    count_calls(cp, "fuse_after_out", counts, monkeypatch)
+    monkeypatch.setattr(patches.CoreFusion, "__call__", core_that_never_fuses)
+    count_calls(patches, "fuse_after_out", counts, monkeypatch)
     got = diffusion_output(fused(mp, adapter), x, sigma, context, y, CONDLLMDiff(features).concat([]))
     assert counts["kernel"] == 0 and counts["fuse_after_out"] == len(adapter.sites)
     assert max_rel(got, want) < 1e-5

@@ -24,7 +24,8 @@ import torch
 import comfy.model_patcher
 
 from llmdiff_core.adapter import LLMDiffAdapter
-from llmdiff_core.comfy_patch import AdapterRuntime, TrainingCall, applied_runtimes, apply_adapter
+from llmdiff_core.adapter_runtime import AdapterRuntime, TrainingCall
+from llmdiff_core.comfy_patch import applied_runtimes, apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff
 from llmdiff_core.features import LLMFeatures
 from test_patching import UNETS, adapter_for, diffusion_output, direct_inputs, make_features

@@ -1,4 +1,4 @@
-"""LLMDiff inside a real ComfyUI U-Net (llmdiff_core/comfy_patch.py, attention.py).
+"""LLMDiff inside a real ComfyUI U-Net (llmdiff_core/comfy_patch.py and the modules it wires, attention.py).
 
 Tiny random U-Nets with the real SD1.5 / SDXL cross-attention layouts (tiny_unets.py), fp32 on CPU.
 LLM features are random tensors with realistic masks (BOS and padding masked out): no LLM needed.
@@ -23,11 +23,12 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy.patcher_extension import WrappersMP
 
 from llmdiff_core.attention import RunMask, attend, attended_span, effective_gates, fuse_after_out, fuse_at_core
-from llmdiff_core.comfy_patch import (FEATURES_KEY, TRAINING_KEY, WRAPPER_KEY, AdapterRuntime, TrainingCall,
-                                      applied_runtimes, apply_adapter, forget_kept_entries)
+from llmdiff_core.adapter_runtime import AdapterRuntime, TrainingCall
+from llmdiff_core.comfy_patch import WRAPPER_KEY, applied_runtimes, apply_adapter, forget_kept_entries
 from llmdiff_core.conditioning import CONDLLMDiff, FeatureBatch, FeaturePart, attach_features
 from llmdiff_core.errors import AdapterMismatchError, LLMDiffError
 from llmdiff_core.features import LLMFeatures
+from llmdiff_core.model_wrappers import FEATURES_KEY, OVERRIDE_KEY, TRAINING_KEY
 from llmdiff_core.unet_sites import find_sites
 from cuda_graph_audit import CudaGraphAudit
 from tiny_unets import (SD15_CONTEXT_DIM, SDXL_ADM_DIM, SDXL_CONTEXT_DIM, make_adapter, make_adapter_config,
@@ -1117,21 +1118,22 @@ class CountingOverride:
 
 @pytest.mark.parametrize("path", ["core", "core_chained", "after_out"])
 def test_hybrid_fuses_at_the_attention_core_without_a_second_projection(path: str, monkeypatch: Any) -> None:
-    import llmdiff_core.comfy_patch as cp
+    import llmdiff_core.adapter_runtime as runtime
+    import llmdiff_core.site_patches as patches
     mp = tiny_sd15_minimal()
     adapter = adapter_for(mp, "clip")
     features = make_features([5, 11], seed=3)
     x, sigma, context, y = direct_inputs("sd15")
     counts: dict[str, int] = {}
-    count_calls(cp, "fuse_after_out", counts, monkeypatch)  # the fallback's extra output projection
-    count_calls(cp, "fuse_at_core", counts, monkeypatch)
+    count_calls(patches, "fuse_after_out", counts, monkeypatch)  # the fallback's extra output projection
+    count_calls(patches, "fuse_at_core", counts, monkeypatch)
     if path == "after_out":  # a ComfyUI without the core override
-        monkeypatch.setattr(cp, "CORE_OVERRIDE_SUPPORTED", False)
+        monkeypatch.setattr(runtime, "CORE_OVERRIDE_SUPPORTED", False)
     base = mp
     other = CountingOverride()
     if path == "core_chained":
         base = mp.clone()
-        base.model_options["transformer_options"][cp.OVERRIDE_KEY] = other
+        base.model_options["transformer_options"][OVERRIDE_KEY] = other
     m = apply_adapter(base, adapter)
     got = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(features).concat([]))
     want = reference_output(mp, adapter, features, x, sigma, context, y, paper=False)
@@ -1143,7 +1145,7 @@ def test_hybrid_fuses_at_the_attention_core_without_a_second_projection(path: st
         assert counts == {"fuse_after_out": 0, "fuse_at_core": sites}
     if path == "core_chained":
         assert other.calls == 2 * sites  # attn1 and attn2 of every block still go through it
-        assert cp.OVERRIDE_KEY not in mp.model_options["transformer_options"]
+        assert OVERRIDE_KEY not in mp.model_options["transformer_options"]
     # strength 0: no override is installed at all, the unpatched model bit for bit
     assert torch.equal(diffusion_output(apply_adapter(mp, adapter, strength=0.0), x, sigma, context, y,
                                         CONDLLMDiff(features).concat([])), diffusion_output(mp, x, sigma, context, y))
@@ -1151,13 +1153,13 @@ def test_hybrid_fuses_at_the_attention_core_without_a_second_projection(path: st
 
 def test_replace_patch_site_fuses_before_to_out(monkeypatch: Any) -> None:
     """A site occupied by a replace patch (IP-Adapter): Eq. 10 with the replace's output as A_orig, before to_out."""
-    import llmdiff_core.comfy_patch as cp
+    import llmdiff_core.site_patches as patches
     mp = tiny_sd15_minimal()
     adapter = adapter_for(mp, "clip")
     features = make_features([5, 11], seed=3)
     x, sigma, context, y = direct_inputs("sd15")
     counts: dict[str, int] = {}
-    count_calls(cp, "fuse_after_out", counts, monkeypatch)
+    count_calls(patches, "fuse_after_out", counts, monkeypatch)
     dummy = DummyReplace(0.0)
     got = diffusion_output(apply_adapter(with_dummy(mp, dummy), adapter), x, sigma, context, y,
                            CONDLLMDiff(features).concat([]))
@@ -1247,12 +1249,12 @@ def test_compiled_patched_unet_can_run_as_cuda_graphs(mode: str) -> None:
 
 def test_cuda_graph_audit_sees_a_write_to_the_cached_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """The audit above can fail: an in-place op on a site's cached keys is a write to a graph input."""
-    import llmdiff_core.comfy_patch as comfy_patch
+    import llmdiff_core.adapter_runtime as runtime
 
     def attend_that_writes(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: Any) -> torch.Tensor:
         kh.mul_(1.0)
         return attend(q, kh, vh, mask)
-    monkeypatch.setattr(comfy_patch, "attend", attend_that_writes)
+    monkeypatch.setattr(runtime, "attend", attend_that_writes)
     graphs = audited_compiled_sampling("clip")[0].graphs
     # the minimal U-Net's 7 sites read their keys from 2 stacks (two head widths): each is a graph input written to
     assert len(graphs) == 1 and len(graphs[0]["mutated inputs"]) == 2, graphs

@@ -380,7 +380,7 @@ def test_training_steps_decide_the_attended_span_on_the_host_mask(tmp_path: Path
     --compile-whole-bucket (the default with --compile-unet) every step attends over the whole token bucket
     (TrainingCall.whole_bucket: one key length, one graph), while a cached batch is still expanded (and
     encoded) only up to its span's end."""
-    from llmdiff_core import comfy_patch
+    from llmdiff_core.adapter_runtime import AdapterRuntime
 
     data = write_folder(tmp_path / "data", make_images(4))
     extra: dict[str, Any] = {"cache_dir": str(tmp_path / "cache")} if cached else {}
@@ -388,7 +388,7 @@ def test_training_steps_decide_the_attended_span_on_the_host_mask(tmp_path: Path
         extra.update(compile_unet="aot_eager", compile_whole_bucket=True)
     seen: list[tuple[int, ...] | None] = []
     spans: list[tuple[int, int, int]] = []
-    build = comfy_patch.AdapterRuntime._build_entry
+    build = AdapterRuntime._build_entry
 
     def spy(self: Any, batch: Any, device: torch.device, dtype: torch.dtype, training: Any) -> Any:
         host = None if training is None else training.host_mask
@@ -398,7 +398,7 @@ def test_training_steps_decide_the_attended_span_on_the_host_mask(tmp_path: Path
         assert host is None or host.shape[1] <= width
         spans.append((entry.mask.start, entry.mask.stop, width))
         return entry
-    monkeypatch.setattr(comfy_patch.AdapterRuntime, "_build_entry", spy)
+    monkeypatch.setattr(AdapterRuntime, "_build_entry", spy)
     torch._dynamo.reset()
     try:
         assert runner.run_with(options(data, tmp_path / "out", max_steps=2, caption_dropout=0.5, max_tokens=96,

@@ -276,7 +276,7 @@ def test_wrong_adapter_fails_with_our_message_then_the_server_recovers(demo_serv
     assert sampler not in cached_nodes(entry)
 
 
-RUN_LOG = "LLMDiff run:"  # comfy_patch.AdapterRuntime.end_run's DEBUG line, one per sampling run
+RUN_LOG = "LLMDiff run:"  # adapter_runtime.AdapterRuntime.end_run's DEBUG line, one per sampling run
 
 
 @pytest.mark.server

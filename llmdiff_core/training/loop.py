@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapter import LLMDiffAdapter
 from ..attention import attended_span
-from ..comfy_patch import TrainingCall
+from ..adapter_runtime import TrainingCall
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from . import checkpointing, device_copy, objective, previews

@@ -6,7 +6,7 @@ and `llmdiff` keyword the sampler passes (comfy/sampler_helpers.py prepare_model
 patcher's wrappers into transformer_options; comfy/samplers.py calc_cond_batch calls apply_model).
 So the trained layers are exactly the layers the nodes run.
 
-What differs from sampling is asked for per call with comfy_patch.TrainingCall (training_options):
+What differs from sampling is asked for per call with adapter_runtime.TrainingCall (training_options):
 the gates stay tensors, the score encoding adds its Langevin noise from each sample's seed, and c and
 every site's K/V are computed by the call itself, outside gradient-checkpointed blocks. Validation
 samples through the same patched model without it, i.e. exactly as the nodes do (with the U-Net eager:
@@ -25,9 +25,11 @@ from torch.utils.checkpoint import checkpoint
 import comfy.patcher_extension as pe
 
 from ..adapter import LLMDiffAdapter
-from ..comfy_patch import TRAINING_KEY, TrainingCall, apply_adapter, applied_runtimes
+from ..adapter_runtime import TrainingCall
+from ..comfy_patch import apply_adapter, applied_runtimes
 from ..conditioning import FeatureBatch, FeaturePart
 from ..features import LLMFeatures
+from ..model_wrappers import TRAINING_KEY
 
 
 def patch_for_training(model_patcher: Any, adapter: LLMDiffAdapter) -> Any:
@@ -38,7 +40,7 @@ def patch_for_training(model_patcher: Any, adapter: LLMDiffAdapter) -> Any:
 def compile_unet(patched: Any, backend: str, mode: str | None = None, projections: bool = True) -> None:
     """torch.compile the patched model's U-Net the way ComfyUI's TorchCompileModel node does: an
     APPLY_MODEL wrapper swaps the compiled module in for each call. The adapter's per-call work runs
-    outside it (comfy_patch.ApplyModelWrapper) and its attention patches trace into the U-Net's graph,
+    outside it (model_wrappers.ApplyModelWrapper) and its attention patches trace into the U-Net's graph,
     forward and backward. Of that per-call work, every site's K/V projection (the bulk of its ops: SDXL's
     70 sites, ~8 ops each and their backward) is compiled too (projections), as graphs of its own."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
