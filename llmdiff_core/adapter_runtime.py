@@ -302,7 +302,9 @@ class AdapterRuntime(SharedOnCopy):
     def tau_q(self, entry: RunEntry, i: int, n: torch.Tensor) -> torch.Tensor:
         """Site i's tau_q(n) in n's dtype: the entry's weight (already cast, LoRA-patched) where n is in it."""
         w = entry.q_weights[i]
-        return torch.nn.functional.linear(n, w) if n.dtype == w.dtype else linear_in_dtype(self.adapter.sites[i].to_q, n)
+        if n.dtype == w.dtype:
+            return torch.nn.functional.linear(n, w)
+        return linear_in_dtype(self.adapter.sites[i].to_q, n)
 
     def orig_path(self, state: CallState, i: int, q: torch.Tensor) -> torch.Tensor:
         """Paper mode: w_orig * Attn(q, k(phi c), v(phi c)), w_orig folded into the entry's values."""
