@@ -88,7 +88,7 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
                  calls: dict[str, int]) -> Iterator[None]:
     """Answers the two host reads of a meta run from host values, and counts the fusion calls (a one-kernel
     site's, fused_site, as "fused_site")."""
-    import llmdiff_core.site_patches as cp
+    import llmdiff_core.site_patches as patches  # the one module that calls the fusions
     from llmdiff_core.attention import SPAN_BUCKET, RunMask
 
     original = RunMask.__dict__["prepare"]
@@ -108,11 +108,11 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
             return fn(*args, **kwargs)
         return wrapper
 
-    saved = {name: getattr(cp, name) for name in ("fuse_at_core", "fuse_after_out")}
+    saved = {name: getattr(patches, name) for name in ("fuse_at_core", "fuse_after_out")}
     RunMask.prepare = classmethod(prepare)
     adapter.gate_weights = lambda: (torch.full((n,), gates[0]), torch.full((n,), gates[1]))
     for name, fn in saved.items():
-        setattr(cp, name, counting(name, fn))
+        setattr(patches, name, counting(name, fn))
     try:
         with common.counting_site_kernel(calls):
             yield
@@ -120,7 +120,7 @@ def _host_values(adapter: Any, mask: torch.Tensor, gates: tuple[float, float],
         RunMask.prepare = original
         del adapter.gate_weights
         for name, fn in saved.items():
-            setattr(cp, name, fn)
+            setattr(patches, name, fn)
 
 
 class _UNetCall:

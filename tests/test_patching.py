@@ -122,6 +122,29 @@ def count_calls(obj: Any, name: str, counts: dict[str, int], monkeypatch: Any = 
         monkeypatch.setattr(obj, name, counted)
 
 
+# Which llmdiff_core module calls each function the tests count or replace (count_calls, monkeypatch): a count
+# of 0 there proves nothing if another module calls it too.
+COUNTED_CALLERS = {"attend": {"adapter_runtime.py"}, "fuse_at_core": {"site_patches.py"},
+                   "fuse_after_out": {"site_patches.py"}}
+
+
+def test_each_counted_function_is_called_from_one_module() -> None:
+    import ast
+    from pathlib import Path
+
+    import llmdiff_core
+    root = Path(llmdiff_core.__file__).parent
+    callers: dict[str, set[str]] = {name: set() for name in COUNTED_CALLERS}
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                if name in callers:
+                    callers[name].add(str(path.relative_to(root)))
+    assert callers == COUNTED_CALLERS
+
+
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b| (the tiny random U-Nets' outputs are large)."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
