@@ -46,7 +46,7 @@ profiles() {
 run_part() {
   case "$1" in
     all)  # the correctness checks, the four targets, then the diagnostics
-      step checks 40 checks 1,2,4,5,6,7,8,9,10
+      step checks 40 checks 1,2,4,5,6,7,8,9,10,13
       step sampling 90 bench sampling_overhead
       step encoding 40 bench score_encoding
       step training 90 train
@@ -70,7 +70,7 @@ run_part() {
       # 3: plain inductor, one graph for two span lengths and two strengths; 12 (session 16): the one-kernel hybrid
       # site (fused_site.py, opt-in), compiled by Triton for the first time: the kernel against float64 at the real
       # site shapes in fp16 and bf16, sampling with it, and under CUDA graphs
-      step checks 130 checks 3,11,12
+      step checks 130 checks 3,11,12,13
       # (session 16) a hybrid site per call at the real shapes, device time of CUDA-graph replays: the three kernels
       # against the one-kernel site and its tile shapes (seconds; says per site shape whether and by how much the
       # kernel wins, and which tiles to keep)
@@ -121,6 +121,11 @@ run_part() {
       # backward), against 18.75 img/s, then the same-run A/B with them eager (the U-Net's graphs from the cache)
       step training-compiled-sdxl 330 train --models sdxl --no-floor --compile inductor --warmup 5 --steps 10
       step training-compiled-sdxl-eager-projections 200 train --models sdxl --no-floor --compile inductor --no-compile-projections --warmup 5 --steps 10
+      # --unet-fp8 (session 19, never run on a GPU): the frozen U-Net's linear layers as float8 GEMMs (check 13 has
+      # the per-GEMM speed-up). Compiled SDXL's GEMMs were 59 of its 181 ms of kernels (§5g): at twice the rate,
+      # ~25 ms less per step. Against training-compiled-sdxl above, then SD1.5 against session 10's 147.6 img/s
+      step training-compiled-sdxl-fp8 330 train --models sdxl --no-floor --compile inductor --unet-fp8 --warmup 5 --steps 10
+      step training-compiled-sd15-fp8 170 train --models sd15 --no-floor --compile inductor --unet-fp8 --warmup 5 --steps 10
       # compiled SDXL training at batch 4 made 18.75 img/s (target 28; 181 ms of kernels per 213 ms step, GEMMs at
       # ~26 % of peak): batch 8 (the target names no batch size; ~60 GiB expected) for bigger GEMMs and half the
       # host work per image (its compile: ~230 s to the first step in session 12)

@@ -28,7 +28,10 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 12. the one-kernel hybrid site (llmdiff_core/fused_site.py, opt-in: site_kernel "fused" or "fused-attention"),
    compiled by Triton for this GPU: the kernel against float64 math at the real SD1.5 and SDXL site shapes in
    fp16 and bf16 (given n, or given tau_q(n)), sampling with each site kernel against the three kernels, and
-   "fused" under CUDA graphs as check 11.
+   "fused" under CUDA graphs as check 11;
+13. train.py --unet-fp8 (training/float8_linears.py): a frozen linear layer at SDXL's GEMM shapes in bf16 gives
+   the fp32 product of its float8-rounded operands, forward and activation gradient, no weight gradient; and
+   its forward + backward time against bf16.
 """
 
 from __future__ import annotations
@@ -521,6 +524,52 @@ def main() -> None:
             details.append(f"{mode}: adapter loaded partially {partial}, rel. difference to full load {err:.2e}")
         return ok, "; ".join(details)
 
+    # 13. --unet-fp8: the frozen U-Net's linears as float8 GEMMs
+    def float8_linears() -> tuple[bool, str]:
+        from llmdiff_core.training.float8_linears import use_float8_linears
+
+        def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # float8 with one amax scale, in fp32
+            scale = t.double().abs().max() / torch.finfo(dtype).max
+            return ((t.double() / scale).to(dtype).double() * scale).float()
+
+        # SDXL 1024 px batch 4 at its 32x32 level (4096 rows): attention projection, GEGLU in and out
+        shapes = [(4096, 1280, 1280), (4096, 1280, 10240), (4096, 5120, 1280)] if cuda else [(256, 128, 256)]
+        dtype = torch.bfloat16 if cuda else torch.float32
+        g = torch.Generator().manual_seed(0)
+        details, ok = [], True
+        for rows, k, n in shapes:
+            layer = torch.nn.Linear(k, n).to(device, dtype).requires_grad_(False)
+            x = torch.randn(rows, k, generator=g).to(device, dtype).requires_grad_(True)
+            grad_y = (torch.randn(rows, n, generator=g) * 1e-2).to(device, dtype)
+
+            def step() -> None:
+                layer(x).backward(grad_y)
+
+            def median_ms() -> float:  # (after a warm-up step; each A/B side timed in a block: a check, not a bench)
+                step()
+                return 1e3 * common.median([common.timed(step, device, calls=10)() for _ in range(5)])
+            ms = {"bf16": median_ms()}
+            x.grad = None
+            _, undo = use_float8_linears(layer, device)
+            try:
+                y = layer(x)
+                y.backward(grad_y)
+                y, dx = y.detach(), x.grad.clone()  # (before the timed steps add to x.grad)
+                ms["fp8"] = median_ms()
+            finally:
+                undo()
+            w = layer.weight.float()
+            want_y = torch.nn.functional.linear(rounded(x.detach().float(), torch.float8_e4m3fn),
+                                                rounded(w, torch.float8_e4m3fn), layer.bias.float())
+            want_dx = rounded(grad_y.float(), torch.float8_e5m2) @ rounded(w, torch.float8_e4m3fn)
+            err_y = float((y.float() - want_y).abs().max() / want_y.abs().max())
+            err_dx = float((dx.float() - want_dx).abs().max() / want_dx.abs().max())
+            ok &= err_y < 2e-2 and err_dx < 2e-2 and layer.weight.grad is None
+            details.append(f"{rows}x{k}->{n}: rel. error y {err_y:.1e}, dx {err_dx:.1e}; forward+backward "
+                           f"{ms['bf16']:.3f} ms {str(dtype)[6:]} / {ms['fp8']:.3f} ms fp8 "
+                           f"({ms['bf16'] / ms['fp8']:.2f}x)")
+        return ok, "; ".join(details) + " (errors against the fp32 product of the same float8 roundings)"
+
     checks.run(1, "device sampling reproduces the CPU fp32 adapter effect", device_matches_cpu, only)
     checks.run(2, "no device->host sync per sampling step", no_sync_per_step, only)
     checks.run(3, "torch.compile: one graph, no break, eager result", compiled_like_eager, only)
@@ -537,6 +586,8 @@ def main() -> None:
     checks.run(11, "torch.compile with CUDA graphs (reduce-overhead): no skip, eager result on replays",
                compiled_cuda_graphs, only)
     checks.run(12, "the one-kernel hybrid site (fused_site): real shapes, sampling, CUDA graphs", fused_site_kernel,
+               only)
+    checks.run(13, "--unet-fp8: float8 linears match the rounded operands' product; their speed", float8_linears,
                only)
 
     report = common.Report("GPU correctness checks", common.env_header(device, opts.root))

@@ -56,6 +56,8 @@ def parse() -> Any:
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 4 GPU, 0 --small)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="train.py --channels-last (frozen U-Net memory format)")
+    p.add_argument("--unet-fp8", action="store_true", help="train.py --unet-fp8 (the frozen U-Net's linear layers "
+                   "as float8 GEMMs; CUDA compute capability 8.9+)")
     p.add_argument("--sdpa-backends", default="", metavar="LIST",
                    help="train.py --sdpa-backends: the attention kernels to use, fastest first (e.g. flash,efficient)")
     p.add_argument("--compile", default="", metavar="BACKEND",
@@ -170,7 +172,8 @@ def main() -> None:
         workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
         copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
         cudnn_benchmark=cuda and not opts.no_cudnn_benchmark,
-        channels_last=opts.channels_last, sdpa_backends=opts.sdpa_backends.replace(",", "+") or "torch's choice",
+        channels_last=opts.channels_last, unet_fp8=opts.unet_fp8,
+        sdpa_backends=opts.sdpa_backends.replace(",", "+") or "torch's choice",
         compile=(f"{opts.compile} (mode {opts.compile_mode})" if opts.compile_mode else opts.compile) or "no",
         whole_bucket=bool(opts.compile) and opts.compile_whole_bucket,
         compiled_projections=bool(opts.compile) and opts.compile_projections,
@@ -269,7 +272,7 @@ def main() -> None:
                              cache_dir=str(cache), warmup_steps=0, lr=1e-5, progress=False, tensorboard=False,
                              log_every=1, checkpoint_every=0, keep_checkpoints=1, max_tokens=128,
                              gradient_checkpointing=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
-                             channels_last=opts.channels_last, compile_unet=opts.compile,
+                             channels_last=opts.channels_last, unet_fp8=opts.unet_fp8, compile_unet=opts.compile,
                              sdpa_backends=opts.sdpa_backends,
                              cudnn_benchmark=not opts.no_cudnn_benchmark,
                              compile_mode=opts.compile_mode, compile_whole_bucket=opts.compile_whole_bucket,

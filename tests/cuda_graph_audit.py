@@ -23,6 +23,7 @@ class CudaGraphAudit:
         self.graphs: list[dict[str, Any]] = []  # forward graphs: what skips CUDA graphs
         self.backward_graphs: list[dict[str, Any]] = []
         self.copied: list[int] = []  # per forward graph: the tensor inputs a CUDA-graph replay copies in (not static)
+        self.copied_dtypes: list[Counter[str]] = []  # ... and their dtypes
         self.computing: list[Counter[str]] = []  # per forward graph: its ops that make new data (kernels), by name
         self.backend = aot_autograd(fw_compiler=self._forward, bw_compiler=self._backward)
 
@@ -40,8 +41,9 @@ class CudaGraphAudit:
         assert meta is not None, "AOTAutograd's metadata moved: update CudaGraphAudit"
         self.graphs.append({**self._found(gm, example_inputs), "mutated inputs": list(meta.mutated_inp_runtime_indices)})
         static = set(meta.static_input_indices)  # parameters and buffers: their addresses stay put
-        self.copied.append(sum(1 for i, t in enumerate(example_inputs)
-                               if isinstance(t, torch.Tensor) and i not in static))
+        copied = [t for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and i not in static]
+        self.copied.append(len(copied))
+        self.copied_dtypes.append(Counter(str(t.dtype) for t in copied))
         self.computing.append(Counter(
             str(n.target.overloadpacket) for n in gm.graph.nodes if n.op == "call_function"
             and isinstance(n.target, torch._ops.OpOverload) and not _is_view(n.target)))

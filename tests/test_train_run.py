@@ -222,19 +222,22 @@ def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, froz
     assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
 
 
-@pytest.mark.parametrize("projections", [True, False], ids=["compiled_projections", "eager_projections"])
-def test_compiled_training_step_can_run_as_cuda_graphs(tmp_path: Path, frozen, projections: bool) -> None:
+@pytest.mark.parametrize("projections, fp8", [(True, False), (False, False), (True, True)],
+                         ids=["compiled_projections", "eager_projections", "float8_unet"])
+def test_compiled_training_step_can_run_as_cuda_graphs(tmp_path: Path, frozen, projections: bool, fp8: bool) -> None:
     """train.py --compile-unet inductor --compile-mode reduce-overhead runs the training step's forward and backward
     as CUDA graphs only if no graph holds an op CUDA graphs refuse, takes an input that is not a tensor or a
     size, or writes to an input (inductor would skip CUDA graphs for the whole U-Net, with a logged warning).
     The whole-bucket graphs (the default) are audited with torch's own checks; GPU speed: bench/device_run.sh next.
     With --compile-projections (the default) every site's K/V projection is a graph of its own, forward and
-    backward; --no-compile-projections leaves the U-Net's alone."""
+    backward; --no-compile-projections leaves the U-Net's alone. --unet-fp8's float8 GEMMs and weights (buffers:
+    static inputs) keep it capturable."""
     audit = CudaGraphAudit()
     name = f"llmdiff_cuda_graph_audit_{id(audit)}"  # (a registered name is taken for the process)
     torch._dynamo.register_backend(audit.backend, name=name)
     data = write_folder(tmp_path / "data", make_images(4))
-    run = options(data, tmp_path / "out", max_steps=2, compile_unet=name, compile_projections=projections)
+    run = options(data, tmp_path / "out", max_steps=2, compile_unet=name, compile_projections=projections,
+                  unet_fp8=fp8)
     assert run.compile_whole_bucket
     torch._dynamo.reset()
     try:
@@ -245,6 +248,12 @@ def test_compiled_training_step_can_run_as_cuda_graphs(tmp_path: Path, frozen, p
     assert audit.graphs == [{"incompatible op": None, "non-tensor inputs": [], "mutated inputs": []}] * graphs, \
         audit.graphs
     assert audit.backward_graphs == [{"incompatible op": None, "non-tensor inputs": []}] * graphs, audit.backward_graphs
+    gemms = audit.computing[-1]["aten._scaled_mm"]  # the U-Net's forward graph
+    if fp8:  # float8 GEMMs traced, and their float8 weights static inputs (a replay does not copy them)
+        assert gemms > 0, audit.computing[-1]
+        assert not any("float8" in dtype for graph in audit.copied_dtypes for dtype in graph), audit.copied_dtypes
+    else:
+        assert gemms == 0
 
 
 @pytest.mark.slow
@@ -295,6 +304,49 @@ def test_channels_last_and_compiled_unet_train_the_same(tmp_path: Path, frozen, 
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     conv = next(m for m in comps.model_patcher.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous()  # channels-last undone after the run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_unet_fp8_trains_through_float8_gemms_and_leaves_the_unet_as_it_came(tmp_path: Path, frozen, compiled: bool,
+                                                                          monkeypatch) -> None:
+    """--unet-fp8: the frozen U-Net's linear layers cast their activations to e4m3 in the forward and their
+    output gradients to e5m2 in the backward; the run trains about as the unconverted one does (float8's
+    rounding, not another objective), compiled without graph breaks, and the U-Net is left as it came."""
+    from torch._dynamo.utils import counters
+
+    from llmdiff_core.training import float8_linears as f8
+
+    data = write_folder(tmp_path / "data", make_images(4))
+    common = dict(max_steps=3, batch_size=2, **({"compile_unet": "aot_eager"} if compiled else {}))
+    assert runner.run_with(options(data, tmp_path / "plain", **common), components(frozen)) == 0
+    casts: list[torch.dtype] = []
+    to_float8 = f8.to_float8
+
+    def counted(t: torch.Tensor, dtype: torch.dtype) -> Any:
+        casts.append(dtype)
+        return to_float8(t, dtype)
+    if not compiled:  # (a side effect breaks a compiled graph; there the CUDA-graph audit sees the float8 GEMMs)
+        monkeypatch.setattr(f8, "to_float8", counted)
+    comps = components(frozen)
+    linears = [m for m in comps.model_patcher.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert runner.run_with(options(data, tmp_path / "fp8", unet_fp8=True, **common), comps) == 0
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    if not compiled:
+        assert casts.count(torch.float8_e4m3fn) > len(linears)  # the weights once, then activations in the forward
+        assert casts.count(torch.float8_e5m2) > 0  # output gradients in the backward
+    plain, fp8 = losses(tmp_path / "plain"), losses(tmp_path / "fp8")
+    assert fp8 != plain and fp8 == pytest.approx(plain, rel=0.02), (fp8, plain)
+    a = load_adapter(tmp_path / "plain" / "llmdiff_adapter.safetensors").state_dict()
+    b = load_adapter(tmp_path / "fp8" / "llmdiff_adapter.safetensors").state_dict()
+    assert all(b[k].isfinite().all() for k in b) and any(not torch.equal(a[k], b[k]) for k in a)
+    assert not any("forward" in vars(m) for m in linears)
+    assert not any(n.startswith("llmdiff_fp8") for n, _ in comps.model_patcher.model.named_buffers())
 
 
 @pytest.mark.slow

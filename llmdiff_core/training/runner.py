@@ -24,6 +24,7 @@ from ..unet_sites import base_family, find_sites
 from . import checkpointing, feature_cache, previews
 from .data import Position, StreamSpec, loader, open_source, SampleStream
 from .encoders import Conditioning, FrozenEncoders
+from .float8_linears import use_float8_linears
 from .loop import Trainer, TrainingStopped, TrainModule
 from .objective import prediction_type
 from .options import TrainOptions
@@ -217,6 +218,10 @@ def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch
         unet = mp.model.diffusion_model
         unet.to(memory_format=torch.channels_last)
         undo.append(lambda: unet.to(memory_format=torch.contiguous_format))
+    if opts.unet_fp8:  # (before compile: the compiled graph traces the float8 forward)
+        converted, undo_fp8 = use_float8_linears(mp.model.diffusion_model, device)
+        undo.append(undo_fp8)
+        log.info("--unet-fp8: %d linear layers of the frozen U-Net run float8 GEMMs", converted)
     if opts.compile_unet:
         if opts.gradient_checkpointing:
             log.warning("--compile-unet with --gradient-checkpointing: correct, but dynamo splits the U-Net into "
