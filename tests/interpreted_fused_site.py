@@ -18,7 +18,7 @@ from llmdiff_core import fused_site
 from llmdiff_core.adapter_runtime import AdapterRuntime, TrainingCall
 from llmdiff_core.comfy_patch import apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff, attach_features
-from test_patching import (DummyReplace, GraphCounter, adapter_for, clip_conditioning, count_calls,
+from patching_support import (DummyReplace, GraphCounter, adapter_for, clip_conditioning, count_calls,
                            diffusion_output, direct_inputs, half_copy, make_features, max_rel, noise, reference_output,
                            runtime_of, sample, with_dummy)
 from tiny_unets import tiny_sd15, tiny_sd15_minimal, tiny_sdxl

@@ -24,7 +24,7 @@ import torch
 from llmdiff_core import fused_site
 from llmdiff_core.comfy_patch import apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff
-from test_patching import adapter_for, diffusion_output, direct_inputs, make_features, runtime_of
+from patching_support import adapter_for, diffusion_output, direct_inputs, make_features, runtime_of
 from tiny_unets import tiny_sd15_minimal
 
 REPO = Path(__file__).resolve().parents[1]

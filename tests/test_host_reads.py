@@ -28,7 +28,7 @@ from llmdiff_core.adapter_runtime import AdapterRuntime, TrainingCall
 from llmdiff_core.comfy_patch import applied_runtimes, apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff
 from llmdiff_core.features import LLMFeatures
-from test_patching import UNETS, adapter_for, diffusion_output, direct_inputs, make_features
+from patching_support import UNETS, adapter_for, diffusion_output, direct_inputs, make_features
 
 META = torch.device("meta")
 READ_ERRORS = (RuntimeError, NotImplementedError)  # "... cannot be called on meta tensors", "Cannot copy out of meta"
