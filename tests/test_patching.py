@@ -28,7 +28,7 @@ from llmdiff_core.unet_sites import find_sites
 from patching_support import (UNETS, make_features, clip_conditioning, prompt, adapter_for, noise, sample,
                               diffusion_output, runtime_of, count_calls, max_rel, literal_attention, reference_output,
                               direct_inputs, half_copy, DummyReplace, DummyOutputPatch, with_dummy)
-from tiny_unets import tiny_sd15, tiny_sd15_minimal, tiny_sdxl
+from tiny_unets import tiny_sd15, tiny_sd15_minimal, tiny_sd15_minimal_stored_in, tiny_sdxl
 
 
 # Which llmdiff_core module calls each function the tests count or replace (count_calls, monkeypatch): a count
@@ -147,6 +147,28 @@ def test_weights_made_at_call_time_are_the_ones_used(mode: str, kind: str) -> No
     want = reference_output(patched_weights, adapter, features, x, sigma, context, y, paper=mode == "llm")
     assert max_rel(got, want) < 1e-5
     assert max_rel(reference_output(mp, adapter, features, x, sigma, context, y, paper=mode == "llm"), want) > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["clip", "llm"])
+def test_a_unet_stored_in_float8_samples_as_its_weights_do_in_float32(mode: str) -> None:
+    """Load Diffusion Model's weight_dtype fp8_e4m3fn (low-VRAM SDXL setups): the U-Net stores float8 and its
+    comfy.ops layers cast each weight per call. The patches read the original path's weights through the same
+    casts (paper mode projects phi(c) with them), so the patched model samples what the float32 U-Net holding
+    the same rounded weights samples, and a fresh hybrid adapter changes nothing."""
+    stored, reference = tiny_sd15_minimal_stored_in(torch.float8_e4m3fn)
+    assert stored.model.diffusion_model.dtype == torch.float8_e4m3fn
+    n = noise(2)
+    positive, negative = prompt("minimal", [5, 9], 3), prompt("minimal", [1, 1], 4)
+    if mode == "clip":  # (prompt's CLIP part is clip_conditioning of the same seed)
+        unpatched = sample(stored, clip_conditioning("minimal", 2, 3), clip_conditioning("minimal", 2, 4), n)
+        fresh = sample(apply_adapter(stored, adapter_for(stored, mode, trained=False)), positive, negative, n)
+        assert torch.equal(fresh, unpatched)
+    adapter = adapter_for(reference, mode)
+    want = sample(apply_adapter(reference, adapter), positive, negative, n)
+    got = sample(apply_adapter(stored, adapter), positive, negative, n)
+    assert max_rel(got, want) < 1e-6
+    if mode == "clip":
+        assert max_rel(got, unpatched) > 0.1  # the trained adapter acts: the equality above is not vacuous
 
 
 # --- training mode (TrainingCall) ------------------------------------------------------------------------

@@ -59,10 +59,10 @@ class _TinySDXL(comfy.supported_models.SDXL):
     unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
 
 
-def _build(config_cls: type, unet_config: dict[str, Any],
-           dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+def _build(config_cls: type, unet_config: dict[str, Any], dtype: torch.dtype = torch.float32,
+           compute_dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
     model_config = config_cls(dict(unet_config, dtype=dtype))
-    model_config.set_inference_dtype(dtype, None)
+    model_config.set_inference_dtype(dtype, compute_dtype)
     device = comfy.model_management.unet_offload_device()
     model = model_config.get_model({}, "", device=device)
     seeded_init(model.diffusion_model, WEIGHT_SEED)
@@ -97,6 +97,20 @@ def tiny_sdxl() -> comfy.model_patcher.ModelPatcher:
 def tiny_sd15_minimal() -> comfy.model_patcher.ModelPatcher:
     """2-level SD1.x U-Net (7 sites): the fastest one for sampling tests."""
     return _sd15_minimal().clone()
+
+
+def tiny_sd15_minimal_stored_in(storage: torch.dtype) -> tuple[Any, Any]:
+    """The minimal U-Net stored in `storage` and computed in float32, as ComfyUI runs a model loaded with
+    weight_dtype fp8_e4m3fn (its comfy.ops layers cast each weight per call: manual cast), and a float32 copy
+    holding the same rounded weights (the reference). Both fresh: the cached models stay untouched."""
+    stored = _build(comfy.supported_models.SD15, _SD15_MINIMAL_CONFIG, storage, compute_dtype=torch.float32)
+    reference = _build(comfy.supported_models.SD15, _SD15_MINIMAL_CONFIG)
+    rounded = {k: v.to(storage) if v.is_floating_point() else v
+               for k, v in reference.model.diffusion_model.state_dict().items()}
+    stored.model.diffusion_model.load_state_dict(rounded)
+    reference.model.diffusion_model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                                     for k, v in rounded.items()})
+    return stored, reference
 
 
 def tiny_llm_spec(hidden_size: int = 32, num_layers: int = 4, family: str = "llama",
