@@ -106,6 +106,9 @@ run_part() {
       # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
       # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s
       step training-reduce-overhead-sd15 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
+      # the same with --unet-fp8 (session 19, §3u: the frozen U-Net's linear layers as float8 GEMMs), on the same
+      # warm machine right after it: the A/B of what float8 GEMMs add to the fastest SD1.5 step
+      step training-reduce-overhead-sd15-fp8 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --unet-fp8 --warmup 5 --steps 10
       # the same for SDXL, whose compiled step idles ~32 ms of 213 on the host (§5g): kernel launches that a replay
       # takes off the host; the way to the ~22 img/s its kernels allow (the compile: ~230 s in session 12)
       step training-reduce-overhead-sdxl 380 train --models sdxl --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
@@ -123,9 +126,8 @@ run_part() {
       step training-compiled-sdxl-eager-projections 200 train --models sdxl --no-floor --compile inductor --no-compile-projections --warmup 5 --steps 10
       # --unet-fp8 (session 19, never run on a GPU): the frozen U-Net's linear layers as float8 GEMMs (check 13 has
       # the per-GEMM speed-up). Compiled SDXL's GEMMs were 59 of its 181 ms of kernels (§5g): at twice the rate,
-      # ~25 ms less per step. Against training-compiled-sdxl above, then SD1.5 against session 10's 147.6 img/s
+      # ~25 ms less per step. Against training-compiled-sdxl above, on the same machine
       step training-compiled-sdxl-fp8 330 train --models sdxl --no-floor --compile inductor --unet-fp8 --warmup 5 --steps 10
-      step training-compiled-sd15-fp8 170 train --models sd15 --no-floor --compile inductor --unet-fp8 --warmup 5 --steps 10
       # compiled SDXL training at batch 4 made 18.75 img/s (target 28; 181 ms of kernels per 213 ms step, GEMMs at
       # ~26 % of peak): batch 8 (the target names no batch size; ~60 GiB expected) for bigger GEMMs and half the
       # host work per image (its compile: ~230 s to the first step in session 12)
