@@ -7,6 +7,8 @@ devices without float8 GEMMs. The training run itself is in test_train_run.py.""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,7 +93,7 @@ def test_gemm_operands_have_the_layouts_cuda_takes(monkeypatch) -> None:
 
 
 def test_the_frozen_unet_linears_are_converted_and_the_undo_restores_them() -> None:
-    unet = tiny_sd15().model.diffusion_model
+    unet = copy.deepcopy(tiny_sd15().model.diffusion_model)  # (tiny_sd15's clones share one U-Net: not that)
     unet.requires_grad_(False)
     linears = [m for m in unet.modules() if isinstance(m, nn.Linear)]
     trainable = linears[5]

@@ -222,6 +222,9 @@ def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch
         converted, undo_fp8 = use_float8_linears(mp.model.diffusion_model, device)
         undo.append(undo_fp8)
         log.info("--unet-fp8: %d linear layers of the frozen U-Net run float8 GEMMs", converted)
+        if device.type == "cpu":
+            log.warning("--unet-fp8 on the CPU: correct, but torch's CPU float8 GEMM is slower than fp32's; it is "
+                        "meant for GPUs of compute capability 8.9+")
     if opts.compile_unet:
         if opts.gradient_checkpointing:
             log.warning("--compile-unet with --gradient-checkpointing: correct, but dynamo splits the U-Net into "
