@@ -72,9 +72,8 @@ def float8_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The forward a converted layer runs: float8 for enough rows on the weights' device, else its own."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     weight = getattr(module, _W)
-    if (rows < MIN_ROWS or x.device != weight.device or getattr(module, "comfy_cast_weights", False)
-            or getattr(module, "weight_function", None) or getattr(module, "bias_function", None)):
-        # (ComfyUI casts or patches weights per call when it offloads or patches the layer: its own forward)
+    if rows < MIN_ROWS or x.device != weight.device or _comfy_casts(module):
+        # (ComfyUI may offload or patch a layer after the conversion: then its own forward)
         return type(module).forward(module, x)
     y = _Float8FrozenLinear.apply(x.reshape(rows, x.shape[-1]), weight, getattr(module, _W_T),
                                   getattr(module, _W_SCALE), module.bias)
@@ -98,9 +97,16 @@ def check_float8_device(device: torch.device) -> None:
                        "train without --unet-fp8")
 
 
+def _comfy_casts(module: nn.Module) -> bool:
+    """ComfyUI casts or patches this layer's weights per call (an offloaded or LoRA-patched layer)."""
+    return bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                or getattr(module, "bias_function", None))
+
+
 def convertible(module: nn.Module) -> bool:
-    """A frozen linear layer whose sizes _scaled_mm takes (multiples of 16)."""
-    return (isinstance(module, nn.Linear) and not module.weight.requires_grad
+    """A frozen linear layer whose sizes _scaled_mm takes (multiples of 16) and whose stored weight is the one it
+    multiplies by (no per-call cast: float8 copies of such a layer would only take memory)."""
+    return (isinstance(module, nn.Linear) and not module.weight.requires_grad and not _comfy_casts(module)
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
