@@ -57,6 +57,20 @@ def test_draws_depend_only_on_the_sample_seed() -> None:
     assert int(many.timesteps.min()) >= 0 and int(many.timesteps.max()) <= 999
 
 
+
+def test_offset_noise_shifts_each_channel_of_a_sample_by_one_draw() -> None:
+    shape = (4, 8, 8)
+    plain = objective.draw([1, 2, 3], shape, 1000, 0.0)
+    offset = objective.draw([1, 2, 3], shape, 1000, 0.0, noise_offset=0.1)
+    assert torch.equal(plain.timesteps, offset.timesteps)
+    shift = offset.noise - plain.noise  # the same base noise, plus the offset
+    torch.testing.assert_close(shift, shift[..., :1, :1].expand_as(shift))  # constant over the pixels
+    assert bool((shift[..., 0, 0] != 0).all())
+    seeds = list(range(500))
+    shifts = (objective.draw(seeds, shape, 1000, 0.0, noise_offset=0.1).noise
+              - objective.draw(seeds, shape, 1000, 0.0).noise)[:, :, 0, 0]
+    assert float(shifts.std()) == pytest.approx(0.1, rel=0.1)  # N(0, offset^2) per sample and channel
+
 def test_lr_schedule() -> None:
     f = lr_lambda(10, 110, "cosine", 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
