@@ -8,7 +8,6 @@ with a file surfaces as an LLMDiffError that names the file and says what to do.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapter import LLMDiffAdapter
+from .atomic_files import write_safetensors
 from .config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
 from .errors import LLMDiffError
 
@@ -44,50 +44,16 @@ class _Header:
 def save_adapter(adapter: LLMDiffAdapter, path: PathLike) -> Path:
     """Write the adapter (tensors in their own dtype) atomically: readers see the old file or the new.
 
-    The data goes to a temporary file in the same folder (same file system, so os.replace is
-    atomic), is fsynced, then replaces `path`; on any failure the temporary file is removed.
+    The data goes to a temporary file in the same folder, is fsynced, then replaces `path`; on any failure
+    the temporary file is removed (atomic_files).
     """
     path = Path(path)
     if path.suffix.lower() != SUFFIX:
         raise LLMDiffError(f"adapter files are .safetensors files: cannot save as '{path.name}'")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
     metadata = {CONFIG_KEY: adapter.config.to_json(), "format": FORMAT_NAME, "version": str(FORMAT_VERSION)}
-    tmp_name = _create_temp(path)
-    try:
-        mode = os.stat(tmp_name).st_mode & 0o777  # what the umask gives a new file
-        safetensors.torch.save_file(tensors, tmp_name, metadata=metadata)
-        os.chmod(tmp_name, mode)  # safetensors writes 0600 files (0.8): unreadable in shared folders
-        _fsync_file(tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_safetensors(path, tensors, metadata, durable=True)
     return path
-
-
-def _create_temp(path: Path) -> str:
-    """A new hidden file next to `path`, created with the umask's mode (tempfile.mkstemp: 0600)."""
-    name = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")  # O_EXCL: never someone else's
-    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return name
-
-
-def _fsync_file(name: str) -> None:
-    with open(name, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX only: Windows cannot open a folder for fsync)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -62,6 +61,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .atomic_files import replacing, write_safetensors
 
 log = logging.getLogger("llmdiff.demo")
 
@@ -213,40 +214,8 @@ def _vae_state_dict(tag: str) -> dict[str, torch.Tensor]:
     return vae.state_dict()
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temp name in the same folder, then rename: a crash never leaves a half file.
-
-    mkstemp (and some writers) create files readable by their owner only; the result gets the mode a
-    plainly created file would have, so a ComfyUI running as another user can read it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        mode = _default_file_mode()
-        for f in [Path(tmp), *Path(tmp).rglob("*")] if Path(tmp).is_dir() else [Path(tmp)]:
-            if f.is_file():
-                f.chmod(mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if Path(tmp).is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_checkpoint(family: str, path: Path, model: Any | None = None) -> Path:
     """Save the demo checkpoint of `family` ("sd15" | "sdxl") with ComfyUI's own key conversion."""
-    import comfy.utils
-
     model = model if model is not None else build_unet_model(family)
     clip_sd = _clip_l_state_dict(model.model_config) if family == "sd15" else None
     vae_sd = _vae_state_dict(f"{family}-vae")
@@ -254,7 +223,7 @@ def write_checkpoint(family: str, path: Path, model: Any | None = None) -> Path:
     sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     metadata = {"llmdiff_demo": DEMO_NOTE, "modelspec.architecture":
                 "stable-diffusion-v1" if family == "sd15" else "stable-diffusion-xl-v1-base"}
-    _save_atomic(path, lambda tmp: comfy.utils.save_torch_file(sd, str(tmp), metadata=metadata))
+    write_safetensors(path, sd, metadata)
     return path
 
 
@@ -286,7 +255,7 @@ def write_llm(folder: Path) -> Path:
     # per-block context contributions (the "scores") a visible size.
     randomize_(model, "llm", matrix_gain=2.0)
 
-    def write(tmp: Path) -> None:
+    with replacing(folder) as tmp:
         tmp.unlink()
         tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
@@ -296,10 +265,8 @@ def write_llm(folder: Path) -> Path:
             f"# {LLM_FOLDER}\n\n{DEMO_NOTE}.\n\nA {LLM_LAYERS}-block LlamaForCausalLM (hidden size {LLM_HIDDEN}) with "
             "random weights and the real Llama-3 tokenizer, written by `python -m llmdiff_core.demo_models`.\n"
             "Replace it with a real Hugging Face LLM folder and an adapter trained for that LLM.\n")
-
-    if folder.exists():
-        shutil.rmtree(folder)
-    _save_atomic(folder, write)
+        if folder.exists():  # (the old one stays until the new one is complete)
+            shutil.rmtree(folder)
     return folder
 
 

@@ -12,10 +12,8 @@ torch.load(weights_only=True), which cannot run code.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 
 from ..adapter import LLMDiffAdapter
 from ..adapter_file import save_adapter
+from ..atomic_files import replacing, write_text
 from ..errors import LLMDiffError
 
 log = logging.getLogger("llmdiff.train")
@@ -49,53 +48,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "posix":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(output_dir: Path, step: int, adapter: LLMDiffAdapter, state: dict[str, Any],
                     keep: int) -> Path:
     """Main process only. `state` must already hold every process's RNG and data position."""
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:08d}.", suffix=".tmp"))
-    try:
+    with replacing(final, durable=True) as tmp:
+        tmp.unlink()
+        tmp.mkdir()
         save_adapter(adapter, tmp / ADAPTER_FILE)
-        with open(tmp / STATE_FILE, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        torch.save(state, tmp / STATE_FILE)
         if final.exists():  # same step written again (resumed, then stopped at once): replace it
             shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
-    _write_text_atomic(root / "latest", final.name + "\n")
+    write_text(root / "latest", final.name + "\n", durable=True)
     _prune(root, keep, final)
     return final
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
-    for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp"):  # left by a crash mid-write (a folder, or the empty file before it)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     if keep <= 0:
         return
     done = sorted(p for p in root.glob("step-*") if p.is_dir())

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +29,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..atomic_files import write_json, write_safetensors
 from ..config import AdapterConfig
 from ..dtypes import DTYPES
 from ..errors import LLMDiffError
@@ -42,30 +41,6 @@ from .stored_tensor import StoredTensor, read_all, stored_tensors
 log = logging.getLogger("llmdiff.train")
 CACHE_VERSION = 1
 CACHED_KINDS = ("latent", "hidden", "scores", "mask", "clip", "pooled")  # what a cache record may hold
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -103,7 +78,7 @@ def check_or_create(cache_dir: Path, spec: CacheSpec, is_main: bool) -> None:
             raise LLMDiffError(f"the feature cache in '{cache_dir}' was made with other settings "
                                f"({', '.join(diff + other)} differ): use a new --cache-dir for this run")
     elif is_main:
-        _atomic_write_json(path, want)
+        write_json(path, want, durable=True)
 
 
 # --- building -----------------------------------------------------------------------------------
@@ -143,11 +118,11 @@ class _ShardWriter:
         shards = self.index.setdefault("shards", [])
         if self.meta:
             name = f"rank{self.rank}-{len(shards):05d}.safetensors"
-            _atomic_save(self.tensors, self.dir / name, {"samples": json.dumps(self.meta)})
+            write_safetensors(self.dir / name, self.tensors, {"samples": json.dumps(self.meta)}, durable=True)
             shards.append({"file": name, "count": len(self.meta)})
         self.index["position"] = position.to_dict()
         self.index["skipped"] = skipped.to_dict()
-        _atomic_write_json(self.dir / f"index-rank{self.rank}.json", self.index)
+        write_json(self.dir / f"index-rank{self.rank}.json", self.index, durable=True)
         self.tensors, self.meta = {}, []
 
 
@@ -173,7 +148,7 @@ def build(cache_dir: Path, source: Any, stream_spec: StreamSpec, encoders: Froze
         empty = Conditioning([""], torch.zeros(1, 0), e_feat, e_clip, e_pooled, [(0, 0, 0, 0)])
         rec = _record(empty, 0, spec, DTYPES[spec.dtype])
         rec.pop("latent")
-        _atomic_save(rec, cache_dir / "empty.safetensors", {})
+        write_safetensors(cache_dir / "empty.safetensors", rec, {}, durable=True)
     writer = _ShardWriter(cache_dir, rank, spec, index)
     pending: list[Item] = []
 
@@ -202,7 +177,7 @@ def build(cache_dir: Path, source: Any, stream_spec: StreamSpec, encoders: Froze
     encode_pending()
     writer.flush(Position(1, 0), skipped)
     index["complete"] = True
-    _atomic_write_json(index_path, index)
+    write_json(index_path, index, durable=True)
     return skipped
 
 
