@@ -109,6 +109,19 @@ def test_patched_output_is_eq10_at_every_site(family: str, mode: str) -> None:
     assert max_rel(diffusion_output(mp, x, sigma, context, y), want) > 1e-2  # the adapter matters here
 
 
+def test_a_site_whose_new_path_is_off_still_scales_its_original_path() -> None:
+    """w_new = 0 with w_orig != 1 is not the identity: Eq. 10 still scales that site's A_orig."""
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")
+    with torch.no_grad():
+        adapter.a_new[::2] = 0.0
+    w_orig, w_new = adapter.gate_weights()
+    assert bool((w_new[::2] == 0).all()) and bool((w_orig[::2] != 1).all())
+    features = make_features([5, 11], seed=3)
+    x, sigma, context, y = direct_inputs("sd15")
+    got = diffusion_output(apply_adapter(mp, adapter), x, sigma, context, y, CONDLLMDiff(features).concat([]))
+    assert max_rel(got, reference_output(mp, adapter, features, x, sigma, context, y, paper=False)) < 1e-5
+
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
 @pytest.mark.parametrize("mode", ["clip", "llm"])
 def test_half_precision_unet_with_fp32_adapter(mode: str, dtype: torch.dtype, tol: float) -> None:
@@ -229,7 +242,7 @@ def test_training_gates_are_worked_out_for_all_sites_at_once_with_the_same_bits(
     entry = rt.entry_for(batch, torch.device("cpu"), torch.float32, TrainingCall())
     w_orig, w_new = adapter.gate_weights()
     n = len(adapter.sites)
-    for block_weights in ([1.0] * n, [0.5 + 0.1 * i for i in range(n)]):
+    for block_weights in ([1.0] * n, [0.5] * n, [0.5 + 0.1 * i for i in range(n)]):  # (one scalar; a vector)
         got = entry.scaled_sites(0.7, block_weights)
         for i in range(n):
             wo, wn = effective_gates(w_orig[i], w_new[i], 0.7 * block_weights[i])
