@@ -251,6 +251,30 @@ def test_compact_cache_batches_expand_to_the_padded_features(mode: str, dtype: s
         assert row.hidden.stride(1) == 0 and new.to("cpu").hidden.stride(1) == 0
 
 
+def test_dropped_captions_take_the_empty_prompt_in_every_input() -> None:
+    """Encoded on the fly (no feature cache): a dropped row's LLM features, CLIP conditioning and pooled
+    output all become the empty prompt's; the other rows stay as they are."""
+    from llmdiff_core.features import LLMSpec
+    from llmdiff_core.training import encoders as E
+
+    spec = LLMSpec("llama", "t", 16, 3)
+    feats, empty = _features(spec, [5, 1, 7, 3], 12, 0), _features(spec, [1], 12, 1)
+    g = torch.Generator().manual_seed(2)
+    clip, pooled = torch.randn(4, 77, 8, generator=g), torch.randn(4, 6, generator=g)
+    e_clip, e_pooled = torch.randn(1, 154, 8, generator=g), torch.randn(1, 6, generator=g)  # a longer empty prompt
+    before = (feats.hidden.clone(), feats.scores.clone(), feats.mask.clone())
+    cond = E.Conditioning([f"k{i}" for i in range(4)], torch.zeros(4, 4, 2, 2), feats, clip, pooled, [(0, 0, 0, 0)] * 4)
+    drop = [False, True, False, True]
+    got = E.drop_captions(cond, drop, (empty, e_clip, e_pooled))
+    for i, d in enumerate(drop):
+        want = (empty.hidden[0], empty.scores[0], empty.mask[0]) if d else tuple(t[i] for t in before)
+        assert all(torch.equal(a, b) for a, b in zip((got.features.hidden[i], got.features.scores[i],
+                                                      got.features.mask[i]), want)), i
+        assert torch.equal(got.clip[i], (e_clip[0] if d else clip[i].repeat(2, 1)))  # 77 -> 154 tokens, repeated
+        assert torch.equal(got.pooled[i], e_pooled[0] if d else pooled[i])
+    with pytest.raises(ValueError, match="do not fit"):
+        E.drop_captions(cond, drop, (_features(spec, [1], 16, 1), None, None))
+
 def test_feature_rows_keep_broadcast_views_and_values() -> None:
     """LLMFeatures.select / cat / to on a layer-broadcast batch: the values of a materialised copy."""
     from llmdiff_core.features import LLMFeatures, LLMSpec

@@ -183,14 +183,14 @@ def drop_captions(cond: Conditioning, drop: list[bool], empty: tuple[LLMFeatures
             features = features.grown_to(em.shape[0])
         for i in rows:
             features.set_row(i, eh, es, em)
-    elif e_feat.num_tokens == features.num_tokens and e_feat.spec == features.spec:
+    else:  # encoded for this batch, padded to the run's bucket like the empty prompt (FrozenEncoders)
+        if e_feat.num_tokens != features.num_tokens or e_feat.spec != features.spec:
+            raise ValueError(f"the empty prompt's features ({e_feat.spec.describe()}, {e_feat.num_tokens} tokens) "
+                             f"do not fit the batch's ({features.spec.describe()}, {features.num_tokens} tokens)")
         idx = torch.as_tensor(rows, dtype=torch.long)
         features.hidden[idx] = e_feat.hidden[:1].to(features.hidden.dtype)
         features.scores[idx] = e_feat.scores[:1].to(features.scores.dtype)
         features.mask[idx] = e_feat.mask[:1]
-    else:
-        parts = [e_feat if d else features.select([i]) for i, d in enumerate(drop)]
-        features = LLMFeatures.cat([r if r.batch_size == 1 else r.select([0]) for r in parts])
     clip = cond.clip
     if clip is not None and e_clip is not None:
         parts = [e_clip[0] if d else clip[i] for i, d in enumerate(drop)]
