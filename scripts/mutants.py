@@ -47,6 +47,7 @@ OBJECTIVE = ("tests/test_train_objective.py",)
 FLOAT8 = ("tests/test_float8_linears.py",)
 CONDITIONING = ("tests/test_conditioning.py", "tests/test_run_preparation.py")
 TRAIN_DATA = ("tests/test_train_data.py",)
+IMAGING = ("tests/test_train_imaging.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # the score encoding (DESIGN.md §1.1)
@@ -129,13 +130,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "parts = [e_clip[0] if d else clip[i] for i, d in enumerate(drop)]",
            "parts = [clip[i] for i, d in enumerate(drop)]", TRAIN_DATA),
     Mutant("crop-offset-swapped", CORE + "training/imaging.py", "crop_top_left=(top, left))",
-           "crop_top_left=(left, top))", TRAIN_DATA),
+           "crop_top_left=(left, top))", IMAGING),
     Mutant("short-side-is-the-long-side", CORE + "training/imaging.py", "scale = resolution / min(w, h)",
-           "scale = resolution / max(w, h)", TRAIN_DATA),
+           "scale = resolution / max(w, h)", IMAGING),
     Mutant("exif-orientation-ignored", CORE + "training/imaging.py", "img = ImageOps.exif_transpose(img)",
-           "img = img", TRAIN_DATA),
+           "img = img", IMAGING),
     Mutant("transparency-on-black", CORE + "training/imaging.py", 'bg = Image.new("RGB", img.size, (255, 255, 255))',
-           'bg = Image.new("RGB", img.size, (0, 0, 0))', TRAIN_DATA),
+           'bg = Image.new("RGB", img.size, (0, 0, 0))', IMAGING),
     Mutant("sdxl-size-conditioning-swapped", CORE + "training/loop.py", "width=w, height=h", "width=h, height=w",
            ("tests/test_sdxl_hybrid.py", "tests/test_train_run.py")),
     # adapters that do not fit

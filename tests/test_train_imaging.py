@@ -1,0 +1,102 @@
+"""Training images: decoding (EXIF orientation, transparency, bad bytes) and the resize + crop with the numbers
+SDXL's size conditioning takes."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llmdiff_core.training.imaging import BadImage, decode, prepare
+
+
+def _gradient(w: int, h: int) -> Image.Image:
+    """Every pixel different: a crop at the wrong offset cannot give the same values."""
+    x, y = np.meshgrid(np.arange(w), np.arange(h))
+    rgb = np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), (x + y) % 256], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def _bytes(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("w, h, size, top_left", [(60, 40, (48, 32), (0, 8)), (40, 60, (32, 48), (8, 0)),
+                                                  (32, 32, (32, 32), (0, 0))], ids=["wide", "tall", "square"])
+def test_the_short_side_is_resized_and_the_centre_cropped(w: int, h: int, size: tuple, top_left: tuple) -> None:
+    img = _gradient(w, h)
+    got = prepare(img, 32)
+    assert got.original_size == (h, w) and got.crop_top_left == top_left
+    top, left = top_left
+    resized = img.resize(size, Image.LANCZOS) if size != (w, h) else img
+    want = np.asarray(resized.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255.0
+    assert got.pixels.shape == (32, 32, 3) and got.pixels.dtype == torch.float32
+    assert torch.equal(got.pixels, torch.from_numpy(want))
+
+
+def test_a_random_crop_is_reported_where_it_was_taken() -> None:
+    img = _gradient(90, 40)  # resized to 72 x 32: the crop can start anywhere in 0..40 across
+    resized = np.asarray(img.resize((72, 32), Image.LANCZOS), dtype=np.float32) / 255.0
+    lefts = set()
+    for seed in range(6):
+        got = prepare(img, 32, "random", random.Random(seed))
+        top, left = got.crop_top_left
+        assert top == 0 and 0 <= left <= 40
+        assert torch.equal(got.pixels, torch.from_numpy(resized[top:top + 32, left:left + 32].copy()))
+        lefts.add(left)
+    assert len(lefts) > 1  # random, and the same for the same seed:
+    assert prepare(img, 32, "random", random.Random(3)).crop_top_left == prepare(img, 32, "random",
+                                                                               random.Random(3)).crop_top_left
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = _gradient(48, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: display rotated 90 degrees clockwise
+    decoded = decode(_bytes(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert decoded.size == (32, 48)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_become_white(mode: str) -> None:
+    base = Image.new("RGBA", (8, 8), (200, 0, 0, 0))  # fully transparent red: its colour must not show
+    base.putpixel((0, 0), (0, 0, 255, 255))
+    if mode == "LA":
+        img = Image.new("LA", (8, 8), (50, 0))
+        img.putpixel((0, 0), (0, 255))
+    elif mode == "P":
+        img = base.convert("P")
+        img.info["transparency"] = img.getpixel((1, 1))
+    else:
+        img = base
+    rgb = np.asarray(decode(_bytes(img, "PNG")))
+    assert decode(_bytes(img, "PNG")).mode == "RGB"
+    assert (rgb[1:, 1:] == 255).all()  # transparent: white
+    assert tuple(rgb[0, 0]) == ((0, 0, 255) if mode != "LA" else (0, 0, 0))  # opaque: its own colour
+
+
+def test_grayscale_becomes_three_equal_channels() -> None:
+    rgb = np.asarray(decode(_bytes(Image.new("L", (4, 4), 77), "PNG")))
+    assert rgb.shape == (4, 4, 3) and (rgb == 77).all()
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", _bytes(_gradient(8, 8), "PNG")[:60],
+                                  _png_header_only(40000, 40000)],
+                         ids=["empty", "text", "truncated", "decompression bomb"])
+def test_undecodable_bytes_are_a_bad_image(data: bytes) -> None:
+    with pytest.raises(BadImage):
+        decode(data)
