@@ -138,7 +138,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("transparency-on-black", CORE + "training/imaging.py", 'bg = Image.new("RGB", img.size, (255, 255, 255))',
            'bg = Image.new("RGB", img.size, (0, 0, 0))', IMAGING),
     Mutant("sdxl-size-conditioning-swapped", CORE + "training/loop.py", "width=w, height=h", "width=h, height=w",
-           ("tests/test_sdxl_hybrid.py", "tests/test_train_run.py")),
+           ("tests/test_sdxl_hybrid.py",)),
+    Mutant("sdxl-crop-conditioning-swapped", CORE + "training/loop.py", "crop_w=left, crop_h=top",
+           "crop_w=top, crop_h=left", ("tests/test_sdxl_hybrid.py",)),
     # adapters that do not fit
     Mutant("site-dims-not-checked", CORE + "validation.py", "    if sites != config.sites:",
            "    if False and sites != config.sites:", ("tests/test_adapter_file.py",)),

@@ -208,3 +208,23 @@ def test_sdxl_hybrid_trains_with_the_sdxl_clip_and_size_conditioning(tmp_path: P
     for row in ys:
         assert any(torch.allclose(row[:POOLED].float(), p.float(), atol=1e-5) for p in pooled)
     assert ys[:, POOLED:].abs().max() > 0  # size / crop / target embeddings
+
+
+def test_sdxl_size_conditioning_passes_each_image_s_size_and_crop_by_name():
+    """Non-square sizes (the test run above trains on squares, where height and width could be swapped unseen):
+    y is the pooled vector + ComfyUI's own embedding of (original height, width, crop top, left, target)."""
+    from llmdiff_core.training.encoders import Conditioning
+    from llmdiff_core.training.loop import sdxl_adm
+
+    model = tiny_sdxl().model
+    pooled = torch.randn(2, POOLED, generator=torch.Generator().manual_seed(0))
+    sizes = [(100, 150, 3, 20), (64, 48, 0, 7)]  # (original height, original width, crop top, crop left)
+    cond = Conditioning(["a", "b"], torch.zeros(2, 4, 4, 4), None, None, pooled, sizes)
+    y = sdxl_adm(model, cond, 32)
+    for i, (h, w, top, left) in enumerate(sizes):
+        want = model.encode_adm(pooled_output=pooled[i:i + 1], height=h, width=w, crop_h=top, crop_w=left,
+                                target_height=32, target_width=32)
+        assert torch.equal(y[i:i + 1], want), i
+    assert not torch.equal(y[0], sdxl_adm(model, Conditioning(["a"], None, None, None, pooled[:1],
+                                                               [(150, 100, 20, 3)]), 32)[0])
+

@@ -44,6 +44,18 @@ class TrainingStopped(Exception):
     exit_code = 3
 
 
+def sdxl_adm(model: Any, cond: Conditioning, resolution: int) -> torch.Tensor:
+    """SDXL's y per sample: the pooled vector + size conditioning (the image's size before resizing, the crop's
+    offset, the square target), as CLIPTextEncodeSDXL gives the sampler. No pooled output (paper mode without
+    CLIP): zeros."""
+    pooled = cond.pooled if cond.pooled is not None else torch.zeros(len(cond.keys), 1280)
+    rows = []
+    for i, (h, w, top, left) in enumerate(cond.sizes):
+        rows.append(model.encode_adm(pooled_output=pooled[i:i + 1], width=w, height=h, crop_w=left, crop_h=top,
+                                     target_width=resolution, target_height=resolution))
+    return torch.cat(rows)
+
+
 class TrainModule(nn.Module):
     """adapter + the frozen patched U-Net; forward = per-sample loss. accelerate wraps this module
     (DDP sees only the adapter's parameters: the U-Net is held outside the module tree).
@@ -330,16 +342,7 @@ class Trainer:
             self._prefetcher = None
 
     def _adm(self, cond: Conditioning) -> torch.Tensor | None:
-        """SDXL's y: pooled vector + size conditioning (original size, crop, target), per sample."""
-        if not self.is_sdxl:
-            return None
-        pooled = cond.pooled if cond.pooled is not None else torch.zeros(len(cond.keys), 1280)
-        rows = []
-        for i, (h, w, top, left) in enumerate(cond.sizes):
-            rows.append(self.model.encode_adm(pooled_output=pooled[i:i + 1], width=w, height=h, crop_w=left,
-                                              crop_h=top, target_width=self.resolution,
-                                              target_height=self.resolution))
-        return torch.cat(rows)
+        return sdxl_adm(self.model, cond, self.resolution) if self.is_sdxl else None
 
     def _host_inputs(self, batch: Batch) -> dict[str, Any]:
         """The module's inputs on the host: draws, caption dropout, latent scaling, SDXL's y."""
