@@ -48,6 +48,8 @@ FLOAT8 = ("tests/test_float8_linears.py",)
 CONDITIONING = ("tests/test_conditioning.py", "tests/test_run_preparation.py")
 TRAIN_DATA = ("tests/test_train_data.py",)
 IMAGING = ("tests/test_train_imaging.py",)
+ATOMIC = ("tests/test_atomic_files.py", "tests/test_adapter_file.py")
+CHECKPOINTS = ("tests/test_checkpointing.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # the score encoding (DESIGN.md §1.1)
@@ -141,6 +143,16 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_sdxl_hybrid.py",)),
     Mutant("sdxl-crop-conditioning-swapped", CORE + "training/loop.py", "crop_w=left, crop_h=top",
            "crop_w=top, crop_h=left", ("tests/test_sdxl_hybrid.py",)),
+    # files that survive crashes, checkpoints a run resumes from
+    Mutant("failed-write-leaves-its-temp", CORE + "atomic_files.py", "            tmp.unlink(missing_ok=True)\n        raise",
+           "            pass\n        raise", ATOMIC),
+    Mutant("durable-write-not-synced", CORE + "atomic_files.py", "            if durable:\n                _fsync(f)",
+           "            if False:\n                _fsync(f)", ATOMIC),
+    Mutant("prune-keeps-one-more", CORE + "training/checkpointing.py", "for old in done[:-keep]:",
+           "for old in done[:-keep - 1]:", CHECKPOINTS),
+    Mutant("latest-pointer-trusted", CORE + "training/checkpointing.py",
+           "            if (p / STATE_FILE).exists():\n                return p",
+           "            if True:\n                return p", CHECKPOINTS),
     # adapters that do not fit
     Mutant("site-dims-not-checked", CORE + "validation.py", "    if sites != config.sites:",
            "    if False and sites != config.sites:", ("tests/test_adapter_file.py",)),
