@@ -151,6 +151,39 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
             parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--sdpa-backends", bad])
 
 
+REQUIRED = ["--base-model", "a", "--llm", "b", "--data", "c"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--caption-dropout", "1.5"], "--caption-dropout must be between 0 and 1"),
+    (["--ema-decay", "1"], r"--ema-decay must be in \[0, 1\)"),
+    (["--resolution", "500"], "--resolution must be a multiple of 8"),
+    (["--validation-size", "100"], "--validation-size must be a multiple of 8"),
+    (["--cache-only"], "--cache-only needs --cache-dir"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+])
+def test_bad_option_values_are_refused_by_name(flags: list[str], message: str) -> None:
+    with pytest.raises(OptionsError, match=message):
+        parse_options(REQUIRED + flags)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: [0.1", "is not valid YAML"),
+    ("- lr\n- 0.1\n", "must be a mapping of option: value"),
+    ("lr: fast", "'lr' in .* must be a float, got 'fast'"),
+    ("gradient_checkpointing: 3", "'gradient_checkpointing' in .* must be true or false, got 3"),
+    ("crop: left", "'crop' in .* must be one of center, random, got 'left'"),
+    ("config: other.yaml", "unknown option 'config'"),
+])
+def test_a_bad_config_file_is_refused_by_name(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    with pytest.raises(OptionsError, match=message):
+        parse_options(REQUIRED + ["--config", str(cfg)])
+    with pytest.raises(OptionsError, match="cannot read the config file"):
+        parse_options(REQUIRED + ["--config", str(tmp_path / "missing.yaml")])
+
 def test_sdpa_backends_on_a_torch_without_priorities_get_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch before 2.6 has no sdpa_kernel(set_priority=...): the option says so instead of a TypeError."""
     import contextlib
