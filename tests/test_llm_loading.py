@@ -127,6 +127,24 @@ def test_sharded_weights(tmp_path: Path, llama: Path) -> None:
         load_llm(str(sharded))
 
 
+def test_damaged_config_index_or_weight_shape_says_what_to_do(tmp_path: Path, llama: Path) -> None:
+    config = llama / "config.json"
+    good = config.read_text()
+    config.write_text(good[: len(good) // 2])  # an interrupted download
+    with pytest.raises(LLMDiffError, match="config.json in LLM folder .* is not readable JSON .*download it again"):
+        load_llm(str(llama))
+    config.write_text(good)
+    weights = llama / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])  # another model's shape
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(LLMDiffError, match="the weights do not load .*Download the folder again"):
+        load_llm(str(llama))
+    (llama / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(LLMDiffError, match="model.safetensors.index.json in LLM folder .* is unreadable"):
+        load_llm(str(llama))
+
 def _remote_code_folder(folder: Path, auto_map: bool) -> Path:
     """An architecture transformers does not know, optionally shipping (booby-trapped) model code."""
     folder.mkdir()
