@@ -131,7 +131,7 @@ def test_damaged_config_index_or_weight_shape_says_what_to_do(tmp_path: Path, ll
     config = llama / "config.json"
     good = config.read_text()
     config.write_text(good[: len(good) // 2])  # an interrupted download
-    with pytest.raises(LLMDiffError, match="config.json in LLM folder .* is not readable JSON .*download it again"):
+    with pytest.raises(LLMDiffError, match="(?s)config.json in LLM folder .* is not readable JSON .*download it again"):
         load_llm(str(llama))
     config.write_text(good)
     weights = llama / "model.safetensors"
@@ -139,10 +139,10 @@ def test_damaged_config_index_or_weight_shape_says_what_to_do(tmp_path: Path, ll
     name = "model.layers.1.mlp.up_proj.weight"
     tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])  # another model's shape
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    with pytest.raises(LLMDiffError, match="the weights do not load .*Download the folder again"):
+    with pytest.raises(LLMDiffError, match="(?s)the weights do not load .*Download the folder again"):
         load_llm(str(llama))
     (llama / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(LLMDiffError, match="model.safetensors.index.json in LLM folder .* is unreadable"):
+    with pytest.raises(LLMDiffError, match="(?s)model.safetensors.index.json in LLM folder .* is unreadable"):
         load_llm(str(llama))
 
 def _remote_code_folder(folder: Path, auto_map: bool) -> Path:
