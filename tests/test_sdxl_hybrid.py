@@ -227,4 +227,3 @@ def test_sdxl_size_conditioning_passes_each_image_s_size_and_crop_by_name():
         assert torch.equal(y[i:i + 1], want), i
     assert not torch.equal(y[0], sdxl_adm(model, Conditioning(["a"], None, None, None, pooled[:1],
                                                                [(150, 100, 20, 3)]), 32)[0])
-

@@ -123,6 +123,9 @@ def test_tar_shards_split_by_process(tmp_path: Path, samples) -> None:
     assert sorted(keys[0] + keys[1]) == sorted(k for k, _, _ in samples)
 
 
+REQUIRED = ["--base-model", "a", "--llm", "b", "--data", "c"]
+
+
 def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
     cfg = tmp_path / "run.yaml"
     cfg.write_text("base_model: a.safetensors\nllm: llm\ndata: d\nlr: 0.002\nbatch-size: 3\n"
@@ -136,22 +139,18 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
     with pytest.raises(OptionsError, match="--base-model"):
         parse_options(["--llm", "x", "--data", "y"])
     with pytest.raises(OptionsError, match="--compile-mode needs --compile-unet"):
-        parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-mode", "max-autotune"])
-    assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c"]).compile_whole_bucket  # (with compile)
-    assert not parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-unet", "inductor",
-                              "--no-compile-whole-bucket"]).compile_whole_bucket
-    assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--compile-unet", "inductor",
-                          "--no-prefetch", "--channels-last"]).compile_unet == "inductor"
-    assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c"]).cudnn_benchmark
-    assert not parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--no-cudnn-benchmark"]).cudnn_benchmark
-    assert parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--sdpa-backends",
-                          "flash, Efficient"]).sdpa_backends == "flash, Efficient"
+        parse_options(REQUIRED + ["--compile-mode", "max-autotune"])
+    assert parse_options(REQUIRED).compile_whole_bucket  # (with compile)
+    assert not parse_options(REQUIRED + ["--compile-unet", "inductor",
+                                         "--no-compile-whole-bucket"]).compile_whole_bucket
+    assert parse_options(REQUIRED + ["--compile-unet", "inductor", "--no-prefetch",
+                                     "--channels-last"]).compile_unet == "inductor"
+    assert parse_options(REQUIRED).cudnn_benchmark
+    assert not parse_options(REQUIRED + ["--no-cudnn-benchmark"]).cudnn_benchmark
+    assert parse_options(REQUIRED + ["--sdpa-backends", "flash, Efficient"]).sdpa_backends == "flash, Efficient"
     for bad, why in (("flash,flsh", "unknown SDPA backend.s. flsh"), ("cudnn,cudnn", "named twice")):
         with pytest.raises(OptionsError, match=f"--sdpa-backends: .*{why}"):
-            parse_options(["--base-model", "a", "--llm", "b", "--data", "c", "--sdpa-backends", bad])
-
-
-REQUIRED = ["--base-model", "a", "--llm", "b", "--data", "c"]
+            parse_options(REQUIRED + ["--sdpa-backends", bad])
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -183,6 +182,7 @@ def test_a_bad_config_file_is_refused_by_name(tmp_path: Path, text: str, message
         parse_options(REQUIRED + ["--config", str(cfg)])
     with pytest.raises(OptionsError, match="cannot read the config file"):
         parse_options(REQUIRED + ["--config", str(tmp_path / "missing.yaml")])
+
 
 def test_sdpa_backends_on_a_torch_without_priorities_get_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch before 2.6 has no sdpa_kernel(set_priority=...): the option says so instead of a TypeError."""

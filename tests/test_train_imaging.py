@@ -77,8 +77,9 @@ def test_transparent_pixels_become_white(mode: str) -> None:
         img.info["transparency"] = img.getpixel((1, 1))
     else:
         img = base
-    rgb = np.asarray(decode(_bytes(img, "PNG")))
-    assert decode(_bytes(img, "PNG")).mode == "RGB"
+    decoded = decode(_bytes(img, "PNG"))
+    rgb = np.asarray(decoded)
+    assert decoded.mode == "RGB"
     assert (rgb[1:, 1:] == 255).all()  # transparent: white
     assert tuple(rgb[0, 0]) == ((0, 0, 255) if mode != "LA" else (0, 0, 0))  # opaque: its own colour
 
