@@ -53,6 +53,10 @@ FP16_EFFECT_TOL = 0.1  # relative error of the adapter's effect on the sampled l
 def parse() -> Any:
     p = common.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--only", default="", help="comma list of check numbers to run (default all)")
+    p.add_argument("--compile-backend", default=None, metavar="BACKEND",
+                   help="check 3's dynamo backend (default inductor on CUDA, eager on the CPU): eager on CUDA counts "
+                        "the graphs and breaks in seconds, without inductor's compile (TORCH_LOGS=graph_breaks "
+                        "says where)")
     opts = p.parse_args()
     opts.small = True
     common.defaults(opts, repeats=1, warmup=0)
@@ -172,6 +176,8 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         backend = "inductor" if cuda else "eager"
+        if mode is None and opts.compile_backend:
+            backend = opts.compile_backend
         base = models(device, unet_dtype)
         adapter = builders.build_adapter(base, spec, "clip", "auto", 96)
         # 20 and 70 tokens in a 96-token bucket (spans of 32 and 95 keys), then the first at strength 0.6

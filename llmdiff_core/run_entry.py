@@ -25,8 +25,11 @@ if TYPE_CHECKING:
 
 
 def _uses_comfy_cast(linear: torch.nn.Module) -> bool:
-    return bool(getattr(linear, "comfy_cast_weights", False) or getattr(linear, "weight_function", None)
-                or getattr(linear, "bias_function", None))
+    # truth tests, not bool(): torch 2.11's dynamo cannot trace bool() of a list or dict (a graph break per call)
+    for name in ("comfy_cast_weights", "weight_function", "bias_function"):
+        if getattr(linear, name, None):
+            return True
+    return False
 
 
 def linear_in_dtype(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +185,7 @@ class CallState:
         return any(self.scaled.active)
 
     def any_pending(self) -> bool:
-        return bool(self.pending or self.deferred)
+        return len(self.pending) > 0 or len(self.deferred) > 0  # (not bool(dict): see _uses_comfy_cast)
 
     def take_scaled_new(self, i: int, runtime: AdapterRuntime) -> torch.Tensor | None:
         """Site i's w_new*A_new if it is waiting (computed now if it was deferred to the fused kernel), else None."""
