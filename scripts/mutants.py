@@ -186,6 +186,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "scale_a=g_scale, scale_b=torch.ones_like(scale), out_dtype=grad_y.dtype", FLOAT8),
     Mutant("float8-bias-dropped", CORE + "training/float8_linears.py", "            y = y + bias.to(y.dtype)\n",
            "            pass\n", FLOAT8),
+    # compiled sampling (session 21): torch 2.11's dynamo breaks the graph on bool() of a dict; 2.13 traces it
+    Mutant("site-path-bool-of-dict", CORE + "run_entry.py", "return len(self.pending) > 0 or len(self.deferred) > 0",
+           "return bool(self.pending or self.deferred)", ("tests/test_torch_compat.py",)),
 )
 
 
