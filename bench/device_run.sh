@@ -66,15 +66,12 @@ run_part() {
            # split at its replays (session 13). Call 2 at once (SKIP naming what call 1 ran): the fixed profile,
            # the pinned features, the host's share alone (--compile host-only), then training and plain inductor.
            # (A 15-minute lease leaves the second call ~200 s after a cold start: session 12's were 500 + 273 s.)
+      # (session 21: 3, 11 and 12 failed at 62 graphs / 27 breaks under torch 2.11, fixed since, §5h)
       # 11: the stacked keys and values replay right under CUDA graphs (another run's tensors: its eager images);
       # 3: plain inductor, one graph for two span lengths and two strengths; 12 (session 16): the one-kernel hybrid
       # site (fused_site.py, opt-in), compiled by Triton for the first time: the kernel against float64 at the real
       # site shapes in fp16 and bf16, sampling with it, and under CUDA graphs
-      step checks 130 checks 3,11,12,13
-      # (session 16) a hybrid site per call at the real shapes, device time of CUDA-graph replays: the three kernels
-      # against the one-kernel site and its tile shapes (seconds; says per site shape whether and by how much the
-      # kernel wins, and which tiles to keep)
-      step site-calls 60 bench site_calls
+      step checks 130 checks 3,11,12
       # session 12: +12.1 % +- 4.8 (12.0 -> 13.4 ms/step); 49 input copies per replay, 8 expected now. Its new
       # table splits the step at the replays (CUDA events): the adapter's extra inside the graph (its kernels)
       # against outside it (host, copies); the paired overhead's interval says whether 4 % is met (more repeats
@@ -83,16 +80,16 @@ run_part() {
       # the device every step, as with a preview), pipelined lets the host run ahead (no preview). Session 12's
       # profile had the device busy 7.3 ms of the 12.0 ms synced step: pipelined says what a step costs when the
       # host's work overlaps the device's. Session 16: hybrid with the three kernels per site (the product's
-      # default), with the one-kernel site (fused, ~3 N*C bytes per site instead of ~7) and with tau_q's GEMM
-      # then one kernel (fused-attention, ~5), each paired with the same unpatched runs (21 repeats: four
-      # variants, two clocks)
-      step sampling-reduce-overhead-sd15 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 21 --site-kernel torch,fused,fused-attention
+      # default) and with tau_q's GEMM then one kernel (fused-attention: half the three kernels' device time per
+      # site under CUDA graphs in session 21's site-calls, where fused, tau_q inside the kernel, lost at every
+      # shape), each paired with the same unpatched runs (21 repeats: three variants, two clocks)
+      step sampling-reduce-overhead-sd15 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 21 --site-kernel torch,fused-attention
       # the SDXL sampling target under inductor's CUDA graphs, never measured (two SDXL forward compiles; session
       # 12's two-variant SDXL run under the cudagraphs backend took 118 s in all; BENCH_DEADLINE cuts repeats)
       step sampling-reduce-overhead-sdxl 240 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1
       # the SDXL target with the one-kernel site (session 16; 70 sites: ~1.6 GB of the adapter's bytes per step at
       # three kernels, §3j); a step of its own, as a third SDXL compile would not fit the target's step
-      step sampling-reduce-overhead-sdxl-fused 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel fused
+      step sampling-reduce-overhead-sdxl-fused-attention 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel fused-attention
       # which kernels the adapter adds to the replay (device time per kernel, patched minus unpatched) and whose
       # Python its host time is (per function)
       step profile-reduce-overhead-sd15 130 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
@@ -142,6 +139,9 @@ run_part() {
       # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against session 10's 147.6
       step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
       step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
+      # (session 16; measured in session 21 on an H200, §5h) a hybrid site per call at the real shapes, device time
+      # of CUDA-graph replays: the three kernels against the one-kernel site and its tile shapes
+      step site-calls 60 bench site_calls
       # plain inductor (session 10: +10.4 % +- 16), 15 repeats, and its kernel profile
       step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
       step profile-compiled-sd15 150 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor > $OUTDIR/profile-compiled-sd15.txt"
@@ -156,3 +156,7 @@ run_part() {
   run_part "$PART"
   echo "device_run.sh $PART: ${SECONDS}s"  # for planning the next session
 } 2>&1 | tee "$LOG"
+# the device tool brings back at most 8 files from $OUT: the steps' JSON files travel as one archive
+if [ -n "${OUT:-}" ] && [ -d "$OUTDIR/json" ]; then
+  (cd "$OUTDIR" && tar czf json.tgz json && rm -rf json)
+fi

@@ -225,6 +225,12 @@ def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch
         if device.type == "cpu":
             log.warning("--unet-fp8 on the CPU: correct, but torch's CPU float8 GEMM is slower than fp32's; it is "
                         "meant for GPUs of compute capability 8.9+")
+        elif not opts.compile_unet:
+            # GPU check 13 on an H200: a frozen linear's forward + backward 3-5x slower eager in float8 than in
+            # bf16 at SDXL's shapes (each GEMM's scaling and casts are separate kernels, launched from Python)
+            log.warning("--unet-fp8 without --compile-unet: correct, but slower than bf16 (eager, each float8 "
+                        "GEMM brings its own scaling and cast kernels: 3-5x a bf16 linear's time on an H200); "
+                        "use it with --compile-unet inductor, which fuses them")
     if opts.compile_unet:
         if opts.gradient_checkpointing:
             log.warning("--compile-unet with --gradient-checkpointing: correct, but dynamo splits the U-Net into "
