@@ -11,13 +11,14 @@ blocks, which class AutoModel picks for multimodal Gemma 3, widening a sliding w
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from compat_folders import compat_folder, env_importing_first
 
 REPO = Path(__file__).resolve().parents[1]
 CURRENT_INTERNALS = ("not (literal_reference and gemma3) and not eager_float_masks and not masks_of_each_kind "
@@ -31,19 +32,15 @@ def transformers_floor() -> str:
 
 
 def compat_site() -> Path:
-    site = Path(os.environ["LLMDIFF_COMFYUI_ROOT"]).resolve().parent / "compat" / "transformers-floor"
-    if not site.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"{site} is missing: scripts/setup_env.sh builds it with the pinned runtime")
-        pytest.skip("needs the pinned runtime of scripts/setup_env.sh (it installs the transformers floor), not "
-                    "your own ComfyUI")
-    return site
+    return compat_folder("transformers-floor", "scripts/setup_env.sh builds it with the pinned runtime",
+                         "needs the pinned runtime of scripts/setup_env.sh (it installs the transformers floor), not "
+                         "your own ComfyUI")
 
 
 @pytest.mark.slow
 def test_llm_loading_and_encoding_on_the_oldest_allowed_transformers() -> None:
     site = compat_site()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    env = env_importing_first(site)
     seen = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
                           capture_output=True, text=True, env=env, timeout=120)
     floor = transformers_floor()

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compat_folders import compat_folder, env_importing_first
 from llmdiff_core import fused_site
 from llmdiff_core.comfy_patch import apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff
@@ -37,18 +38,13 @@ def triton_path() -> str:
     else the pinned runtime's copy."""
     if importlib.util.find_spec("triton") is not None:
         return ""
-    site = Path(os.environ["LLMDIFF_COMFYUI_ROOT"]).resolve().parent / "compat" / "triton"
-    if not site.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"{site} is missing: scripts/setup_env.sh installs Triton there with the pinned runtime")
-        pytest.skip("needs Triton: the pinned runtime of scripts/setup_env.sh, or a torch that ships it")
-    return str(site)
+    return str(compat_folder("triton", "scripts/setup_env.sh installs Triton there with the pinned runtime",
+                             "needs Triton: the pinned runtime of scripts/setup_env.sh, or a torch that ships it"))
 
 
 def run_with_triton(test_file: str, count: int, interpret: bool) -> None:
     """pytest on test_file in a subprocess with Triton on its path: every one of its `count` tests passes."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (triton_path(), os.environ.get("PYTHONPATH", ""))
-                                                      if p))
+    env = env_importing_first(triton_path())
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"

@@ -10,13 +10,14 @@ the compiled tests under it in a subprocess.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from compat_folders import compat_folder, env_importing_first
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "scripts" / "setup_torch_compat.sh"
@@ -29,18 +30,15 @@ def compat_version() -> str:
 
 
 def compat_site() -> Path:
-    site = Path(os.environ["LLMDIFF_COMFYUI_ROOT"]).resolve().parent / "compat" / f"torch-{compat_version()}"
-    if not (site / ".complete").is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"{site} is missing: run scripts/setup_torch_compat.sh first (.ci/run does)")
-        pytest.skip("needs scripts/setup_torch_compat.sh (a ~3 GB download) beside the pinned runtime")
-    return site
+    return compat_folder(f"torch-{compat_version()}", "run scripts/setup_torch_compat.sh first (.ci/run does)",
+                         "needs scripts/setup_torch_compat.sh (a ~3 GB download) beside the pinned runtime",
+                         complete_marker=".complete")
 
 
 @pytest.mark.slow
 def test_compiled_patches_trace_as_one_graph_under_the_gpu_machines_torch() -> None:
     site = compat_site()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    env = env_importing_first(site)
     seen = subprocess.run([sys.executable, "-W", "ignore", "-c", "import torch; print(torch.__version__)"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert seen.stdout.strip().split("+")[0] == compat_version(), (seen.stdout, seen.stderr[-2000:])
