@@ -19,10 +19,10 @@ this kernel's tiles.
 Both are opt-in (LLMDIFF_SITE_KERNEL=fused or fused-attention, or apply_adapter(site_kernel=...)). On an H200
 (docs/benchmarks.md §5h) fused-attention took half the three kernels' device time per site under CUDA graphs, and
 fused lost to it; eager, both made a sampling step slower (each call's Python dispatch and launch), so they are
-for compiled sampling under CUDA graphs, and stay opt-in until a whole such step has been timed. Where the kernel does not apply (no CUDA or no Triton, float32,
-a head wider than MAX_HEAD_DIM, more than MAX_KEYS keys, a training call, paper mode) the pack takes the
-three-kernel path. TRITON_INTERPRET=1 runs it on the CPU (Triton's interpreter), which is how the tests check its
-math without a GPU.
+for compiled sampling under CUDA graphs, and stay opt-in until a whole such step has been timed. Where the kernel
+does not apply (no CUDA or no Triton, float32, a head wider than MAX_HEAD_DIM, more than MAX_KEYS keys, a
+training call, paper mode) the pack takes the three-kernel path. TRITON_INTERPRET=1 runs it on the CPU (Triton's
+interpreter), which is how the tests check its math without a GPU.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ if [ ! -f "$STAMP" ]; then
     "$VPY" -m pip install --disable-pip-version-check -q --target "$SITE" "torch==$TORCH_COMPAT" \
       2> >(grep -v -e "is ignored: it is neither" -e "incompatible" -e "dependency conflicts" \
                    -e "pip's dependency resolver" >&2)
-    PYTHONPATH="$SITE" "$VPY" -W ignore -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_COMPAT' else torch.__version__)"
+    PYTHONPATH="$SITE" "$VPY" -W ignore -c \
+      "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_COMPAT' else torch.__version__)"
     touch "$STAMP"
   fi
 fi

@@ -115,8 +115,8 @@ class TrainOptions:
     unet_fp8: bool = _opt(False, "run the frozen U-Net's linear layers as float8 GEMMs (weights cast once, activations "
                           "per call, no weight gradients) on GPUs of compute capability 8.9+ (Ada, Hopper), whose "
                           "float8 GEMMs have twice the bf16 rate; trains at float8's precision; convolutions and "
-                          "attention keep the U-Net's dtype. Use it with --compile-unet: eager, each GEMM's scaling and casts "
-                          "make it slower than bf16. Measure the speed-up on your GPU with "
+                          "attention keep the U-Net's dtype. Use it with --compile-unet: eager, each GEMM's scaling "
+                          "and casts make it slower than bf16. Measure the speed-up on your GPU with "
                           "bench/training_throughput.py --unet-fp8")
     compile_unet: str = _opt("", "torch.compile the frozen U-Net with the adapter's patches traced into it, with this "
                              "backend (inductor on a GPU; the first steps compile); empty = eager", metavar="BACKEND")
