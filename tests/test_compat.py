@@ -12,13 +12,11 @@ blocks, which class AutoModel picks for multimodal Gemma 3, widening a sliding w
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from compat_folders import compat_folder, env_importing_first
+from compat_folders import compat_folder, env_importing_first, pytest_under, version_under
 
 REPO = Path(__file__).resolve().parents[1]
 CURRENT_INTERNALS = ("not (literal_reference and gemma3) and not eager_float_masks and not masks_of_each_kind "
@@ -41,13 +39,9 @@ def compat_site() -> Path:
 def test_llm_loading_and_encoding_on_the_oldest_allowed_transformers() -> None:
     site = compat_site()
     env = env_importing_first(site)
-    seen = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    floor = transformers_floor()
-    assert seen.stdout.strip() == floor, (f"{site} holds transformers {seen.stdout.strip()!r}, requirements.txt's "
-                                          f"floor is {floor}: update COMPAT_TRANSFORMERS in scripts/setup_env.sh")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_llm_loading.py", "tests/test_encoding.py", "-k", CURRENT_INTERNALS],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    seen, floor = version_under(env, "transformers"), transformers_floor()
+    assert seen == floor, (f"{site} holds transformers {seen!r}, requirements.txt's floor is {floor}: update "
+                           f"COMPAT_TRANSFORMERS in scripts/setup_env.sh")
+    proc = pytest_under(env, ["tests/test_llm_loading.py", "tests/test_encoding.py", "-k", CURRENT_INTERNALS], 900)
     assert proc.returncode == 0, f"on transformers {floor}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert re.search(r"\b[6-9]\d passed", proc.stdout), proc.stdout[-500:]  # the bulk of them ran, not a few

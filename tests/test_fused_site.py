@@ -14,21 +14,18 @@ import importlib.abc
 import importlib.util
 import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from compat_folders import compat_folder, env_importing_first
+from compat_folders import compat_folder, env_importing_first, pytest_under
 from llmdiff_core import fused_site
 from llmdiff_core.comfy_patch import apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff
 from patching_support import adapter_for, diffusion_output, direct_inputs, make_features, runtime_of
 from tiny_unets import tiny_sd15_minimal
 
-REPO = Path(__file__).resolve().parents[1]
 INTERPRETED_TESTS = 34  # tests/interpreted_fused_site.py's count, parametrized cases included
 COMPILED_TESTS = 15  # tests/compiled_fused_site.py's
 
@@ -48,8 +45,7 @@ def run_with_triton(test_file: str, count: int, interpret: bool) -> None:
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
-                           test_file], cwd=REPO, capture_output=True, text=True, env=env, timeout=1200)
+    proc = pytest_under(env, ["-p", "no:logging", test_file], 1200)
     if " passed" not in proc.stdout and " skipped" in proc.stdout and not os.environ.get("CI"):  # (pytest's exit 5)
         pytest.skip(f"{test_file} skipped itself here (another Triton than the pinned one): {proc.stdout[-300:]}")
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"

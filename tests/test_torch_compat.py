@@ -11,15 +11,12 @@ the compiled tests, the float8 ones and the compiled training runs under it in a
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from compat_folders import compat_folder, env_importing_first
+from compat_folders import REPO, compat_folder, env_importing_first, pytest_under, version_under
 
-REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "scripts" / "setup_torch_compat.sh"
 
 
@@ -46,12 +43,9 @@ AT_LEAST = 35  # of the 40 selected in session 21: the bulk of them ran, not a f
 def test_compiled_paths_trace_and_match_eager_under_the_gpu_machines_torch() -> None:
     site = compat_site()
     env = env_importing_first(site)
-    seen = subprocess.run([sys.executable, "-W", "ignore", "-c", "import torch; print(torch.__version__)"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert seen.stdout.strip().split("+")[0] == compat_version(), (seen.stdout, seen.stderr[-2000:])
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *COMPILED_TESTS],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=2400)
-    assert proc.returncode == 0, (f"under torch {seen.stdout.strip()}:\n{proc.stdout[-6000:]}\n"
-                                  f"{proc.stderr[-2000:]}")
+    seen = version_under(env, "torch")
+    assert seen.split("+")[0] == compat_version(), f"{site} holds torch {seen!r}"
+    proc = pytest_under(env, COMPILED_TESTS, 2400)
+    assert proc.returncode == 0, f"under torch {seen}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     passed = re.search(r"\b(\d+) passed", proc.stdout)
     assert passed and int(passed.group(1)) >= AT_LEAST, proc.stdout[-500:]
