@@ -29,7 +29,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 def interpreter_runs_loops() -> str:
     """"" if this Triton's CPU interpreter runs a loop to a runtime bound (the kernel's tau_q loop over the
-    channels), else why not. Triton 3.4 and 3.6 (torch 2.8's and 2.11's) under NumPy 2.4 hand the loop a
+    channels), else why not (with the Triton and NumPy releases). Triton 3.4 and 3.6 (torch 2.8's and 2.11's) under NumPy 2.4 hand the loop a
     1-element array where range() wants an int; the pinned runtime's Triton 3.9 runs it. Compiled for a GPU
     the loop is fine: this is the interpreter only."""
     import triton
@@ -46,16 +46,16 @@ def interpreter_runs_loops() -> str:
     x, out = torch.arange(40, dtype=torch.float32), torch.zeros(16)
     try:
         total[(1,)](x, out, 40, BLOCK=16)
+        failed = "" if out.sum().item() == x.sum().item() else f"summed {out.sum().item()}, not {x.sum().item()}"
     except Exception as e:  # (triton.runtime.errors.InterpreterError, whose module moved between releases)
-        return f"{type(e).__name__}: {e}"
-    return "" if out.sum().item() == x.sum().item() else f"summed {out.sum().item()}, not {x.sum().item()}"
+        failed = f"{type(e).__name__}: {e}"
+    import numpy
+    return failed and (f"Triton {triton.__version__}'s CPU interpreter (NumPy {numpy.__version__}) cannot run the "
+                       f"kernel's loops ({failed}); the pinned runtime's Triton can")
 
 
 if (why := interpreter_runs_loops()) and not os.environ.get("CI"):
-    import numpy
-    import triton
-    pytest.skip(f"Triton {triton.__version__}'s CPU interpreter (NumPy {numpy.__version__}) cannot run the kernel's "
-                f"loops ({why}); the pinned runtime's Triton can", allow_module_level=True)
+    pytest.skip(why, allow_module_level=True)
 
 UNETS = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "minimal": tiny_sd15_minimal}
 

@@ -45,9 +45,10 @@ def run_with_triton(test_file: str, count: int, interpret: bool) -> None:
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = pytest_under(env, ["-p", "no:logging", test_file], 1200)
+    proc = pytest_under(env, ["-p", "no:logging", "-rs", test_file], 1200)  # (-rs: a skip's reason in the summary)
     if " passed" not in proc.stdout and " skipped" in proc.stdout and not os.environ.get("CI"):  # (pytest's exit 5)
-        pytest.skip(f"{test_file} skipped itself here (another Triton than the pinned one): {proc.stdout[-300:]}")
+        why = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")] or [proc.stdout[-300:]]
+        pytest.skip(f"{test_file} skipped itself here (this Triton is not the pinned one): {why[0]}")
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     assert re.search(rf"\b{count} passed\b", proc.stdout) and "skipped" not in proc.stdout, proc.stdout[-500:]
 
