@@ -7,7 +7,7 @@ model wrappers (model_wrappers.py) only decide where and when.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -86,7 +86,7 @@ class AdapterRuntime(SharedOnCopy):
 
     def __init__(self, adapter: LLMDiffAdapter, sites: list[SiteBinding], strength: float,
                  start_percent: float, end_percent: float, model_sampling: Any, stack_position: int = 0,
-                 site_kernel: str = "torch") -> None:
+                 site_kernel: str = "auto") -> None:
         self.adapter = adapter
         self.config = adapter.config
         self.paper = adapter.config.original_path == "llm"
@@ -97,7 +97,10 @@ class AdapterRuntime(SharedOnCopy):
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.whole_run = start_percent <= 0.0 and end_percent >= 1.0  # the default window: always active
-        self.site_kernel = site_kernel  # hybrid sampling: fused_site.SITE_KERNELS (not "torch": fused_site's kernel)
+        self.site_kernel = site_kernel  # hybrid sampling: a fused_site.SITE_KERNELS setting
+        # the kernel of the sampling run under way (fused_site.kernel_for_run: "auto" decides per run); outside
+        # a run (direct U-Net calls) auto is the three kernels
+        self.run_site_kernel = fused_site.kernel_for_run(site_kernel)
         self.cache_enabled = True  # off: recompute every call (tests compare the two)
         # a sampling run's entries, kept for the next run with the same prompts in hybrid mode; paper mode's
         # entry also projects with the U-Net's own to_k / to_v, whose weights a LoRA or a lowvram weight patch
@@ -114,12 +117,16 @@ class AdapterRuntime(SharedOnCopy):
         self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
         self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
 
-    def begin_run(self, model_sampling: Any) -> None:
-        self._set_window(model_sampling)  # the model_sampling in use now (ModelSampling* nodes)
+    def begin_run(self, model_sampling: Any, compile_kwargs: Mapping[str, Any] | None = None) -> None:
+        """A sampling run starts: model_sampling is the one in use now (ModelSampling* nodes), compile_kwargs how
+        ComfyUI's compile wrapper compiles this run's U-Net, if it does (the site kernel "auto" follows it)."""
+        self._set_window(model_sampling)
+        self.run_site_kernel = fused_site.kernel_for_run(self.site_kernel, compile_kwargs)
         self.runs.begin(self.adapter)
 
     def end_run(self) -> None:
         self.runs.end()
+        self.run_site_kernel = fused_site.kernel_for_run(self.site_kernel)
         log.debug("LLMDiff run: %d adapter entries built, %d taken from the last run", self.runs.built,
                   self.runs.reused)
 
@@ -134,7 +141,7 @@ class AdapterRuntime(SharedOnCopy):
                   training: TrainingCall | None = None) -> RunEntry:
         caching = self.cache_enabled and training is None and self.runs.active
         if caching:
-            found = self.runs.find(lambda e: e.matches(batch, device, dtype))
+            found = self.runs.find(lambda e: e.matches(batch, device, dtype) and e.site_kernel == self.run_site_kernel)
             if found is not None:
                 return found
         entry = self._build_entry(batch, device, dtype, training)
@@ -213,7 +220,9 @@ class AdapterRuntime(SharedOnCopy):
         entry = RunEntry(batch, device, dtype, per_row(c), mask, gates_orig, gates_new, q_weights, new_kv=new_kv,
                          orig_kv=orig_kv, context=None if context is None else _unet_context(per_row(context)),
                          pooled=pooled)
-        if training is None and not self.paper and self.site_kernel != "torch":
+        if training is None:
+            entry.site_kernel = self.run_site_kernel  # (a run with another kernel builds its own entry)
+        if training is None and not self.paper and self.run_site_kernel != "torch":
             entry.fused = tuple(fused_site.applies(device, dtype, s.spec.heads, w.shape[0] // s.spec.heads,
                                                    mask.stop - mask.start) for s, w in zip(self.sites, q_weights))
             entry.site_op = fused_site.op() if any(entry.fused) else None

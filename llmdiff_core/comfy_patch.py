@@ -110,9 +110,10 @@ def apply_adapter(model_patcher: ModelPatcher, adapter: LLMDiffAdapter, strength
     strength scales the adapter (0 = the unpatched model in hybrid mode); it acts while
     start_percent <= sampling progress <= end_percent. block_weights maps transformer_index
     (SD1.5 0..15, SDXL 0..10) to a multiplier of strength; missing layers use 1. site_kernel (hybrid
-    sampling): "torch" (three kernels per site), "fused" (fused_site.py, one Triton kernel where it applies) or
-    "fused-attention" (tau_q's GEMM, then the attention and the fusion in one kernel); default
-    $LLMDIFF_SITE_KERNEL, else "torch".
+    sampling): "torch" (three kernels per site), "fused" (fused_site.py, one Triton kernel where it applies),
+    "fused-attention" (tau_q's GEMM, then the attention and the fusion in one kernel) or "auto" (fused-attention
+    for a run whose U-Net replays inductor's CUDA graphs, else torch: fused_site.kernel_for_run); default
+    $LLMDIFF_SITE_KERNEL, else "auto".
     """
     sites = _bind_sites(model_patcher, adapter, block_weights)
     m = model_patcher.clone()

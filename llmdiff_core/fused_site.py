@@ -16,11 +16,13 @@ A second variant, fused-attention, leaves tau_q to the library GEMM and fuses th
 (~5 N*C): at wide sites (SDXL's 1280 channels) tau_q's FLOPs count, and a library GEMM may do them faster than
 this kernel's tiles.
 
-Both are opt-in (LLMDIFF_SITE_KERNEL=fused or fused-attention, or apply_adapter(site_kernel=...)). On an H200
-(docs/benchmarks.md §5h) fused-attention took half the three kernels' device time per site under CUDA graphs, and
-fused lost to it; eager, both made a sampling step slower (each call's Python dispatch and launch), so they are
-for compiled sampling under CUDA graphs, and stay opt-in until a whole such step has been timed. Where the kernel
-does not apply (no CUDA or no Triton, float32, a head wider than MAX_HEAD_DIM, more than MAX_KEYS keys, a
+The default, auto, picks fused-attention for a sampling run whose U-Net replays inductor's CUDA graphs (ComfyUI's
+compile wrapper with mode reduce-overhead or max-autotune, or the option triton.cudagraphs) and the three kernels
+everywhere else; LLMDIFF_SITE_KERNEL or apply_adapter(site_kernel=...) names one for every run instead. Under
+CUDA graphs on an H200 fused-attention added 4.0 % to a whole SD1.5 sampling step where the three kernels added
+5.5 % (docs/benchmarks.md §5i); eager, both kernels made a step slower (each call's Python dispatch and launch,
+§5h), and under plain inductor or the cudagraphs backend a whole step has not been timed with them. Where the
+kernel does not apply (no CUDA or no Triton, float32, a head wider than MAX_HEAD_DIM, more than MAX_KEYS keys, a
 training call, paper mode) the pack takes the three-kernel path. TRITON_INTERPRET=1 runs it on the CPU (Triton's
 interpreter), which is how the tests check its math without a GPU.
 """
@@ -31,7 +33,7 @@ import functools
 import importlib.util
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,18 +42,39 @@ SITE_KERNEL_ENV = "LLMDIFF_SITE_KERNEL"
 # torch: tau_q's GEMM, the masked attention and the fusion as three kernels; fused: all three in one kernel;
 # fused-attention: tau_q stays a library GEMM (where a site is wide, its FLOPs count: SDXL's 1280-channel sites),
 # the attention and the fusion are one kernel (~5 N*C moved instead of ~7, and ~3 for fused)
-SITE_KERNELS = ("torch", "fused", "fused-attention")
+SITE_KERNELS = ("auto", "torch", "fused", "fused-attention")  # auto: kernel_for_run decides per sampling run
 MAX_KEYS = 256  # one block of keys per program; longer spans take the three-kernel path
 MAX_HEAD_DIM = 256  # (SD1.5's deepest sites: 8 heads of 160)
 
 
 def site_kernel_setting(requested: str | None = None) -> str:
-    """The site kernel to use: `requested` if given, else $LLMDIFF_SITE_KERNEL, else "torch"."""
-    value = requested if requested is not None else os.environ.get(SITE_KERNEL_ENV, "torch")
+    """The site kernel setting: `requested` if given, else $LLMDIFF_SITE_KERNEL, else "auto"."""
+    value = requested if requested is not None else os.environ.get(SITE_KERNEL_ENV, "auto")
     if value not in SITE_KERNELS:
         raise ValueError(f"site kernel {value!r} (from {'the call' if requested is not None else SITE_KERNEL_ENV}) "
                          f"is not one of {', '.join(SITE_KERNELS)}")
     return value
+
+
+def inductor_cuda_graphs(compile_kwargs: Mapping[str, Any] | None) -> bool:
+    """Whether a U-Net compiled through ComfyUI's set_torch_compile_wrapper (these are its keyword arguments, kept
+    in model_options["torch_compile_kwargs"]) replays inductor's CUDA graphs: mode reduce-overhead or max-autotune,
+    or the option triton.cudagraphs."""
+    if not compile_kwargs or compile_kwargs.get("backend") != "inductor":
+        return False
+    options = compile_kwargs.get("options") or {}
+    if "triton.cudagraphs" in options:
+        return bool(options["triton.cudagraphs"])
+    return compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+
+
+def kernel_for_run(setting: str, compile_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The site kernel of one sampling run: `setting` itself, or for "auto" fused-attention where the run's U-Net
+    replays inductor's CUDA graphs (the one place a whole step was measured faster with it: docs/benchmarks.md
+    §5i) and the three kernels ("torch") elsewhere, including calls outside a sampler."""
+    if setting != "auto":
+        return setting
+    return "fused-attention" if inductor_cuda_graphs(compile_kwargs) else "torch"
 
 
 def _interpreted() -> bool:

@@ -17,6 +17,7 @@ from .config import SDXL_POOLED_DIM
 from .run_entry import RunEntry
 from .site_patches import CoreFusion, FusedReplace
 
+COMPILE_KWARGS_KEY = "torch_compile_kwargs"  # model_options: comfy_api.torch_helpers' compile wrapper's arguments
 FEATURES_KEY = "llmdiff_features"  # transformer_options: the FeatureBatch of the current U-Net call
 TRAINING_KEY = "llmdiff_training"  # transformer_options: a TrainingCall makes the U-Net call a training step
 OVERRIDE_KEY = "optimized_attention_override"  # transformer_options: ComfyUI's hook at the attention core
@@ -116,8 +117,9 @@ class OuterSampleWrapper(SharedOnCopy):
         self.runtime = runtime
 
     def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
-        guider = executor.class_obj
-        self.runtime.begin_run(guider.model_patcher.get_model_object("model_sampling"))
+        patcher = executor.class_obj.model_patcher  # (the guider's)
+        self.runtime.begin_run(patcher.get_model_object("model_sampling"),
+                               patcher.model_options.get(COMPILE_KWARGS_KEY))
         try:
             return executor(*args, **kwargs)
         finally:

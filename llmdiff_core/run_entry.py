@@ -74,8 +74,10 @@ class RunEntry:
     new_vals: SiteStack | None = None  # sampling: tau_v(c), before the gates scale it
     orig_keys: SiteStack | None = None  # paper-mode sampling: k(phi c), stacked
     orig_vals: SiteStack | None = None
-    # sampling, hybrid: per site, whether fused_site's kernel runs its new path and fusion (a site_kernel other
-    # than "torch", and shapes it takes); site_op is that kernel's op, looked up once per run, not while compiling
+    # sampling: the run's site kernel (fused_site.kernel_for_run); hybrid: per site, whether fused_site's kernel
+    # runs its new path and fusion (a site kernel other than "torch", and shapes it takes); site_op is that
+    # kernel's op, looked up once per run, not while compiling
+    site_kernel: str = "torch"
     fused: tuple[bool, ...] = ()
     site_op: Callable[..., torch.Tensor] | None = None
 

@@ -89,7 +89,7 @@ class CoreFusion:
         w = entry.q_weights[i]
         keys, values = state.new_key_value(i)
         if entry.site_op is not None and n.dtype == w.dtype == a_orig.dtype == keys.dtype:
-            if runtime.site_kernel == "fused-attention":
+            if entry.site_kernel == "fused-attention":
                 n, w = runtime.tau_q(entry, i, n), None
             return entry.site_op(n, w, keys, values, entry.mask.bias, entry.mask.keep, a_orig, w_orig)
         return fuse_at_core(a_orig, runtime.new_path(state, i, n), w_orig)

@@ -189,6 +189,13 @@ MUTANTS: tuple[Mutant, ...] = (
     # compiled sampling (session 21): torch 2.11's dynamo breaks the graph on bool() of a dict; 2.13 traces it
     Mutant("site-path-bool-of-dict", CORE + "run_entry.py", "return len(self.pending) > 0 or len(self.deferred) > 0",
            "return bool(self.pending or self.deferred)", ("tests/test_torch_compat.py",)),
+    # the site kernel a run takes (session 23): auto follows the run's compile, and an entry its kernel
+    Mutant("auto-ignores-the-compile", CORE + "adapter_runtime.py",
+           "fused_site.kernel_for_run(self.site_kernel, compile_kwargs)", "fused_site.kernel_for_run(self.site_kernel)",
+           ("tests/test_fused_site.py",)),
+    Mutant("entry-of-another-kernel-reused", CORE + "adapter_runtime.py",
+           "e.matches(batch, device, dtype) and e.site_kernel == self.run_site_kernel",
+           "e.matches(batch, device, dtype)", ("tests/test_fused_site.py",)),
 )
 
 

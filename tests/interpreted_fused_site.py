@@ -151,6 +151,28 @@ def test_every_site_runs_in_the_kernel_and_the_unet_is_eq10(family: str, kernel:
     assert counts == {"kernel": len(adapter.sites), "fuse_at_core": 0, "new_path": 0}
 
 
+def test_auto_runs_the_kernel_in_a_run_under_inductors_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default site kernel (auto) runs fused-attention at every site of a run whose compile wrapper asks for
+    CUDA graphs (its arguments alone here: nothing compiles), the very images of site_kernel="fused-attention",
+    and the three kernels in a run without them."""
+    monkeypatch.delenv(fused_site.SITE_KERNEL_ENV, raising=False)
+    mp = tiny_sd15_minimal()
+    adapter = adapter_for(mp, "clip")
+    m = apply_adapter(mp, adapter)
+    graphs = m.clone()
+    graphs.model_options["torch_compile_kwargs"] = {"backend": "inductor", "mode": "reduce-overhead",
+                                                    "options": None, "fullgraph": False, "dynamic": None}
+    pos = attach_features(clip_conditioning("minimal", 1, 1), make_features([9], 1))
+    neg = attach_features(clip_conditioning("minimal", 1, 2), make_features([2], 2))
+    counts = counted_op(monkeypatch)
+    three = sample(m, pos, neg, noise(1), steps=2)
+    assert counts["kernel"] == 0
+    auto = sample(graphs, pos, neg, noise(1), steps=2)
+    assert counts["kernel"] == 2 * len(adapter.sites)  # (two steps, one U-Net call each)
+    assert torch.equal(auto, sample(fused(mp, adapter, "fused-attention"), pos, neg, noise(1), steps=2))
+    assert max_rel(auto, three) < 1e-5 and not torch.equal(auto, three)
+
+
 def test_half_precision_sampling_is_as_exact_as_the_three_kernel_path() -> None:
     """float16 sampling, against the float32 run: the one kernel's error is about the three kernels'. (It rounds
     the attention's probabilities to float16 before multiplying the values, as flash attention does on a GPU;

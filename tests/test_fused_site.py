@@ -1,11 +1,11 @@
-"""The opt-in one-kernel hybrid site (llmdiff_core/fused_site.py).
+"""The one-kernel hybrid site (llmdiff_core/fused_site.py).
 
 Its Triton kernel is checked in pytests of their own: run by Triton's CPU interpreter
 (tests/interpreted_fused_site.py), and compiled for Hopper and Ampere (tests/compiled_fused_site.py). Triton is
 not part of the CPU test environment, so scripts/setup_env.sh installs it into <env>/compat/triton beside the
 pinned ComfyUI, and only those subprocesses put it on their path (a torch that sees Triton changes what
 torch.compile does, which the rest of the suite must not). The other tests here need no Triton: the setting,
-and that a request for the kernel where it cannot run changes nothing.
+the kernel each sampling run takes, and that a request for the kernel where it cannot run changes nothing.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import torch
 from compat_folders import compat_folder, env_importing_first, pytest_under
 from llmdiff_core import fused_site
 from llmdiff_core.comfy_patch import apply_adapter
-from llmdiff_core.conditioning import CONDLLMDiff
-from patching_support import adapter_for, diffusion_output, direct_inputs, make_features, runtime_of
+from llmdiff_core.conditioning import CONDLLMDiff, attach_features
+from patching_support import (adapter_for, clip_conditioning, diffusion_output, direct_inputs, make_features, noise,
+                              runtime_of, sample)
 from tiny_unets import tiny_sd15_minimal
 
-INTERPRETED_TESTS = 34  # tests/interpreted_fused_site.py's count, parametrized cases included
+INTERPRETED_TESTS = 35  # tests/interpreted_fused_site.py's count, parametrized cases included
 COMPILED_TESTS = 15  # tests/compiled_fused_site.py's
 
 
@@ -69,16 +70,68 @@ def test_the_kernel_compiles_for_hopper_and_ampere() -> None:
 
 def test_the_setting_comes_from_the_call_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(fused_site.SITE_KERNEL_ENV, raising=False)
-    assert fused_site.site_kernel_setting() == "torch"
+    assert fused_site.site_kernel_setting() == "auto"
     monkeypatch.setenv(fused_site.SITE_KERNEL_ENV, "fused")
     assert fused_site.site_kernel_setting() == "fused"
     assert fused_site.site_kernel_setting("torch") == "torch"
     monkeypatch.setenv(fused_site.SITE_KERNEL_ENV, "triton")
-    with pytest.raises(ValueError, match=r"'triton' \(from LLMDIFF_SITE_KERNEL\) is not one of torch, fused, "
+    with pytest.raises(ValueError, match=r"'triton' \(from LLMDIFF_SITE_KERNEL\) is not one of auto, torch, fused, "
                                          "fused-attention"):
         fused_site.site_kernel_setting()
     with pytest.raises(ValueError, match="from the call"):
         apply_adapter(tiny_sd15_minimal(), adapter_for(tiny_sd15_minimal()), site_kernel="Fused")
+
+
+def compile_kwargs(backend: str = "inductor", mode: str | None = None, options: dict | None = None) -> dict:
+    """What comfy_api.torch_helpers.set_torch_compile_wrapper keeps in model_options["torch_compile_kwargs"]."""
+    return {"backend": backend, "options": options, "mode": mode, "fullgraph": False, "dynamic": None}
+
+
+@pytest.mark.parametrize("kwargs, want", [
+    (None, "torch"),
+    (compile_kwargs(), "torch"),  # plain inductor: no whole step measured with the kernel
+    (compile_kwargs(mode="default"), "torch"),
+    (compile_kwargs(mode="max-autotune-no-cudagraphs"), "torch"),
+    (compile_kwargs(mode="reduce-overhead"), "fused-attention"),
+    (compile_kwargs(mode="max-autotune"), "fused-attention"),
+    (compile_kwargs(options={"triton.cudagraphs": True}), "fused-attention"),
+    (compile_kwargs(options={"triton.cudagraphs": False, "max_autotune": True}), "torch"),
+    (compile_kwargs(backend="cudagraphs"), "torch"),  # (its whole step is unmeasured with the kernel)
+    (compile_kwargs(backend="eager", mode="reduce-overhead"), "torch"),
+])
+def test_auto_picks_fused_attention_where_inductor_replays_cuda_graphs(kwargs: dict | None, want: str) -> None:
+    assert fused_site.kernel_for_run("auto", kwargs) == want
+    for named in ("torch", "fused", "fused-attention"):  # a named kernel is every run's
+        assert fused_site.kernel_for_run(named, kwargs) == named
+
+
+def test_a_run_takes_the_kernel_its_compile_asks_for_and_builds_its_own_entry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default (auto) follows the compile wrapper's arguments of each sampling run's model, wherever
+    TorchCompileModel sits in the graph; a kept entry of a run with the other kernel is not taken, one of the same
+    kernel is; outside a run the three kernels run. (On this CPU the kernel never applies: tests/
+    interpreted_fused_site.py runs it under auto.)"""
+    monkeypatch.delenv(fused_site.SITE_KERNEL_ENV, raising=False)
+    mp = tiny_sd15_minimal()
+    m = apply_adapter(mp, adapter_for(mp))
+    runtime = runtime_of(m)
+    graphs = m.clone()  # (the kwargs alone: the run's kernel follows them, nothing is compiled here)
+    graphs.model_options["torch_compile_kwargs"] = compile_kwargs(mode="reduce-overhead")
+    plain = m.clone()
+    plain.model_options["torch_compile_kwargs"] = compile_kwargs()
+    pos = attach_features(clip_conditioning("minimal", 1, 1), make_features([9], 1))
+    neg = attach_features(clip_conditioning("minimal", 1, 2), make_features([2], 2))
+    seen = []
+    for model, want, reused in ((graphs, "fused-attention", 0), (graphs, "fused-attention", 1), (plain, "torch", 0),
+                                (m, "torch", 1), (graphs, "fused-attention", 0)):
+        sample(model, pos, neg, noise(1), steps=2)  # (one entry a run: the sampler batches both prompts)
+        seen.append(([e.site_kernel for e in runtime.runs.kept], runtime.runs.reused))
+        assert seen[-1] == ([want], reused), seen
+        assert runtime.run_site_kernel == "torch"  # (between runs)
+    monkeypatch.setenv(fused_site.SITE_KERNEL_ENV, "torch")
+    named = runtime_of(apply_adapter(mp, adapter_for(mp)))
+    named.begin_run(m.get_model_object("model_sampling"), compile_kwargs(mode="reduce-overhead"))
+    assert named.run_site_kernel == "torch"
 
 
 class TritonLookups(importlib.abc.MetaPathFinder):
