@@ -390,7 +390,9 @@ def graphs_compiled() -> int:
 def uses_cuda_graphs(backend: str | None, mode: str | None) -> bool:
     """Whether a compile runs its graphs as CUDA graphs: TorchCompileModel's cudagraphs backend, or inductor's
     reduce-overhead / max-autotune modes."""
-    return backend == "cudagraphs" or (backend == "inductor" and mode in ("reduce-overhead", "max-autotune"))
+    from llmdiff_core import fused_site
+
+    return backend == "cudagraphs" or fused_site.inductor_cuda_graphs({"backend": backend, "mode": mode})
 
 
 def cuda_graph_note() -> str:
@@ -618,6 +620,34 @@ class Report:
                     "sections": [{**s, "rows": [[clean(c) for c in r] for r in s["rows"]]} for s in self.sections],
                     "notes": self.notes, "raw": self.raw}
             Path(opts.json_out).write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+class Interruption:
+    """A `with` block that a SIGINT (KeyboardInterrupt: bench/device_run.sh's `timeout` for a step, which sends KILL
+    15 s later) ends instead of the script: the report notes what was under way (`during`), the script goes on to
+    write the tables of what finished before it, then ends with exit_if_cut (status 130, as an interrupt would)."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.during = ""
+        self.happened = False
+
+    def __enter__(self) -> Interruption:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> bool:
+        if kind is not KeyboardInterrupt:
+            return False
+        self.happened = True
+        self.report.notes.append(f"interrupted (SIGINT: the step's time ran out) while measuring {self.during or '?'}: "
+                                 "no rows for it; the tables hold what finished before it")
+        print(f"  interrupted while measuring {self.during or '?'}: writing what finished", file=sys.stderr,
+              flush=True)
+        return True
+
+    def exit_if_cut(self) -> None:
+        if self.happened:
+            sys.exit(130)
 
 
 def defaults(opts: argparse.Namespace, repeats: int, warmup: int) -> None:

@@ -60,45 +60,19 @@ run_part() {
       step checks-compile 100 checks 3,11
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what session 12 (H100, docs/benchmarks.md §5g) left open, most needed first (§6 has the two calls).
-           # Call 1 (DEVICE_BUDGET_S=570): the checks, then both sampling targets under inductor's CUDA graphs
-           # with session 12's stacked per-run tensors (49 input copies per SD1.5 replay before, ~8 now), each step
-           # split at its replays (session 13). Call 2 at once (SKIP naming what call 1 ran): the fixed profile,
-           # the pinned features, the host's share alone (--compile host-only), then training and plain inductor.
-           # (A 15-minute lease leaves the second call ~200 s after a cold start: session 12's were 500 + 273 s.)
-      # (session 21: 3, 11 and 12 failed at 62 graphs / 27 breaks under torch 2.11, fixed since, §5h)
-      # 11: the stacked keys and values replay right under CUDA graphs (another run's tensors: its eager images);
-      # 3: plain inductor, one graph for two span lengths and two strengths; 12 (session 16): the one-kernel hybrid
-      # site (fused_site.py, opt-in), compiled by Triton for the first time: the kernel against float64 at the real
-      # site shapes in fp16 and bf16, sampling with it, and under CUDA graphs
-      step checks 130 checks 3,11,12
-      # session 12: +12.1 % +- 4.8 (12.0 -> 13.4 ms/step); 49 input copies per replay, 8 expected now. Its new
-      # table splits the step at the replays (CUDA events): the adapter's extra inside the graph (its kernels)
-      # against outside it (host, copies); the paired overhead's interval says whether 4 % is met (more repeats
-      # than before for a tighter interval: ~0.6 s each after the compile, and BENCH_DEADLINE cuts them if need be).
-      # Each variant is timed with both step clocks (session 15): synced is session 12's clock (the host waits for
-      # the device every step, as with a preview), pipelined lets the host run ahead (no preview). Session 12's
-      # profile had the device busy 7.3 ms of the 12.0 ms synced step: pipelined says what a step costs when the
-      # host's work overlaps the device's. Session 16: hybrid with the three kernels per site (the product's
-      # default) and with tau_q's GEMM then one kernel (fused-attention: half the three kernels' device time per
-      # site under CUDA graphs in session 21's site-calls, where fused, tau_q inside the kernel, lost at every
-      # shape), each paired with the same unpatched runs (21 repeats: three variants, two clocks)
-      step sampling-reduce-overhead-sd15 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 21 --site-kernel torch,fused-attention
-      # the SDXL sampling target under inductor's CUDA graphs, never measured (two SDXL forward compiles; session
-      # 12's two-variant SDXL run under the cudagraphs backend took 118 s in all; BENCH_DEADLINE cuts repeats)
-      step sampling-reduce-overhead-sdxl 240 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1
-      # the SDXL target with the one-kernel site (session 16; 70 sites: ~1.6 GB of the adapter's bytes per step at
-      # three kernels, §3j); a step of its own, as a third SDXL compile would not fit the target's step
-      step sampling-reduce-overhead-sdxl-fused-attention 200 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel fused-attention
-      # which kernels the adapter adds to the replay (device time per kernel, patched minus unpatched) and whose
-      # Python its host time is (per function)
-      step profile-reduce-overhead-sd15 130 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor --compile-mode reduce-overhead > $OUTDIR/profile-reduce-overhead-sd15.txt"
-      # a run's features from page-locked memory (staged, or kept pinned from Text Encode) against the product's
-      # pageable copy (session 12: 3.2-9.0 ms per run, ~7 GB/s): what pinning would save per run
-      step run-features 30 bench run_features
-      # the step's host work alone, no U-Net kernel (session 13 on the CPU: the adapter adds 0.11 ms per SD1.5 step
-      # to 0.87): this host's figure, SD1.5 and SDXL
-      step sampling-host-only 100 bench sampling_overhead --modes clip --compile host-only --no-real-flops --repeats 9 --warmup 1 --step-clock synced
+    next)  # what session 23 (H200, docs/benchmarks.md §5i) left open, most needed first (§6 has the two calls).
+           # Call 1 (DEVICE_BUDGET_S=555): check 12 (the default site kernel, auto, under CUDA graphs), the SDXL
+           # sampling target with both site kernels, then CUDA-graph training. Call 2 at once (SKIP naming what call 1
+           # ran; the machine stays warm 30 s): what is left, in this order. (Session 23 on an H200: a cold start
+           # ~40 s; checks 3, 11 and 12 176 s; SD1.5 under reduce-overhead, three variants 208 s; SDXL, two
+           # variants 235 s, of which 166 s compiling; the profile 45 s.)
+      # 12: the kernel, sampling, and now the default (auto must run fused-attention under inductor's CUDA graphs)
+      # and fused-attention under the cudagraphs backend (never run), each one graph, no break, the eager images
+      step checks 150 checks 12
+      # session 23: SDXL +5.37 % [4.81 .. 6.22] with the three kernels (target 6 %: the interval's top is above);
+      # SD1.5's fused-attention took 0.11 ms of the 0.37 ms its sites cost inside the replay (+4.05 % against
+      # +5.49 %). The same rounds for SDXL (70 sites, 1.76 ms inside the replay): auto picks fused-attention here
+      step sampling-reduce-overhead-sdxl 330 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel torch,fused-attention
       # compiled training's step still waits on the host (SDXL: 181 ms of kernels in a 213 ms step, §5g): the
       # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
       # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s
@@ -106,16 +80,16 @@ run_part() {
       # the same with --unet-fp8 (session 19, §3u: the frozen U-Net's linear layers as float8 GEMMs), on the same
       # warm machine right after it: the A/B of what float8 GEMMs add to the fastest SD1.5 step
       step training-reduce-overhead-sd15-fp8 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --unet-fp8 --warmup 5 --steps 10
+      # the step's host work alone, no U-Net kernel (session 13 on the CPU: the adapter adds 0.11 ms per SD1.5 step
+      # to 0.87): this host's figure, SD1.5 and SDXL. (Session 23: cut at 111 s in SDXL's compile, SD1.5's rows lost;
+      # a cut step now writes the models it finished)
+      step sampling-host-only 200 bench sampling_overhead --modes clip --compile host-only --no-real-flops --repeats 9 --warmup 1 --step-clock synced
       # the same for SDXL, whose compiled step idles ~32 ms of 213 on the host (§5g): kernel launches that a replay
       # takes off the host; the way to the ~22 img/s its kernels allow (the compile: ~230 s in session 12)
       step training-reduce-overhead-sdxl 380 train --models sdxl --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
-      # the new path's attention backend under CUDA graphs (session 13: sdpa_kernel traces into the one graph, so a
-      # forced backend costs nothing per call there, unlike eager, §5e): if the split puts the overhead in the
-      # replay, is torch's choice for the masked attention (64 keys, head dim 40) the fastest kernel, and what does
-      # the mask cost (unmasked: a lower bound, wrong where tokens are masked)?
-      step sampling-reduce-overhead-sd15-attend 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 9 --attend efficient,cudnn,unmasked --step-clock pipelined
-      # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n)
-      step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1 --step-clock synced
+      # plain inductor (no CUDA graphs) with both site kernels: auto keeps the three kernels there until this says
+      # whether the one kernel's per-call dispatch (eager: +16 % against +8 %, §5h) costs more than it saves
+      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15 --site-kernel torch,fused-attention
       # compiled SDXL training with every site's K/V projection compiled too (session 12, after its GPU run: the
       # compiled step waited ~32 ms on the host; the projections were ~560 eager ops per forward and their
       # backward), against 18.75 img/s, then the same-run A/B with them eager (the U-Net's graphs from the cache)
@@ -130,22 +104,24 @@ run_part() {
       # host work per image (its compile: ~230 s to the first step in session 12)
       step training-compiled-sdxl-b8 360 train --models sdxl --batch sdxl=8 --no-floor --compile inductor --warmup 4 --steps 8
       # compiled training reached 147.6 img/s (target 200) and the step is device-bound: do bigger GEMMs and
-      # convolutions (batch 32) run nearer their peak? (the target names no batch size; the first SD1.5 training
-      # step on a fresh machine also builds its feature cache, ~20 s)
+      # convolutions (batch 32) run nearer their peak? (the first SD1.5 training step on a fresh machine also builds
+      # its feature cache, ~20 s)
       step training-compiled-sd15-b32 170 train --models sd15 --batch sd15=32 --no-floor --compile inductor --warmup 4 --steps 8
+      # the new path's attention backend under CUDA graphs: SD1.5's three-kernel sites spent 0.17 of their 0.37 ms
+      # in cuDNN's flash attention (session 23's profile, 16 calls over 64 keys): is another backend faster, and what
+      # does the mask cost (unmasked: a lower bound, wrong where tokens are masked)?
+      step sampling-reduce-overhead-sd15-attend 240 bench sampling_overhead --models sd15 --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 9 --site-kernel torch --attend efficient,cudnn,unmasked --step-clock pipelined
+      # session 12: +12.3 % +- 2.4 with ~210 per-run inputs copied per replay (on top of every weight: §3n); auto
+      # keeps the three kernels under this backend until check 12 and this say otherwise
+      step sampling-cudagraphs-sdxl 130 bench sampling_overhead --models sdxl --modes clip --compile cudagraphs --no-real-flops --repeats 7 --warmup 1 --step-clock synced --site-kernel torch,fused-attention
       # the whole bucket (one static graph, the default since session 9) against the span (a static graph, then a
       # dynamic one, which inductor on the CPU compiled wrongly): does CUDA run it, and faster per step?
       step training-compiled-span-sd15 130 train --models sd15 --no-floor --compile inductor --no-compile-whole-bucket --warmup 5 --steps 10
       # channels-last was slower eager (§5c); under inductor NHWC convolutions may win: against session 10's 147.6
       step training-compiled-channels-last-sd15 130 train --models sd15 --no-floor --compile inductor --channels-last --warmup 5 --steps 10
       step training-no-cudnn-benchmark 60 train --models sd15 --no-floor --steps 12 --warmup 3 --no-cudnn-benchmark
-      # (session 16; measured in session 21 on an H200, §5h) a hybrid site per call at the real shapes, device time
-      # of CUDA-graph replays: the three kernels against the one-kernel site and its tile shapes
-      step site-calls 60 bench site_calls
-      # plain inductor (session 10: +10.4 % +- 16), 15 repeats, and its kernel profile
-      step sampling-compiled-sd15 150 bench sampling_overhead --models sd15 --modes clip --compile inductor --no-real-flops --repeats 15
       step profile-compiled-sd15 150 bash -c "python3 bench/profile_sampling.py $DEVICE_ARGS --model sd15 --mode clip --compile inductor > $OUTDIR/profile-compiled-sd15.txt"
-      step sampling-compiled-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1 ;;
+      step sampling-compiled-sdxl 300 bench sampling_overhead --models sdxl --modes clip --compile inductor --no-real-flops --repeats 5 --warmup 1 --site-kernel torch,fused-attention ;;
     *) echo "usage: bench/device_run.sh all|next" >&2; exit 2 ;;
   esac
 }

@@ -25,13 +25,17 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 11. check 3 under inductor's CUDA graphs (mode reduce-overhead, what the sampling step needs to stop being
    launch-bound): no cudagraph skip, and replays with another run's keys, values and gates give that run's
    eager images;
-12. the one-kernel hybrid site (llmdiff_core/fused_site.py, opt-in: site_kernel "fused" or "fused-attention"),
+12. the one-kernel hybrid site (llmdiff_core/fused_site.py: site_kernel "fused" or "fused-attention", and "auto"),
    compiled by Triton for this GPU: the kernel against float64 math at the real SD1.5 and SDXL site shapes in
    fp16 and bf16 (given n, or given tau_q(n)), sampling with each site kernel against the three kernels, and
-   "fused" under CUDA graphs as check 11;
+   compiled as check 11: "fused" and the default "auto" under inductor's CUDA graphs (auto must run
+   fused-attention there), and fused-attention under TorchCompileModel's cudagraphs backend;
 13. train.py --unet-fp8 (training/float8_linears.py): a frozen linear layer at SDXL's GEMM shapes in bf16 gives
    the fp32 product of its float8-rounded operands, forward and activation gradient, no weight gradient; and
    its forward + backward time against bf16.
+14. a sampling run's features moved to the GPU (FeatureBatch.distinct with a device, through features.moved's
+   page-locked staging since session 23): whole, cut to the span, and as the encoding's broadcast reads, each
+   equal to the host's tensors, three times in a row (the staging blocks are reused).
 """
 
 from __future__ import annotations
@@ -162,22 +166,27 @@ def main() -> None:
                                f"{per_step:.2f} per step (must be 0; per-run ones are the entry's)")
 
     # 3. torch.compile; 11. the same with CUDA graphs
-    def compiled_like_eager(mode: str | None = None, steps: int = 3, site_kernel: str = "torch") -> tuple[bool, str]:
+    def compiled_like_eager(mode: str | None = None, steps: int = 3, site_kernel: str = "torch",
+                            backend: str | None = None) -> tuple[bool, str]:
         """Sampled under ComfyUI's compile wrapper (inductor on CUDA, eager on the CPU: the code path only) over
         prompts of two span lengths and a second strength: one graph, no break, the eager images.
 
         mode "reduce-overhead" (CUDA only) replays CUDA graphs: the third run is the first's shape again, so its
         steps replay a recording made with the first run's keys, values and gates. Images equal to eager mean
         the per-run tensors were copied in, not read stale from the recording; no cudagraph skip means the
-        patched U-Net really ran as CUDA graphs (torch raises with the reason, reported as the check's detail)."""
+        patched U-Net really ran as CUDA graphs (torch raises with the reason, reported as the check's detail).
+        A site kernel other than torch must have run at the compiled runs' sites (their entries say which)."""
         import torch._dynamo
         import torch._inductor.config as inductor_config
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         from torch._dynamo.utils import counters
 
-        backend = "inductor" if cuda else "eager"
-        if mode is None and opts.compile_backend:
-            backend = opts.compile_backend
+        from llmdiff_core.comfy_patch import applied_runtimes
+
+        if backend is None:
+            backend = "inductor" if cuda else "eager"
+            if mode is None and opts.compile_backend:
+                backend = opts.compile_backend
         base = models(device, unet_dtype)
         adapter = builders.build_adapter(base, spec, "clip", "auto", 96)
         # 20 and 70 tokens in a 96-token bucket (spans of 32 and 95 keys), then the first at strength 0.6
@@ -194,14 +203,22 @@ def main() -> None:
             return c
         strict = mode == "reduce-overhead" and hasattr(inductor_config.triton, "cudagraph_or_error")
         # strict: a skipped CUDA graph raises, with torch's reason for it
+        kernels = set()  # the compiled runs' site kernels, where fused_site's kernel ran at a site
+
+        def compiled_sample(m: Any, p: tuple) -> torch.Tensor:
+            out = sample(compiled_clone(m), *p, steps)
+            kernels.update(e.site_kernel if any(e.fused) else "torch" for e in applied_runtimes(m)[0].runs.kept)
+            return out
         with inductor_config.patch({"triton.cudagraph_or_error": True}) if strict else contextlib.nullcontext():
-            got = [sample(compiled_clone(m), *p, steps) for m, p in runs]
+            got = [compiled_sample(m, p) for m, p in runs]
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         skips = counters["inductor"]["cudagraph_skips"]
         torch._dynamo.reset()
         err = max(float((g - e).abs().max() / e.abs().max().clamp_min(1e-12)) for g, e in zip(got, eager))
         ok = graphs == 1 and breaks == 0 and err < 2e-2 and (mode != "reduce-overhead" or skips == 0)
-        return ok, (f"{backend}{f' mode {mode}' if mode else ''}, two span lengths and two strengths: {graphs} "
+        ok &= site_kernel == "torch" or (len(kernels) == 1 and "torch" not in kernels)
+        ran = "" if site_kernel == "torch" else f"site kernel {site_kernel}: ran {', '.join(sorted(kernels))}; "
+        return ok, (f"{ran}{backend}{f' mode {mode}' if mode else ''}, two span lengths and two strengths: {graphs} "
                     f"graph(s), {breaks} graph break(s)"
                     f"{f', {skips} CUDA-graph skip(s)' if mode == 'reduce-overhead' else ''}, largest rel. "
                     f"difference to eager {err:.2e}")
@@ -250,9 +267,14 @@ def main() -> None:
         ok &= max(errs.values()) < 2e-2 and calls["kernel"] > 0
         details.append("sampling against the three kernels: " + ", ".join(f"{k} {e:.2e}" for k, e in errs.items())
                        + f" (limit 2e-2), {calls['kernel']} kernel calls")
-        graphs_ok, graphs = compiled_like_eager("reduce-overhead", steps=4, site_kernel="fused")
-        details.append(graphs)
-        return ok and graphs_ok, "; ".join(details)
+        # under CUDA graphs: the kernel itself, the product's default (auto: fused-attention where inductor replays
+        # CUDA graphs) and (never run before session 23's change) the cudagraphs backend, which auto leaves alone
+        for kwargs in ({"site_kernel": "fused"}, {"site_kernel": "auto"},
+                       {"site_kernel": "fused-attention", "mode": None, "backend": "cudagraphs"}):
+            graphs_ok, graphs = compiled_like_eager(**{"mode": "reduce-overhead", "steps": 4, **kwargs})
+            ok &= graphs_ok
+            details.append(graphs)
+        return ok, "; ".join(details)
 
     # 4. adapter dtype
     def loader_dtype() -> tuple[bool, str]:
@@ -576,6 +598,32 @@ def main() -> None:
                            f"({ms['bf16'] / ms['fp8']:.2f}x)")
         return ok, "; ".join(details) + " (errors against the fp32 product of the same float8 roundings)"
 
+    # 14. a run's features reach the GPU through page-locked staging (features.moved)
+    def staged_features() -> tuple[bool, str]:  # (on a CPU the moves are no-ops: the check's code only)
+        from llmdiff_core.conditioning import FeatureBatch, FeaturePart
+        from llmdiff_core.features import LLMFeatures, LLMSpec
+
+        g = torch.Generator().manual_seed(0)
+        spec, tokens = LLMSpec("llama", "check", 256, 4), 64
+
+        def prompt(length: int) -> LLMFeatures:
+            mask = torch.zeros(1, tokens, dtype=torch.bool)
+            mask[0, 1:length] = True
+            return LLMFeatures(spec, torch.randn(1, 5, tokens, 256, generator=g).bfloat16(),
+                               torch.randn(1, 4, tokens, 256, generator=g).bfloat16(), mask)
+        batch = FeatureBatch((FeaturePart(prompt(20), (0, 0)), FeaturePart(prompt(1), (0,))))
+        ok, moves = True, 0
+        for read, cut in ((([0], True), 32), ((None), None), (([0, 2], False), 48)):
+            host, _ = batch.distinct(read, tokens=cut)
+            for _ in range(3):  # each move's staging block from the host allocator's cache, then reused
+                dev, index = batch.distinct(read, tokens=cut, device=device)
+                ok &= index == [0, 0, 1] and dev.hidden.device.type == device.type
+                for name in ("hidden", "scores", "mask"):
+                    ok &= torch.equal(getattr(dev, name).cpu(), getattr(host, name))
+                moves += 1
+        return ok, (f"{moves} moves (whole, cut to the span, the encoding's reads as broadcast views): each equal to "
+                    "its host tensors")
+
     checks.run(1, "device sampling reproduces the CPU fp32 adapter effect", device_matches_cpu, only)
     checks.run(2, "no device->host sync per sampling step", no_sync_per_step, only)
     checks.run(3, "torch.compile: one graph, no break, eager result", compiled_like_eager, only)
@@ -595,6 +643,7 @@ def main() -> None:
                only)
     checks.run(13, "--unet-fp8: float8 linears match the rounded operands' product; their speed", float8_linears,
                only)
+    checks.run(14, "a run's features reach the GPU through page-locked staging, unchanged", staged_features, only)
 
     report = common.Report("GPU correctness checks", common.env_header(device, opts.root))
     report.table("checks", ["#", "check", "result", "detail"], checks.rows)

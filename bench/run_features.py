@@ -6,16 +6,17 @@ the score encoding reads (H_0 and the scores), only up to the attended span's en
                                             # leaves them, a positive of 20 / 60 / 120 tokens + an empty negative
     python bench/run_features.py --small    # the same shapes, fewer repeats
 
-Three variants, interleaved:
+Variants, interleaved (each move goes through llmdiff_core.features.moved, which on CUDA stages pageable memory
+in page-locked memory since session 23, except where a variant says otherwise):
 - `join, then cut`: the rows joined over the whole token bucket, the span cut from the result and moved (the
   entry before session 11: a host copy of the whole bucket, then a second one of the span to move it);
 - `cut, join, move`: the span decided on the key mask first, the rows cut, joined on the host, moved;
 - `cut, move, join` (the product, FeatureBatch.distinct with a device): each prompt's cut rows moved, joined on
-  the device; the host copies only what a cut makes non-contiguous, and nothing of a whole-bucket prompt.
-On a CPU device the last two are the same work. On CUDA, two more, page-locked (session 12: the product's
-copy from pageable memory ran at ~7 GB/s on the H100, 3-9 ms per run):
-- `cut into pinned, async`: each prompt's cut copied into page-locked staging (torch's caching host
-  allocator: allocated once, then reused), moved asynchronously, joined on the device;
+  the device; on CUDA each through page-locked staging (torch's caching host allocator: allocated once, then
+  reused), moved asynchronously. On a CPU device it is the same work as the one before.
+On CUDA, two more:
+- `cut, move, join, pageable`: the product of sessions 11-22, each cut moved straight from pageable memory
+  (session 12: ~7 GB/s on the H100, 3-9 ms per run; session 23's H200: 2.9-9.3 ms against 1.8-4.3 staged);
 - `stored pinned, whole bucket`: the features kept page-locked from the start (what Text Encode would have to
   do), each prompt's read tensors moved whole and asynchronously, no host copy at all, cut and joined on the
   device.
@@ -80,27 +81,22 @@ def main() -> None:
     def cut_move_join(batch: FeatureBatch) -> LLMFeatures:
         return batch.distinct(read, tokens=span_end(batch.distinct_mask()[0]), device=device)[0]
 
-    def moved_async(t: torch.Tensor, staged: bool) -> torch.Tensor:
-        """t on the device from page-locked memory: through a staging copy (staged), or t's own pinned storage."""
-        base = stored_values(t)
-        if staged:
-            base = torch.empty(base.shape, dtype=base.dtype, pin_memory=True).copy_(base)
-        return base.to(device, non_blocking=True).expand(t.shape)
+    def moved_pageable(t: torch.Tensor) -> torch.Tensor:
+        """t on the device straight from its pageable memory (only what it stores: its broadcast axes stay views)."""
+        return stored_values(t).to(device).expand(t.shape)
 
     def parts_of(batch: FeatureBatch) -> list[LLMFeatures]:
         return [part.features.reading(*read) for part in batch.parts]
 
-    def cut_pinned(batch: FeatureBatch) -> LLMFeatures:
+    def cut_move_join_pageable(batch: FeatureBatch) -> LLMFeatures:
         n = span_end(batch.distinct_mask()[0])
         cut = [f.first_tokens(n) for f in parts_of(batch)]
-        return LLMFeatures.cat([LLMFeatures(spec, moved_async(f.hidden, True), moved_async(f.scores, True),
+        return LLMFeatures.cat([LLMFeatures(spec, moved_pageable(f.hidden), moved_pageable(f.scores),
                                             f.mask.to(device)) for f in cut])
 
-    def stored_pinned(batch: FeatureBatch) -> LLMFeatures:
+    def stored_pinned(batch: FeatureBatch) -> LLMFeatures:  # (moved: from pinned memory, asynchronously)
         n = span_end(batch.distinct_mask()[0])
-        moved = [LLMFeatures(spec, moved_async(f.hidden, False), moved_async(f.scores, False), f.mask.to(device))
-                 for f in parts_of(batch)]
-        return LLMFeatures.cat([f.first_tokens(n) for f in moved])
+        return LLMFeatures.cat([f.to(device).first_tokens(n) for f in parts_of(batch)])
 
     def pinned(features: LLMFeatures) -> LLMFeatures:
         return LLMFeatures(spec, features.hidden.pin_memory(), features.scores.pin_memory(), features.mask)
@@ -112,7 +108,7 @@ def main() -> None:
         variants = {"join, then cut": (join_then_cut, batch), "cut, join, move": (cut_join_move, batch),
                     "cut, move, join": (cut_move_join, batch)}
         if device.type == "cuda":  # (page-locked memory needs CUDA)
-            variants["cut into pinned, async"] = (cut_pinned, batch)
+            variants["cut, move, join, pageable"] = (cut_move_join_pageable, batch)
             variants["stored pinned, whole bucket"] = (stored_pinned, FeatureBatch(
                 (FeaturePart(pinned(pos), (0,)), FeaturePart(pinned(neg), (0,)))))
         now = cut_move_join(batch)

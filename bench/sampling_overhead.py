@@ -67,8 +67,9 @@ def parse() -> Any:
     p.add_argument("--site-kernel", default="", metavar="KERNELS",
                    help="hybrid mode: time the adapter with each of these site kernels (apply_adapter's site_kernel, "
                         "comma list: torch = the three kernels per site, fused = llmdiff_core/fused_site.py's one "
-                        "Triton kernel), a variant each against the same unpatched runs (default: the product's "
-                        "setting alone, torch unless $LLMDIFF_SITE_KERNEL says otherwise)")
+                        "Triton kernel, fused-attention = tau_q's GEMM then one kernel, auto = fused-attention under "
+                        "inductor's CUDA graphs, else torch), a variant each against the same unpatched runs "
+                        "(default: the product's setting alone, auto unless $LLMDIFF_SITE_KERNEL says otherwise)")
     p.add_argument("--keep-entries", action="store_true",
                    help="let each run take the last run's once-per-run entry, as a re-run of the same prompts does "
                         "in hybrid mode (default: every run builds its own, as a new prompt does)")
@@ -105,6 +106,7 @@ def main() -> None:
 
     import builders
     import comfy.model_management as mm
+    from llmdiff_core import fused_site
     from llmdiff_core.comfy_patch import apply_adapter, forget_kept_entries
 
     entry_seconds = timed_entry_builds(device)
@@ -144,158 +146,167 @@ def main() -> None:
         except (ImportError, AttributeError) as exc:  # another torch's CUDA-graph trees: the table goes without it
             report.notes.append(f"no replay split: torch's CUDAGraphNode.run_graph is not there ({exc})")
 
-    for family in ([] if opts.floor_only else models):
-        shape = builders.unet_shape(family, opts.small, opts.latent)
-        base = builders.build_unet(family, opts.small, dtype, device, offload_device=mm.unet_offload_device())
-        clip_pos = builders.clip_conditioning(shape, latent_batch, 1)
-        clip_neg = builders.clip_conditioning(shape, latent_batch, 2)
-        pos, neg = builders.prompt_pair(shape, spec, opts.tokens, opts.prompt_tokens, 0, latent_batch)
-        variants: dict[str, tuple[Any, list, list]] = {"unpatched": (base, clip_pos, clip_neg)}
-        impl_of: dict[str, str] = {}  # variant -> the attend implementation it runs with ("" = the product's)
-        kernel_of: dict[str, str] = {}  # variant -> the site kernel it was applied with (--site-kernel)
-        for mode in modes:
-            adapter = builders.build_adapter(base, spec, mode, opts.adapter_dtype, max_tokens=opts.tokens)
-            named = []
-            for kernel in site_kernels if mode == "clip" and site_kernels else [None]:  # (paper mode: no fusion)
-                named.append(mode if kernel is None else f"{mode}+{kernel}")
-                variants[named[-1]] = (apply_adapter(base, adapter, strength=1.0, site_kernel=kernel), pos, neg)
-                if kernel is not None:
-                    kernel_of[named[-1]] = kernel
-            for impl in attend_impls:
-                variants[f"{mode}+{impl}"] = variants[named[0]]
-                impl_of[f"{mode}+{impl}"] = impl
-        if opts.compile:  # warmup runs compile; each variant is its own dynamo graph of the same U-Net code
-            # A new model family starts afresh: the same UNetModel.forward with new shapes would otherwise
-            # recompile with dynamic shapes (automatic_dynamic), which took SDXL past 5 minutes on the GPU.
-            torch._dynamo.reset()
-            variants = {name: (common.comfy_compiled(mp, opts.compile, opts.compile_mode), p_, n_)
-                        for name, (mp, p_, n_) in variants.items()}
-        noise = torch.randn(latent_batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
-        n_sites = len(builders.find_sites(base.model.diffusion_model)[0])
+    # a SIGINT (the step's timeout on the GPU machine) while a model is measured ends the loop, not the script: the
+    # tables of the models before it are written (15 s before the KILL)
+    cut = common.Interruption(report)
+    with cut:
+        for family in ([] if opts.floor_only else models):
+            cut.during = family
+            shape = builders.unet_shape(family, opts.small, opts.latent)
+            base = builders.build_unet(family, opts.small, dtype, device, offload_device=mm.unet_offload_device())
+            clip_pos = builders.clip_conditioning(shape, latent_batch, 1)
+            clip_neg = builders.clip_conditioning(shape, latent_batch, 2)
+            pos, neg = builders.prompt_pair(shape, spec, opts.tokens, opts.prompt_tokens, 0, latent_batch)
+            variants: dict[str, tuple[Any, list, list]] = {"unpatched": (base, clip_pos, clip_neg)}
+            impl_of: dict[str, str] = {}  # variant -> the attend implementation it runs with ("" = the product's)
+            kernel_of: dict[str, str] = {}  # variant -> the site kernel it was applied with (--site-kernel)
+            setting = fused_site.site_kernel_setting()  # the product's, for a variant without --site-kernel
+            run_kernel = fused_site.kernel_for_run(setting, {"backend": opts.compile, "mode": opts.compile_mode})
+            product_kernel = f"auto: {run_kernel}" if setting == "auto" else setting
+            for mode in modes:
+                adapter = builders.build_adapter(base, spec, mode, opts.adapter_dtype, max_tokens=opts.tokens)
+                named = []
+                for kernel in site_kernels if mode == "clip" and site_kernels else [None]:  # (paper mode: no fusion)
+                    named.append(mode if kernel is None else f"{mode}+{kernel}")
+                    variants[named[-1]] = (apply_adapter(base, adapter, strength=1.0, site_kernel=kernel), pos, neg)
+                    if kernel is not None or (mode == "clip" and run_kernel != "torch"):  # (named where the
+                        kernel_of[named[-1]] = kernel or product_kernel  # product's default is not the 3 kernels)
+                for impl in attend_impls:
+                    variants[f"{mode}+{impl}"] = variants[named[0]]
+                    impl_of[f"{mode}+{impl}"] = impl
+            if opts.compile:  # warmup runs compile; each variant is its own dynamo graph of the same U-Net code
+                # A new model family starts afresh: the same UNetModel.forward with new shapes would otherwise
+                # recompile with dynamic shapes (automatic_dynamic), which took SDXL past 5 minutes on the GPU.
+                torch._dynamo.reset()
+                variants = {name: (common.comfy_compiled(mp, opts.compile, opts.compile_mode), p_, n_)
+                            for name, (mp, p_, n_) in variants.items()}
+            noise = torch.randn(latent_batch, 4, shape.latent, shape.latent, generator=torch.Generator().manual_seed(0))
+            n_sites = len(builders.find_sites(base.model.diffusion_model)[0])
 
-        def sampler_run(mp: Any, positive: list, negative: list, steps: int, flops: Any = None,
-                        synced: bool = True) -> dict[str, float]:
-            stamps = common.StepStamps(device, synced)
+            def sampler_run(mp: Any, positive: list, negative: list, steps: int, flops: Any = None,
+                            synced: bool = True) -> dict[str, float]:
+                stamps = common.StepStamps(device, synced)
 
-            def callback(step: int, x0: Any, x: Any, total: int) -> None:
-                stamps.stamp()
-                if flops is not None:
-                    flops.append(flops[0].get_total_flops())
+                def callback(step: int, x0: Any, x: Any, total: int) -> None:
+                    stamps.stamp()
+                    if flops is not None:
+                        flops.append(flops[0].get_total_flops())
 
-            if not opts.keep_entries:  # every run builds its entry, as for a new prompt (run_cache.py)
-                forget_kept_entries(mp)
-            common.sync(device)
-            if replays is not None:
-                replays.take(device)  # (drops what ran before this run)
-            entry_seconds.clear()
-            t0 = common.now()
-            stamps.start()
-            with torch.inference_mode():
-                import comfy.sample
-                comfy.sample.sample(mp, noise, steps, cfg, "euler", "normal", positive, negative,
-                                    torch.zeros_like(noise), denoise=1.0, disable_pbar=True, seed=0,
-                                    callback=callback)
-            common.sync(device)
-            t1 = common.now()
-            ends = stamps.seconds()
-            gaps = [b - a for a, b in zip(ends, ends[1:])]
-            out = {"step": common.median(gaps), "first": ends[0], "run": t1 - t0, "entry": sum(entry_seconds)}
-            if replays is not None:  # a warm run replays once per U-Net call: the median replay times the count
-                times = replays.take(device)
-                out.update(replay=common.median(times) / 1e3 * len(times) / steps if times else 0.0,
-                           replays=len(times) / steps)
-            return out
+                if not opts.keep_entries:  # every run builds its entry, as for a new prompt (run_cache.py)
+                    forget_kept_entries(mp)
+                common.sync(device)
+                if replays is not None:
+                    replays.take(device)  # (drops what ran before this run)
+                entry_seconds.clear()
+                t0 = common.now()
+                stamps.start()
+                with torch.inference_mode():
+                    import comfy.sample
+                    comfy.sample.sample(mp, noise, steps, cfg, "euler", "normal", positive, negative,
+                                        torch.zeros_like(noise), denoise=1.0, disable_pbar=True, seed=0,
+                                        callback=callback)
+                common.sync(device)
+                t1 = common.now()
+                ends = stamps.seconds()
+                gaps = [b - a for a, b in zip(ends, ends[1:])]
+                out = {"step": common.median(gaps), "first": ends[0], "run": t1 - t0, "entry": sum(entry_seconds)}
+                if replays is not None:  # a warm run replays once per U-Net call: the median replay times the count
+                    times = replays.take(device)
+                    out.update(replay=common.median(times) / 1e3 * len(times) / steps if times else 0.0,
+                               replays=len(times) / steps)
+                return out
 
-        failed: dict[str, str] = {}  # variant -> why its --attend implementation or site kernel could not run here
+            failed: dict[str, str] = {}  # variant -> why its --attend implementation or site kernel could not run here
 
-        def measured(name: str, v: tuple[Any, list, list], clock: str) -> Any:
-            def run() -> dict[str, float]:
-                return sampler_run(*v, steps=opts.steps, synced=clock == "synced")
-            if name not in impl_of and kernel_of.get(name, "torch") == "torch":
-                return run
-            catch = RuntimeError if name in impl_of else Exception  # (a site kernel: Triton's compile errors too)
+            def measured(name: str, v: tuple[Any, list, list], clock: str) -> Any:
+                def run() -> dict[str, float]:
+                    return sampler_run(*v, steps=opts.steps, synced=clock == "synced")
+                if name not in impl_of and kernel_of.get(name, "torch") == "torch":
+                    return run
+                catch = RuntimeError if name in impl_of else Exception  # (a site kernel: Triton's compile errors too)
 
-            def tolerant() -> dict[str, float]:  # a variant this device cannot run is reported, not fatal to the rest
-                if name not in failed:
-                    try:
-                        return with_attend(attend_impls[impl_of[name]], run) if name in impl_of else run()
-                    except catch as exc:
-                        failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                return {"step": float("nan"), "first": float("nan"), "run": float("nan"), "entry": float("nan")}
-            return tolerant
-        # every variant once per clock (the same compiled model: no second compile), interleaved in one set of rounds
-        measurements = {name + suffix[clock]: measured(name, v, clock) for clock in clocks
-                        for name, v in variants.items()}
-        compile_clock = common.CompileClock()
-        graphs = {"before": common.graphs_compiled()}
+                def tolerant() -> dict[str, float]:  # a variant this device cannot run: reported, not fatal
+                    if name not in failed:
+                        try:
+                            return with_attend(attend_impls[impl_of[name]], run) if name in impl_of else run()
+                        except catch as exc:
+                            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    return {"step": float("nan"), "first": float("nan"), "run": float("nan"), "entry": float("nan")}
+                return tolerant
+            # every variant once per clock (the same compiled model: no second compile), interleaved in one set of
+            # rounds
+            measurements = {name + suffix[clock]: measured(name, v, clock) for clock in clocks
+                            for name, v in variants.items()}
+            compile_clock = common.CompileClock()
+            graphs = {"before": common.graphs_compiled()}
 
-        def warm() -> None:
-            graphs.update(warm=common.graphs_compiled(), recorded=common.cuda_graph_recorded_inputs())
-        results = common.interleaved(measurements, opts.repeats, opts.warmup, progress=True, after_warmup=warm)
-        report.raw[family] = results  # every repeat's metrics, in the JSON (seconds), for other statistics later
-        if common.repeats_done(results) < opts.repeats:
-            report.notes.append(f"{family}: {common.repeats_done(results)} of {opts.repeats} repeats (the step's time "
-                                f"ran out: ${common.DEADLINE_ENV})")
-        phases = compile_clock.phases() if opts.compile else ""
-        if phases:
-            report.notes.append(f"{family}: the compiles' phases, all variants (nested): {phases}")
-        if opts.compile:  # a graph compiled while timing would be an outlier repeat: the noise column's cause
-            report.notes.append(f"{family}: graphs compiled in the warm-up {graphs['warm'] - graphs['before']}, "
-                                f"in the timed repeats {common.graphs_compiled() - graphs['warm']} (0 expected)")
-        if common.uses_cuda_graphs(opts.compile, opts.compile_mode):
-            report.notes.append(f"{family}: {common.cuda_graph_note()}; of those inputs, recorded in the timed "
-                                f"repeats: {common.cuda_graph_recorded_inputs() - graphs['recorded']} (0 expected: "
-                                f"more means graphs recorded again in warm runs, e.g. once per run)")
+            def warm() -> None:
+                graphs.update(warm=common.graphs_compiled(), recorded=common.cuda_graph_recorded_inputs())
+            results = common.interleaved(measurements, opts.repeats, opts.warmup, progress=True, after_warmup=warm)
+            report.raw[family] = results  # every repeat's metrics, in the JSON (seconds), for other statistics later
+            if common.repeats_done(results) < opts.repeats:
+                report.notes.append(f"{family}: {common.repeats_done(results)} of {opts.repeats} repeats (the step's "
+                                    f"time ran out: ${common.DEADLINE_ENV})")
+            phases = compile_clock.phases() if opts.compile else ""
+            if phases:
+                report.notes.append(f"{family}: the compiles' phases, all variants (nested): {phases}")
+            if opts.compile:  # a graph compiled while timing would be an outlier repeat: the noise column's cause
+                report.notes.append(f"{family}: graphs compiled in the warm-up {graphs['warm'] - graphs['before']}, "
+                                    f"in the timed repeats {common.graphs_compiled() - graphs['warm']} (0 expected)")
+            if common.uses_cuda_graphs(opts.compile, opts.compile_mode):
+                report.notes.append(f"{family}: {common.cuda_graph_note()}; of those inputs, recorded in the timed "
+                                    f"repeats: {common.cuda_graph_recorded_inputs() - graphs['recorded']} (0 expected: "
+                                    f"more means graphs recorded again in warm runs, e.g. once per run)")
 
-        step_flops: dict[str, tuple[float, float]] = {}
-        if not opts.no_flops:
-            for name, v in variants.items():
-                if name in impl_of or name in failed:
-                    continue  # the same FLOPs as the product's attend; a variant that failed has none
-                counter = common.flop_counter()
-                marks: list[Any] = [counter]
-                with counter:
-                    sampler_run(*v, steps=2, flops=marks)
-                step1, total = marks[1], counter.get_total_flops()
-                step_flops[name] = (float(step1), float(total - step1))  # (step 1, step 2) FLOPs, all rows
+            step_flops: dict[str, tuple[float, float]] = {}
+            if not opts.no_flops:
+                for name, v in variants.items():
+                    if name in impl_of or name in failed:
+                        continue  # the same FLOPs as the product's attend; a variant that failed has none
+                    counter = common.flop_counter()
+                    marks: list[Any] = [counter]
+                    with counter:
+                        sampler_run(*v, steps=2, flops=marks)
+                    step1, total = marks[1], counter.get_total_flops()
+                    step_flops[name] = (float(step1), float(total - step1))  # (step 1, step 2) FLOPs, all rows
 
-        report.notes += [f"{family} {name}: failed ({why})" for name, why in failed.items()]
-        for clock, mode in [(c, m) for c in clocks for m in variants if m != "unpatched"]:
-            r, r0 = results[mode + suffix[clock]], results["unpatched" + suffix[clock]]
-            base_step, base_first, base_run = (common.median(r0[k]) for k in ("step", "first", "run"))
-            step = common.median(r["step"])
-            overhead = step / base_step - 1.0
-            noise_pct = max(common.spread(r["step"]), common.spread(r0["step"]))
-            ratios = common.paired_ratios(r["step"], r0["step"])
-            low, high, coverage = common.median_interval(ratios)
-            coverages.add(round(100 * coverage, 1))
-            flop_over = measured_per_flop = per_run = float("nan")
-            if mode in step_flops:
-                b1, b2 = step_flops["unpatched"]
-                a1, a2 = step_flops[mode]
-                flop_over = (a2 - b2) / b2
-                measured_per_flop = overhead / flop_over if flop_over > 0 else float("nan")
-                per_run = ((a1 - b1) - (a2 - b2)) / 1e9
-            name = MODE_NAMES[mode.split("+")[0]] + (f", attend={impl_of[mode]}" if mode in impl_of else "") + (
-                f", site kernel {kernel_of[mode]}" if mode in kernel_of else "") + (
-                f", steps {clock}" if len(clocks) > 1 else "")
-            if replays is not None:
-                base_replay = common.median(r0.get("replay", []))
-                replay = common.median(r.get("replay", []))
-                replay_rows.append([family, name, base_replay * 1e3, replay * 1e3, (replay - base_replay) * 1e3,
-                                    (step - base_step) * 1e3, ((step - replay) - (base_step - base_replay)) * 1e3,
-                                    (base_step - base_replay) * 1e3, common.median(r.get("replays", []))])
-            rows_out.append([family, shape.pixels, opts.rows, name, base_step * 1e3, step * 1e3,
-                             100 * overhead, 100 * noise_pct, 100 * (common.median(ratios) - 1.0),
-                             f"{100 * (low - 1.0):.2f} .. {100 * (high - 1.0):.2f}",
-                             (step - base_step) / n_sites * 1e6,
-                             100 * flop_over, measured_per_flop,
-                             (common.median(r["first"]) - base_first) * 1e3, common.median(r["entry"]) * 1e3,
-                             100 * (common.median(r["run"]) / base_run - 1.0), per_run])
-        del variants, measurements, base
-        mm.unload_all_models()
-        gc.collect()
-        mm.soft_empty_cache()
+            report.notes += [f"{family} {name}: failed ({why})" for name, why in failed.items()]
+            for clock, mode in [(c, m) for c in clocks for m in variants if m != "unpatched"]:
+                r, r0 = results[mode + suffix[clock]], results["unpatched" + suffix[clock]]
+                base_step, base_first, base_run = (common.median(r0[k]) for k in ("step", "first", "run"))
+                step = common.median(r["step"])
+                overhead = step / base_step - 1.0
+                noise_pct = max(common.spread(r["step"]), common.spread(r0["step"]))
+                ratios = common.paired_ratios(r["step"], r0["step"])
+                low, high, coverage = common.median_interval(ratios)
+                coverages.add(round(100 * coverage, 1))
+                flop_over = measured_per_flop = per_run = float("nan")
+                if mode in step_flops:
+                    b1, b2 = step_flops["unpatched"]
+                    a1, a2 = step_flops[mode]
+                    flop_over = (a2 - b2) / b2
+                    measured_per_flop = overhead / flop_over if flop_over > 0 else float("nan")
+                    per_run = ((a1 - b1) - (a2 - b2)) / 1e9
+                name = MODE_NAMES[mode.split("+")[0]] + (f", attend={impl_of[mode]}" if mode in impl_of else "") + (
+                    f", site kernel {kernel_of[mode]}" if mode in kernel_of else "") + (
+                    f", steps {clock}" if len(clocks) > 1 else "")
+                if replays is not None:
+                    base_replay = common.median(r0.get("replay", []))
+                    replay = common.median(r.get("replay", []))
+                    replay_rows.append([family, name, base_replay * 1e3, replay * 1e3, (replay - base_replay) * 1e3,
+                                        (step - base_step) * 1e3, ((step - replay) - (base_step - base_replay)) * 1e3,
+                                        (base_step - base_replay) * 1e3, common.median(r.get("replays", []))])
+                rows_out.append([family, shape.pixels, opts.rows, name, base_step * 1e3, step * 1e3,
+                                 100 * overhead, 100 * noise_pct, 100 * (common.median(ratios) - 1.0),
+                                 f"{100 * (low - 1.0):.2f} .. {100 * (high - 1.0):.2f}",
+                                 (step - base_step) / n_sites * 1e6,
+                                 100 * flop_over, measured_per_flop,
+                                 (common.median(r["first"]) - base_first) * 1e3, common.median(r["entry"]) * 1e3,
+                                 100 * (common.median(r["run"]) / base_run - 1.0), per_run])
+            del variants, measurements, base
+            mm.unload_all_models()
+            gc.collect()
+            mm.soft_empty_cache()
 
     if replays is not None:
         replays.uninstall()
@@ -329,7 +340,7 @@ def main() -> None:
                             "dynamo's guards, AOTAutograd); the adapter's extra here is its host time, which a "
                             "CUDA-graph step pays on top of its replay. Images are garbage: a timing tool only.")
 
-    if not opts.no_real_flops:
+    if not opts.no_real_flops and not cut.happened:
         import flop_floor
         n, p_len = opts.floor_tokens, opts.floor_prompt_tokens
         cases = [(f"{n} + {n}", [n, n]), (f"{p_len} + empty", [p_len, 0])]
@@ -384,6 +395,7 @@ def main() -> None:
         report.notes.append("--small: tiny widths on CPU. These ratios show per-call overheads of the patch code, "
                             "not the GPU targets (whose shapes are 10-1000x more compute per site).")
     report.emit(opts)
+    cut.exit_if_cut()
 
 
 def timed_entry_builds(device: Any) -> list[float]:

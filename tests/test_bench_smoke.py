@@ -248,7 +248,7 @@ def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "checks.json"
     run_bench("gpu_checks.py", "--device", "cpu", json_out=out)
     rows = section(json.loads(out.read_text()), "checks")
-    assert [r["#"] for r in rows] == list(range(1, 14))
+    assert [r["#"] for r in rows] == list(range(1, 15))
     assert all(r["result"] == "pass" for r in rows), rows
 
 
@@ -662,6 +662,31 @@ def test_sampling_overhead_host_only_small(tmp_path: Path) -> None:
     (row,) = section(json.loads(out.read_text()), "per-step time")
     assert row["adapter"] == "hybrid (clip)" and finite(row["overhead %"])
     assert 0 < row["unpatched ms/step"] and 0 < row["adapter ms/step"]
+
+
+def test_sampling_overhead_cut_by_its_step_timeout_writes_what_finished(tmp_path: Path) -> None:
+    """A SIGINT while the second model is measured (device_run.sh's `timeout` for a step; raised here where that
+    model's repeats start) ends the run with status 130 and the first model's tables written, its cut named."""
+    out = tmp_path / "cut.json"
+    script = (f"import runpy, sys; sys.path.insert(0, {str(BENCH)!r}); import common\n"
+              "real, calls = common.interleaved, []\n"
+              "def interleaved(*args, **kwargs):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2:\n"
+              "        raise KeyboardInterrupt\n"
+              "    return real(*args, **kwargs)\n"
+              "common.interleaved = interleaved\n"
+              f"sys.argv = ['sampling_overhead.py', '--small', '--models', 'sd15,sdxl', '--modes', 'clip', "
+              f"'--steps', '2', '--repeats', '2', '--warmup', '0', '--json', {str(out)!r}]\n"
+              f"runpy.run_path({str(BENCH / 'sampling_overhead.py')!r}, run_name='__main__')\n")
+    env = dict(os.environ, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["model"] for r in section(data, "per-step time")] == ["sd15"]
+    assert any(n.startswith("interrupted (SIGINT: the step's time ran out) while measuring sdxl") for n in data["notes"])
+    assert not any(s["name"].startswith("FLOP floor") for s in data["sections"])  # (no time left for it)
 
 
 def test_the_kernel_table_counts_device_work_not_annotations(capsys: pytest.CaptureFixture[str]) -> None:
