@@ -6,6 +6,7 @@ training, and travels inside ComfyUI CONDITIONING. Everything learned lives in t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -150,16 +151,30 @@ def _broadcast_to(t: torch.Tensor, device: Any, dtype: torch.dtype | None) -> to
 
 def moved(t: torch.Tensor, device: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """t.to(device, dtype). From pageable host memory to a CUDA device, through a page-locked staging copy moved
-    asynchronously: a copy from pageable memory ran at ~7 GB/s on an H100 and an H200, and an 8B prompt pair's
-    features took 9.3 ms that way against 4.3 ms staged (H200, docs/benchmarks.md §5i). The staging block comes
-    from torch's caching host allocator, which reuses it only once the copy that read it is done; the copy is
-    ordered before later work on the current stream, like any other."""
+    asynchronously (where stages() says so): a copy from pageable memory ran at ~7 GB/s on an H100 and an H200, and
+    an 8B prompt pair's features took 9.3 ms that way against 4.3 ms staged (H200, docs/benchmarks.md §5i). The
+    staging block comes from torch's caching host allocator, which reuses it only once the copy that read it is
+    done; the copy is ordered before later work on the current stream, like any other. Where page-locked memory
+    cannot be had (a platform's limit: WSL caps it), the plain copy."""
     target = t.device if device is None else torch.device(device)
-    if target.type == "cuda" and t.device.type == "cpu" and dtype in (None, t.dtype) and t.numel():
+    if stages(t, target, dtype):
         if not t.is_pinned():
-            t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+            try:
+                t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+            except RuntimeError:
+                return t.to(target)
         return t.to(target, non_blocking=True)
     return t.to(device=device, dtype=dtype)
+
+
+def stages(t: torch.Tensor, target: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether moved() takes t to `target` from page-locked memory: host to CUDA, no cast, something to move, and
+    ComfyUI (where it is loaded) pins memory on this machine (not with --disable-pinned-memory, nor on GPUs it
+    does not pin for)."""
+    if not (target.type == "cuda" and t.device.type == "cpu" and dtype in (None, t.dtype) and t.numel()):
+        return False
+    comfy_memory = sys.modules.get("comfy.model_management")  # (not imported here: the core runs without ComfyUI)
+    return getattr(comfy_memory, "MAX_PINNED_MEMORY", 1) > 0
 
 
 def _cat_rows(ts: list[torch.Tensor]) -> torch.Tensor:

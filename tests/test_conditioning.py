@@ -147,3 +147,21 @@ def test_features_survive_core_nodes_and_reach_the_unet_uncast(node_classes: dic
         id(late) in ids for s, ids in seen if s == first)
     assert id(late) in set().union(*(ids for s, ids in seen if s == last)) and not any(
         id(early) in ids for s, ids in seen if s == last)
+
+
+def test_a_runs_features_reach_cuda_through_pinned_memory_where_comfyui_pins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """features.moved stages host-to-CUDA moves in page-locked memory unless ComfyUI pins none
+    (--disable-pinned-memory, or a GPU it does not pin for); casts, empty tensors and other moves stay plain copies.
+    (The staged copy itself needs a GPU: bench/gpu_checks.py check 14.)"""
+    import comfy.model_management as mm
+    from llmdiff_core.features import moved, stages
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    t = torch.randn(2, 3, 4).bfloat16()[:, :2]  # (a cut: not contiguous)
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 1 << 30, raising=False)
+    assert stages(t, cuda, None) and stages(t, cuda, torch.bfloat16)
+    assert not stages(t, cuda, torch.float32)  # a cast: torch's own copy
+    assert not stages(t[:, :0], cuda, None) and not stages(t, cpu, None)
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1, raising=False)  # --disable-pinned-memory
+    assert not stages(t, cuda, None)
+    assert torch.equal(moved(t, cpu), t) and moved(t, None, torch.float32).dtype == torch.float32
