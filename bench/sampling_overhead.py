@@ -114,6 +114,9 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     attend_impls = {name: attend_variant(name) for name in opts.attend.split(",") if name}
     site_kernels = [k for k in opts.site_kernel.split(",") if k]
+    setting = fused_site.site_kernel_setting()  # the product's, for a variant without --site-kernel
+    run_kernel = fused_site.kernel_for_run(setting, {"backend": opts.compile, "mode": opts.compile_mode})
+    product_kernel = f"auto: {run_kernel}" if setting == "auto" else setting
     spec = builders.llm_spec(opts.llm)
     models = [m for m in opts.models.split(",") if m]
     modes = [m for m in opts.modes.split(",") if m]
@@ -160,9 +163,6 @@ def main() -> None:
             variants: dict[str, tuple[Any, list, list]] = {"unpatched": (base, clip_pos, clip_neg)}
             impl_of: dict[str, str] = {}  # variant -> the attend implementation it runs with ("" = the product's)
             kernel_of: dict[str, str] = {}  # variant -> the site kernel it was applied with (--site-kernel)
-            setting = fused_site.site_kernel_setting()  # the product's, for a variant without --site-kernel
-            run_kernel = fused_site.kernel_for_run(setting, {"backend": opts.compile, "mode": opts.compile_mode})
-            product_kernel = f"auto: {run_kernel}" if setting == "auto" else setting
             for mode in modes:
                 adapter = builders.build_adapter(base, spec, mode, opts.adapter_dtype, max_tokens=opts.tokens)
                 named = []

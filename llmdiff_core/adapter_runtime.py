@@ -141,7 +141,7 @@ class AdapterRuntime(SharedOnCopy):
                   training: TrainingCall | None = None) -> RunEntry:
         caching = self.cache_enabled and training is None and self.runs.active
         if caching:
-            found = self.runs.find(lambda e: e.matches(batch, device, dtype) and e.site_kernel == self.run_site_kernel)
+            found = self.runs.find(lambda e: e.matches(batch, device, dtype, self.run_site_kernel))
             if found is not None:
                 return found
         entry = self._build_entry(batch, device, dtype, training)
@@ -222,7 +222,7 @@ class AdapterRuntime(SharedOnCopy):
                          pooled=pooled)
         if training is None:
             entry.site_kernel = self.run_site_kernel  # (a run with another kernel builds its own entry)
-        if training is None and not self.paper and self.run_site_kernel != "torch":
+        if training is None and not self.paper and entry.site_kernel != "torch":
             entry.fused = tuple(fused_site.applies(device, dtype, s.spec.heads, w.shape[0] // s.spec.heads,
                                                    mask.stop - mask.start) for s, w in zip(self.sites, q_weights))
             entry.site_op = fused_site.op() if any(entry.fused) else None

@@ -81,8 +81,9 @@ class RunEntry:
     fused: tuple[bool, ...] = ()
     site_op: Callable[..., torch.Tensor] | None = None
 
-    def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype) -> bool:
-        return self.device == device and self.dtype == dtype and self.batch.same_rows(batch)
+    def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype, site_kernel: str) -> bool:
+        return (self.device == device and self.dtype == dtype and self.site_kernel == site_kernel
+                and self.batch.same_rows(batch))
 
     def scaled_sites(self, scale: float, block_weights: Sequence[float]) -> ScaledSites:
         """Every site's effective gates at strength `scale` and its gate-scaled values

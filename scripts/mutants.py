@@ -193,9 +193,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("auto-ignores-the-compile", CORE + "adapter_runtime.py",
            "fused_site.kernel_for_run(self.site_kernel, compile_kwargs)", "fused_site.kernel_for_run(self.site_kernel)",
            ("tests/test_fused_site.py",)),
-    Mutant("entry-of-another-kernel-reused", CORE + "adapter_runtime.py",
-           "e.matches(batch, device, dtype) and e.site_kernel == self.run_site_kernel",
-           "e.matches(batch, device, dtype)", ("tests/test_fused_site.py",)),
+    Mutant("entry-of-another-kernel-reused", CORE + "run_entry.py",
+           "self.dtype == dtype and self.site_kernel == site_kernel", "self.dtype == dtype",
+           ("tests/test_fused_site.py",)),
 )
 
 

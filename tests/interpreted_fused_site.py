@@ -18,7 +18,7 @@ from llmdiff_core import fused_site
 from llmdiff_core.adapter_runtime import AdapterRuntime, TrainingCall
 from llmdiff_core.comfy_patch import apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff, attach_features
-from patching_support import (DummyReplace, GraphCounter, adapter_for, clip_conditioning, count_calls,
+from patching_support import (DummyReplace, GraphCounter, adapter_for, clip_conditioning, compile_kwargs, count_calls,
                            diffusion_output, direct_inputs, half_copy, make_features, max_rel, noise, reference_output,
                            runtime_of, sample, with_dummy)
 from tiny_unets import tiny_sd15, tiny_sd15_minimal, tiny_sdxl
@@ -160,8 +160,7 @@ def test_auto_runs_the_kernel_in_a_run_under_inductors_cuda_graphs(monkeypatch: 
     adapter = adapter_for(mp, "clip")
     m = apply_adapter(mp, adapter)
     graphs = m.clone()
-    graphs.model_options["torch_compile_kwargs"] = {"backend": "inductor", "mode": "reduce-overhead",
-                                                    "options": None, "fullgraph": False, "dynamic": None}
+    graphs.model_options["torch_compile_kwargs"] = compile_kwargs(mode="reduce-overhead")
     pos = attach_features(clip_conditioning("minimal", 1, 1), make_features([9], 1))
     neg = attach_features(clip_conditioning("minimal", 1, 2), make_features([2], 2))
     counts = counted_op(monkeypatch)

@@ -99,6 +99,12 @@ def diffusion_output(mp: Any, x: torch.Tensor, sigma: torch.Tensor, context: tor
         return mp.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to, **kwargs)
 
 
+def compile_kwargs(backend: str = "inductor", mode: str | None = None, options: dict | None = None) -> dict:
+    """What comfy_api.torch_helpers.set_torch_compile_wrapper keeps in model_options["torch_compile_kwargs"]: put
+    there alone, a run's site kernel follows them and nothing is compiled."""
+    return {"backend": backend, "options": options, "mode": mode, "fullgraph": False, "dynamic": None}
+
+
 def runtime_of(mp: Any) -> AdapterRuntime:
     return applied_runtimes(mp)[-1]
 

@@ -23,8 +23,8 @@ from compat_folders import compat_folder, env_importing_first, pytest_under
 from llmdiff_core import fused_site
 from llmdiff_core.comfy_patch import apply_adapter
 from llmdiff_core.conditioning import CONDLLMDiff, attach_features
-from patching_support import (adapter_for, clip_conditioning, diffusion_output, direct_inputs, make_features, noise,
-                              runtime_of, sample)
+from patching_support import (adapter_for, clip_conditioning, compile_kwargs, diffusion_output, direct_inputs,
+                              make_features, noise, runtime_of, sample)
 from tiny_unets import tiny_sd15_minimal
 
 INTERPRETED_TESTS = 35  # tests/interpreted_fused_site.py's count, parametrized cases included
@@ -80,11 +80,6 @@ def test_the_setting_comes_from_the_call_or_the_environment(monkeypatch: pytest.
         fused_site.site_kernel_setting()
     with pytest.raises(ValueError, match="from the call"):
         apply_adapter(tiny_sd15_minimal(), adapter_for(tiny_sd15_minimal()), site_kernel="Fused")
-
-
-def compile_kwargs(backend: str = "inductor", mode: str | None = None, options: dict | None = None) -> dict:
-    """What comfy_api.torch_helpers.set_torch_compile_wrapper keeps in model_options["torch_compile_kwargs"]."""
-    return {"backend": backend, "options": options, "mode": mode, "fullgraph": False, "dynamic": None}
 
 
 @pytest.mark.parametrize("kwargs, want", [
