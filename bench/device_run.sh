@@ -68,11 +68,16 @@ run_part() {
            # variants 235 s, of which 166 s compiling; the profile 45 s.)
       # 12: the kernel, sampling, and now the default (auto must run fused-attention under inductor's CUDA graphs)
       # and fused-attention under the cudagraphs backend (never run), each one graph, no break, the eager images
-      step checks 150 checks 12
+      # 14: a run's features moved through page-locked staging, equal to the host's (session 23's plan named it, but
+      # ran check 12 alone)
+      step checks 150 checks 12,14
       # session 23: SDXL +5.37 % [4.81 .. 6.22] with the three kernels (target 6 %: the interval's top is above);
       # SD1.5's fused-attention took 0.11 ms of the 0.37 ms its sites cost inside the replay (+4.05 % against
       # +5.49 %). The same rounds for SDXL (70 sites, 1.76 ms inside the replay): auto picks fused-attention here
       step sampling-reduce-overhead-sdxl 330 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel torch,fused-attention
+      # session 23's profile: tau_q's GEMMs are 0.104 of SD1.5's 0.37 ms inside the replay. A site's to_q and tau_q read
+      # the same input: as one GEMM (site_calls' second table, §3w), do they cost less, consumers included?
+      step site-calls 60 bench site_calls --variants three,fused-attention,fused-attention:128/8
       # compiled training's step still waits on the host (SDXL: 181 ms of kernels in a 213 ms step, §5g): the
       # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
       # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s

@@ -16,6 +16,17 @@ Variants: three = the product's default path; fused = the kernel with its own ti
 program and W warps (the sweep says whether another tile shape is faster at some site shape); fused-attention
 (and :R/W) = tau_q as the library GEMM, then the kernel for the attention and the fusion (site kernel
 fused-attention: ~5 full-resolution tensors moved, and the GEMM at the library's speed).
+
+A second table asks whether a site's two query projections should be one GEMM. attn2's own to_q and the adapter's
+tau_q both read the block's normed input n; the product runs them as two GEMMs (to_q inside the site's
+CrossAttention, tau_q in the patch). The layouts: apart = those two GEMMs; cat = one GEMM over both weights
+stacked ([2C, C]), each projection a column-half view of its [.., 2C] output; bmm = one batched GEMM (n read by
+both batches through a stride-0 view), each projection contiguous. Timed alone ("projections") and with what
+consumes them ("core": the original attention over the 77 CLIP tokens as ComfyUI's attention_pytorch runs it, and
+the new path with the fusion: fused-attention's kernel where it runs, else the three kernels' attention and
+addcmul), since a view's row stride of 2C may cost its consumers more than the GEMM saves. Merging them in the
+product would need an object patch of every hybrid site's to_q (docs/benchmarks.md §3w): this says first
+whether it pays on a GPU.
 """
 
 from __future__ import annotations
@@ -30,9 +41,11 @@ from attend_calls import SITES, site_keys_values, site_mask  # noqa: E402
 
 # query rows per program / warps: the fused:<tile> variants (launch_config's own: 64/8, or 32/4 for 128-wide heads)
 TILES = ("16/4", "32/4", "32/8", "64/4", "128/8")
-ATTENTION_TILES = ("32/4", "128/8")  # fused-attention:<tile> variants
+ATTENTION_TILES = ("32/4", "32/8", "64/8", "128/8")  # fused-attention:<tile> variants
 # full-resolution [rows, N, C] tensors each variant kind reads or writes per site (fused_site's docstring)
 TENSORS_MOVED = {"three": 7, "fused": 3, "fused-attention": 5}
+QUERY_LAYOUTS = ("apart", "cat", "bmm")  # a site's to_q and tau_q: two GEMMs, or one (module docstring)
+CLIP_TOKENS = 77  # the original path's keys at every site
 
 
 def parse() -> Any:
@@ -43,6 +56,8 @@ def parse() -> Any:
                         f"<warps> (default where the kernel runs: three, fused, fused:{', fused:'.join(TILES)}, "
                         f"fused-attention, fused-attention:{', fused-attention:'.join(ATTENTION_TILES)}; else three)")
     p.add_argument("--calls", type=int, default=None, help="calls per measurement (default 50 GPU, 3 --small)")
+    p.add_argument("--no-queries", dest="queries", action="store_false",
+                   help="leave out the second table (a site's to_q and tau_q as two GEMMs or one)")
     opts = p.parse_args()
     common.defaults(opts, repeats=3 if opts.small else 7, warmup=1)
     opts.calls = opts.calls or (3 if opts.small else 50)
@@ -88,6 +103,103 @@ def fused_kernel(mask: Any, tile: str = "", project: bool = True) -> Callable[..
             n, w_q = F.linear(n, w_q), None
         return fused_site.hybrid_site(n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig, rows, warps)
     return site
+
+
+def query_projections(layout: str) -> Callable[..., tuple[Any, Any]]:
+    """(to_q(n), tau_q(n)) of a site in one of QUERY_LAYOUTS. weights: (to_q's, tau_q's, both stacked as one
+    [2C, C] matrix, both as a [2, C, C] batch), built once as a run would build them."""
+    import torch
+    import torch.nn.functional as F
+
+    def project(n: Any, weights: tuple[Any, Any, Any, Any]) -> tuple[Any, Any]:
+        w_q, w_tau, w_cat, w_batch = weights
+        if layout == "apart":
+            return F.linear(n, w_q), F.linear(n, w_tau)
+        if layout == "cat":
+            both = F.linear(n, w_cat)
+            return both[..., :w_q.shape[0]], both[..., w_q.shape[0]:]
+        b, rows, channels = n.shape  # bmm: both batches read the one n (stride 0), each output contiguous
+        both = torch.bmm(n.reshape(1, b * rows, channels).expand(2, -1, -1), w_batch.transpose(1, 2))
+        return both[0].view(b, rows, -1), both[1].view(b, rows, -1)
+    return project
+
+
+def query_core(layout: str, mask: Any, heads: int, kernel: bool) -> Callable[..., Any]:
+    """A site's attention core with both query projections in `layout`: A_orig = ComfyUI's attention_pytorch of
+    to_q(n) over the CLIP tokens, then w_orig*A_orig + w_new*A_new over tau_q(n) (fused-attention's kernel if
+    `kernel`, else attend and fuse_at_core): what the block's to_out receives."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    from llmdiff_core import fused_site
+    from llmdiff_core.attention import attend, fuse_at_core
+
+    project = query_projections(layout)
+
+    def core(n: Any, weights: tuple[Any, ...], clip_kv: tuple[Any, Any], keys: Any, values: Any,
+             w_orig: Any) -> Any:
+        q, tau_q = project(n, weights)
+        a_orig = attention_pytorch(q, clip_kv[0], clip_kv[1], heads)
+        if kernel:
+            return fused_site.hybrid_site(tau_q, None, keys, values, mask.bias, mask.keep, a_orig, w_orig)
+        return fuse_at_core(a_orig, attend(tau_q, keys, values, mask), w_orig)
+    return core
+
+
+def query_tables(report: Any, opts: Any, device: Any, dtype: Any, mask: Any, kernel: bool) -> None:
+    """The second table: a site's to_q and tau_q as two GEMMs or one, alone and with their consumers."""
+    import torch
+
+    rows, step_rows = [], []
+    gen = torch.Generator().manual_seed(1)
+    for family in [m for m in opts.models.split(",") if m]:
+        per_step: dict[tuple[str, str], float] = {}
+        for side, channels, heads, sites in SITES[family]:
+            side = side // 4 if opts.small else side
+
+            def rand(*size: int, scale: float = 1.0) -> Any:
+                return (scale * torch.randn(*size, generator=gen)).to(device, dtype)
+            n = rand(2, side * side, channels)
+            w_q, w_tau = rand(channels, channels, scale=channels ** -0.5), rand(channels, channels,
+                                                                                 scale=channels ** -0.5)
+            weights = (w_q, w_tau, torch.cat([w_q, w_tau]), torch.stack([w_q, w_tau]))
+            clip_kv = (rand(2, CLIP_TOKENS, channels), rand(2, CLIP_TOKENS, channels))
+            keys, values = site_keys_values(mask, channels, heads, gen, device, dtype)
+            w_orig = torch.tensor(0.9, device=device)
+            calls: dict[tuple[str, str], Callable[[], Any]] = {}
+            for layout in QUERY_LAYOUTS:
+                project, core = query_projections(layout), query_core(layout, mask, heads, kernel)
+                calls["projections", layout] = lambda project=project: project(n, weights)
+                calls["core", layout] = lambda core=core: core(n, weights, clip_kv, keys, values, w_orig)
+            def outputs(out: Any) -> list[Any]:
+                return [t.double() for t in ((out,) if isinstance(out, torch.Tensor) else out)]
+            with torch.inference_mode():
+                want = {what: outputs(calls[what, "apart"]()) for what in ("projections", "core")}
+                errors, measurements = {}, {}
+                for (what, layout), call in calls.items():
+                    got = outputs(call())
+                    errors[what, layout] = max(float((g - w).abs().max() / w.abs().max())
+                                               for g, w in zip(got, want[what]))
+                    measurements[f"{what} {layout}"] = device_timer(call, opts.calls, device)
+                results = common.interleaved(measurements, opts.repeats, opts.warmup)
+            for what in ("projections", "core"):
+                base = common.median(results[f"{what} apart"]["time"])
+                for layout in QUERY_LAYOUTS:
+                    times = results[f"{what} {layout}"]["time"]
+                    t = common.median(times)
+                    per_step[what, layout] = per_step.get((what, layout), 0.0) + t * sites
+                    rows.append([family, side * side, channels, heads, sites, what, layout, t * 1e6, t / base,
+                                 100 * common.spread(times), f"{errors[what, layout]:.1e}"])
+        for (what, layout), t in per_step.items():
+            step_rows.append([family, what, layout, t * 1e3, (t - per_step[what, "apart"]) * 1e3])
+    report.table("a site's to_q and tau_q: two GEMMs or one (interleaved medians)",
+                 ["model", "tokens", "channels", "heads", "sites", "timed", "layout", "µs/call", "vs apart",
+                  "noise ±%", "rel. error vs apart"], rows)
+    report.table("query layouts per U-Net call (all sites)", ["model", "timed", "layout", "ms/step", "ms vs apart"],
+                 step_rows)
+    report.notes.append(f"query layouts: 'core' is the original attention over {CLIP_TOKENS} CLIP tokens plus the new "
+                        "path and the fusion (" + ("fused-attention's kernel" if kernel else "the three kernels' "
+                        "attention and addcmul") + ") on top of the two projections; the error is against apart's "
+                        "outputs (the same math: GEMM rounding only).")
 
 
 def device_timer(fn: Callable[[], Any], calls: int, device: Any) -> Callable[[], float]:
@@ -193,6 +305,8 @@ def main() -> None:
                   "rel. error vs float64", "bytes at 3.35 TB/s µs"], rows)
     report.table("per U-Net call (all sites)", ["model", "sites", "variant", "ms/step", "ms vs three", "GB moved",
                                                  "GB at 3.35 TB/s ms"], step_rows)
+    if opts.queries:
+        query_tables(report, opts, device, dtype, mask, kernel_runs)
     report.notes.append("rows 2, 64 attended keys (a 60-token prompt and an empty negative in the 129-token bucket).")
     if device.type == "cuda":
         report.notes.append("device time per call: each variant's calls captured in a CUDA graph and replayed "

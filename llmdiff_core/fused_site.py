@@ -107,20 +107,27 @@ def _power_of_two(x: int) -> int:
     return max(16, 1 << (x - 1).bit_length())
 
 
-def launch_config(head_dim: int, channels: int, tokens: int, block_rows: int = 0,
+def launch_config(head_dim: int, channels: int, tokens: int, project: bool = True, block_rows: int = 0,
                   num_warps: int = 0) -> dict[str, int]:
-    """The kernel's tile sizes and warps for a site (block_rows, num_warps: 0 = this choice): a program holds
-    BLOCK_N query rows of one head, padded to BLOCK_D channels, and every key (BLOCK_T).
+    """The kernel's tile sizes and warps for a site (project: the kernel computes tau_q, site kernel fused;
+    block_rows, num_warps: 0 = this choice): a program holds BLOCK_N query rows of one head, padded to BLOCK_D
+    channels, and every key (BLOCK_T).
 
-    Chosen by what ptxas makes of them for sm_90 (registers and spills, docs/benchmarks.md §3t): 64 rows on 8
+    Chosen by what ptxas makes of them for sm_90 (registers and spills, docs/benchmarks.md §3t, §3w): 64 rows on 8
     warps for heads up to 64 channels (4 warps took 254 registers a thread and spilled at 128 keys), 32 rows on 4
     for 128, 64 on 8 for 256 (16 rows on 4 spilled at 128 keys and leave Hopper's 64-row MMA a quarter full).
-    tests/compiled_fused_site.py compiles each for Hopper and Ampere: within shared memory, and for `fused` no
-    spill up to 128 keys."""
-    block_d = _power_of_two(head_dim)
+    Those were timed at 64 keys (session 21). A program's scores and output grow with the keys and the head, so
+    longer spans take fewer rows on 8 warps: at 256 keys 64 rows spilled 300 bytes a thread (heads of 64) to 2.8 KB
+    (160), and without tau_q in the kernel 160-channel heads spilled at 128 keys already. 32 rows on 8 warps keep
+    those in registers; 160-channel heads at 256 keys spill with every tile, least with 16 rows (0.2 / 0.9 KB).
+    tests/compiled_fused_site.py compiles each for Hopper and Ampere: within shared memory, and no spill at any
+    site shape and span but that one."""
+    block_d, block_t = _power_of_two(head_dim), _power_of_two(tokens)
     rows, warps = (32, 4) if block_d == 128 else (64, 8)
+    if block_t >= 256 or (block_d == 256 and block_t >= 128 and not project):
+        rows, warps = (16 if block_d == 256 and block_t >= 256 else 32), 8
     return {"BLOCK_N": block_rows or rows, "BLOCK_C": 64 if channels >= 64 else _power_of_two(channels),
-            "BLOCK_D": block_d, "BLOCK_T": _power_of_two(tokens), "num_warps": num_warps or warps}
+            "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": num_warps or warps}
 
 
 def hybrid_site(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
@@ -173,7 +180,7 @@ def op() -> Callable[..., torch.Tensor]:
         b, rows, channels = n.shape
         heads, tokens, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
         out = torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
-        config = launch_config(head_dim, channels, tokens, block_rows, num_warps)
+        config = launch_config(head_dim, channels, tokens, w_q is not None, block_rows, num_warps)
         # (a missing w_q, bias or keep: any pointer, never read)
         grid = (heads, -(-rows // config["BLOCK_N"]), b)
         _kernel()[grid](

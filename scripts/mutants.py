@@ -99,6 +99,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "fused = tl.load(wo_ptr).to(tl.float32) * a.to(tl.float32) + o", "fused = a.to(tl.float32) + o", KERNEL),
     Mutant("kernel-bias-ignored", CORE + "fused_site.py", "        if HAS_BIAS:\n            s +=",
            "        if False:\n            s +=", KERNEL),
+    Mutant("long-spans-keep-the-short-spans-tiles", CORE + "fused_site.py",
+           "if block_t >= 256 or (block_d == 256 and block_t >= 128 and not project):",
+           "if False:", KERNEL),
     # per-site and per-row bookkeeping
     Mutant("block-groups-swapped", CORE + "block_weights.py",
            'group = {"input": input_weight, "middle": middle_weight, "output": output_weight}',

@@ -42,7 +42,7 @@ def compiled(arch: int, dtype: str, head_dim: int, channels: int, tokens: int, p
              tiles: tuple[int, int] = (0, 0)) -> Any:
     """The kernel as hybrid_site launches it (launch_config), compiled for sm_<arch>."""
     kernel = fused_site._kernel()
-    config = fused_site.launch_config(head_dim, channels, tokens, *tiles)
+    config = fused_site.launch_config(head_dim, channels, tokens, project, *tiles)
     warps = config.pop("num_warps")
     const = {"HEAD_DIM": head_dim, "PROJECT": project, "HAS_BIAS": True, "HAS_KEEP": True, **config}
     names = kernel.arg_names
@@ -77,13 +77,19 @@ def test_the_products_tiles_compile_within_shared_memory(arch: int, dtype: str, 
         assert kernel.metadata.shared <= SHARED[arch], (head_dim, channels, kernel.metadata.shared)
 
 
-@pytest.mark.parametrize("tokens", [64, 128])
-def test_the_products_tiles_keep_the_fused_kernel_in_registers(tokens: int) -> None:
-    """launch_config's tiles leave the one-kernel site no register spill on Hopper at every site shape, for spans
-    up to 128 keys (a 128-token prompt bucket; 4 warps for 64 rows spilled there)."""
+# (head dim, span) where every tile spills: 160-channel heads at 256 keys; the product's tiles spill least there
+SPILLING = {(160, 256): 1024}  # bytes a thread, at most
+
+
+@pytest.mark.parametrize("tokens", [32, 64, 128, 256])
+@pytest.mark.parametrize("project", [True, False], ids=["fused", "fused-attention"])
+def test_the_products_tiles_keep_the_kernel_in_registers(tokens: int, project: bool) -> None:
+    """launch_config's tiles leave the one-kernel site no register spill on Hopper at every site shape and span
+    (before session 24, 64 rows a program spilled 0.3 to 2.8 KB a thread at 256 keys, and fused-attention's
+    160-channel heads at 128), but for SPILLING's, where no tile keeps them and these spill least."""
     for head_dim, channels in SITES:
-        registers, spill = registers_and_spill(compiled(90, "fp16", head_dim, channels, tokens, project=True))
-        assert spill == 0, (head_dim, channels, tokens, registers, spill)
+        registers, spill = registers_and_spill(compiled(90, "fp16", head_dim, channels, tokens, project))
+        assert spill <= SPILLING.get((head_dim, tokens), 0), (head_dim, channels, tokens, registers, spill)
 
 
 @pytest.mark.parametrize("tile", TILES + tuple(f"attention {t}" for t in ATTENTION_TILES))

@@ -133,6 +133,17 @@ def test_site_calls_small(tmp_path: Path) -> None:
     assert [r["bytes at 3.35 TB/s µs"] for r in rows] == pytest.approx([7 * b / bandwidth * 1e6 for b in full])
     (step,) = section(data, "per U-Net call")
     assert step["sites"] == 16 and finite(step["ms/step"])
+    # the second table: a site's to_q and tau_q as two GEMMs or one, alone and with their consumers, every layout
+    # giving apart's outputs (float32 on the CPU: the same sums, so equal to rounding)
+    queries = section(data, "a site's to_q and tau_q")
+    assert [(r["channels"], r["timed"], r["layout"]) for r in queries] == [
+        (channels, timed, layout) for channels in (320, 640, 1280, 1280) for timed in ("projections", "core")
+        for layout in ("apart", "cat", "bmm")]
+    assert all(finite(r["µs/call"]) and float(r["rel. error vs apart"]) < 1e-5 for r in queries)
+    per_call = section(data, "query layouts per U-Net call")
+    assert [(r["timed"], r["layout"]) for r in per_call] == [
+        (timed, layout) for timed in ("projections", "core") for layout in ("apart", "cat", "bmm")]
+    assert all(r["ms vs apart"] == 0 for r in per_call if r["layout"] == "apart")
     assert step["GB moved"] == pytest.approx(7 * sum(b * r["sites"] for b, r in zip(full, rows)) / 1e9)
 
 
