@@ -51,25 +51,29 @@ def parse() -> Any:
     return opts
 
 
-def site_mask(dtype: Any, device: Any) -> Any:
-    """The benches' per-site prompt pair (attend_calls, site_calls, gpu_checks' check 12): rows 2, a 60-token prompt
-    and an empty negative in the 129-token bucket, prepared as a run prepares it (a span of 64 keys)."""
+def site_mask(dtype: Any, device: Any, keys: int = 64) -> Any:
+    """The benches' per-site prompt pair (attend_calls, site_calls, gpu_checks' check 12): rows 2, a prompt of
+    keys - 4 tokens (60 by default) and an empty negative in a bucket of at least 129 tokens, prepared as a run
+    prepares it: a span of `keys` keys (a multiple of 32)."""
     import torch
 
     from llmdiff_core.attention import RunMask
 
-    tokens = torch.zeros(2, 129, dtype=torch.bool)
-    tokens[0, 1:61] = True  # the prompt (BOS not attended)
+    tokens = torch.zeros(2, max(129, keys + 1), dtype=torch.bool)
+    tokens[0, 1:keys - 3] = True  # the prompt (BOS not attended)
     tokens[1, 1] = True  # the empty negative's one token
-    return RunMask.prepare(tokens, dtype, device)
+    mask = RunMask.prepare(tokens, dtype, device)
+    assert mask.stop - mask.start == keys, (keys, mask.start, mask.stop)
+    return mask
 
 
 def site_keys_values(mask: Any, channels: int, heads: int, gen: Any, device: Any, dtype: Any) -> list[Any]:
     """Random keys and values of one site for site_mask's prompts, cut to its span and split into heads as a run
-    entry holds them: [2, heads, 64, channels / heads] each."""
+    entry holds them: [2, heads, keys, channels / heads] each."""
     import torch
 
-    return [mask.heads(mask.span(torch.randn(2, 129, channels, generator=gen)).to(device, dtype), heads)
+    bucket = max(129, mask.stop)
+    return [mask.heads(mask.span(torch.randn(2, bucket, channels, generator=gen)).to(device, dtype), heads)
             for _ in range(2)]
 
 

@@ -75,9 +75,12 @@ run_part() {
       # SD1.5's fused-attention took 0.11 ms of the 0.37 ms its sites cost inside the replay (+4.05 % against
       # +5.49 %). The same rounds for SDXL (70 sites, 1.76 ms inside the replay): auto picks fused-attention here
       step sampling-reduce-overhead-sdxl 330 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel torch,fused-attention
-      # session 23's profile: tau_q's GEMMs are 0.104 of SD1.5's 0.37 ms inside the replay. A site's to_q and tau_q read
-      # the same input: as one GEMM (site_calls' second table, §3w), do they cost less, consumers included?
-      step site-calls 60 bench site_calls --variants three,fused-attention,fused-attention:128/8
+      # the site kernels at spans of 64, 128 and 256 keys: session 24's tiles for long spans (fewer rows a program: no
+      # register spill on sm_90) against the short spans' 64/8 and 32/4; 128/8 (session 21: -9 % at SDXL's sites, 64
+      # keys). And session 23's profile has tau_q's GEMMs at 0.104 of SD1.5's 0.37 ms inside the replay: a site's to_q
+      # and tau_q read the same input; as one GEMM (site_calls' second table, §3w), do they cost less, consumers
+      # included?
+      step site-calls 90 bench site_calls --keys 64,128,256 --variants three,fused-attention,fused-attention:32/4,fused-attention:32/8,fused-attention:64/8,fused-attention:128/8
       # compiled training's step still waits on the host (SDXL: 181 ms of kernels in a 213 ms step, §5g): the
       # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
       # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s

@@ -27,7 +27,7 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
    eager images;
 12. the one-kernel hybrid site (llmdiff_core/fused_site.py: site_kernel "fused" or "fused-attention", and "auto"),
    compiled by Triton for this GPU: the kernel against float64 math at the real SD1.5 and SDXL site shapes in
-   fp16 and bf16 (given n, or given tau_q(n)), sampling with each site kernel against the three kernels, and
+   fp16 and bf16 at spans of 64, 128 and 256 keys (given n, or given tau_q(n)), sampling with each site kernel against the three kernels, and
    compiled as check 11: "fused" and the default "auto" under inductor's CUDA graphs (auto must run
    fused-attention there), and fused-attention under TorchCompileModel's cudagraphs backend;
 13. train.py --unet-fp8 (training/float8_linears.py): a frozen linear layer at SDXL's GEMM shapes in bf16 gives
@@ -41,6 +41,7 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 import tempfile
@@ -239,10 +240,11 @@ def main() -> None:
         details, ok = [], True
         g = torch.Generator().manual_seed(0)
         worst: dict[str, float] = {}
-        # every site shape of SD1.5 512 px (head widths 40, 80, 160) and SDXL 1024 px (64), 2 rows, 64 keys
+        # every site shape of SD1.5 512 px (head widths 40, 80, 160) and SDXL 1024 px (64), 2 rows, at spans of 64,
+        # 128 and 256 keys (launch_config's tiles change with the span)
         for side, channels, heads, _ in SITES["sd15"][:3] + SITES["sdxl"]:
-            for dtype in (torch.float16, torch.bfloat16):
-                mask = site_mask(dtype, device)
+            for dtype, span in itertools.product((torch.float16, torch.bfloat16), (64, 128, 256)):
+                mask = site_mask(dtype, device, span)
                 n, w_q, keys, values, a_orig, w_orig = site_inputs(dtype, device, side, channels, heads, g, mask)
                 inputs = (n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig)
                 given_q = (n @ w_q.T, None, *inputs[2:])  # (site kernel fused-attention)
@@ -253,7 +255,7 @@ def main() -> None:
                     worst[key] = max(worst.get(key, 0.0), err)
         limits = {"float16": 5e-3, "bfloat16": 4e-2}
         ok &= all(worst[k] < limits[k] for k in limits)
-        details.append("kernel vs float64 at the real site shapes: " + ", ".join(
+        details.append("kernel vs float64 at the real site shapes, spans of 64 to 256 keys: " + ", ".join(
             f"{k} {worst[k]:.2e} (limit {limits[k]})" for k in limits))
         # sampling: the one kernel against the three, eager, and the kernel must have run at every site
         base = models(device, unet_dtype)

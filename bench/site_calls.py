@@ -56,11 +56,16 @@ def parse() -> Any:
                         f"<warps> (default where the kernel runs: three, fused, fused:{', fused:'.join(TILES)}, "
                         f"fused-attention, fused-attention:{', fused-attention:'.join(ATTENTION_TILES)}; else three)")
     p.add_argument("--calls", type=int, default=None, help="calls per measurement (default 50 GPU, 3 --small)")
+    p.add_argument("--keys", default="64", help="comma list of attended spans (multiples of 32, at most 256: "
+                   "the kernel's MAX_KEYS): the tiles' registers grow with the span")
     p.add_argument("--no-queries", dest="queries", action="store_false",
                    help="leave out the second table (a site's to_q and tau_q as two GEMMs or one)")
     opts = p.parse_args()
     common.defaults(opts, repeats=3 if opts.small else 7, warmup=1)
     opts.calls = opts.calls or (3 if opts.small else 50)
+    opts.keys = [int(k) for k in opts.keys.split(",")]
+    if any(k % 32 or not 0 < k <= 256 for k in opts.keys):
+        p.error(f"--keys {opts.keys}: multiples of 32 up to 256")
     return opts
 
 
@@ -202,6 +207,24 @@ def query_tables(report: Any, opts: Any, device: Any, dtype: Any, mask: Any, ker
                         "outputs (the same math: GEMM rounding only).")
 
 
+def site_variants(names: list[str], mask: Any, kernel_runs: bool) -> dict[str, Callable[..., Any]]:
+    """--variants' site functions for one prompt pair's mask."""
+    variants: dict[str, Callable[..., Any]] = {}
+    for name in names:
+        if name == "three":
+            variants[name] = three_kernels(mask)
+        elif name.partition(":")[0] in ("fused", "fused-attention"):
+            if not kernel_runs:
+                raise SystemExit(f"{name}: fused_site's kernel does not run here (CUDA with Triton, or Triton's "
+                                 "interpreter on a CPU)")
+            kind, _, tile = name.partition(":")
+            variants[name] = fused_kernel(mask, tile, project=kind == "fused")
+        else:
+            raise SystemExit(f"--variants: unknown {name!r} (three, fused[:<rows>/<warps>], "
+                             "fused-attention[:<rows>/<warps>])")
+    return variants
+
+
 def device_timer(fn: Callable[[], Any], calls: int, device: Any) -> Callable[[], float]:
     """Seconds per call: on CUDA, `calls` calls captured in one CUDA graph, its replay timed by CUDA events;
     elsewhere a loop of `calls` calls (common.timed)."""
@@ -246,68 +269,57 @@ def main() -> None:
     report = common.Report("A hybrid site per call at the site shapes: three kernels vs one", common.env_header(
         device, opts.root, dtype=str(dtype).replace("torch.", ""), calls=opts.calls, repeats=opts.repeats,
         warmup=opts.warmup, clock="device time, CUDA-graph replays" if device.type == "cuda" else opts.clock))
-    mask = site_mask(dtype, device)
-    variants: dict[str, Callable[..., Any]] = {}
-    for name in names:
-        if name == "three":
-            variants[name] = three_kernels(mask)
-        elif name.partition(":")[0] in ("fused", "fused-attention"):
-            if not kernel_runs:
-                raise SystemExit(f"{name}: fused_site's kernel does not run here (CUDA with Triton, or Triton's "
-                                 "interpreter on a CPU)")
-            kind, _, tile = name.partition(":")
-            variants[name] = fused_kernel(mask, tile, project=kind == "fused")
-        else:
-            raise SystemExit(f"--variants: unknown {name!r} (three, fused[:<rows>/<warps>], "
-                             "fused-attention[:<rows>/<warps>])")
-
     rows, step_rows = [], []
     gen = torch.Generator().manual_seed(0)
     element = torch.finfo(dtype).bits // 8
-    for family in [m for m in opts.models.split(",") if m]:
-        per_step = {name: 0.0 for name in variants}
-        bytes_step = dict.fromkeys(TENSORS_MOVED, 0.0)
-        for side, channels, heads, sites in SITES[family]:
-            side = side // 4 if opts.small else side
-            inputs = site_inputs(dtype, device, side, channels, heads, gen, mask)
-            n, w_q, keys, values, a_orig, w_orig = inputs
-            want = fused_site.reference(n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig)
-            full = 2 * side * side * channels * element  # one full-resolution [2, N, C] tensor
-            for kind, tensors in TENSORS_MOVED.items():
-                bytes_step[kind] += tensors * full * sites
-            errors: dict[str, str] = {}
-            measurements = {}
-            with torch.inference_mode():
-                for name, site in variants.items():
-                    try:  # a tile shape this GPU cannot run (Triton's out-of-resources) is reported, not fatal
-                        got = site(*inputs).double()
-                        measurements[name] = device_timer(lambda site=site: site(*inputs), opts.calls, device)
-                    except Exception as exc:
-                        errors[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-                        continue
-                    errors[name] = f"{float((got - want).abs().max() / want.abs().max()):.1e}"
-                results = common.interleaved(measurements, opts.repeats, opts.warmup)
-            base = common.median(results["three"]["time"]) if "three" in results else float("nan")
-            for name in variants:
-                times = results[name]["time"] if name in results else [float("nan")]
-                t = common.median(times)
-                per_step[name] += t * sites
-                moved = TENSORS_MOVED[name.partition(":")[0]] * full
-                rows.append([family, side * side, channels, heads, sites, name, t * 1e6, t / base,
-                             100 * common.spread(times), errors[name], moved / common.H100_BYTES * 1e6])
-        for name, t in per_step.items():
-            moved = bytes_step[name.partition(":")[0]]
-            step_rows.append([family, sum(s[3] for s in SITES[family]), name, t * 1e3,
-                              (t - per_step.get("three", float("nan"))) * 1e3, moved / 1e9,
-                              moved / common.H100_BYTES * 1e3])
+    for span in opts.keys:
+        mask = site_mask(dtype, device, span)
+        variants = site_variants(names, mask, kernel_runs)
+        for family in [m for m in opts.models.split(",") if m]:
+            per_step = {name: 0.0 for name in variants}
+            bytes_step = dict.fromkeys(TENSORS_MOVED, 0.0)
+            for side, channels, heads, sites in SITES[family]:
+                side = side // 4 if opts.small else side
+                inputs = site_inputs(dtype, device, side, channels, heads, gen, mask)
+                n, w_q, keys, values, a_orig, w_orig = inputs
+                want = fused_site.reference(n, w_q, keys, values, mask.bias, mask.keep, a_orig, w_orig)
+                full = 2 * side * side * channels * element  # one full-resolution [2, N, C] tensor
+                for kind, tensors in TENSORS_MOVED.items():
+                    bytes_step[kind] += tensors * full * sites
+                errors: dict[str, str] = {}
+                measurements = {}
+                with torch.inference_mode():
+                    for name, site in variants.items():
+                        try:  # a tile shape this GPU cannot run (Triton's out-of-resources) is reported, not fatal
+                            got = site(*inputs).double()
+                            measurements[name] = device_timer(lambda site=site: site(*inputs), opts.calls, device)
+                        except Exception as exc:
+                            errors[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                            continue
+                        errors[name] = f"{float((got - want).abs().max() / want.abs().max()):.1e}"
+                    results = common.interleaved(measurements, opts.repeats, opts.warmup)
+                base = common.median(results["three"]["time"]) if "three" in results else float("nan")
+                for name in variants:
+                    times = results[name]["time"] if name in results else [float("nan")]
+                    t = common.median(times)
+                    per_step[name] += t * sites
+                    moved = TENSORS_MOVED[name.partition(":")[0]] * full
+                    rows.append([family, span, side * side, channels, heads, sites, name, t * 1e6, t / base,
+                                 100 * common.spread(times), errors[name], moved / common.H100_BYTES * 1e6])
+            for name, t in per_step.items():
+                moved = bytes_step[name.partition(":")[0]]
+                step_rows.append([family, span, sum(s[3] for s in SITES[family]), name, t * 1e3,
+                                  (t - per_step.get("three", float("nan"))) * 1e3, moved / 1e9,
+                                  moved / common.H100_BYTES * 1e3])
     report.table("µs per site call (interleaved medians)",
-                 ["model", "tokens", "channels", "heads", "sites", "variant", "µs/call", "vs three", "noise ±%",
-                  "rel. error vs float64", "bytes at 3.35 TB/s µs"], rows)
-    report.table("per U-Net call (all sites)", ["model", "sites", "variant", "ms/step", "ms vs three", "GB moved",
-                                                 "GB at 3.35 TB/s ms"], step_rows)
+                 ["model", "keys", "tokens", "channels", "heads", "sites", "variant", "µs/call", "vs three",
+                  "noise ±%", "rel. error vs float64", "bytes at 3.35 TB/s µs"], rows)
+    report.table("per U-Net call (all sites)", ["model", "keys", "sites", "variant", "ms/step", "ms vs three",
+                                                 "GB moved", "GB at 3.35 TB/s ms"], step_rows)
     if opts.queries:
-        query_tables(report, opts, device, dtype, mask, kernel_runs)
-    report.notes.append("rows 2, 64 attended keys (a 60-token prompt and an empty negative in the 129-token bucket).")
+        query_tables(report, opts, device, dtype, site_mask(dtype, device, opts.keys[0]), kernel_runs)
+    report.notes.append("rows 2; keys: the attended span (a prompt of keys - 4 tokens and an empty negative, 64 keys "
+                        "being a 60-token prompt in the 129-token bucket); the query layouts at the first of --keys.")
     if device.type == "cuda":
         report.notes.append("device time per call: each variant's calls captured in a CUDA graph and replayed "
                             "(no launch overhead, as in a sampling step under reduce-overhead).")

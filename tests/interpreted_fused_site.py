@@ -85,7 +85,8 @@ def site_inputs(rows: int, heads: int, head_dim: int, tokens: int, dtype: torch.
     (100, 2, 40, 32),   # SD1.5's first level: 40 channels a head (padded to 64), rows past a block
     (64, 2, 80, 96),    # SD1.5's second level: 80 (padded to 128)
     (20, 1, 160, 40),   # SD1.5's deepest sites: 160 (padded to 256), a span that is no power of two
-    (70, 3, 64, 256),   # SDXL's heads, the longest span the kernel takes
+    (70, 3, 64, 256),   # SDXL's heads, the longest span the kernel takes (32 rows a program)
+    (40, 1, 160, 200),  # the deepest sites at a long span: 16 rows a program (launch_config)
 ])
 @pytest.mark.parametrize("masked, empty_row", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("project", [True, False], ids=["fused", "fused-attention"])

@@ -122,17 +122,20 @@ def test_the_floor_counts_the_one_kernel_site_as_the_bytes_it_moves(tmp_path: Pa
 def test_site_calls_small(tmp_path: Path) -> None:
     """bench/site_calls.py on the CPU: the three-kernel site at every SD1.5 site shape, exact against float64."""
     out = tmp_path / "sites.json"
-    run_bench("site_calls.py", "--small", "--models", "sd15", "--repeats", "1", "--calls", "1", json_out=out)
+    run_bench("site_calls.py", "--small", "--models", "sd15", "--repeats", "1", "--calls", "1", "--keys", "64,96",
+              json_out=out)
     data = json.loads(out.read_text())
     rows = section(data, "µs per site call")
-    assert [(r["channels"], r["variant"]) for r in rows] == [(320, "three"), (640, "three"), (1280, "three"),
-                                                              (1280, "three")]
+    assert [(r["keys"], r["channels"], r["variant"]) for r in rows] == [
+        (keys, channels, "three") for keys in (64, 96) for channels in (320, 640, 1280, 1280)]
     assert all(finite(r["µs/call"]) and r["µs/call"] > 0 and float(r["rel. error vs float64"]) < 1e-5 for r in rows)
     full = [2 * r["tokens"] * r["channels"] * 4 for r in rows]  # one [2, N, C] float32 tensor, bytes
     bandwidth = bench_module("common").H100_BYTES
     assert [r["bytes at 3.35 TB/s µs"] for r in rows] == pytest.approx([7 * b / bandwidth * 1e6 for b in full])
-    (step,) = section(data, "per U-Net call")
-    assert step["sites"] == 16 and finite(step["ms/step"])
+    steps = section(data, "per U-Net call")
+    assert [s["keys"] for s in steps] == [64, 96] and all(s["sites"] == 16 and finite(s["ms/step"]) for s in steps)
+    assert all(s["GB moved"] == pytest.approx(7 * sum(b * r["sites"] for b, r in zip(full, rows[:4])) / 1e9)
+               for s in steps)  # (the bytes do not depend on the span)
     # the second table: a site's to_q and tau_q as two GEMMs or one, alone and with their consumers, every layout
     # giving apart's outputs (float32 on the CPU: the same sums, so equal to rounding)
     queries = section(data, "a site's to_q and tau_q")
@@ -144,7 +147,6 @@ def test_site_calls_small(tmp_path: Path) -> None:
     assert [(r["timed"], r["layout"]) for r in per_call] == [
         (timed, layout) for timed in ("projections", "core") for layout in ("apart", "cat", "bmm")]
     assert all(r["ms vs apart"] == 0 for r in per_call if r["layout"] == "apart")
-    assert step["GB moved"] == pytest.approx(7 * sum(b * r["sites"] for b, r in zip(full, rows)) / 1e9)
 
 
 def test_score_encoding_small(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from patching_support import (adapter_for, clip_conditioning, compile_kwargs, di
                               make_features, noise, runtime_of, sample)
 from tiny_unets import tiny_sd15_minimal
 
-INTERPRETED_TESTS = 35  # tests/interpreted_fused_site.py's count, parametrized cases included
+INTERPRETED_TESTS = 41  # tests/interpreted_fused_site.py's count, parametrized cases included
 COMPILED_TESTS = 23  # tests/compiled_fused_site.py's
 
 
