@@ -75,9 +75,9 @@ run_part() {
       # SD1.5's fused-attention took 0.11 ms of the 0.37 ms its sites cost inside the replay (+4.05 % against
       # +5.49 %). The same rounds for SDXL (70 sites, 1.76 ms inside the replay): auto picks fused-attention here
       step sampling-reduce-overhead-sdxl 330 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel torch,fused-attention
-      # the site kernels at spans of 64, 128 and 256 keys: session 24's tiles for long spans (fewer rows a program: no
-      # register spill on sm_90) against the short spans' 64/8 and 32/4; 128/8 (session 21: -9 % at SDXL's sites, 64
-      # keys). And session 23's profile has tau_q's GEMMs at 0.104 of SD1.5's 0.37 ms inside the replay: a site's to_q
+      # the site kernels at spans of 64, 128 and 256 keys: session 24's tiles (fewer rows a program at long spans: no
+      # register spill on sm_90; 128/8 for heads up to 64 wide, session 21's -9 % at SDXL's sites) against the old
+      # 64/8 and 32/4. And session 23's profile has tau_q's GEMMs at 0.104 of SD1.5's 0.37 ms inside the replay: a site's to_q
       # and tau_q read the same input; as one GEMM (site_calls' second table, §3w), do they cost less, consumers
       # included?
       step site-calls 90 bench site_calls --keys 64,128,256 --variants three,fused-attention,fused-attention:32/4,fused-attention:32/8,fused-attention:64/8,fused-attention:128/8

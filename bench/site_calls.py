@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from attend_calls import SITES, site_keys_values, site_mask  # noqa: E402
 
-# query rows per program / warps: the fused:<tile> variants (launch_config's own: 64/8, or 32/4 for 128-wide heads)
+# query rows per program / warps: the fused:<tile> variants (launch_config's own at up to 128 keys: 64/8, or 32/4 for
+# 128-wide heads; fused-attention's 128/8 for heads up to 64 wide)
 TILES = ("16/4", "32/4", "32/8", "64/4", "128/8")
 ATTENTION_TILES = ("32/4", "32/8", "64/8", "128/8")  # fused-attention:<tile> variants
 # full-resolution [rows, N, C] tensors each variant kind reads or writes per site (fused_site's docstring)

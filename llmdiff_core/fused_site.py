@@ -116,16 +116,22 @@ def launch_config(head_dim: int, channels: int, tokens: int, project: bool = Tru
     Chosen by what ptxas makes of them for sm_90 (registers and spills, docs/benchmarks.md §3t, §3w): 64 rows on 8
     warps for heads up to 64 channels (4 warps took 254 registers a thread and spilled at 128 keys), 32 rows on 4
     for 128, 64 on 8 for 256 (16 rows on 4 spilled at 128 keys and leave Hopper's 64-row MMA a quarter full).
-    Those were timed at 64 keys (session 21). A program's scores and output grow with the keys and the head, so
-    longer spans take fewer rows on 8 warps: at 256 keys 64 rows spilled 300 bytes a thread (heads of 64) to 2.8 KB
-    (160), and without tau_q in the kernel 160-channel heads spilled at 128 keys already. 32 rows on 8 warps keep
-    those in registers; 160-channel heads at 256 keys spill with every tile, least with 16 rows (0.2 / 0.9 KB).
-    tests/compiled_fused_site.py compiles each for Hopper and Ampere: within shared memory, and no spill at any
-    site shape and span but that one."""
+    Without tau_q in the kernel (fused-attention), 64-channel heads take 128 rows: 9 % faster at SDXL's sites on an
+    H200 (session 21, 64 keys; it lost where it spilled, at wider heads). A program's scores and output grow with
+    the keys and the head, so long spans take fewer rows on 8 warps: at 256 keys 64 rows spilled 300 bytes a thread
+    (heads of 64) to 2.8 KB (160), and without tau_q 160-channel heads spilled at 128 keys already. 32 rows on 8
+    warps keep those in registers; 160-channel heads at 256 keys spill with every tile, least with 16 rows
+    (0.2 / 0.9 KB). tests/compiled_fused_site.py compiles each for Hopper and Ampere: within shared memory, and no
+    spill at any site shape and span but that one."""
     block_d, block_t = _power_of_two(head_dim), _power_of_two(tokens)
-    rows, warps = (32, 4) if block_d == 128 else (64, 8)
-    if block_t >= 256 or (block_d == 256 and block_t >= 128 and not project):
+    if block_t >= 256 or (block_d == 256 and block_t >= 128 and not project):  # long spans
         rows, warps = (16 if block_d == 256 and block_t >= 256 else 32), 8
+    elif block_d == 128:
+        rows, warps = 32, 4
+    elif block_d == 64 and not project:
+        rows, warps = 128, 8
+    else:
+        rows, warps = 64, 8
     return {"BLOCK_N": block_rows or rows, "BLOCK_C": 64 if channels >= 64 else _power_of_two(channels),
             "BLOCK_D": block_d, "BLOCK_T": block_t, "num_warps": num_warps or warps}
 
