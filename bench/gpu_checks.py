@@ -27,8 +27,8 @@ Tiny real-layout models (bench/builders.py --small shapes), so the whole run tak
    eager images;
 12. the one-kernel hybrid site (llmdiff_core/fused_site.py: site_kernel "fused" or "fused-attention", and "auto"),
    compiled by Triton for this GPU: the kernel against float64 math at the real SD1.5 and SDXL site shapes in
-   fp16 and bf16 at spans of 64, 128 and 256 keys (given n, or given tau_q(n)), sampling with each site kernel against the three kernels, and
-   compiled as check 11: "fused" and the default "auto" under inductor's CUDA graphs (auto must run
+   fp16 and bf16 at spans of 64, 128 and 256 keys (given n, or given tau_q(n)), sampling with each site kernel
+   against the three kernels, and compiled as check 11: "fused" and the default "auto" under inductor's CUDA graphs (auto must run
    fused-attention there), and fused-attention under TorchCompileModel's cudagraphs backend;
 13. train.py --unet-fp8 (training/float8_linears.py): a frozen linear layer at SDXL's GEMM shapes in bf16 gives
    the fp32 product of its float8-rounded operands, forward and activation gradient, no weight gradient; and

@@ -113,16 +113,17 @@ def launch_config(head_dim: int, channels: int, tokens: int, project: bool = Tru
     block_rows, num_warps: 0 = this choice): a program holds BLOCK_N query rows of one head, padded to BLOCK_D
     channels, and every key (BLOCK_T).
 
-    Chosen by what ptxas makes of them for sm_90 (registers and spills, docs/benchmarks.md §3t, §3w): 64 rows on 8
-    warps for heads up to 64 channels (4 warps took 254 registers a thread and spilled at 128 keys), 32 rows on 4
-    for 128, 64 on 8 for 256 (16 rows on 4 spilled at 128 keys and leave Hopper's 64-row MMA a quarter full).
-    Without tau_q in the kernel (fused-attention), 64-channel heads take 128 rows: 9 % faster at SDXL's sites on an
-    H200 (session 21, 64 keys; it lost where it spilled, at wider heads). A program's scores and output grow with
-    the keys and the head, so long spans take fewer rows on 8 warps: at 256 keys 64 rows spilled 300 bytes a thread
-    (heads of 64) to 2.8 KB (160), and without tau_q 160-channel heads spilled at 128 keys already. 32 rows on 8
-    warps keep those in registers; 160-channel heads at 256 keys spill with every tile, least with 16 rows
-    (0.2 / 0.9 KB). tests/compiled_fused_site.py compiles each for Hopper and Ampere: within shared memory, and no
-    spill at any site shape and span but that one."""
+    Chosen by what ptxas makes of them for sm_90 (registers and spills, docs/benchmarks.md §3t, §3w) and by
+    session 21's timings on an H200 at 64 keys (§5h), by the head's padded width (BLOCK_D):
+    - heads up to 64 channels: 64 rows on 8 warps (4 warps spilled at 128 keys); for fused-attention 128 rows, 9 %
+      faster at SDXL's sites (it lost where it spilled, at wider heads);
+    - 128 channels: 32 rows on 4 warps; 256: 64 on 8 (16 rows on 4 spilled at 128 keys and leave Hopper's 64-row
+      MMA a quarter full);
+    - long spans (256 keys, and 128 for fused-attention's 256-channel heads): a program's scores grow with the
+      keys, and 64 rows spilled 0.3 KB a thread (heads of 64) to 2.8 KB (160) at 256 keys, so they take 32 rows on
+      8 warps; 160-channel heads at 256 keys spill with every tile, least with 16 rows (0.2 / 0.9 KB).
+    tests/compiled_fused_site.py compiles each for Hopper and Ampere: within shared memory, and no spill at any
+    site shape and span but that one."""
     block_d, block_t = _power_of_two(head_dim), _power_of_two(tokens)
     if block_t >= 256 or (block_d == 256 and block_t >= 128 and not project):  # long spans
         rows, warps = (16 if block_d == 256 and block_t >= 256 else 32), 8
