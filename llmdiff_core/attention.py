@@ -162,9 +162,14 @@ def attend(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: RunMask) -
 
     kh and vh are meant to be in q's dtype already (they are cast per call otherwise).
     """
+    return attend_with(q, kh, vh, mask.bias, mask.keep)
+
+
+def attend_with(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, bias: torch.Tensor | None,
+                keep: torch.Tensor | None) -> torch.Tensor:
+    """attend with a RunMask's bias and keep given as tensors (fused_site's op, where a kernel does not fit)."""
     b, n, inner = q.shape
     heads = kh.shape[1]
-    bias, keep = mask.bias, mask.keep
     if kh.dtype != q.dtype or vh.dtype != q.dtype:  # not on the prepared path: cast per call
         kh, vh = kh.to(q.dtype), vh.to(q.dtype)
         bias = None if bias is None else bias.to(q.dtype)

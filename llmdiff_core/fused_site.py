@@ -22,8 +22,10 @@ everywhere else; LLMDIFF_SITE_KERNEL or apply_adapter(site_kernel=...) names one
 CUDA graphs on an H200 fused-attention added 4.0 % to a whole SD1.5 sampling step where the three kernels added
 5.5 % (docs/benchmarks.md §5i); eager, both kernels made a step slower (each call's Python dispatch and launch,
 §5h), and under plain inductor or the cudagraphs backend a whole step has not been timed with them. Where the
-kernel does not apply (no CUDA or no Triton, float32, a head wider than MAX_HEAD_DIM, more than MAX_KEYS keys, a
-training call, paper mode) the pack takes the three-kernel path. TRITON_INTERPRET=1 runs it on the CPU (Triton's
+kernel does not apply (no CUDA or no Triton, an NVIDIA GPU older than Ampere or an AMD one, float32, a head wider
+than MAX_HEAD_DIM, more than MAX_KEYS keys, a training call, paper mode) the pack takes the three-kernel path, and
+so does a site whose tiles need more shared memory than the GPU has (found at the kernel's first launch: an RTX
+4090 cannot hold 160-channel heads over 256 keys). TRITON_INTERPRET=1 runs it on the CPU (Triton's
 interpreter), which is how the tests check its math without a GPU.
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -45,6 +48,9 @@ SITE_KERNEL_ENV = "LLMDIFF_SITE_KERNEL"
 SITE_KERNELS = ("auto", "torch", "fused", "fused-attention")  # auto: kernel_for_run decides per sampling run
 MAX_KEYS = 256  # one block of keys per program; longer spans take the three-kernel path
 MAX_HEAD_DIM = 256  # (SD1.5's deepest sites: 8 heads of 160)
+MIN_CAPABILITY = (8, 0)  # NVIDIA Ampere on: Triton's tensor-core code for these tiles (on Turing every tile spilled)
+
+log = logging.getLogger("llmdiff")
 
 
 def site_kernel_setting(requested: str | None = None) -> str:
@@ -87,16 +93,29 @@ def _triton_ready() -> bool:
     return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "custom_op")
 
 
+@functools.cache
+def _kernel_gpu(index: int) -> bool:
+    """An NVIDIA GPU of compute capability MIN_CAPABILITY or more (ROCm's GPUs report as CUDA: never run there).
+    On an older one Triton compiles the kernel with every tile spilling kilobytes a thread to local memory
+    (docs/benchmarks.md §3w: sm_75), slower than the three kernels it replaces."""
+    return torch.version.hip is None and tuple(torch.cuda.get_device_capability(index)) >= MIN_CAPABILITY
+
+
 def applies(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int, keys: int) -> bool:
-    """Whether hybrid_site can run a site of these shapes: CUDA in half precision (or Triton's CPU interpreter
-    in float32 or float16), a head of at most MAX_HEAD_DIM channels and at most MAX_KEYS keys. On the meta device
-    (shapes only: the benchmarks count FLOPs and bytes there) it answers as for CUDA, Triton or not."""
+    """Whether hybrid_site can run a site of these shapes: CUDA in half precision on an NVIDIA GPU of
+    MIN_CAPABILITY or more (or Triton's CPU interpreter in float32 or float16), a head of at most MAX_HEAD_DIM
+    channels and at most MAX_KEYS keys. On the meta device (shapes only: the benchmarks count FLOPs and bytes
+    there) it answers as for CUDA, Triton or not. (A tile that needs more shared memory than the GPU has is found
+    at its first launch: the op then computes that site with torch's kernels.)"""
     shapes_fit = 0 < head_dim <= MAX_HEAD_DIM and 0 < keys <= MAX_KEYS and heads > 0
     if device.type == "meta":
         return shapes_fit and dtype in (torch.float16, torch.bfloat16)
     if device.type == "cuda":
         if dtype not in (torch.float16, torch.bfloat16):
             return False  # float32 would run tl.dot as TF32: less exact than the path it replaces
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not (shapes_fit and _triton_ready() and _kernel_gpu(index)):
+            return False
     elif not (device.type == "cpu" and _interpreted() and dtype in (torch.float32, torch.float16)):
         return False  # (the interpreter's tl.dot reads bfloat16 as raw bits)
     return shapes_fit and _triton_ready()
@@ -122,8 +141,9 @@ def launch_config(head_dim: int, channels: int, tokens: int, project: bool = Tru
     - long spans (256 keys, and 128 for fused-attention's 256-channel heads): a program's scores grow with the
       keys, and 64 rows spilled 0.3 KB a thread (heads of 64) to 2.8 KB (160) at 256 keys, so they take 32 rows on
       8 warps; 160-channel heads at 256 keys spill with every tile, least with 16 rows (0.2 / 0.9 KB).
-    tests/compiled_fused_site.py compiles each for Hopper and Ampere: within shared memory, and no spill at any
-    site shape and span but that one."""
+    tests/compiled_fused_site.py compiles each for Hopper, Ampere and Ada: within shared memory (but 160-channel
+    heads over 256 keys on Ada: 136 KB of its 99, which the op hands to torch's kernels), and no spill on Hopper at
+    any site shape and span but that one."""
     block_d, block_t = _power_of_two(head_dim), _power_of_two(tokens)
     if block_t >= 256 or (block_d == 256 and block_t >= 128 and not project):  # long spans
         rows, warps = (16 if block_d == 256 and block_t >= 256 else 32), 8
@@ -186,23 +206,21 @@ def op() -> Callable[..., torch.Tensor]:
                        w_orig: torch.Tensor, block_rows: int = 0, num_warps: int = 0) -> torch.Tensor:
         b, rows, channels = n.shape
         heads, tokens, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
-        out = torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
         config = launch_config(head_dim, channels, tokens, w_q is not None, block_rows, num_warps)
-        # (a missing w_q, bias or keep: any pointer, never read)
+        variant = (n.device, n.dtype, head_dim, w_q is not None, bias is not None, keep is not None,
+                   *config.values())
+        if variant in _UNFIT:
+            return _with_torch(n, w_q, keys, values, bias, keep, a_orig, w_orig)
+        out = torch.empty(a_orig.shape, dtype=a_orig.dtype, device=a_orig.device)
         grid = (heads, -(-rows // config["BLOCK_N"]), b)
-        _kernel()[grid](
-            n, n if w_q is None else w_q, keys, values, a_orig if bias is None else bias,
-            a_orig if keep is None else keep, a_orig, w_orig, out,
-            rows, channels, tokens, 1.0 / math.sqrt(head_dim),
-            n.stride(0), n.stride(1), n.stride(2), 0 if w_q is None else w_q.stride(0),
-            0 if w_q is None else w_q.stride(1),
-            keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
-            values.stride(0), values.stride(1), values.stride(2), values.stride(3),
-            0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(3),
-            0 if keep is None else keep.stride(0),
-            a_orig.stride(0), a_orig.stride(1), a_orig.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=head_dim, PROJECT=w_q is not None, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
-            **config)
+        try:
+            _launch(grid, n, w_q, keys, values, bias, keep, a_orig, w_orig, out, rows, channels, tokens, head_dim,
+                    config)
+        except _out_of_resources() as exc:  # found at the first launch: raised before the kernel runs
+            _UNFIT.add(variant)
+            log.warning("LLMDiff: the one-kernel site does not fit this GPU at heads of %d over %d keys (%s); "
+                        "those sites run the three-kernel path instead", head_dim, tokens, exc)
+            return _with_torch(n, w_q, keys, values, bias, keep, a_orig, w_orig)
         return out
 
     @hybrid_site_op.register_fake
@@ -220,6 +238,49 @@ def op() -> Callable[..., torch.Tensor]:
         return (0 if w_q is None else 2 * b * rows * channels * inner) + 4 * b * rows * tokens * inner
 
     return hybrid_site_op
+
+
+# op variants (device, dtype, head, flags, tiles) whose kernel did not fit the GPU at its first launch
+_UNFIT: set[tuple[Any, ...]] = set()
+
+
+def _launch(grid: tuple[int, int, int], n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor,
+            values: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
+            w_orig: torch.Tensor, out: torch.Tensor, rows: int, channels: int, tokens: int, head_dim: int,
+            config: dict[str, int]) -> None:
+    """The kernel over grid, writing out (a missing w_q, bias or keep: any pointer, never read)."""
+    _kernel()[grid](
+        n, n if w_q is None else w_q, keys, values, a_orig if bias is None else bias,
+        a_orig if keep is None else keep, a_orig, w_orig, out,
+        rows, channels, tokens, 1.0 / math.sqrt(head_dim),
+        n.stride(0), n.stride(1), n.stride(2), 0 if w_q is None else w_q.stride(0),
+        0 if w_q is None else w_q.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+        values.stride(0), values.stride(1), values.stride(2), values.stride(3),
+        0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(3),
+        0 if keep is None else keep.stride(0),
+        a_orig.stride(0), a_orig.stride(1), a_orig.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=head_dim, PROJECT=w_q is not None, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None,
+        **config)
+
+
+def _with_torch(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+                bias: torch.Tensor | None, keep: torch.Tensor | None, a_orig: torch.Tensor,
+                w_orig: torch.Tensor) -> torch.Tensor:
+    """hybrid_site's math as the three-kernel path computes it (tau_q's GEMM, attention.attend, fuse_at_core): where
+    the kernel's tiles need more shared memory or threads than this GPU has (a 160-channel head over 256 keys
+    takes 136 KB, an RTX 4090 has 99 KB a block)."""
+    from .attention import attend_with, fuse_at_core
+
+    q = n if w_q is None else torch.nn.functional.linear(n, w_q)
+    return fuse_at_core(a_orig, attend_with(q, keys, values, bias, keep), w_orig)
+
+
+def _out_of_resources() -> type[Exception]:
+    """Triton's error for a kernel that asks a GPU for more than it has (shared memory, registers, threads)."""
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
 
 
 @functools.cache

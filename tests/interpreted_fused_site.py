@@ -7,6 +7,7 @@ process. The GPU runs the same kernel compiled (bench/gpu_checks.py, check 12).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -118,6 +119,38 @@ def test_kernel_takes_what_it_can_and_says_so() -> None:
     assert not fused_site.applies(cpu, torch.bfloat16, 8, 40, 128)  # the interpreter's dot reads raw bits
     assert not fused_site.applies(cpu, torch.float32, 8, 40, fused_site.MAX_KEYS + 1)
     assert not fused_site.applies(cpu, torch.float32, 1, fused_site.MAX_HEAD_DIM + 1, 32)
+
+
+@pytest.mark.parametrize("project", [True, False], ids=["fused", "fused-attention"])
+def test_tiles_the_gpu_cannot_hold_run_the_three_kernel_math_and_say_so_once(monkeypatch: pytest.MonkeyPatch,
+                                                                           project: bool) -> None:
+    """Triton finds at a kernel's first launch that its tiles need more shared memory than the GPU has (a
+    160-channel head over 256 keys: 136 KB; an RTX 4090 has 99 KB a block): that op variant then computes its
+    sites with torch's kernels, from that call on, and the log says so once."""
+    from triton.runtime.errors import OutOfResources
+
+    launches = []
+
+    def too_big(*args: Any) -> None:
+        launches.append(args[0])
+        raise OutOfResources(136 * 1024, 99 * 1024, "shared memory")
+    monkeypatch.setattr(fused_site, "_launch", too_big)
+    monkeypatch.setattr(fused_site, "_UNFIT", set())
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("llmdiff").addHandler(handler)
+    try:
+        inputs = site_inputs(40, 1, 160, 200, torch.float32, masked=True, empty_row=True)
+        if not project:
+            inputs = (inputs[0] @ inputs[1].T, None, *inputs[2:])
+        first, second = fused_site.hybrid_site(*inputs), fused_site.hybrid_site(*inputs)
+    finally:
+        logging.getLogger("llmdiff").removeHandler(handler)
+    assert len(launches) == 1  # the variant is remembered: the second call does not try the kernel
+    assert max_rel(first, fused_site.reference(*inputs)) < 2e-6 and torch.equal(first, second)
+    assert torch.allclose(first[1].double(), 0.7 * inputs[6][1].double(), atol=1e-6)  # keep: the empty row
+    assert len(messages) == 1 and "does not fit this GPU at heads of 160 over 200 keys" in messages[0]
 
 
 def fused(mp: Any, adapter: Any, kernel: str = "fused", **kwargs: Any) -> Any:

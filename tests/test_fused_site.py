@@ -27,8 +27,8 @@ from patching_support import (adapter_for, clip_conditioning, compile_kwargs, di
                               make_features, noise, runtime_of, sample)
 from tiny_unets import tiny_sd15_minimal
 
-INTERPRETED_TESTS = 41  # tests/interpreted_fused_site.py's count, parametrized cases included
-COMPILED_TESTS = 23  # tests/compiled_fused_site.py's
+INTERPRETED_TESTS = 43  # tests/interpreted_fused_site.py's count, parametrized cases included
+COMPILED_TESTS = 25  # tests/compiled_fused_site.py's
 
 
 def triton_path() -> str:
@@ -169,3 +169,34 @@ def test_a_request_where_the_kernel_cannot_run_is_the_three_kernel_path(monkeypa
         assert entry.fused == (False,) * len(adapter.sites) and entry.site_op is None
         assert not fused_site.applies(torch.device("cpu"), torch.float32, 8, 40, 64)
     assert lookups.names == []
+
+
+@pytest.mark.parametrize("capability, hip, runs", [
+    ((7, 5), None, False),  # Turing: every tile spilled kilobytes a thread (docs/benchmarks.md §3w)
+    ((8, 0), None, True),
+    ((8, 9), None, True),
+    ((9, 0), None, True),
+    ((9, 4), "6.2", False),  # ROCm reports its GPUs as CUDA: the kernel was never run there
+])
+def test_on_cuda_the_kernel_runs_on_nvidia_gpus_from_ampere_on(monkeypatch: pytest.MonkeyPatch,
+                                                                capability: tuple[int, int], hip: str | None,
+                                                                runs: bool) -> None:
+    """The capability is read once per GPU (cached), for the GPU the run's U-Net is on."""
+    asked: list[int] = []
+
+    def capability_of(index: int) -> tuple[int, int]:
+        asked.append(index)
+        return capability
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(fused_site, "_triton_ready", lambda: True)
+    fused_site._kernel_gpu.cache_clear()
+    try:
+        cuda1 = torch.device("cuda", 1)
+        assert fused_site.applies(cuda1, torch.float16, 8, 40, 128) is runs
+        assert fused_site.applies(cuda1, torch.bfloat16, 10, 64, 256) is runs
+        assert not fused_site.applies(cuda1, torch.float32, 8, 40, 128)  # (TF32: less exact than the three kernels)
+        assert not fused_site.applies(cuda1, torch.float16, 8, 40, fused_site.MAX_KEYS + 1)
+        assert asked == ([] if hip else [1])
+    finally:
+        fused_site._kernel_gpu.cache_clear()
