@@ -102,6 +102,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("long-spans-keep-the-short-spans-tiles", CORE + "fused_site.py",
            "if block_t >= 256 or (block_d == 256 and block_t >= 128 and not project):",
            "if False:", KERNEL),
+    Mutant("kernel-on-turing", CORE + "fused_site.py", ">= MIN_CAPABILITY", ">= (7, 0)", KERNEL),
+    Mutant("unfit-kernel-tried-at-every-call", CORE + "fused_site.py", "_UNFIT.add(variant)",
+           "_UNFIT.discard(variant)", KERNEL),
     # per-site and per-row bookkeeping
     Mutant("block-groups-swapped", CORE + "block_weights.py",
            'group = {"input": input_weight, "middle": middle_weight, "output": output_weight}',
