@@ -291,8 +291,11 @@ def main() -> None:
                 measurements = {}
                 with torch.inference_mode():
                     for name, site in variants.items():
+                        unfit = set(fused_site._UNFIT)
                         try:  # a tile shape this GPU cannot run (Triton's out-of-resources) is reported, not fatal
                             got = site(*inputs).double()
+                            if fused_site._UNFIT != unfit:  # (the op computed it with torch's kernels instead)
+                                raise RuntimeError("does not fit this GPU: the op fell back to the three kernels")
                             measurements[name] = device_timer(lambda site=site: site(*inputs), opts.calls, device)
                         except Exception as exc:
                             errors[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
