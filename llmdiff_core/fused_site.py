@@ -40,6 +40,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from .attention import attend_with, fuse_at_core
 
 SITE_KERNEL_ENV = "LLMDIFF_SITE_KERNEL"
 # torch: tau_q's GEMM, the masked attention and the fusion as three kernels; fused: all three in one kernel;
@@ -48,7 +51,7 @@ SITE_KERNEL_ENV = "LLMDIFF_SITE_KERNEL"
 SITE_KERNELS = ("auto", "torch", "fused", "fused-attention")  # auto: kernel_for_run decides per sampling run
 MAX_KEYS = 256  # one block of keys per program; longer spans take the three-kernel path
 MAX_HEAD_DIM = 256  # (SD1.5's deepest sites: 8 heads of 160)
-MIN_CAPABILITY = (8, 0)  # NVIDIA Ampere on: Triton's tensor-core code for these tiles (on Turing every tile spilled)
+MIN_CAPABILITY = (8, 0)  # NVIDIA Ampere on (on Turing, sm_75, every tile spilled kilobytes a thread: §3w)
 
 log = logging.getLogger("llmdiff")
 
@@ -97,7 +100,7 @@ def _triton_ready() -> bool:
 def _kernel_gpu(index: int) -> bool:
     """An NVIDIA GPU of compute capability MIN_CAPABILITY or more (ROCm's GPUs report as CUDA: never run there).
     On an older one Triton compiles the kernel with every tile spilling kilobytes a thread to local memory
-    (docs/benchmarks.md §3w: sm_75), slower than the three kernels it replaces."""
+    (docs/benchmarks.md §3w: sm_75), which the three kernels it replaces do not."""
     return torch.version.hip is None and tuple(torch.cuda.get_device_capability(index)) >= MIN_CAPABILITY
 
 
@@ -270,9 +273,7 @@ def _with_torch(n: torch.Tensor, w_q: torch.Tensor | None, keys: torch.Tensor, v
     """hybrid_site's math as the three-kernel path computes it (tau_q's GEMM, attention.attend, fuse_at_core): where
     the kernel's tiles need more shared memory or threads than this GPU has (a 160-channel head over 256 keys
     takes 136 KB, an RTX 4090 has 99 KB a block)."""
-    from .attention import attend_with, fuse_at_core
-
-    q = n if w_q is None else torch.nn.functional.linear(n, w_q)
+    q = n if w_q is None else F.linear(n, w_q)
     return fuse_at_core(a_orig, attend_with(q, keys, values, bias, keep), w_orig)
 
 
