@@ -75,16 +75,16 @@ run_part() {
       # SD1.5's fused-attention took 0.11 ms of the 0.37 ms its sites cost inside the replay (+4.05 % against
       # +5.49 %). The same rounds for SDXL (70 sites, 1.76 ms inside the replay): auto picks fused-attention here
       step sampling-reduce-overhead-sdxl 330 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel torch,fused-attention
-      # the site kernels at spans of 64, 128 and 256 keys: session 24's tiles (fewer rows a program at long spans: no
-      # register spill on sm_90; 128/8 for heads up to 64 wide, session 21's -9 % at SDXL's sites) against the old
-      # 64/8 and 32/4. And session 23's profile has tau_q's GEMMs at 0.104 of SD1.5's 0.37 ms inside the replay: a site's to_q
-      # and tau_q read the same input; as one GEMM (site_calls' second table, §3w), do they cost less, consumers
-      # included?
-      step site-calls 90 bench site_calls --keys 64,128,256 --variants three,fused-attention,fused-attention:32/4,fused-attention:32/8,fused-attention:64/8,fused-attention:128/8
       # compiled training's step still waits on the host (SDXL: 181 ms of kernels in a 213 ms step, §5g): the
       # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
       # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s
       step training-reduce-overhead-sd15 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
+      # the site kernel's tiles at spans of 64 and 256 keys: session 24's (fewer rows a program at long spans, no
+      # register spill on sm_90; 128/8 for heads up to 64 wide, session 21's -9 % at SDXL's sites) against the old
+      # ones (64/8; 32/4 for 80-wide heads). And session 23's profile has tau_q's GEMMs at 0.104 of SD1.5's 0.37 ms
+      # inside the replay: a site's to_q and tau_q read the same input; as one GEMM (site_calls' second table, §3w),
+      # do they cost less, consumers included? (~40 Triton compiles: after the CUDA-graph training, which matters more)
+      step site-calls 100 bench site_calls --keys 64,256 --variants three,fused-attention,fused-attention:64/8,fused-attention:32/4
       # the same with --unet-fp8 (session 19, §3u: the frozen U-Net's linear layers as float8 GEMMs), on the same
       # warm machine right after it: the A/B of what float8 GEMMs add to the fastest SD1.5 step
       step training-reduce-overhead-sd15-fp8 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --unet-fp8 --warmup 5 --steps 10
