@@ -161,16 +161,10 @@ def query_tables(report: Any, opts: Any, device: Any, dtype: Any, mask: Any, ker
         per_step: dict[tuple[str, str], float] = {}
         for side, channels, heads, sites in SITES[family]:
             side = side // 4 if opts.small else side
-
-            def rand(*size: int, scale: float = 1.0) -> Any:
-                return (scale * torch.randn(*size, generator=gen)).to(device, dtype)
-            n = rand(2, side * side, channels)
-            w_q, w_tau = rand(channels, channels, scale=channels ** -0.5), rand(channels, channels,
-                                                                                 scale=channels ** -0.5)
+            n, w_tau, keys, values, _, w_orig = site_inputs(dtype, device, side, channels, heads, gen, mask)
+            w_q = (channels ** -0.5 * torch.randn(channels, channels, generator=gen)).to(device, dtype)  # attn2.to_q
             weights = (w_q, w_tau, torch.cat([w_q, w_tau]), torch.stack([w_q, w_tau]))
-            clip_kv = (rand(2, CLIP_TOKENS, channels), rand(2, CLIP_TOKENS, channels))
-            keys, values = site_keys_values(mask, channels, heads, gen, device, dtype)
-            w_orig = torch.tensor(0.9, device=device)
+            clip_kv = tuple(torch.randn(2, CLIP_TOKENS, channels, generator=gen).to(device, dtype) for _ in range(2))
             calls: dict[tuple[str, str], Callable[[], Any]] = {}
             for layout in QUERY_LAYOUTS:
                 project, core = query_projections(layout), query_core(layout, mask, heads, kernel)
