@@ -180,9 +180,11 @@ def test_every_site_runs_in_the_kernel_and_the_unet_is_eq10(family: str, kernel:
     counts = counted_op(monkeypatch)
     count_calls(patches, "fuse_at_core", counts, monkeypatch)
     count_calls(AdapterRuntime, "new_path", counts, monkeypatch)
+    monkeypatch.setattr(fused_site, "_UNFIT", set())
     got = diffusion_output(fused(mp, adapter, kernel), x, sigma, context, y, CONDLLMDiff(features).concat([]))
     assert max_rel(got, reference_output(mp, adapter, features, x, sigma, context, y, paper=False)) < 1e-5
     assert counts == {"kernel": len(adapter.sites), "fuse_at_core": 0, "new_path": 0}
+    assert not fused_site._UNFIT  # (the op's own fallback, which the counts above cannot see, never ran)
 
 
 def test_auto_runs_the_kernel_in_a_run_under_inductors_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
