@@ -116,12 +116,10 @@ def applies(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int,
     if device.type == "cuda":
         if dtype not in (torch.float16, torch.bfloat16):
             return False  # float32 would run tl.dot as TF32: less exact than the path it replaces
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if not (shapes_fit and _triton_ready() and _kernel_gpu(index)):
-            return False
     elif not (device.type == "cpu" and _interpreted() and dtype in (torch.float32, torch.float16)):
         return False  # (the interpreter's tl.dot reads bfloat16 as raw bits)
-    return shapes_fit and _triton_ready()
+    return shapes_fit and _triton_ready() and (device.type == "cpu" or _kernel_gpu(
+        torch.cuda.current_device() if device.index is None else device.index))
 
 
 def _power_of_two(x: int) -> int:
