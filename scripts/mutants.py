@@ -35,7 +35,7 @@ class Mutant:
     path: str  # relative to the repository root
     old: str  # occurs exactly once in path
     new: str
-    tests: tuple[str, ...]  # the test files expected to catch it
+    tests: tuple[str, ...]  # the test files (or file::test ids) expected to catch it
 
 
 CORE = "llmdiff_core/"
@@ -50,6 +50,8 @@ TRAIN_DATA = ("tests/test_train_data.py",)
 IMAGING = ("tests/test_train_imaging.py",)
 ATOMIC = ("tests/test_atomic_files.py", "tests/test_adapter_file.py")
 CHECKPOINTS = ("tests/test_checkpointing.py",)
+# (one test of a slow file)
+INIT_ADAPTER = ("tests/test_train_run.py::test_init_adapter_starts_from_the_file_and_keeps_what_it_fixed",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # the score encoding (DESIGN.md §1.1)
@@ -167,6 +169,11 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("llm-depth-not-checked", CORE + "validation.py",
            "if (spec.hidden_size, spec.num_layers) != (trained.hidden_size, trained.num_layers):",
            "if spec.hidden_size != trained.hidden_size:", ("tests/test_adapter_file.py",)),
+    # fine-tuning from an adapter file (session 25)
+    Mutant("init-adapter-read-after-loading", CORE + "training/runner.py",
+           "    opts = adopt_init_adapter(opts)  # (before loading", "    pass  # (before loading", INIT_ADAPTER),
+    Mutant("init-adapter-keeps-its-token-bucket", CORE + "training/runner.py",
+           "adapter.config = dataclasses.replace(adapter.config, max_tokens=opts.max_tokens)", "pass", INIT_ADAPTER),
     # the training objective and schedule
     Mutant("ema-decay-without-warm-up", CORE + "training/ema.py",
            "d = min(self.decay, (1 + self.updates) / (10 + self.updates))", "d = self.decay", OBJECTIVE),
@@ -215,7 +222,7 @@ def check_table(root: Path = REPO) -> list[str]:
         count = source.read_text().count(m.old) if source.is_file() else 0
         if count != 1:
             problems.append(f"{m.name}: its text occurs {count} times in {m.path} (must be once)")
-        problems += [f"{m.name}: no test file {t}" for t in m.tests if not (root / t).is_file()]
+        problems += [f"{m.name}: no test file {t}" for t in m.tests if not (root / t.split("::")[0]).is_file()]
     return problems
 
 

@@ -687,3 +687,64 @@ def test_sdxl_paper_mode_trains_with_size_conditioning(tmp_path: Path, frozen) -
     assert trained.config.base == "sdxl" and len(trained.config.sites) == 70 and trained.phi_pool is not None
     fresh = runner.build_adapter(opts, comps, torch.device("cpu"))
     assert not torch.equal(trained.phi_pool.weight, fresh.phi_pool.weight.cpu())  # the pooled path learned
+
+
+@pytest.mark.slow
+def test_init_adapter_starts_from_the_file_and_keeps_what_it_fixed(tmp_path: Path, frozen, caplog,
+                                                                    monkeypatch) -> None:
+    from llmdiff_core.adapter_file import save_adapter
+    from llmdiff_core.errors import AdapterMismatchError, LLMDiffError
+    from tiny_unets import make_adapter, make_adapter_config, tiny_sdxl
+
+    data = write_folder(tmp_path / "data", make_images(2))
+    first = options(data, tmp_path / "first", original_path="llm", encoding="layer:-1", max_steps=2)
+    assert runner.run_with(first, components(frozen)) == 0
+    file = tmp_path / "first" / first.export_name
+    start = load_adapter(file).state_dict()
+
+    # At lr 0 the run exports the file it started from, bit for bit. The file's paper mode and encoding win over
+    # the flags: quietly over a default (hybrid), with a warning over a flag given (mean).
+    still = options(data, tmp_path / "still", init_adapter=str(file), encoding="mean", lr=0.0, max_steps=1,
+                    max_tokens=48)
+    with caplog.at_level(logging.INFO, logger="llmdiff.train"):
+        assert runner.run_with(still, components(frozen)) == 0
+    said = {r.getMessage(): r.levelno for r in caplog.records if "--init-adapter" in r.getMessage()}
+    assert said == {f"--init-adapter {first.export_name} was trained with --encoding layer:-1: this run keeps "
+                    "that (not mean)": logging.WARNING,
+                    f"--init-adapter {first.export_name} was trained with --original-path llm: this run keeps "
+                    "that (not clip)": logging.INFO}, said
+    kept = load_adapter(tmp_path / "still" / still.export_name)
+    assert (kept.config.original_path, kept.config.encoding, kept.phi is not None) == ("llm", "layer:-1", True)
+    assert kept.config.max_tokens == 48 and kept.config.training["init_adapter"] == first.export_name
+    assert kept.state_dict().keys() == start.keys()
+    for k, v in kept.state_dict().items():
+        assert torch.equal(v, start[k]), k
+
+    # ... and it trains from there: the parameters that take part move
+    moved = options(data, tmp_path / "moved", init_adapter=str(file), lr=1e-2, max_steps=2)
+    assert runner.run_with(moved, components(frozen)) == 0
+    after = load_adapter(tmp_path / "moved" / moved.export_name).state_dict()
+    for k in ("a_new", "b_new", "phi.weight", "sites.0.to_k.weight", "sites.15.to_v.weight"):
+        assert not torch.equal(after[k], start[k]), k
+
+    # An adapter for another base model, or no file at all, stops the run before it trains
+    sdxl_adapter = make_adapter(make_adapter_config(tiny_sdxl(), kept.config.llm))
+    sdxl_file = save_adapter(sdxl_adapter, tmp_path / "x.safetensors")
+    wrong = options(data, tmp_path / "wrong", init_adapter=str(sdxl_file))
+    with pytest.raises(AdapterMismatchError, match="SDXL"):
+        runner.run_with(wrong, components(frozen))
+    assert not (tmp_path / "wrong" / wrong.export_name).exists()
+    with pytest.raises(LLMDiffError, match="not found"):
+        runner.adopt_init_adapter(replace(wrong, init_adapter=str(tmp_path / "gone.safetensors")))
+
+    # The script decides from the file, before loading anything, whether it needs the checkpoint's CLIP
+    loaded_with = []
+
+    def load(opts: TrainOptions, accelerator: Any) -> None:
+        loaded_with.append(opts.original_path)
+        raise RuntimeError("stop after loading")
+    monkeypatch.setattr(runner, "make_accelerator", lambda opts: None)
+    monkeypatch.setattr(runner, "load_components", load)
+    with pytest.raises(RuntimeError, match="stop after loading"):
+        runner.run(still)
+    assert loaded_with == ["llm"]

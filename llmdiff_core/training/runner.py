@@ -6,6 +6,7 @@ tests pass tiny ones); both end in the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -102,6 +103,32 @@ def load_components(opts: TrainOptions, accelerator: Any) -> Components:
     return Components(mp, clip, vae, llm, **names)
 
 
+# What an adapter file fixed when it was trained: its parameters exist for these settings (phi only in paper mode,
+# the layer gates only for the score encoding), so a run that starts from it keeps them.
+FIXED_BY_THE_FILE = ("encoding", "original_path", "c0")
+
+
+def adopt_init_adapter(opts: TrainOptions) -> TrainOptions:
+    """With --init-adapter, the run takes the file's encoding, original path and c0; a flag that says otherwise
+    gives way (a warning where it was not the default). Reads the header only, so a wrong or damaged file stops
+    the run before any model loads."""
+    if not opts.init_adapter:
+        return opts
+    from ..adapter_file import read_adapter_config
+
+    config = read_adapter_config(opts.init_adapter)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    changes = {}
+    for name in FIXED_BY_THE_FILE:
+        theirs, ours = getattr(config, name), getattr(opts, name)
+        if theirs != ours:
+            changes[name] = theirs
+            level = logging.INFO if ours == defaults[name] else logging.WARNING
+            log.log(level, "--init-adapter %s was trained with --%s %s: this run keeps that (not %s)",
+                    os.path.basename(opts.init_adapter), name.replace("_", "-"), theirs, ours)
+    return dataclasses.replace(opts, **changes) if changes else opts
+
+
 def _finished_cache_llm(opts: TrainOptions, world: int) -> Any:
     """The LLMSpec recorded in a finished feature cache, or None."""
     import json
@@ -129,6 +156,8 @@ def build_adapter(opts: TrainOptions, components: Components, device: torch.devi
         adapter = load_adapter(opts.init_adapter, dtype=torch.float32)
         check_adapter_matches_model(adapter.config, components.model_patcher)
         check_adapter_matches_llm(adapter.config, components.spec)
+        # this run's token bucket: the feature cache pads to it, and the export records it
+        adapter.config = dataclasses.replace(adapter.config, max_tokens=opts.max_tokens)
     else:
         config = AdapterConfig(base=family, sites=sites, llm=components.spec, encoding=opts.encoding,
                                original_path=opts.original_path, c0=opts.c0, gate_init=opts.gate_init,
@@ -162,6 +191,7 @@ def _fingerprint(opts: TrainOptions, components: Components, resolution: int) ->
 
 def run(opts: TrainOptions) -> int:
     """The script: load through ComfyUI, train, export. Returns the process exit code."""
+    opts = adopt_init_adapter(opts)  # (before loading: whether CLIP is needed follows the file's mode)
     accelerator = make_accelerator(opts)
     components = load_components(opts, accelerator)
     return run_with(opts, components, accelerator)
@@ -170,6 +200,7 @@ def run(opts: TrainOptions) -> int:
 def run_with(opts: TrainOptions, components: Components, accelerator: Any = None) -> int:
     import comfy.model_management as mm
 
+    opts = adopt_init_adapter(opts)
     accelerator = accelerator or make_accelerator(opts)
     out_dir = Path(opts.output_dir)
     device = accelerator.device
@@ -271,6 +302,7 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
         "mixed_precision": accelerator.mixed_precision, "ema_decay": opts.ema_decay,
         "min_snr_gamma": opts.min_snr_gamma, "langevin_noise": opts.langevin_noise, "seed": opts.seed,
         "feature_cache": bool(opts.cache_dir),
+        **({"init_adapter": os.path.basename(opts.init_adapter)} if opts.init_adapter else {}),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
