@@ -205,6 +205,29 @@ def test_missing_file(tmp_path: Path) -> None:
     _raises(tmp_path / "nope.safetensors", "not found")
 
 
+def test_other_file_types_and_unreadable_paths(saved: Path, tmp_path: Path) -> None:
+    for name in ("adapter.gguf", "adapter.safetensors.txt"):
+        (tmp_path / name).write_bytes(saved.read_bytes())  # an adapter's bytes under another name: still refused
+        _raises(tmp_path / name, "is not an adapter file", ".safetensors files")
+    (tmp_path / "folder.safetensors").mkdir()
+    _raises(tmp_path / "folder.safetensors", "cannot read the adapter file")
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("base", "sd3", "unknown base model family 'sd3'"),
+    ("encoding", "layer:99", "layer index out of range"),
+    ("format", "someone-elses-adapter", "not an LLMDiff adapter config"),
+])
+def test_a_config_that_reads_but_makes_no_sense(saved: Path, tmp_path: Path, field: str, value: str,
+                                               needle: str) -> None:
+    with safetensors.safe_open(saved, "pt") as f:
+        meta = f.metadata()
+    config = {**json.loads(meta["llmdiff_config"]), field: value}
+    msg = _raises(_rewrite(saved, tmp_path / "odd.safetensors", {**meta, "llmdiff_config": json.dumps(config)}),
+                  needle)
+    assert "damaged" not in msg  # (it names what is wrong instead)
+
+
 # --- pickles are never loaded -------------------------------------------------------------------
 class _Booby:
     """Unpickling this creates a marker file: proof that nobody unpickled it."""
@@ -242,6 +265,7 @@ def test_plain_pickle_protocol_detected(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("keys", "kind"), [
     (["lora_unet_down_blocks_0_attn2_to_k.lora_down.weight", "lora_unet_down_blocks_0_attn2_to_k.alpha"], "LoRA"),
     (["image_proj.proj.weight", "ip_adapter.1.to_k_ip.weight"], "IP-Adapter"),
+    (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"], "model checkpoint"),
 ])
 def test_foreign_safetensors(tmp_path: Path, keys: list[str], kind: str) -> None:
     path = tmp_path / "foreign.safetensors"
