@@ -169,6 +169,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("llm-depth-not-checked", CORE + "validation.py",
            "if (spec.hidden_size, spec.num_layers) != (trained.hidden_size, trained.num_layers):",
            "if spec.hidden_size != trained.hidden_size:", ("tests/test_adapter_file.py",)),
+    # cut-off dataset shards (session 25): skipped and counted, never a crash, never a silent loss
+    Mutant("cut-shard-ends-silently", CORE + "training/data.py", "        if _ends_early(tf):", "        if False:",
+           TRAIN_DATA),
+    Mutant("cut-gzip-shard-raises", CORE + "training/data.py", "_CUT_OR_BROKEN = (OSError, EOFError, tarfile.TarError)",
+           "_CUT_OR_BROKEN = (OSError, tarfile.TarError)", TRAIN_DATA),
+    Mutant("image-cut-in-its-shard-raises", CORE + "training/data.py",
+           "except (tarfile.TarError, EOFError) as e:  # (the shard ends", "except EOFError as e:  # (the shard ends",
+           TRAIN_DATA),
     # fine-tuning from an adapter file (session 25)
     Mutant("init-adapter-read-after-loading", CORE + "training/runner.py",
            "    opts = adopt_init_adapter(opts)  # (before loading", "    pass  # (before loading", INIT_ADAPTER),

@@ -3,6 +3,7 @@ and counted; the per-process order is resumable and independent of worker count;
 
 from __future__ import annotations
 
+import gzip
 import json
 import tarfile
 from pathlib import Path
@@ -90,6 +91,49 @@ def test_broken_entries_are_skipped_and_counted(tmp_path: Path, samples) -> None
     assert bad["lonely"] == "missing caption"
     assert any("unreadable shard" in p for p in bad.values())
     assert sum(it.problem is None for it in items) == len(samples)
+
+
+def _member_offsets(shard: Path) -> dict[str, tuple[int, int]]:
+    with tarfile.open(shard) as tf:
+        return {m.name: (m.offset, m.offset_data) for m in tf}
+
+
+def test_a_cut_off_shard_keeps_what_was_read_and_says_so(tmp_path: Path, samples) -> None:
+    """A partial download: the entries before the cut train, the shard is counted as damaged, nothing raises."""
+    def read(tars: Path, pattern: str = "") -> dict[str, str | None]:
+        items = _one_pass(D.open_source(str(tars / pattern) if pattern else str(tars)))
+        return {it.key.replace(str(tars), "<dir>"): it.problem for it in items}
+
+    tars = write_tars(tmp_path / "t", samples, per_shard=4)
+    whole = (tars / "shard-000.tar").read_bytes()
+    header = _member_offsets(tars / "shard-000.tar")["img_002.png"][0]
+    later = {f"img_00{i}": None for i in range(4, 7)}  # the second shard's entries, untouched
+    # tarfile ends its iteration without an error when the cut falls at or inside a header: only the missing
+    # end-of-archive blocks tell
+    for cut in (header, header + 100):
+        (tars / "shard-000.tar").write_bytes(whole[:cut])
+        got = read(tars)
+        assert got.pop("<dir>/shard-000.tar#truncated").startswith("shard is damaged: it ends without the end")
+        assert got == {"img_000": None, "img_001": None, **later}, cut
+
+    # the caption before the image (as some writers order them), the shard cut inside the image's bytes
+    tars = write_tars(tmp_path / "c", samples, per_shard=4, caption_first=True)
+    image = _member_offsets(tars / "shard-000.tar")["img_003.png"][1]
+    (tars / "shard-000.tar").write_bytes((tars / "shard-000.tar").read_bytes()[:image + 20])
+    got = read(tars)
+    assert got.pop("img_003").startswith("unreadable image: cut off in its shard")
+    assert got.pop("<dir>/shard-000.tar#truncated").startswith("shard is damaged")
+    assert got == {"img_000": None, "img_001": None, "img_002": None, **later}
+
+    # a compressed shard cut halfway: the decompressor's EOFError is a damaged shard, not a crash
+    tars = write_tars(tmp_path / "z", samples, per_shard=4)
+    for shard in sorted(tars.glob("*.tar")):
+        gz = gzip.compress(shard.read_bytes())
+        shard.with_suffix(".tar.gz").write_bytes(gz[:len(gz) // 2] if shard.name == "shard-000.tar" else gz)
+    got = read(tars, "shard-{000..001}.tar.gz")
+    assert "Compressed file ended" in got.pop("<dir>/shard-000.tar.gz#truncated")
+    assert got.pop("img_000") is None and all(k.startswith("img_00") for k in got)  # (the cut entry is counted)
+    assert {k: got[k] for k in later} == later
 
 
 def test_order_is_resumable_sharded_and_worker_independent(tmp_path: Path, samples) -> None:

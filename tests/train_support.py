@@ -77,13 +77,15 @@ def write_csv(root: Path, samples: list[tuple[str, bytes, str]]) -> Path:
     return root / "train.csv"
 
 
-def write_tars(root: Path, samples: list[tuple[str, bytes, str]], per_shard: int = 3, json_captions: bool = False) -> Path:
+def write_tars(root: Path, samples: list[tuple[str, bytes, str]], per_shard: int = 3, json_captions: bool = False,
+               caption_first: bool = False) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for s in range(0, len(samples), per_shard):
         with tarfile.open(root / f"shard-{s // per_shard:03d}.tar", "w") as tf:
             for key, png, cap in samples[s:s + per_shard]:
                 payload = json.dumps({"caption": cap}).encode() if json_captions else cap.encode()
-                for name, data in ((f"{key}.png", png), (f"{key}.json" if json_captions else f"{key}.txt", payload)):
+                members = [(f"{key}.png", png), (f"{key}.json" if json_captions else f"{key}.txt", payload)]
+                for name, data in members[::-1] if caption_first else members:
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))

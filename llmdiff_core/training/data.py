@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -224,7 +225,7 @@ class TarSource:
     def iter_shard(self, shard: str) -> Iterator[RawEntry]:
         try:
             tf = tarfile.open(shard, mode="r:*")
-        except (OSError, tarfile.TarError) as e:
+        except _CUT_OR_BROKEN as e:
             yield RawEntry(f"{shard}#unreadable", -1, None, None, f"unreadable shard: {e}")
             return
         # Not closed here: entries read their image lazily (in the worker that decodes them, maybe
@@ -241,13 +242,16 @@ class TarSource:
                     group = []
                 key = k
                 group.append(member)
-        except (OSError, tarfile.TarError) as e:  # truncated shard: keep what was read
+        except _CUT_OR_BROKEN as e:  # truncated shard: keep what was read
             if group and key is not None:
                 yield self._entry(tf, key, group)
-            yield RawEntry(f"{shard}#truncated", -1, None, None, f"shard is damaged: {e}")
+            yield RawEntry(f"{shard}#truncated", -1, None, None, f"shard is damaged: {e or type(e).__name__}")
             return
         if group and key is not None:
             yield self._entry(tf, key, group)
+        if _ends_early(tf):
+            yield RawEntry(f"{shard}#truncated", -1, None, None, "shard is damaged: it ends without the end-of-archive "
+                           "blocks, so entries after the last one read may be missing (an incomplete download?)")
 
     def _entry(self, tf: tarfile.TarFile, key: str, members: list[tarfile.TarInfo]) -> RawEntry:
         by_ext = {_split_key(m.name)[1]: m for m in members}
@@ -262,17 +266,38 @@ class TarSource:
                 meta = json.loads(tf.extractfile(by_ext["json"]).read())  # type: ignore[union-attr]
                 value = _pick(meta, self.caption_column, CAPTION_FIELDS) if isinstance(meta, dict) else None
                 caption = None if value is None else str(value).strip()
-        except (OSError, tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            return RawEntry(key, -1, None, None, f"caption unreadable: {e}")
+        except (*_CUT_OR_BROKEN, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return RawEntry(key, -1, None, None, f"caption unreadable: {e or type(e).__name__}")
         if caption is None:
             return RawEntry(key, -1, None, None, "missing caption")
 
         def load() -> bytes:
-            fh = tf.extractfile(image)
-            if fh is None:
-                raise BadImage("not a regular file")
-            return fh.read()
+            try:
+                fh = tf.extractfile(image)
+                if fh is None:
+                    raise BadImage("not a regular file")
+                return fh.read()
+            except (tarfile.TarError, EOFError) as e:  # (the shard ends inside this image)
+                raise BadImage(f"cut off in its shard: {e or type(e).__name__}") from None
         return RawEntry(key, -1, load, caption)
+
+
+# what reading a cut-off or corrupt shard raises: tarfile's own errors, the OS's, and a compressed shard's decompressor
+# (gzip raises EOFError at a cut, which is not an OSError)
+_CUT_OR_BROKEN = (OSError, EOFError, tarfile.TarError)
+
+
+def _ends_early(tf: tarfile.TarFile) -> bool:
+    """An uncompressed shard whose last member is not followed by the two zero blocks that end a tar archive.
+    tarfile stops without an error when a cut falls at or inside a member's header, so this is the only sign that
+    the rest of the shard is missing. (A compressed shard's decompressor reports the cut itself.)"""
+    if not isinstance(tf.fileobj, io.BufferedReader):
+        return False
+    try:
+        size = os.fstat(tf.fileobj.fileno()).st_size
+    except OSError:
+        return False
+    return size - tf.offset < 2 * tarfile.BLOCKSIZE
 
 
 def tar_source(path: str, caption_column: str = "") -> TarSource:
