@@ -177,6 +177,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("image-cut-in-its-shard-raises", CORE + "training/data.py",
            "except (tarfile.TarError, EOFError) as e:  # (the shard ends", "except EOFError as e:  # (the shard ends",
            TRAIN_DATA),
+    Mutant("manifest-bom-kept", CORE + "training/data.py", 'with open(path, encoding="utf-8-sig", newline="")',
+           'with open(path, encoding="utf-8", newline="")', TRAIN_DATA),
+    Mutant("dataset-checked-after-the-models-load", CORE + "training/runner.py",
+           "    source = open_data(opts)\n    accelerator", "    source = None\n    accelerator", TRAIN_DATA),
     # fine-tuning from an adapter file (session 25)
     Mutant("init-adapter-read-after-loading", CORE + "training/runner.py",
            "    opts = adopt_init_adapter(opts)  # (before loading", "    pass  # (before loading", INIT_ADAPTER),

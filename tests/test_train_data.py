@@ -4,6 +4,7 @@ and counted; the per-process order is resumable and independent of worker count;
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from llmdiff_core.errors import LLMDiffError
 from llmdiff_core.training import data as D
 from llmdiff_core.training.options import OptionsError, build_parser, parse_options
 from train_support import make_images, write_csv, write_folder, write_jsonl, write_tars
@@ -134,6 +136,48 @@ def test_a_cut_off_shard_keeps_what_was_read_and_says_so(tmp_path: Path, samples
     assert "Compressed file ended" in got.pop("<dir>/shard-000.tar.gz#truncated")
     assert got.pop("img_000") is None and all(k.startswith("img_00") for k in got)  # (the cut entry is counted)
     assert {k: got[k] for k in later} == later
+
+
+def test_manifests_and_captions_with_a_byte_order_mark_read_as_plain_utf8(tmp_path: Path, samples) -> None:
+    """Excel's "CSV UTF-8" and Notepad start their files with a byte-order mark; it is no column name or text."""
+    bom = b"\xef\xbb\xbf"
+    csv_path = write_csv(tmp_path / "c", samples[:3])
+    jsonl_path = write_jsonl(tmp_path / "j", samples[:3])
+    folder = write_folder(tmp_path / "f", samples[:3])
+    tars = write_tars(tmp_path / "t", samples[:3])
+    for path in (csv_path, jsonl_path, folder / "img_000.txt"):
+        path.write_bytes(bom + path.read_bytes())
+    with tarfile.open(tars / "shard-000.tar") as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf]
+    with tarfile.open(tars / "shard-000.tar", "w") as tf:
+        for m, data in members:
+            data = bom + data if m.name == "img_000.txt" else data
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    images = str(jsonl_path.parent / "images")
+    for source in (D.open_source(str(csv_path)), D.open_source(str(jsonl_path), image_root=images),
+                   D.open_source(str(folder)), D.open_source(str(tars))):
+        items = _one_pass(source)
+        assert [(it.key, it.problem, it.caption) for it in items] == [(k, None, c) for k, _, c in samples[:3]], source
+
+
+def test_a_manifest_in_another_encoding_is_refused_by_name(tmp_path: Path, samples) -> None:
+    for path in (write_csv(tmp_path / "c", samples[:2]), write_jsonl(tmp_path / "j", samples[:2])):
+        path.write_bytes(path.read_bytes().replace(b"red", "r\u00e9d".encode("latin-1")))  # a Latin-1 "é"
+        with pytest.raises(LLMDiffError, match="is not UTF-8 text .*byte 0xe9.*save it as UTF-8") as info:
+            D.open_source(str(path))
+        assert str(path) in str(info.value)
+
+
+def test_a_missing_dataset_is_named_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmdiff_core.training import runner
+
+    monkeypatch.setattr(runner, "make_accelerator", lambda opts: None)
+    monkeypatch.setattr(runner, "load_components", lambda *a: pytest.fail("the models loaded first"))
+    opts = parse_options(["--base-model", "x.safetensors", "--llm", "llm", "--data", str(tmp_path / "gone"),
+                          "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(LLMDiffError, match=f"dataset '{tmp_path / 'gone'}' does not exist"):
+        runner.run(opts)  # (the script prints an LLMDiffError's message, not a traceback)
 
 
 def test_order_is_resumable_sharded_and_worker_independent(tmp_path: Path, samples) -> None:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..errors import LLMDiffError
 from .imaging import BadImage, decode, prepare
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -43,8 +44,8 @@ IMAGE_FIELDS = ("image", "file_name", "image_file", "path", "file")
 CAPTION_FIELDS = ("caption", "text", "prompt")
 
 
-class DatasetError(ValueError):
-    """The dataset as a whole cannot be used (nothing found, unknown format)."""
+class DatasetError(LLMDiffError):
+    """The dataset as a whole cannot be used (nothing found, unknown format, a manifest that cannot be read)."""
 
 
 @dataclass
@@ -124,7 +125,7 @@ class IndexedSource:
         if caption is not None and caption.startswith("\0file:"):
             path = caption[len("\0file:"):]
             try:
-                with open(path, encoding="utf-8") as fh:
+                with open(path, encoding="utf-8-sig") as fh:  # (-sig: Notepad's byte-order mark is no text)
                     caption = fh.read().strip()
             except (OSError, UnicodeDecodeError) as e:
                 return RawEntry(key, i, None, None, f"caption file unreadable: {e}")
@@ -167,26 +168,41 @@ def _manifest_entry(row: Any, n: int, image_root: str, image_column: str, captio
     return (key, path, str(caption).strip(), None)
 
 
+def _not_utf8(path: str, e: UnicodeDecodeError) -> DatasetError:
+    return DatasetError(f"the manifest '{path}' is not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x}): "
+                        "save it as UTF-8 (a spreadsheet's \"CSV UTF-8\")")
+
+
+# Manifests are read as utf-8-sig: a byte-order mark (Excel's "CSV UTF-8", Notepad) would otherwise become part of
+# the first column's name or make the first JSON line bad.
 def jsonl_source(path: str, image_root: str = "", image_column: str = "", caption_column: str = "") -> IndexedSource:
     root = image_root or os.path.dirname(os.path.abspath(path))
     entries = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                entries.append((f"#line{n}", None, None, f"bad JSON: {e.msg}"))
-                continue
-            entries.append(_manifest_entry(row, n, root, image_column, caption_column))
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    entries.append((f"#line{n}", None, None, f"bad JSON: {e.msg}"))
+                    continue
+                entries.append(_manifest_entry(row, n, root, image_column, caption_column))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     return IndexedSource(entries)
 
 
 def csv_source(path: str, image_root: str = "", image_column: str = "", caption_column: str = "") -> IndexedSource:
     root = image_root or os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except csv.Error as e:
+        raise DatasetError(f"the manifest '{path}' is not a CSV file this can read: {e}") from None
     return IndexedSource([_manifest_entry(row, n, root, image_column, caption_column)
                           for n, row in enumerate(rows, 2)])
 
@@ -261,7 +277,7 @@ class TarSource:
         caption = None
         try:
             if "txt" in by_ext:
-                caption = tf.extractfile(by_ext["txt"]).read().decode("utf-8").strip()  # type: ignore[union-attr]
+                caption = tf.extractfile(by_ext["txt"]).read().decode("utf-8-sig").strip()  # type: ignore[union-attr]
             elif "json" in by_ext:
                 meta = json.loads(tf.extractfile(by_ext["json"]).read())  # type: ignore[union-attr]
                 value = _pick(meta, self.caption_column, CAPTION_FIELDS) if isinstance(meta, dict) else None
@@ -317,6 +333,8 @@ Source = IndexedSource | TarSource
 
 def open_source(path: str, fmt: str = "auto", image_root: str = "", image_column: str = "",
                 caption_column: str = "") -> Source:
+    if not os.path.exists(path) and not any(c in path for c in "{*?["):  # (a shard pattern names no one file)
+        raise DatasetError(f"dataset '{path}' does not exist")
     if fmt == "auto":
         low = path.lower()
         if low.endswith(".jsonl"):

@@ -23,7 +23,7 @@ from ..dtypes import DTYPES
 from ..errors import LLMDiffError
 from ..unet_sites import base_family, find_sites
 from . import checkpointing, feature_cache, previews
-from .data import Position, StreamSpec, loader, open_source, SampleStream
+from .data import Position, Source, StreamSpec, loader, open_source, SampleStream
 from .encoders import Conditioning, FrozenEncoders
 from .float8_linears import use_float8_linears
 from .loop import Trainer, TrainingStopped, TrainModule
@@ -191,16 +191,24 @@ def _fingerprint(opts: TrainOptions, components: Components, resolution: int) ->
 
 def run(opts: TrainOptions) -> int:
     """The script: load through ComfyUI, train, export. Returns the process exit code."""
-    opts = adopt_init_adapter(opts)  # (before loading: whether CLIP is needed follows the file's mode)
+    # The adapter file and the dataset are checked before the models load (minutes for SDXL and an 8B LLM)
+    opts = adopt_init_adapter(opts)  # (whether CLIP is needed follows the file's mode)
+    source = open_data(opts)
     accelerator = make_accelerator(opts)
     components = load_components(opts, accelerator)
-    return run_with(opts, components, accelerator)
+    return run_with(opts, components, accelerator, source)
 
 
-def run_with(opts: TrainOptions, components: Components, accelerator: Any = None) -> int:
+def open_data(opts: TrainOptions) -> Source:
+    """The dataset, indexed (folders and manifests) or its shards listed; a DatasetError names what is wrong."""
+    return open_source(opts.data, opts.data_format, opts.image_root, opts.image_column, opts.caption_column)
+
+
+def run_with(opts: TrainOptions, components: Components, accelerator: Any = None, source: Source | None = None) -> int:
     import comfy.model_management as mm
 
     opts = adopt_init_adapter(opts)
+    source = open_data(opts) if source is None else source
     accelerator = accelerator or make_accelerator(opts)
     out_dir = Path(opts.output_dir)
     device = accelerator.device
@@ -230,7 +238,7 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
     undo: list[Any] = []
     try:
         _apply_run_settings(opts, mp, patched, device, undo)
-        return _train(opts, components, accelerator, adapter, patched, family, resolution, prediction)
+        return _train(opts, components, accelerator, adapter, patched, family, resolution, prediction, source)
     finally:
         _undo(undo)
 
@@ -277,14 +285,13 @@ def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch
 
 
 def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter: LLMDiffAdapter, patched: Any,
-           family: str, resolution: int, prediction: str) -> int:
+           family: str, resolution: int, prediction: str, source: Source) -> int:
     """Encoders, data (the feature cache built first when asked), the trainer, the run and the export."""
     out_dir = Path(opts.output_dir)
     device = accelerator.device
     mp = components.model_patcher
     encoders = FrozenEncoders(components.vae, components.llm, components.clip, opts.max_tokens,
                               need_clip=adapter.config.original_path == "clip", need_pooled=family == "sdxl")
-    source = open_source(opts.data, opts.data_format, opts.image_root, opts.image_column, opts.caption_column)
     spec = StreamSpec(seed=opts.seed, shuffle=opts.shuffle, rank=accelerator.process_index,
                       world=accelerator.num_processes, shuffle_buffer=opts.shuffle_buffer, resolution=resolution,
                       crop=opts.crop)
