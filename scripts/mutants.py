@@ -183,7 +183,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "    source = open_data(opts)\n    accelerator", "    source = None\n    accelerator", TRAIN_DATA),
     # fine-tuning from an adapter file (session 25)
     Mutant("init-adapter-read-after-loading", CORE + "training/runner.py",
-           "    opts = adopt_init_adapter(opts)  # (before loading", "    pass  # (before loading", INIT_ADAPTER),
+           "    opts = adopt_init_adapter(opts)  # (whether CLIP", "    pass  # (whether CLIP", INIT_ADAPTER),
     Mutant("init-adapter-keeps-its-token-bucket", CORE + "training/runner.py",
            "adapter.config = dataclasses.replace(adapter.config, max_tokens=opts.max_tokens)", "pass", INIT_ADAPTER),
     # the training objective and schedule
