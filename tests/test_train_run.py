@@ -187,6 +187,27 @@ def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen, monkeypatch
 
 
 @pytest.mark.slow
+def test_a_feature_cache_made_with_other_settings_is_refused_by_name(tmp_path: Path, frozen) -> None:
+    """Features made for another resolution, LLM bucket, encoding, mode or precision would train a wrong adapter
+    without a sign: the run stops before its first step and names what differs."""
+    from llmdiff_core.errors import LLMDiffError
+
+    data = write_folder(tmp_path / "data", make_images(2))
+    made = options(data, tmp_path / "made", cache_dir=str(tmp_path / "cache"), cache_only=True, cache_dtype="fp32",
+                   max_steps=1)
+    assert runner.run_with(made, components(frozen)) == 0
+    for change, named in ((dict(resolution=RES // 2), "resolution"), (dict(max_tokens=48), "max_tokens"),
+                          (dict(encoding="last"), "layers, scores"), (dict(original_path="llm"), "original_path"),
+                          (dict(cache_dtype="fp16"), "dtype")):
+        other = replace(made, output_dir=str(tmp_path / "other"), cache_only=False, **change)
+        with pytest.raises(LLMDiffError, match=f"made with other settings \\({named} differ\\): use a new --cache-dir"):
+            runner.run_with(other, components(frozen))
+        assert not (tmp_path / "other" / "metrics.jsonl").exists()
+    assert runner.run_with(replace(made, output_dir=str(tmp_path / "same"), cache_only=False), components(frozen)) == 0
+    assert len(losses(tmp_path / "same")) == 1
+
+
+@pytest.mark.slow
 def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, frozen, monkeypatch) -> None:
     """Batches from the cache are prepared in a background thread (default): the same run as without it,
     and a stop + resume (the batch prepared ahead is dropped and read again) = the uninterrupted run."""

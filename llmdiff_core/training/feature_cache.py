@@ -76,7 +76,7 @@ def check_or_create(cache_dir: Path, spec: CacheSpec, is_main: bool) -> None:
                           if have.get("fingerprint", {}).get(k) != want["fingerprint"].get(k))
             other = sorted(k for k in want if k != "fingerprint" and have.get(k) != want[k])
             raise LLMDiffError(f"the feature cache in '{cache_dir}' was made with other settings "
-                               f"({', '.join(diff + other)} differ): use a new --cache-dir for this run")
+                               f"({', '.join(dict.fromkeys(diff + other))} differ): use a new --cache-dir for this run")
     elif is_main:
         write_json(path, want, durable=True)
 
