@@ -50,8 +50,9 @@ TRAIN_DATA = ("tests/test_train_data.py",)
 IMAGING = ("tests/test_train_imaging.py",)
 ATOMIC = ("tests/test_atomic_files.py", "tests/test_adapter_file.py")
 CHECKPOINTS = ("tests/test_checkpointing.py",)
-# (one test of a slow file)
+# (single tests of a slow file)
 INIT_ADAPTER = ("tests/test_train_run.py::test_init_adapter_starts_from_the_file_and_keeps_what_it_fixed",)
+EMA_VALIDATION = ("tests/test_train_run.py::test_validation_samples_the_ema_weights_and_training_goes_on_from_its_own",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # the score encoding (DESIGN.md §1.1)
@@ -181,6 +182,11 @@ MUTANTS: tuple[Mutant, ...] = (
            'with open(path, encoding="utf-8", newline="")', TRAIN_DATA),
     Mutant("dataset-checked-after-the-models-load", CORE + "training/runner.py",
            "    source = open_data(opts)\n    accelerator", "    source = None\n    accelerator", TRAIN_DATA),
+    # validation images under --ema-decay (session 25)
+    Mutant("validation-samples-the-raw-weights", CORE + "training/loop.py",
+           "                self.ema.copy_to(self.adapter)", "                pass", EMA_VALIDATION),
+    Mutant("training-goes-on-from-the-ema", CORE + "training/loop.py",
+           "                    self.adapter.load_state_dict(backup)", "                    pass", EMA_VALIDATION),
     # fine-tuning from an adapter file (session 25)
     Mutant("init-adapter-read-after-loading", CORE + "training/runner.py",
            "    opts = adopt_init_adapter(opts)  # (whether CLIP", "    pass  # (whether CLIP", INIT_ADAPTER),

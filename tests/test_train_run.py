@@ -401,6 +401,44 @@ def test_validation_of_a_compiled_run_samples_eager_and_compiles_nothing_more(tm
 
 
 @pytest.mark.slow
+def test_validation_samples_the_ema_weights_and_training_goes_on_from_its_own(tmp_path: Path, frozen,
+                                                                             monkeypatch) -> None:
+    """With --ema-decay the images show the weights that will be exported; the steps after them continue from the
+    trained weights, so a run with validation exports what the same run without it exports."""
+    data = write_folder(tmp_path / "data", make_images(4))
+    common = dict(max_steps=4, ema_decay=0.9, validation_steps=2, validation_size=RES)
+    trainers: list[loop.Trainer] = []
+    sampled_with: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+    validate, render = loop.Trainer.validate, loop.previews.render
+
+    def validate_seen(self: loop.Trainer, tracker: Any) -> None:
+        trainers.append(self)
+        validate(self, tracker)
+
+    def render_seen(*args: Any, **kwargs: Any) -> Any:
+        t = trainers[-1]
+        sampled_with.append((state(t.adapter), {k: v.clone() for k, v in t.ema.shadow.items()}))
+        return render(*args, **kwargs)
+    monkeypatch.setattr(loop.Trainer, "validate", validate_seen)
+    monkeypatch.setattr(loop.previews, "render", render_seen)
+    shown = options(data, tmp_path / "shown", validation_prompts=["a green circle"], validate_every=2, **common)
+    assert runner.run_with(shown, components(frozen)) == 0
+    plain = options(data, tmp_path / "plain", **common)
+    assert runner.run_with(plain, components(frozen)) == 0
+
+    assert len(sampled_with) == 2  # after step 2 and at the end
+    for weights, shadow in sampled_with:
+        assert weights.keys() >= shadow.keys()
+        for k, v in shadow.items():
+            assert torch.equal(weights[k], v.to(weights[k])), k
+    a = load_adapter(tmp_path / "shown" / shown.export_name).state_dict()
+    b = load_adapter(tmp_path / "plain" / plain.export_name).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "shown") == losses(tmp_path / "plain")
+
+
+@pytest.mark.slow
 def test_sdpa_backends_pick_the_attention_kernels_and_are_restored(tmp_path: Path, frozen) -> None:
     """--sdpa-backends math: every attention call of the run (U-Net, adapter, LLM) runs torch's math kernel,
     where torch itself picks its CPU flash kernel; the training is the same, and torch's own setting is
