@@ -321,7 +321,10 @@ def _features(spec, lengths: list[int], max_tokens: int, seed: int):
 
 @pytest.mark.parametrize("mode", ["score", "score-zeros", "last", "mean", "layer"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_compact_cache_batches_expand_to_the_padded_features(mode: str, dtype: str) -> None:
+@pytest.mark.parametrize(("lengths", "empty_length"), [([5, 1, 7, 3], 1), ([1, 2, 1, 2], 3)],
+                         ids=["captions", "an empty prompt longer than the batch's captions"])
+def test_compact_cache_batches_expand_to_the_padded_features(mode: str, dtype: str, lengths: list[int],
+                                                            empty_length: int) -> None:
     """collate (stored layers, stored dtype, batch-longest tokens) + caption dropout in place +
     expand_features on the device give exactly the values the encoding reads from the old
     full-size batch (every layer, float32, padded to the bucket), in fewer bytes."""
@@ -329,7 +332,7 @@ def test_compact_cache_batches_expand_to_the_padded_features(mode: str, dtype: s
     from llmdiff_core.training import encoders as E, feature_cache as FC
 
     spec = LLMSpec("llama", "t", 16, 3)
-    T, lengths = 12, [5, 1, 7, 3]
+    T = 12
     layers, scores, read = {"score": ([0], True, [0]), "score-zeros": ([], True, []), "last": ([3], False, [3]),
                             "mean": ([1, 2, 3], False, [1, 2, 3]), "layer": ([2], False, [2])}[mode]
     cspec = FC.CacheSpec(fingerprint={}, llm=spec, max_tokens=T, layers=layers, scores=scores, dtype=dtype)
@@ -337,7 +340,8 @@ def test_compact_cache_batches_expand_to_the_padded_features(mode: str, dtype: s
     cond = E.Conditioning([f"k{i}" for i in range(4)], torch.zeros(4, 4, 2, 2), feats, None, None, [(0, 0, 0, 0)] * 4)
     samples = [FC.CachedSample(f"k{i}", i, 0, i + 1, "", (0, 0, 0, 0), FC._record(cond, i, cspec, FC.DTYPES[dtype]))
                for i in range(4)]
-    e_cond = E.Conditioning([""], torch.zeros(1, 0), _features(spec, [1], T, 1), None, None, [(0, 0, 0, 0)])
+    e_cond = E.Conditioning([""], torch.zeros(1, 0), _features(spec, [empty_length], T, 1), None, None,
+                            [(0, 0, 0, 0)])
     e_rec = FC._record(e_cond, 0, cspec, FC.DTYPES[dtype])
     e_rec.pop("latent")
     empty = (FC.features_from(e_rec, cspec), None, None)
