@@ -150,6 +150,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "img = img", IMAGING),
     Mutant("transparency-on-black", CORE + "training/imaging.py", 'bg = Image.new("RGB", img.size, (255, 255, 255))',
            'bg = Image.new("RGB", img.size, (0, 0, 0))', IMAGING),
+    Mutant("16-bit-grayscale-clipped-white", CORE + "training/imaging.py", 'if img.mode.startswith(("I", "F")):',
+           "if False:", IMAGING),
     Mutant("sdxl-size-conditioning-swapped", CORE + "training/loop.py", "width=w, height=h", "width=h, height=w",
            ("tests/test_sdxl_hybrid.py",)),
     Mutant("sdxl-crop-conditioning-swapped", CORE + "training/loop.py", "crop_w=left, crop_h=top",

@@ -84,6 +84,24 @@ def test_transparent_pixels_become_white(mode: str) -> None:
     assert tuple(rgb[0, 0]) == ((0, 0, 255) if mode != "LA" else (0, 0, 0))  # opaque: its own colour
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_grayscale_image_keeps_its_tones(fmt: str) -> None:
+    """PIL's convert("RGB") clips 16-bit values at 255: such an image trained as nearly all white."""
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    img = decode(_bytes(Image.fromarray(ramp), fmt))
+    assert img.mode == "RGB"
+    rgb = np.asarray(img, dtype=np.int64)
+    want = (ramp.astype(np.int64) * 255 + 32767) // 65535
+    assert all(np.array_equal(rgb[..., c], want) for c in range(3))
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_a_float_image_is_a_bad_image_not_a_guess() -> None:
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    with pytest.raises(BadImage, match="floating-point image"):
+        decode(_bytes(Image.fromarray(ramp, "F"), "TIFF"))
+
+
 def test_grayscale_becomes_three_equal_channels() -> None:
     rgb = np.asarray(decode(_bytes(Image.new("L", (4, 4), 77), "PNG")))
     assert rgb.shape == (4, 4, 3) and (rgb == 77).all()

@@ -35,6 +35,8 @@ def decode(data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode.startswith(("I", "F")):
+            img = _to_8_bit(img)
         if img.mode != "RGB":
             # Transparent images go onto white, not onto whatever the hidden colour channels hold.
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
@@ -45,8 +47,21 @@ def decode(data: bytes) -> Image.Image:
             else:
                 img = img.convert("RGB")
         return img
+    except BadImage:
+        raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         raise BadImage(f"{type(e).__name__}: {e}") from None
+
+
+def _to_8_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PNG, TIFF: mode I;16 or I) as 8-bit "L". PIL's own convert("RGB") clips its values
+    at 255, which turns almost every pixel white. Float images have no range to scale from: refused."""
+    if img.mode == "F":
+        raise BadImage("a 32-bit floating-point image has no fixed range: save it as 8- or 16-bit")
+    values = np.asarray(img, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise BadImage(f"a {img.mode} image with values outside 0..65535: save it as 8- or 16-bit")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")  # (rounded: 65535 -> 255)
 
 
 def prepare(img: Image.Image, resolution: int, crop: str = "center", rng: random.Random | None = None) -> PreparedImage:
