@@ -73,8 +73,12 @@ def _check_limits(loaded: LoadedLLM, max_tokens: int, overflow: str) -> None:
                            f"({limit}): lower max_tokens")
 
 
-def tokenize(loaded: LoadedLLM, texts: list[str], max_tokens: int, overflow: str = "error") -> TokenBatch:
+def tokenize(loaded: LoadedLLM, texts: list[str], max_tokens: int, overflow: str = "error",
+             truncated: list[int] | None = None) -> TokenBatch:
     """Raw text, no chat template: [BOS] + the text's tokens, at most max_tokens (BOS counts).
+
+    truncated: where given, the indices of the texts cut to max_tokens are appended to it in place of a warning
+    for each (training counts its captions: a warning per caption would flood its log).
 
     The text is tokenized without special tokens and the BOS is always prepended here, so there is
     exactly one leading BOS whether or not the tokenizer adds its own (Llama and Gemma do, GPT-2 and
@@ -92,7 +96,10 @@ def tokenize(loaded: LoadedLLM, texts: list[str], max_tokens: int, overflow: str
             if overflow == "error":
                 raise LLMDiffError(f"{where} is {len(ids)} tokens long (BOS included), over the limit of "
                                    f"max_tokens={max_tokens}: raise max_tokens or set overflow to truncate")
-            log.warning("LLMDiff: %s is %d tokens long, truncated to max_tokens=%d", where, len(ids), max_tokens)
+            if truncated is None:
+                log.warning("LLMDiff: %s is %d tokens long, truncated to max_tokens=%d", where, len(ids), max_tokens)
+            else:
+                truncated.append(i)
             ids = ids[:max_tokens]
         rows.append(ids)
     pad = loaded.tokenizer.pad_token_id
@@ -252,13 +259,14 @@ def _to_bucket(x: torch.Tensor, real: torch.Tensor, max_tokens: int) -> torch.Te
     return out
 
 
-def encode(loaded: LoadedLLM, texts: list[str], max_tokens: int = 128, overflow: str = "error") -> LLMFeatures:
-    """LLMFeatures of `texts`, padded to max_tokens, float32, on the device the LLM ran on."""
+def encode(loaded: LoadedLLM, texts: list[str], max_tokens: int = 128, overflow: str = "error",
+           truncated: list[int] | None = None) -> LLMFeatures:
+    """LLMFeatures of `texts`, padded to max_tokens, float32, on the device the LLM ran on (truncated: tokenize's)."""
     impl = getattr(loaded.text_config, "_attn_implementation", None)
     if impl not in SUPPORTED_ATTENTION:
         raise LLMDiffError(f"{loaded.spec.describe()} uses attention '{impl}'; the score encoding needs one of "
                            f"{SUPPORTED_ATTENTION} (load the LLM with load_llm)")
-    batch = tokenize(loaded, texts, max_tokens, overflow)
+    batch = tokenize(loaded, texts, max_tokens, overflow, truncated)
     device = loaded.device
     input_ids, pad_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     if loaded.model.training:  # eval() walks every module: only when something switched it to training

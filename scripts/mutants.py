@@ -53,6 +53,7 @@ CHECKPOINTS = ("tests/test_checkpointing.py",)
 # (single tests of a slow file)
 INIT_ADAPTER = ("tests/test_train_run.py::test_init_adapter_starts_from_the_file_and_keeps_what_it_fixed",)
 EMA_VALIDATION = ("tests/test_train_run.py::test_validation_samples_the_ema_weights_and_training_goes_on_from_its_own",)
+LONG_CAPTIONS = ("tests/test_train_run.py::test_long_captions_are_truncated_with_one_warning_and_a_count",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # the score encoding (DESIGN.md §1.1)
@@ -184,6 +185,9 @@ MUTANTS: tuple[Mutant, ...] = (
            'with open(path, encoding="utf-8", newline="")', TRAIN_DATA),
     Mutant("dataset-checked-after-the-models-load", CORE + "training/runner.py",
            "    source = open_data(opts)\n    accelerator", "    source = None\n    accelerator", TRAIN_DATA),
+    # long training captions: one warning and a count, not a warning each (session 25)
+    Mutant("every-long-caption-warns", CORE + "encoding.py", "            if truncated is None:\n",
+           "            if True:\n", LONG_CAPTIONS),
     # validation images under --ema-decay (session 25)
     Mutant("validation-samples-the-raw-weights", CORE + "training/loop.py",
            "                self.ema.copy_to(self.adapter)", "                pass", EMA_VALIDATION),

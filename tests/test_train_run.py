@@ -439,6 +439,28 @@ def test_validation_samples_the_ema_weights_and_training_goes_on_from_its_own(tm
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cached", [False, True], ids=["on the fly", "feature cache"])
+def test_long_captions_are_truncated_with_one_warning_and_a_count(tmp_path: Path, frozen, caplog,
+                                                                  cached: bool) -> None:
+    """A warning per cut caption would flood a large dataset's log: one at the first, then how many."""
+    data = write_folder(tmp_path / "data", make_images(4))
+    long = {"img_001": "a red square " * 30, "img_003": "two yellow stripes " * 30}
+    for key, caption in long.items():
+        (data / f"{key}.txt").write_text(caption)
+    extra = dict(cache_dir=str(tmp_path / "cache")) if cached else {}
+    run = options(data, tmp_path / "out", max_steps=4, batch_size=2, max_tokens=32, **extra)
+    with caplog.at_level(logging.WARNING):
+        assert runner.run_with(run, components(frozen)) == 0
+    said = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    where = "feature cache" if cached else "training"
+    counted = 2 if cached else 4  # (the cache encodes each caption once; on the fly, 4 steps of 2 = two epochs)
+    assert said == [f"captions longer than --max-tokens 32 are truncated (the first: {long['img_001'][:60]!r}); how "
+                    "many is said when the feature cache or the run is done. Raise --max-tokens to keep them whole",
+                    f"{where}: {counted} captions were longer than --max-tokens 32 and were truncated (raise "
+                    "--max-tokens to keep them whole)"], said
+
+
+@pytest.mark.slow
 def test_sdpa_backends_pick_the_attention_kernels_and_are_restored(tmp_path: Path, frozen) -> None:
     """--sdpa-backends math: every attention call of the run (U-Net, adapter, LLM) runs torch's math kernel,
     where torch itself picks its CPU flash kernel; the training is the same, and torch's own setting is

@@ -6,6 +6,7 @@ Everything here is adapter-independent, which is what makes the feature cache po
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from ..encoding import encode as llm_encode
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
+
+log = logging.getLogger("llmdiff.train")
 
 POOLED_DIM = 1280  # SDXL's pooled CLIP-G width (SD1.5 ignores pooled_output)
 
@@ -47,6 +50,8 @@ class FrozenEncoders:
         self.clip = clip
         self.max_tokens = max_tokens
         self.need_clip = need_clip
+        self.captions_truncated = 0  # by this process, since the last report (runner._say_truncated)
+        self._warned_truncation = False
         self.need_pooled = need_pooled
         if need_clip and clip is None:
             raise LLMDiffError("hybrid mode (--original-path clip) needs the base model's CLIP text encoder, but the "
@@ -58,11 +63,20 @@ class FrozenEncoders:
             return self.vae.encode(pixels).float().cpu()
 
     def captions(self, texts: list[str]) -> LLMFeatures:
-        """The LLM features exactly as LLMDiffTextEncode makes them (long captions are truncated)."""
+        """The LLM features exactly as LLMDiffTextEncode makes them. Long captions are truncated: counted in
+        captions_truncated, with one warning at the first."""
         if self.llm is None:
             raise RuntimeError("the LLM is not loaded")
+        cut: list[int] = []
         with torch.no_grad():
-            return llm_encode(self.llm, texts, max_tokens=self.max_tokens, overflow="truncate").to("cpu", torch.float32)
+            features = llm_encode(self.llm, texts, max_tokens=self.max_tokens, overflow="truncate", truncated=cut)
+        if cut and not self._warned_truncation:
+            self._warned_truncation = True
+            log.warning("captions longer than --max-tokens %d are truncated (the first: %r); how many is said when "
+                        "the feature cache or the run is done. Raise --max-tokens to keep them whole",
+                        self.max_tokens, texts[cut[0]][:60])
+        self.captions_truncated += len(cut)
+        return features.to("cpu", torch.float32)
 
     def clip_texts(self, texts: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(CLIP conditioning [B, 77k, C] or None, pooled [B, 1280] or None)."""

@@ -338,6 +338,7 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
                 bar.close()
             if skipped.total:
                 log.warning("feature cache: %d entries skipped (%s)", skipped.total, skipped.counts)
+            _say_truncated(encoders, "feature cache")
         accelerator.wait_for_everyone()
         if opts.cache_only:
             accelerator.print(f"feature cache complete in {cache_dir}")
@@ -389,9 +390,17 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
         log.error("%s", e)
         code = TrainingStopped.exit_code
     finally:
+        _say_truncated(encoders, "training")
         tracker.close()
     accelerator.wait_for_everyone()
     return code
+
+
+def _say_truncated(encoders: FrozenEncoders, what: str) -> None:
+    if encoders.captions_truncated:
+        log.warning("%s: %d captions were longer than --max-tokens %d and were truncated (raise --max-tokens to keep "
+                    "them whole)", what, encoders.captions_truncated, encoders.max_tokens)
+        encoders.captions_truncated = 0
 
 
 def _undo(undo: list[Any]) -> None:
