@@ -169,6 +169,39 @@ def test_a_manifest_in_another_encoding_is_refused_by_name(tmp_path: Path, sampl
         assert str(path) in str(info.value)
 
 
+def test_a_dataset_without_one_usable_entry_is_refused_at_the_start_with_the_likely_cause(tmp_path: Path,
+                                                                                         samples) -> None:
+    """Captions beside the images under another name, or manifest fields under other names, would otherwise have the
+    run skip every entry one by one until it gives up."""
+    folder = write_folder(tmp_path / "f", samples[:3])
+    for txt in folder.glob("*.txt"):
+        txt.rename(txt.with_suffix(".caption"))  # kohya's sd-scripts' name: read as well
+    items = _one_pass(D.open_source(str(folder)))
+    assert [(it.key, it.problem, it.caption) for it in items] == [(k, None, c) for k, _, c in samples[:3]]
+    for caption in folder.glob("*.caption"):
+        caption.rename(caption.with_suffix(".md"))
+    with pytest.raises(LLMDiffError, match="has 3 images but not one caption: each image needs a same-name caption "
+                                           "file beside it \\(.txt or .caption"):
+        D.open_source(str(folder))
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("filename,description\n" + "".join(f"{folder / k}.png,{c}\n" for k, _, c in samples[:3]))
+    with pytest.raises(LLMDiffError, match="not one line of .* can be used \\(3 x manifest line has no image path\\)"
+                                           "\\. Its fields are filename, description: name the one to use with "
+                                           "--image-column \\(by default the first of image, file_name"):
+        D.open_source(str(manifest))
+    with pytest.raises(LLMDiffError, match="\\(3 x missing caption\\)\\. Its fields are filename, description: "
+                                           "name the one to use with --caption-column"):
+        D.open_source(str(manifest), image_column="filename")
+    items = _one_pass(D.open_source(str(manifest), image_column="filename", caption_column="description"))
+    assert [(it.problem, it.caption) for it in items] == [(None, c) for _, _, c in samples[:3]]
+
+    lines = tmp_path / "m.jsonl"
+    lines.write_text("".join(json.dumps({"img": f"{folder / k}.png", "caption": c}) + "\n" for k, _, c in samples[:3]))
+    with pytest.raises(LLMDiffError, match="Its fields are img, caption: name the one to use with --image-column"):
+        D.open_source(str(lines))
+
+
 def test_a_missing_dataset_is_named_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llmdiff_core.training import runner
 

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -134,8 +135,11 @@ class IndexedSource:
         return RawEntry(key, i, _read_file(image), caption)
 
 
+CAPTION_EXTENSIONS = (".txt", ".caption")  # (.caption: kohya's sd-scripts)
+
+
 def folder_source(root: str) -> IndexedSource:
-    """Images anywhere under root; caption = same path with .txt (missing -> skipped, counted)."""
+    """Images anywhere under root; caption = same path with .txt or .caption (missing -> skipped, counted)."""
     root = os.path.abspath(root)
     images = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -146,10 +150,31 @@ def folder_source(root: str) -> IndexedSource:
     images.sort(key=lambda p: Path(os.path.relpath(p, root)).as_posix())
     entries = []
     for path in images:
-        txt = os.path.splitext(path)[0] + ".txt"
-        caption = "\0file:" + txt if os.path.exists(txt) else None  # read lazily, in the worker
+        stem = os.path.splitext(path)[0]
+        text = next((stem + ext for ext in CAPTION_EXTENSIONS if os.path.exists(stem + ext)), None)
+        caption = None if text is None else "\0file:" + text  # read lazily, in the worker
         entries.append((_key_of(path, root), path, caption, None))
+    if entries and all(caption is None for _, _, caption, _ in entries):
+        raise DatasetError(f"'{root}' has {len(entries)} images but not one caption: each image needs a same-name "
+                           f"caption file beside it ({' or '.join(CAPTION_EXTENSIONS)}: cat.png + cat.txt)")
     return IndexedSource(entries)
+
+
+def _refuse_if_nothing_is_usable(path: str, entries: list[tuple[str, str | None, str | None, str | None]],
+                                 fields: list[str]) -> None:
+    """Fail at the start when not one line of a manifest can train, naming the fields it has: the usual cause is a
+    field name (otherwise the run would skip every line, one by one, until it gives up)."""
+    if not entries or any(problem is None for *_, problem in entries):
+        return
+    reasons = Counter(str(problem).split(":")[0] for *_, problem in entries)
+    listed = ", ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+    hint = ""
+    for reason, flag, defaults in (("manifest line has no image path", "--image-column", IMAGE_FIELDS),
+                                   ("missing caption", "--caption-column", CAPTION_FIELDS)):
+        if reasons.get(reason) == len(entries):
+            hint = (f" Its fields are {', '.join(fields[:20]) or 'none'}: name the one to use with {flag} (by default "
+                    f"the first of {', '.join(defaults)})")
+    raise DatasetError(f"not one line of '{path}' can be used ({listed}).{hint}")
 
 
 def _manifest_entry(row: Any, n: int, image_root: str, image_column: str, caption_column: str
@@ -178,6 +203,7 @@ def _not_utf8(path: str, e: UnicodeDecodeError) -> DatasetError:
 def jsonl_source(path: str, image_root: str = "", image_column: str = "", caption_column: str = "") -> IndexedSource:
     root = image_root or os.path.dirname(os.path.abspath(path))
     entries = []
+    fields: dict[str, None] = {}  # (ordered, first seen first)
     try:
         with open(path, encoding="utf-8-sig") as fh:
             for n, line in enumerate(fh, 1):
@@ -189,8 +215,11 @@ def jsonl_source(path: str, image_root: str = "", image_column: str = "", captio
                     entries.append((f"#line{n}", None, None, f"bad JSON: {e.msg}"))
                     continue
                 entries.append(_manifest_entry(row, n, root, image_column, caption_column))
+                if isinstance(row, dict):
+                    fields.update(dict.fromkeys(map(str, row)))
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
+    _refuse_if_nothing_is_usable(path, entries, list(fields))
     return IndexedSource(entries)
 
 
@@ -198,13 +227,15 @@ def csv_source(path: str, image_root: str = "", image_column: str = "", caption_
     root = image_root or os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = list(reader)
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
     except csv.Error as e:
         raise DatasetError(f"the manifest '{path}' is not a CSV file this can read: {e}") from None
-    return IndexedSource([_manifest_entry(row, n, root, image_column, caption_column)
-                          for n, row in enumerate(rows, 2)])
+    entries = [_manifest_entry(row, n, root, image_column, caption_column) for n, row in enumerate(rows, 2)]
+    _refuse_if_nothing_is_usable(path, entries, list(reader.fieldnames or []))
+    return IndexedSource(entries)
 
 
 # --- tar shards ---------------------------------------------------------------------------------
