@@ -260,6 +260,24 @@ def _expand_braces(pattern: str) -> list[str]:
     return out
 
 
+# what reading a cut-off or corrupt shard raises: tarfile's own errors, the OS's, and a compressed shard's decompressor
+# (gzip raises EOFError at a cut, which is not an OSError)
+_CUT_OR_BROKEN = (OSError, EOFError, tarfile.TarError)
+
+
+def _ends_early(tf: tarfile.TarFile) -> bool:
+    """An uncompressed shard whose last member is not followed by the two zero blocks that end a tar archive.
+    tarfile stops without an error when a cut falls at or inside a member's header, so this is the only sign that
+    the rest of the shard is missing. (A compressed shard's decompressor reports the cut itself.)"""
+    if not isinstance(tf.fileobj, io.BufferedReader):
+        return False
+    try:
+        size = os.fstat(tf.fileobj.fileno()).st_size
+    except OSError:
+        return False
+    return size - tf.offset < 2 * tarfile.BLOCKSIZE
+
+
 class TarSource:
     """WebDataset-style shards, read member by member (never extracted to disk)."""
 
@@ -327,24 +345,6 @@ class TarSource:
             except (tarfile.TarError, EOFError) as e:  # (the shard ends inside this image)
                 raise BadImage(f"cut off in its shard: {e or type(e).__name__}") from None
         return RawEntry(key, -1, load, caption)
-
-
-# what reading a cut-off or corrupt shard raises: tarfile's own errors, the OS's, and a compressed shard's decompressor
-# (gzip raises EOFError at a cut, which is not an OSError)
-_CUT_OR_BROKEN = (OSError, EOFError, tarfile.TarError)
-
-
-def _ends_early(tf: tarfile.TarFile) -> bool:
-    """An uncompressed shard whose last member is not followed by the two zero blocks that end a tar archive.
-    tarfile stops without an error when a cut falls at or inside a member's header, so this is the only sign that
-    the rest of the shard is missing. (A compressed shard's decompressor reports the cut itself.)"""
-    if not isinstance(tf.fileobj, io.BufferedReader):
-        return False
-    try:
-        size = os.fstat(tf.fileobj.fileno()).st_size
-    except OSError:
-        return False
-    return size - tf.offset < 2 * tarfile.BLOCKSIZE
 
 
 def tar_source(path: str, caption_column: str = "") -> TarSource:
