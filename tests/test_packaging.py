@@ -162,7 +162,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 @pytest.mark.parametrize("script", ["run.sh", "test.sh", ".ci/run", "scripts/install_chromium.sh",
                                     "scripts/setup_env.sh", "bench/run_all.sh", "bench/prepare_device.sh",
-                                    "bench/device_run.sh"])
+                                    "bench/device_run.sh", "scripts/coverage.sh"])
 def test_scripts_are_executable_bash(script: str) -> None:
     path = REPO / script
     assert path.stat().st_mode & stat.S_IXUSR, f"{script} is not executable (git update-index --chmod=+x)"
