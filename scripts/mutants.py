@@ -184,6 +184,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("no-usable-manifest-line-skipped-one-by-one", CORE + "training/data.py",
            "    if not entries or any(problem is None for *_, problem in entries):\n        return",
            "    if True:\n        return", TRAIN_DATA),
+    Mutant("one-caption-of-several-every-epoch", CORE + "training/data.py",
+           'random.Random(sample_seed(spec.seed, epoch, entry.key + "/caption"))', "random.Random(0)", TRAIN_DATA),
     Mutant("manifest-bom-kept", CORE + "training/data.py", 'with open(path, encoding="utf-8-sig", newline="")',
            'with open(path, encoding="utf-8", newline="")', TRAIN_DATA),
     Mutant("dataset-checked-after-the-models-load", CORE + "training/runner.py",

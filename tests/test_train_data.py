@@ -202,6 +202,38 @@ def test_a_dataset_without_one_usable_entry_is_refused_at_the_start_with_the_lik
         D.open_source(str(lines))
 
 
+def test_a_list_of_captions_gives_one_of_them_per_epoch(tmp_path: Path, samples) -> None:
+    """COCO-style manifests hold several captions per image: one is drawn per epoch (the same in every process and
+    format), never the list's text."""
+    lines = write_jsonl(tmp_path / "j", samples[:3])
+    several = ["a red square", "a crimson box", "red on blue", "a square, red"]
+    rows = [json.loads(line) for line in lines.read_text().splitlines()]
+    rows[0]["caption"], rows[1]["caption"] = several, [7, "  ", "only this one"]
+    rows[2]["caption"] = [None, ""]
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tars = write_tars(tmp_path / "t", samples[:1], json_captions=True)
+    with tarfile.open(tars / "shard-000.tar") as tf:
+        png = tf.extractfile("img_000.png").read()
+    with tarfile.open(tars / "shard-000.tar", "w") as tf:
+        for name, data in (("img_000.png", png), ("img_000.json", json.dumps({"caption": several}).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+    source = D.open_source(str(lines), image_root=str(lines.parent / "images"))
+    drawn = []
+    for epoch in range(12):
+        spec = D.StreamSpec(seed=0, shuffle=False, resolution=RES, epochs=epoch + 1)
+        items = [it for it in D.iterate(source, spec, D.Position()) if it.epoch == epoch]
+        assert [(it.key, it.problem) for it in items] == [("img_000", None), ("img_001", None),
+                                                          ("img_002", "missing caption")]
+        assert items[1].caption == "only this one"
+        drawn.append(items[0].caption)
+        from_tar = [it for it in D.iterate(D.open_source(str(tars)), spec, D.Position()) if it.epoch == epoch]
+        assert from_tar[0].caption == items[0].caption  # (the draw follows the sample's key, not the format)
+    assert set(drawn) <= set(several) and len(set(drawn)) > 1, drawn
+
+
 def test_a_missing_dataset_is_named_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llmdiff_core.training import runner
 

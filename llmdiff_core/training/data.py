@@ -56,7 +56,7 @@ class RawEntry:
     key: str
     index: int  # position in the dataset's natural (unshuffled) order, -1 where unknown (tar)
     load: Callable[[], bytes] | None
-    caption: str | None
+    caption: str | tuple[str, ...] | None  # several: one is drawn per epoch (decode_entry)
     problem: str | None = None
 
 
@@ -106,14 +106,17 @@ def _pick(row: dict[str, Any], wanted: str, fallbacks: tuple[str, ...]) -> Any:
 
 # --- indexed sources ----------------------------------------------------------------------------
 
+# (key, image path, caption | several | "\0file:<caption path>" | None, problem)
+Entry = tuple[str, str | None, str | tuple[str, ...] | None, str | None]
+
+
 class IndexedSource:
     """Random-access entries (folder, manifest)."""
 
     kind = "indexed"
 
-    def __init__(self, entries: list[tuple[str, str | None, str | None, str | None]]) -> None:
-        # (key, image path, caption | "\0file:<caption path>" | None, problem) as plain tuples: a
-        # million of them pickle quickly to data-loader workers.
+    def __init__(self, entries: list[Entry]) -> None:
+        # plain tuples (Entry): a million of them pickle quickly to data-loader workers
         self._entries = entries
 
     def __len__(self) -> int:
@@ -123,7 +126,7 @@ class IndexedSource:
         key, image, caption, problem = self._entries[i]
         if problem is not None:
             return RawEntry(key, i, None, None, problem)
-        if caption is not None and caption.startswith("\0file:"):
+        if isinstance(caption, str) and caption.startswith("\0file:"):
             path = caption[len("\0file:"):]
             try:
                 with open(path, encoding="utf-8-sig") as fh:  # (-sig: Notepad's byte-order mark is no text)
@@ -160,8 +163,7 @@ def folder_source(root: str) -> IndexedSource:
     return IndexedSource(entries)
 
 
-def _refuse_if_nothing_is_usable(path: str, entries: list[tuple[str, str | None, str | None, str | None]],
-                                 fields: list[str]) -> None:
+def _refuse_if_nothing_is_usable(path: str, entries: list[Entry], fields: list[str]) -> None:
     """Fail at the start when not one line of a manifest can train, naming the fields it has: the usual cause is a
     field name (otherwise the run would skip every line, one by one, until it gives up)."""
     if not entries or any(problem is None for *_, problem in entries):
@@ -177,12 +179,20 @@ def _refuse_if_nothing_is_usable(path: str, entries: list[tuple[str, str | None,
     raise DatasetError(f"not one line of '{path}' can be used ({listed}).{hint}")
 
 
-def _manifest_entry(row: Any, n: int, image_root: str, image_column: str, caption_column: str
-                    ) -> tuple[str, str | None, str | None, str | None]:
+def _caption_of(value: Any) -> str | tuple[str, ...] | None:
+    """A manifest's or a shard's .json caption field: a text, or a list of texts (COCO-style: several captions of one
+    image, one drawn per epoch) rather than the list's Python repr; None where no text is left."""
+    if isinstance(value, (list, tuple)):
+        texts = tuple(t.strip() for t in value if isinstance(t, str) and t.strip())
+        return None if not texts else texts[0] if len(texts) == 1 else texts
+    return None if value is None else str(value).strip()
+
+
+def _manifest_entry(row: Any, n: int, image_root: str, image_column: str, caption_column: str) -> Entry:
     if not isinstance(row, dict):
         return (f"#line{n}", None, None, "manifest line is not an object")
     image = _pick(row, image_column, IMAGE_FIELDS)
-    caption = _pick(row, caption_column, CAPTION_FIELDS)
+    caption = _caption_of(_pick(row, caption_column, CAPTION_FIELDS))
     if image is None:
         return (f"#line{n}", None, None, "manifest line has no image path")
     image = str(image)
@@ -190,7 +200,7 @@ def _manifest_entry(row: Any, n: int, image_root: str, image_column: str, captio
     key = _key_of(image, image_root) if os.path.isabs(image) else os.path.splitext(Path(image).as_posix())[0]
     if caption is None:
         return (key, path, None, "missing caption")
-    return (key, path, str(caption).strip(), None)
+    return (key, path, caption, None)
 
 
 def _not_utf8(path: str, e: UnicodeDecodeError) -> DatasetError:
@@ -330,7 +340,7 @@ class TarSource:
             elif "json" in by_ext:
                 meta = json.loads(tf.extractfile(by_ext["json"]).read())  # type: ignore[union-attr]
                 value = _pick(meta, self.caption_column, CAPTION_FIELDS) if isinstance(meta, dict) else None
-                caption = None if value is None else str(value).strip()
+                caption = _caption_of(value)
         except (*_CUT_OR_BROKEN, UnicodeDecodeError, json.JSONDecodeError) as e:
             return RawEntry(key, -1, None, None, f"caption unreadable: {e or type(e).__name__}")
         if caption is None:
@@ -480,7 +490,10 @@ def decode_entry(entry: RawEntry, spec: StreamSpec, epoch: int, position: int) -
     except OSError as e:
         item.problem = f"image file unreadable: {e.strerror or e}"
         return item
-    item.caption = entry.caption or ""
+    caption = entry.caption
+    if isinstance(caption, tuple):  # the same draw for a sample and epoch, whatever process or worker reads it
+        caption = random.Random(sample_seed(spec.seed, epoch, entry.key + "/caption")).choice(caption)
+    item.caption = caption or ""
     item.pixels = prepared.pixels
     item.original_size = prepared.original_size
     item.crop_top_left = prepared.crop_top_left
