@@ -4,10 +4,5 @@
 # (then LLMDIFF_PYTHON is the interpreter that runs it, default python3). Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-if [ -n "${LLMDIFF_COMFYUI_ROOT:-}" ]; then
-  PY=${LLMDIFF_PYTHON:-python3}
-else
-  { read -r PY; read -r LLMDIFF_COMFYUI_ROOT; } < <(scripts/setup_env.sh)
-  export LLMDIFF_COMFYUI_ROOT
-fi
+source scripts/runtime.sh
 exec "$PY" -m pytest "$@"

@@ -13,12 +13,8 @@
 # (all tables) plus one .json per run, and the profiles as .txt (BENCH_OUT changes the folder).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ -n "${LLMDIFF_COMFYUI_ROOT:-}" ]; then
-  PY=${LLMDIFF_PYTHON:-python3}
-else
-  { read -r PY; read -r LLMDIFF_COMFYUI_ROOT; } < <(scripts/setup_env.sh)
-fi
-export LLMDIFF_COMFYUI_ROOT PYTHONUNBUFFERED=1
+source scripts/runtime.sh
+export PYTHONUNBUFFERED=1
 OUTDIR=${BENCH_OUT:-bench/results}
 mkdir -p "$OUTDIR"
 if [ "$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')" = 1 ]; then

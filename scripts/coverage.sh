@@ -8,12 +8,7 @@
 #   scripts/coverage.sh tests/test_train_data.py
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ -n "${LLMDIFF_COMFYUI_ROOT:-}" ]; then
-  PY=${LLMDIFF_PYTHON:-python3}
-else
-  { read -r PY; read -r LLMDIFF_COMFYUI_ROOT; } < <(scripts/setup_env.sh)
-  export LLMDIFF_COMFYUI_ROOT
-fi
+source scripts/runtime.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PY" -m pip install --quiet --disable-pip-version-check --target "$work/site" "coverage==7.17.5"
