@@ -50,7 +50,7 @@ class FrozenEncoders:
         self.clip = clip
         self.max_tokens = max_tokens
         self.need_clip = need_clip
-        self.captions_truncated = 0  # by this process, since the last report (runner._say_truncated)
+        self._truncated = 0  # captions cut by this process since take_truncated() last asked
         self._warned_truncation = False
         self.need_pooled = need_pooled
         if need_clip and clip is None:
@@ -64,7 +64,7 @@ class FrozenEncoders:
 
     def captions(self, texts: list[str]) -> LLMFeatures:
         """The LLM features exactly as LLMDiffTextEncode makes them. Long captions are truncated: counted in
-        captions_truncated, with one warning at the first."""
+        take_truncated(), with one warning at the first."""
         if self.llm is None:
             raise RuntimeError("the LLM is not loaded")
         cut: list[int] = []
@@ -75,8 +75,13 @@ class FrozenEncoders:
             log.warning("captions longer than --max-tokens %d are truncated (the first: %r); how many is said when "
                         "the feature cache or the run is done. Raise --max-tokens to keep them whole",
                         self.max_tokens, texts[cut[0]][:60])
-        self.captions_truncated += len(cut)
+        self._truncated += len(cut)
         return features.to("cpu", torch.float32)
+
+    def take_truncated(self) -> int:
+        """How many captions were cut since the last call (each phase, the cache build or the run, says its own)."""
+        n, self._truncated = self._truncated, 0
+        return n
 
     def clip_texts(self, texts: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(CLIP conditioning [B, 77k, C] or None, pooled [B, 1280] or None)."""

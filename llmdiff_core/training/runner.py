@@ -397,10 +397,10 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
 
 
 def _say_truncated(encoders: FrozenEncoders, what: str) -> None:
-    if encoders.captions_truncated:
+    truncated = encoders.take_truncated()
+    if truncated:
         log.warning("%s: %d captions were longer than --max-tokens %d and were truncated (raise --max-tokens to keep "
-                    "them whole)", what, encoders.captions_truncated, encoders.max_tokens)
-        encoders.captions_truncated = 0
+                    "them whole)", what, truncated, encoders.max_tokens)
 
 
 def _undo(undo: list[Any]) -> None:
