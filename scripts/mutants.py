@@ -54,6 +54,8 @@ CHECKPOINTS = ("tests/test_checkpointing.py",)
 INIT_ADAPTER = ("tests/test_train_run.py::test_init_adapter_starts_from_the_file_and_keeps_what_it_fixed",)
 EMA_VALIDATION = ("tests/test_train_run.py::test_validation_samples_the_ema_weights_and_training_goes_on_from_its_own",)
 LONG_CAPTIONS = ("tests/test_train_run.py::test_long_captions_are_truncated_with_one_warning_and_a_count",)
+CAPTIONS_AS_PROMPTS = ("tests/test_train_run.py::test_training_captions_reach_the_llm_and_clip_as_the_node_gives_them",)
+CACHE_REFUSED = ("tests/test_train_run.py::test_a_feature_cache_made_with_other_settings_is_refused_by_name",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # the score encoding (DESIGN.md §1.1)
@@ -203,6 +205,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "    opts = adopt_init_adapter(opts)  # (whether CLIP", "    pass  # (whether CLIP", INIT_ADAPTER),
     Mutant("init-adapter-keeps-its-token-bucket", CORE + "training/runner.py",
            "adapter.config = dataclasses.replace(adapter.config, max_tokens=opts.max_tokens)", "pass", INIT_ADAPTER),
+    # training captions as the node's prompts (session 26)
+    Mutant("training-captions-keep-their-weights", CORE + "training/encoders.py",
+           "[strip_prompt_weights(t) for t in texts]", "texts", CAPTIONS_AS_PROMPTS),
+    Mutant("old-cache-format-read", CORE + "training/feature_cache.py",
+           "    if version != CACHE_VERSION:\n", "    if False:\n", CACHE_REFUSED),
+    Mutant("cache-format-checked-after-loading", CORE + "training/runner.py",
+           "        feature_cache.check_format(Path(opts.cache_dir))\n    accelerator", "        pass\n    accelerator",
+           CACHE_REFUSED),
     # the training objective and schedule
     Mutant("ema-decay-without-warm-up", CORE + "training/ema.py",
            "d = min(self.decay, (1 + self.updates) / (10 + self.updates))", "d = self.decay", OBJECTIVE),

@@ -187,7 +187,7 @@ def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen, monkeypatch
 
 
 @pytest.mark.slow
-def test_a_feature_cache_made_with_other_settings_is_refused_by_name(tmp_path: Path, frozen) -> None:
+def test_a_feature_cache_made_with_other_settings_is_refused_by_name(tmp_path: Path, frozen, monkeypatch) -> None:
     """Features made for another resolution, LLM bucket, encoding, mode or precision would train a wrong adapter
     without a sign: the run stops before its first step and names what differs."""
     from llmdiff_core.errors import LLMDiffError
@@ -205,6 +205,19 @@ def test_a_feature_cache_made_with_other_settings_is_refused_by_name(tmp_path: P
         assert not (tmp_path / "other" / "metrics.jsonl").exists()
     assert runner.run_with(replace(made, output_dir=str(tmp_path / "same"), cache_only=False), components(frozen)) == 0
     assert len(losses(tmp_path / "same")) == 1
+
+    # A cache of the earlier format (captions given to the LLM with their weighting syntax) is refused, by the
+    # script before any model loads
+    meta = tmp_path / "cache" / "cache.json"
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), version=1)))
+    old_format = replace(made, output_dir=str(tmp_path / "old"), cache_only=False)
+    with pytest.raises(LLMDiffError, match="cache format 1; this one reads 2.*build it again in a new --cache-dir"):
+        runner.run_with(old_format, components(frozen))
+    monkeypatch.setattr(runner, "load_components", lambda *a: pytest.fail("loaded the models"))
+    monkeypatch.setattr(runner, "make_accelerator", lambda opts: None)
+    with pytest.raises(LLMDiffError, match="cache format 1"):
+        runner.run(old_format)
+    assert not (tmp_path / "old" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow
@@ -754,6 +767,30 @@ def test_exported_adapter_loads_through_the_node_and_changes_the_output(tmp_path
     with_adapter, base = sample(patched), sample(tiny_sd15())
     assert torch.isfinite(with_adapter).all()
     assert (with_adapter - base).abs().max() > 1e-3
+
+
+def test_training_captions_reach_the_llm_and_clip_as_the_node_gives_them(frozen, assets, node_classes) -> None:
+    """A caption typed into Text Encode (LLMDiff) later gives what training saw: ComfyUI's weighting syntax
+    reaches CLIP, weighted, in both, and the LLM reads the plain words in both (also validation prompts)."""
+    from llmdiff_core.comfy_llm import load_managed_llm
+    from llmdiff_core.conditioning import COND_KEY
+    from llmdiff_core.encoding import encode as llm_encode
+
+    texts = ["a (red:1.3) square on ((blue)) embedding:style \\(tm\\)", "a plain caption"]
+    enc = FrozenEncoders(None, frozen["llm"], frozen["clip"], 32, need_clip=True, need_pooled=False)
+    trained, (trained_clip, _) = enc.captions(texts), enc.clip_texts(texts)
+    llm = load_managed_llm(str(assets["llm"]), "tiny-llama", dtype="fp32", device="cpu")
+    ((node_clip, extras),) = node_classes["LLMDiffTextEncode"].execute(
+        llm=llm, text="\n".join(texts), max_tokens=32, overflow="error", prompt_per_line=True,
+        clip=frozen["clip"]).result[0]
+    node = extras["model_conds"][COND_KEY].cond
+    for name in ("hidden", "scores"):
+        torch.testing.assert_close(getattr(trained, name), getattr(node, name).float().cpu(), rtol=0, atol=1e-6)
+    assert torch.equal(trained.mask, node.mask.cpu())
+    torch.testing.assert_close(trained_clip, node_clip.float().cpu(), rtol=0, atol=1e-6)
+    words = llm_encode(frozen["llm"], ["a red square on blue (tm)", texts[1]], max_tokens=32)  # what the LLM read
+    torch.testing.assert_close(trained.hidden, words.hidden, rtol=0, atol=0)
+    assert not torch.allclose(trained_clip[:1], enc.clip_texts(["a red square on blue (tm)"])[0])  # CLIP: weighted
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import torch
 from ..encoding import encode as llm_encode
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
+from ..prompt_text import strip_prompt_weights
 
 log = logging.getLogger("llmdiff.train")
 
@@ -63,13 +64,16 @@ class FrozenEncoders:
             return self.vae.encode(pixels).float().cpu()
 
     def captions(self, texts: list[str]) -> LLMFeatures:
-        """The LLM features exactly as LLMDiffTextEncode makes them. Long captions are truncated: counted in
+        """The LLM features exactly as LLMDiffTextEncode makes them for the same text: ComfyUI's weighting
+        syntax ((word:1.2), embedding:name) is CLIP's, so the LLM reads the plain words, as in the node; a
+        caption typed into the node later gives what training saw. Long captions are truncated: counted in
         take_truncated(), with one warning at the first."""
         if self.llm is None:
             raise RuntimeError("the LLM is not loaded")
         cut: list[int] = []
         with torch.no_grad():
-            features = llm_encode(self.llm, texts, max_tokens=self.max_tokens, overflow="truncate", truncated=cut)
+            features = llm_encode(self.llm, [strip_prompt_weights(t) for t in texts], max_tokens=self.max_tokens,
+                                  overflow="truncate", truncated=cut)
         if cut and not self._warned_truncation:
             self._warned_truncation = True
             log.warning("captions longer than --max-tokens %d are truncated (the first: %r); how many is said when "

@@ -39,7 +39,8 @@ from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
 from .stored_tensor import StoredTensor, read_all, stored_tensors
 
 log = logging.getLogger("llmdiff.train")
-CACHE_VERSION = 1
+# 2: captions reach the LLM without ComfyUI's weighting syntax, as the node's prompts do (1 gave them verbatim).
+CACHE_VERSION = 2
 CACHED_KINDS = ("latent", "hidden", "scores", "mask", "clip", "pooled")  # what a cache record may hold
 
 
@@ -65,11 +66,25 @@ def make_spec(config: AdapterConfig, fingerprint: dict[str, Any], dtype: str) ->
                      scores=scores, dtype=dtype)
 
 
+def check_format(cache_dir: Path) -> None:
+    """Refuses a cache of another format (checked before any model loads, and again when the run opens it)."""
+    path = cache_dir / "cache.json"
+    if not path.exists():
+        return
+    version = json.loads(path.read_text(encoding="utf-8")).get("version")
+    if version != CACHE_VERSION:
+        raise LLMDiffError(f"the feature cache in '{cache_dir}' was made by another version of ComfyUI-LLMDiff "
+                           f"(cache format {version}; this one reads {CACHE_VERSION}: since format 2 captions reach "
+                           "the LLM as the nodes' prompts do, without ComfyUI's (word:1.2) weighting): build it "
+                           "again in a new --cache-dir")
+
+
 def check_or_create(cache_dir: Path, spec: CacheSpec, is_main: bool) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / "cache.json"
     want = spec.to_json()
     if path.exists():
+        check_format(cache_dir)
         have = json.loads(path.read_text(encoding="utf-8"))
         if have != want:
             diff = sorted(k for k in set(have.get("fingerprint", {})) | set(want["fingerprint"])

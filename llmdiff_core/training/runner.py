@@ -191,9 +191,12 @@ def _fingerprint(opts: TrainOptions, components: Components, resolution: int) ->
 
 def run(opts: TrainOptions) -> int:
     """The script: load through ComfyUI, train, export. Returns the process exit code."""
-    # The adapter file and the dataset are checked before the models load (minutes for SDXL and an 8B LLM)
+    # The adapter file, the dataset and the cache's format are checked before the models load (minutes for SDXL
+    # and an 8B LLM)
     opts = adopt_init_adapter(opts)  # (whether CLIP is needed follows the file's mode)
     source = open_data(opts)
+    if opts.cache_dir:
+        feature_cache.check_format(Path(opts.cache_dir))
     accelerator = make_accelerator(opts)
     components = load_components(opts, accelerator)
     return run_with(opts, components, accelerator, source)
