@@ -191,7 +191,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("manifest-bom-kept", CORE + "training/data.py", 'with open(path, encoding="utf-8-sig", newline="")',
            'with open(path, encoding="utf-8", newline="")', TRAIN_DATA),
     Mutant("dataset-checked-after-the-models-load", CORE + "training/runner.py",
-           "    source = open_data(opts)\n    accelerator", "    source = None\n    accelerator", TRAIN_DATA),
+           "    source = open_data(opts)\n    if opts.cache_dir", "    source = None\n    if opts.cache_dir", TRAIN_DATA),
     # long training captions: one warning and a count, not a warning each (session 25)
     Mutant("every-long-caption-warns", CORE + "encoding.py", "            if truncated is None:\n",
            "            if True:\n", LONG_CAPTIONS),
