@@ -55,6 +55,7 @@ INIT_ADAPTER = ("tests/test_train_run.py::test_init_adapter_starts_from_the_file
 EMA_VALIDATION = ("tests/test_train_run.py::test_validation_samples_the_ema_weights_and_training_goes_on_from_its_own",)
 LONG_CAPTIONS = ("tests/test_train_run.py::test_long_captions_are_truncated_with_one_warning_and_a_count",)
 CAPTIONS_AS_PROMPTS = ("tests/test_train_run.py::test_training_captions_reach_the_llm_and_clip_as_the_node_gives_them",)
+CLIP_LAST_LAYER = ("tests/test_train_run.py::test_clip_stop_at_layer_encodes_as_the_clip_set_last_layer_node",)
 CACHE_REFUSED = ("tests/test_train_run.py::test_a_feature_cache_made_with_other_settings_is_refused_by_name",)
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -208,6 +209,10 @@ MUTANTS: tuple[Mutant, ...] = (
     # training captions as the node's prompts (session 26)
     Mutant("training-captions-keep-their-weights", CORE + "training/encoders.py",
            "[strip_prompt_weights(t) for t in texts]", "texts", CAPTIONS_AS_PROMPTS),
+    Mutant("clip-stop-at-layer-ignored", CORE + "training/runner.py",
+           "    if clip is None or not opts.clip_stop_at_layer:\n", "    if True:\n", CLIP_LAST_LAYER),
+    Mutant("clip-stop-at-layer-not-in-the-cache-key", CORE + "training/runner.py",
+           '            "clip_stop_at_layer": opts.clip_stop_at_layer}', "            }", CACHE_REFUSED),
     Mutant("old-cache-format-read", CORE + "training/feature_cache.py",
            "    if version != CACHE_VERSION:\n", "    if False:\n", CACHE_REFUSED),
     Mutant("cache-format-checked-after-loading", CORE + "training/runner.py",

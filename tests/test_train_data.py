@@ -314,6 +314,8 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
     (["--cache-only"], "--cache-only needs --cache-dir"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--clip-stop-at-layer", "2"], "--clip-stop-at-layer must be between -24 and -1"),
+    (["--clip-stop-at-layer", "-25"], "--clip-stop-at-layer must be between -24 and -1"),
 ])
 def test_bad_option_values_are_refused_by_name(flags: list[str], message: str) -> None:
     with pytest.raises(OptionsError, match=message):

@@ -198,7 +198,8 @@ def test_a_feature_cache_made_with_other_settings_is_refused_by_name(tmp_path: P
     assert runner.run_with(made, components(frozen)) == 0
     for change, named in ((dict(resolution=RES // 2), "resolution"), (dict(max_tokens=48), "max_tokens"),
                           (dict(encoding="last"), "layers, scores"), (dict(original_path="llm"), "original_path"),
-                          (dict(cache_dtype="fp16"), "dtype")):
+                          (dict(cache_dtype="fp16"), "dtype"), (dict(caption_column="text"), "caption_column"),
+                          (dict(clip_stop_at_layer=-2), "clip_stop_at_layer")):
         other = replace(made, output_dir=str(tmp_path / "other"), cache_only=False, **change)
         with pytest.raises(LLMDiffError, match=f"made with other settings \\({named} differ\\): use a new --cache-dir"):
             runner.run_with(other, components(frozen))
@@ -791,6 +792,30 @@ def test_training_captions_reach_the_llm_and_clip_as_the_node_gives_them(frozen,
     words = llm_encode(frozen["llm"], ["a red square on blue (tm)", texts[1]], max_tokens=32)  # what the LLM read
     torch.testing.assert_close(trained.hidden, words.hidden, rtol=0, atol=0)
     assert not torch.allclose(trained_clip[:1], enc.clip_texts(["a red square on blue (tm)"])[0])  # CLIP: weighted
+
+
+def test_clip_stop_at_layer_encodes_as_the_clip_set_last_layer_node(tmp_path: Path, frozen) -> None:
+    """--clip-stop-at-layer -2 ('clip skip 2'): training's CLIP conditioning is what a graph with CLIP Set Last
+    Layer -2 gives; the run records it in the export, and leaves the caller's CLIP as it was."""
+    import nodes as comfy_nodes
+
+    texts = ["a red cube", "a (blue:1.2) ball"]
+    skipped_clip = comfy_nodes.CLIPSetLastLayer().set_last_layer(frozen["clip"], -2)[0]
+    node = torch.cat([skipped_clip.encode_from_tokens(skipped_clip.tokenize(t)) for t in texts]).float()
+    opts = options(tmp_path, tmp_path / "out", clip_stop_at_layer=-2)
+    trained = FrozenEncoders(None, None, runner.last_layer_set(frozen["clip"], opts), 32, need_clip=True,
+                             need_pooled=False).clip_texts(texts)[0]
+    torch.testing.assert_close(trained, node, rtol=0, atol=0)
+    default = FrozenEncoders(None, None, frozen["clip"], 32, need_clip=True, need_pooled=False).clip_texts(texts)[0]
+    assert not torch.allclose(default, trained)  # the CLIP given is unchanged, and the layer matters
+    assert runner.last_layer_set(frozen["clip"], replace(opts, clip_stop_at_layer=0)) is frozen["clip"]
+
+    data = write_folder(tmp_path / "data", make_images(2))
+    run = options(data, tmp_path / "run", clip_stop_at_layer=-2, max_steps=1)
+    assert runner.run_with(run, components(frozen)) == 0
+    assert read_adapter_config(tmp_path / "run" / run.export_name).training["clip_stop_at_layer"] == -2
+    unchanged = FrozenEncoders(None, None, frozen["clip"], 32, need_clip=True, need_pooled=False).clip_texts(texts)[0]
+    torch.testing.assert_close(unchanged, default, rtol=0, atol=0)
 
 
 @pytest.mark.slow

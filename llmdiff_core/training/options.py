@@ -56,6 +56,9 @@ class TrainOptions:
     init_adapter: str = _opt("", "start from this adapter .safetensors instead of a fresh one (fine-tuning)",
                              group="adapter", metavar="FILE")
     max_tokens: int = _opt(128, "LLM token bucket per caption, BOS included (the nodes' max_tokens)", group="adapter")
+    clip_stop_at_layer: int = _opt(0, "CLIP's last layer as ComfyUI's 'CLIP Set Last Layer' node sets it (-1 the last, "
+                                   "-2 the one before: 'clip skip 2'); 0 = the checkpoint's own, as in a graph without "
+                                   "that node. Hybrid mode: train with what your graphs use", group="adapter")
     # --- data -----------------------------------------------------------------------------------
     data: str = _opt("", "dataset: a folder of images with same-name .txt captions, a .jsonl or .csv manifest, "
                      "a .tar shard, a folder of .tar shards, or a shard pattern like 'shards/{000..099}.tar'",
@@ -306,6 +309,9 @@ def check_options(opts: TrainOptions) -> None:
             raise OptionsError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0.0 <= opts.caption_dropout <= 1.0:
         raise OptionsError("--caption-dropout must be between 0 and 1")
+    if not -24 <= opts.clip_stop_at_layer <= 0:
+        raise OptionsError("--clip-stop-at-layer must be between -24 and -1 (as in CLIP Set Last Layer), or 0 for "
+                           "the checkpoint's own")
     if not 0.0 <= opts.ema_decay < 1.0:
         raise OptionsError("--ema-decay must be in [0, 1)")
     if opts.resolution and opts.resolution % 8:

@@ -186,7 +186,18 @@ def _fingerprint(opts: TrainOptions, components: Components, resolution: int) ->
             return os.path.basename(p)
     return {"base_model": file_id(opts.base_model) if opts.base_model else components.base_name,
             "llm": components.llm_name, "data": os.path.abspath(opts.data), "resolution": resolution,
-            "crop": opts.crop, "original_path": opts.original_path, "max_tokens": opts.max_tokens}
+            "crop": opts.crop, "original_path": opts.original_path, "max_tokens": opts.max_tokens,
+            "image_root": opts.image_root, "image_column": opts.image_column, "caption_column": opts.caption_column,
+            "clip_stop_at_layer": opts.clip_stop_at_layer}
+
+
+def last_layer_set(clip: Any, opts: TrainOptions) -> Any:
+    """The checkpoint's CLIP as `CLIP Set Last Layer` leaves it (a clone: the caller's CLIP is not changed)."""
+    if clip is None or not opts.clip_stop_at_layer:
+        return clip
+    clip = clip.clone()
+    clip.clip_layer(opts.clip_stop_at_layer)
+    return clip
 
 
 def run(opts: TrainOptions) -> int:
@@ -293,7 +304,10 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
     out_dir = Path(opts.output_dir)
     device = accelerator.device
     mp = components.model_patcher
-    encoders = FrozenEncoders(components.vae, components.llm, components.clip, opts.max_tokens,
+    if opts.clip_stop_at_layer and adapter.config.original_path != "clip":
+        log.warning("--clip-stop-at-layer %d: paper mode does not use CLIP (only validation's base-model column does)",
+                    opts.clip_stop_at_layer)
+    encoders = FrozenEncoders(components.vae, components.llm, last_layer_set(components.clip, opts), opts.max_tokens,
                               need_clip=adapter.config.original_path == "clip", need_pooled=family == "sdxl")
     spec = StreamSpec(seed=opts.seed, shuffle=opts.shuffle, rank=accelerator.process_index,
                       world=accelerator.num_processes, shuffle_buffer=opts.shuffle_buffer, resolution=resolution,
@@ -312,6 +326,7 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
         "mixed_precision": accelerator.mixed_precision, "ema_decay": opts.ema_decay,
         "min_snr_gamma": opts.min_snr_gamma, "langevin_noise": opts.langevin_noise, "seed": opts.seed,
         "feature_cache": bool(opts.cache_dir),
+        **({"clip_stop_at_layer": opts.clip_stop_at_layer} if opts.clip_stop_at_layer else {}),
         **({"init_adapter": os.path.basename(opts.init_adapter)} if opts.init_adapter else {}),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
