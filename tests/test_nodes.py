@@ -217,8 +217,25 @@ def test_adapter_loader_refuses_a_pickle(model_folders):
         run("LLMDiffAdapterLoader", adapter_name="looks_fine.safetensors")
 
 
-def test_inspect_node_plots_the_gates(llm, model_folders):
-    name = _save_adapter(llm, model_folders, "inspect_me.safetensors")
+def test_inspect_node_plots_the_gates_and_says_what_the_adapter_needs(llm, model_folders):
+    name = _save_adapter(llm, model_folders, "inspect_me.safetensors",
+                         training={"steps": 1200, "lr": 1e-4, "data": "pets", "clip_stop_at_layer": -2})
     (adapter,) = run("LLMDiffAdapterLoader", adapter_name=name)
-    (image,) = run("LLMDiffInspect", adapter=adapter, width=512, height=384)
+    image, notes = run("LLMDiffInspect", adapter=adapter, width=512, height=384)
     assert image.shape == (1, 384, 512, 3) and image.std() > 0
+    assert "Base model: SD1.5 (16 cross-attention layers)" in notes and "LLM: tiny-llama (llama" in notes
+    assert "Mode: hybrid (clip)" in notes and "up to 128 LLM tokens" in notes
+    assert "CLIP Set Last Layer node set to -2" in notes
+    assert "Training: steps 1200, lr 0.0001, data pets." in notes
+
+
+def test_adapter_notes_follow_the_mode_and_what_training_recorded(llm):
+    from llmdiff_core.adapter_notes import adapter_notes
+
+    paper = make_adapter_config(tiny_sd15(), llm.spec, original_path="llm", max_tokens=77,
+                                training={"clip_stop_at_layer": -2})
+    text = adapter_notes(paper)
+    assert "Mode: paper (llm): the LLM replaces CLIP;" in text and "up to 77 LLM tokens" in text
+    assert "CLIP Set Last Layer" not in text  # paper mode reads no CLIP
+    fresh = adapter_notes(make_adapter_config(tiny_sd15(), llm.spec))
+    assert fresh.endswith("Training: none recorded (an untrained or converted adapter).")

@@ -250,6 +250,10 @@ def test_api_workflow_runs_and_writes_images_of_the_requested_size(demo_server: 
     for node_id, size in expected.items():
         written = image_sizes_written(demo_server, entry, node_id)
         assert written == [size], f"{name}: node {node_id} wrote {written}, expected [{size}]"
+    for node_id, node in api.items():
+        if node["class_type"] == "PreviewAny":  # Inspect's notes, shown as text
+            (text,) = entry["outputs"][node_id]["text"]
+            assert "Base model: SD1.5" in text and "LLM: llmdiff-demo-llama (llama" in text, text
     print(f"{name}: {time.monotonic() - t0:.1f} s")
 
 

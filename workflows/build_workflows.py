@@ -64,7 +64,8 @@ SCHEMAS: dict[str, tuple[list[Input], list[tuple[str, str]]]] = {
     "LLMDiffApply": ([("model", "MODEL", False), ("adapter", "LLMDIFF_ADAPTER", False), ("strength", "FLOAT", True),
                       ("start_percent", "FLOAT", True), ("end_percent", "FLOAT", True)], [("MODEL", "MODEL")]),
     "LLMDiffInspect": ([("adapter", "LLMDIFF_ADAPTER", False), ("width", "INT", True), ("height", "INT", True)],
-                       [("IMAGE", "IMAGE")]),
+                       [("IMAGE", "IMAGE"), ("notes", "STRING")]),
+    "PreviewAny": ([("source", "*", False)], []),
 }
 # Widgets followed by a frontend-only "control after generate" value in widgets_values.
 CONTROL_AFTER_GENERATE = {("KSampler", "seed")}
@@ -197,7 +198,7 @@ def _display(type_: str) -> str:
             "VAEDecode": "VAE Decode", "SaveImage": "Save Image", "PreviewImage": "Preview Image",
             "LLMDiffLLMLoader": "LLM Loader (LLMDiff)", "LLMDiffAdapterLoader": "Adapter Loader (LLMDiff)",
             "LLMDiffTextEncode": "Text Encode (LLMDiff)", "LLMDiffApply": "Apply LLMDiff Adapter",
-            "LLMDiffInspect": "Inspect LLMDiff Adapter"}.get(type_, type_)
+            "LLMDiffInspect": "Inspect LLMDiff Adapter", "PreviewAny": "Preview as Text"}.get(type_, type_)
 
 
 def _stable_uuid(name: str) -> str:
@@ -275,13 +276,17 @@ def _inspect() -> Graph:
     g.connect(ad, 0, ins, "adapter")
     prev = g.add("PreviewImage", (480, 130), (760, 620))
     g.connect(ins, 0, prev, "images")
+    text = g.add("PreviewAny", (1300, 130), (420, 360), title="What the adapter needs")
+    g.connect(ins, 1, text, "source")
     g.notes.append(("About this workflow",
         "## Inspect an adapter\n"
         "Plots the adapter's fusion weights per U-Net cross-attention layer (w_orig, w_new: the paper's "
-        "Figure 5) and its score weights g_l per LLM block.\n\n"
+        "Figure 5) and its score weights g_l per LLM block, and says what it needs in a graph: its base model, "
+        "its LLM, its mode, the CLIP layer and prompt length it was trained with.\n\n"
         f"Put adapters in **models/llmdiff/**. `{SD15_PAPER}` is a demo stand-in (`./run.sh --demo`): "
-        "its weights are made up.", (40, 420), (380, 220)))
-    g.groups += [("Adapter", "models", (20, 60, 420, 320)), ("Fusion weights", "output", (460, 60, 800, 710))]
+        "its weights are made up.", (40, 420), (380, 260)))
+    g.groups += [("Adapter", "models", (20, 60, 420, 320)), ("Fusion weights", "output", (460, 60, 800, 710)),
+                 ("Notes", "output", (1280, 60, 460, 450))]
     g.view = (0.9, (90, 60))
     return g
 
