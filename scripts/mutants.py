@@ -56,6 +56,7 @@ EMA_VALIDATION = ("tests/test_train_run.py::test_validation_samples_the_ema_weig
 LONG_CAPTIONS = ("tests/test_train_run.py::test_long_captions_are_truncated_with_one_warning_and_a_count",)
 CAPTIONS_AS_PROMPTS = ("tests/test_train_run.py::test_training_captions_reach_the_llm_and_clip_as_the_node_gives_them",)
 CLIP_LAST_LAYER = ("tests/test_train_run.py::test_clip_stop_at_layer_encodes_as_the_clip_set_last_layer_node",)
+RESUME_REFUSED = ("tests/test_train_run.py::test_resume_with_other_adapter_settings_or_models_is_refused_by_name",)
 CACHE_REFUSED = ("tests/test_train_run.py::test_a_feature_cache_made_with_other_settings_is_refused_by_name",)
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -213,6 +214,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "    if clip is None or not opts.clip_stop_at_layer:\n", "    if True:\n", CLIP_LAST_LAYER),
     Mutant("clip-stop-at-layer-not-in-the-cache-key", CORE + "training/runner.py",
            '            "clip_stop_at_layer": opts.clip_stop_at_layer}', "            }", CACHE_REFUSED),
+    Mutant("resume-settings-unchecked", CORE + "training/runner.py",
+           "              for name in FIXED_BY_THE_FILE if getattr(saved, name) != getattr(opts, name)]",
+           "              for name in () if getattr(saved, name) != getattr(opts, name)]", RESUME_REFUSED),
+    Mutant("resume-models-unchecked", CORE + "training/runner.py", "        check_checkpoint_fits(ckpt, components)\n",
+           "        pass\n", RESUME_REFUSED),
     Mutant("old-cache-format-read", CORE + "training/feature_cache.py",
            "    if version != CACHE_VERSION:\n", "    if False:\n", CACHE_REFUSED),
     Mutant("cache-format-checked-after-loading", CORE + "training/runner.py",

@@ -157,6 +157,37 @@ def test_resume_gives_the_uninterrupted_adapter(tmp_path: Path, frozen, monkeypa
 
 
 @pytest.mark.slow
+def test_resume_with_other_adapter_settings_or_models_is_refused_by_name(tmp_path: Path, frozen, monkeypatch) -> None:
+    """A checkpoint continues its own run: another encoding, original path or c0 would not fit its parameters or
+    would change what they mean (c0), and another base model or LLM would not fit them. The script says so
+    before any model loads (the settings), or before the first step (the models), and the checkpoint stays."""
+    from tiny_unets import tiny_sdxl
+
+    from llmdiff_core.errors import LLMDiffError
+
+    data = write_folder(tmp_path / "data", make_images(4))
+    opts = options(data, tmp_path / "out", max_steps=2, checkpoint_every=1)
+    assert runner.run_with(opts, components(frozen)) == 0
+    kept = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
+    for change, named in ((dict(original_path="llm"), "--original-path clip .this run: llm."),
+                          (dict(encoding="last"), "--encoding score .this run: last."),
+                          (dict(c0="zeros"), "--c0 embeddings .this run: zeros.")):
+        other = replace(opts, resume="latest", max_steps=3, **change)
+        with pytest.raises(LLMDiffError, match=f"was trained with {named}: resume with its settings"):
+            runner.run_with(other, components(frozen))
+    monkeypatch.setattr(runner, "load_components", lambda *a: pytest.fail("loaded the models"))
+    monkeypatch.setattr(runner, "make_accelerator", lambda opts: None)
+    with pytest.raises(LLMDiffError, match="--c0 embeddings"):
+        runner.run(replace(opts, resume="latest", c0="zeros"))
+    monkeypatch.undo()
+    sdxl = runner.Components(tiny_sdxl(), frozen["clip"], frozen["vae"], frozen["llm"], "tiny_sdxl", "tiny-llama")
+    with pytest.raises(LLMDiffError, match="does not fit this run's models. .*SD1.5.*SDXL"):
+        runner.run_with(replace(opts, resume="latest", max_steps=3), sdxl)
+    assert sorted((tmp_path / "out" / "checkpoints").glob("step-*")) == kept
+    assert runner.run_with(replace(opts, resume="latest", max_steps=3), components(frozen)) == 0  # its own: goes on
+
+
+@pytest.mark.slow
 def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen, monkeypatch) -> None:
     """The same losses; the cached batches are expanded on the device only up to their attended span's end
     (the short captions here reach 33 of the 64-token bucket), the on-the-fly ones are cut there."""

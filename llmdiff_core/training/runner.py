@@ -20,7 +20,7 @@ from .. import __version__
 from ..adapter import LLMDiffAdapter
 from ..config import AdapterConfig
 from ..dtypes import DTYPES
-from ..errors import LLMDiffError
+from ..errors import AdapterMismatchError, LLMDiffError
 from ..unet_sites import base_family, find_sites
 from . import checkpointing, feature_cache, previews
 from .data import Position, Source, StreamSpec, loader, open_source, SampleStream
@@ -129,6 +129,38 @@ def adopt_init_adapter(opts: TrainOptions) -> TrainOptions:
     return dataclasses.replace(opts, **changes) if changes else opts
 
 
+def check_resume_settings(opts: TrainOptions) -> None:
+    """--resume continues the run that wrote the checkpoint: an encoding, original path or c0 other than its own
+    would not fit its parameters (or change what they mean). Reads the checkpoint adapter's header only, so the
+    run stops before any model loads."""
+    ckpt = checkpointing.find_checkpoint(Path(opts.output_dir), opts.resume)
+    if ckpt is None:
+        return
+    from ..adapter_file import read_adapter_config
+
+    saved = read_adapter_config(ckpt / checkpointing.ADAPTER_FILE)
+    differ = [f"--{name.replace('_', '-')} {getattr(saved, name)} (this run: {getattr(opts, name)})"
+              for name in FIXED_BY_THE_FILE if getattr(saved, name) != getattr(opts, name)]
+    if differ:
+        raise LLMDiffError(f"--resume: the checkpoint {ckpt} was trained with {', '.join(differ)}: resume with its "
+                           "settings, or train the new ones in another --output-dir (--init-adapter starts from a "
+                           "finished adapter)")
+
+
+def check_checkpoint_fits(ckpt: Path, components: Components) -> None:
+    """The base model and the LLM a checkpoint was trained with, against the ones this run loaded."""
+    from ..adapter_file import read_adapter_config
+    from ..validation import check_adapter_matches_llm, check_adapter_matches_model
+
+    saved = read_adapter_config(ckpt / checkpointing.ADAPTER_FILE)
+    try:
+        check_adapter_matches_model(saved, components.model_patcher)
+        check_adapter_matches_llm(saved, components.spec)
+    except AdapterMismatchError as e:
+        raise LLMDiffError(f"--resume: the checkpoint {ckpt} does not fit this run's models. {e} Resume with the "
+                           "base model and LLM it was trained with, or train in another --output-dir") from None
+
+
 def _finished_cache_llm(opts: TrainOptions, world: int) -> Any:
     """The LLMSpec recorded in a finished feature cache, or None."""
     import json
@@ -208,6 +240,7 @@ def run(opts: TrainOptions) -> int:
     source = open_data(opts)
     if opts.cache_dir:
         feature_cache.check_format(Path(opts.cache_dir))
+    check_resume_settings(opts)
     accelerator = make_accelerator(opts)
     components = load_components(opts, accelerator)
     return run_with(opts, components, accelerator, source)
@@ -223,6 +256,7 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
 
     opts = adopt_init_adapter(opts)
     source = open_data(opts) if source is None else source
+    check_resume_settings(opts)
     accelerator = accelerator or make_accelerator(opts)
     out_dir = Path(opts.output_dir)
     device = accelerator.device
@@ -386,6 +420,7 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
     if opts.resume and ckpt is None:
         accelerator.print(f"--resume {opts.resume}: no checkpoint in {out_dir} yet, starting fresh")
     if ckpt is not None:
+        check_checkpoint_fits(ckpt, components)
         trainer.resume(ckpt)
     start: Position = trainer.state.position
     if cache_source is not None:
