@@ -222,7 +222,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("old-cache-format-read", CORE + "training/feature_cache.py",
            "    if version != CACHE_VERSION:\n", "    if False:\n", CACHE_REFUSED),
     Mutant("cache-format-checked-after-loading", CORE + "training/runner.py",
-           "        feature_cache.check_format(Path(opts.cache_dir))\n    accelerator", "        pass\n    accelerator",
+           "        feature_cache.check_format(Path(opts.cache_dir))\n    check_resume", "        pass\n    check_resume",
            CACHE_REFUSED),
     # the training objective and schedule
     Mutant("ema-decay-without-warm-up", CORE + "training/ema.py",
