@@ -56,7 +56,7 @@ EMA_VALIDATION = ("tests/test_train_run.py::test_validation_samples_the_ema_weig
 LONG_CAPTIONS = ("tests/test_train_run.py::test_long_captions_are_truncated_with_one_warning_and_a_count",)
 CAPTIONS_AS_PROMPTS = ("tests/test_train_run.py::test_training_captions_reach_the_llm_and_clip_as_the_node_gives_them",)
 CLIP_LAST_LAYER = ("tests/test_train_run.py::test_clip_stop_at_layer_encodes_as_the_clip_set_last_layer_node",)
-RESUME_REFUSED = ("tests/test_train_run.py::test_resume_with_other_adapter_settings_or_models_is_refused_by_name",)
+RESUME_REFUSED = ("tests/test_train_run.py::test_start_over_and_mismatched_resume_are_refused_by_name",)
 CACHE_REFUSED = ("tests/test_train_run.py::test_a_feature_cache_made_with_other_settings_is_refused_by_name",)
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -217,12 +217,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("resume-settings-unchecked", CORE + "training/runner.py",
            "              for name in FIXED_BY_THE_FILE if getattr(saved, name) != getattr(opts, name)]",
            "              for name in () if getattr(saved, name) != getattr(opts, name)]", RESUME_REFUSED),
+    Mutant("start-over-on-checkpoints", CORE + "training/runner.py", "        if earlier is not None:\n",
+           "        if False:\n", RESUME_REFUSED),
     Mutant("resume-models-unchecked", CORE + "training/runner.py", "        check_checkpoint_fits(ckpt, components)\n",
            "        pass\n", RESUME_REFUSED),
     Mutant("old-cache-format-read", CORE + "training/feature_cache.py",
            "    if version != CACHE_VERSION:\n", "    if False:\n", CACHE_REFUSED),
     Mutant("cache-format-checked-after-loading", CORE + "training/runner.py",
-           "        feature_cache.check_format(Path(opts.cache_dir))\n    check_resume", "        pass\n    check_resume",
+           "        feature_cache.check_format(Path(opts.cache_dir))\n    check_output_dir", "        pass\n    check_output_dir",
            CACHE_REFUSED),
     # the training objective and schedule
     Mutant("ema-decay-without-warm-up", CORE + "training/ema.py",

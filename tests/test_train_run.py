@@ -157,10 +157,11 @@ def test_resume_gives_the_uninterrupted_adapter(tmp_path: Path, frozen, monkeypa
 
 
 @pytest.mark.slow
-def test_resume_with_other_adapter_settings_or_models_is_refused_by_name(tmp_path: Path, frozen, monkeypatch) -> None:
+def test_start_over_and_mismatched_resume_are_refused_by_name(tmp_path: Path, frozen, monkeypatch) -> None:
     """A checkpoint continues its own run: another encoding, original path or c0 would not fit its parameters or
-    would change what they mean (c0), and another base model or LLM would not fit them. The script says so
-    before any model loads (the settings), or before the first step (the models), and the checkpoint stays."""
+    would change what they mean (c0), and another base model or LLM would not fit them; a run without --resume
+    would overwrite the checkpoints. The script says so before any model loads (the models: before the first
+    step), and the checkpoints stay."""
     from tiny_unets import tiny_sdxl
 
     from llmdiff_core.errors import LLMDiffError
@@ -183,6 +184,14 @@ def test_resume_with_other_adapter_settings_or_models_is_refused_by_name(tmp_pat
     sdxl = runner.Components(tiny_sdxl(), frozen["clip"], frozen["vae"], frozen["llm"], "tiny_sdxl", "tiny-llama")
     with pytest.raises(LLMDiffError, match="does not fit this run's models. .*SD1.5.*SDXL"):
         runner.run_with(replace(opts, resume="latest", max_steps=3), sdxl)
+    assert sorted((tmp_path / "out" / "checkpoints").glob("step-*")) == kept
+    # Forgetting --resume would overwrite and prune the earlier run's checkpoints: refused, before loading
+    monkeypatch.setattr(runner, "load_components", lambda *a: pytest.fail("loaded the models"))
+    monkeypatch.setattr(runner, "make_accelerator", lambda opts: None)
+    with pytest.raises(LLMDiffError, match="holds the checkpoints of an earlier run .the newest: step-00000002.: "
+                                           "--resume latest continues it"):
+        runner.run(replace(opts, max_steps=3))
+    monkeypatch.undo()
     assert sorted((tmp_path / "out" / "checkpoints").glob("step-*")) == kept
     assert runner.run_with(replace(opts, resume="latest", max_steps=3), components(frozen)) == 0  # its own: goes on
 
@@ -920,5 +929,5 @@ def test_init_adapter_starts_from_the_file_and_keeps_what_it_fixed(tmp_path: Pat
     monkeypatch.setattr(runner, "make_accelerator", lambda opts: None)
     monkeypatch.setattr(runner, "load_components", load)
     with pytest.raises(RuntimeError, match="stop after loading"):
-        runner.run(still)
+        runner.run(replace(still, output_dir=str(tmp_path / "again")))
     assert loaded_with == ["llm"]

@@ -129,10 +129,18 @@ def adopt_init_adapter(opts: TrainOptions) -> TrainOptions:
     return dataclasses.replace(opts, **changes) if changes else opts
 
 
-def check_resume_settings(opts: TrainOptions) -> None:
-    """--resume continues the run that wrote the checkpoint: an encoding, original path or c0 other than its own
-    would not fit its parameters (or change what they mean). Reads the checkpoint adapter's header only, so the
-    run stops before any model loads."""
+def check_output_dir(opts: TrainOptions) -> None:
+    """Before any model loads: a run without --resume does not start over in an output folder that holds another
+    run's checkpoints (it would overwrite and prune them); --resume continues the run that wrote the checkpoint,
+    so an encoding, original path or c0 other than its own (which would not fit its parameters, or change what
+    they mean) is refused. Reads the checkpoint adapter's header only."""
+    if not opts.resume:
+        earlier = checkpointing.find_checkpoint(Path(opts.output_dir), "latest")
+        if earlier is not None:
+            raise LLMDiffError(f"the output folder {opts.output_dir} holds the checkpoints of an earlier run (the newest: "
+                               f"{earlier.name}): --resume latest continues it; to start over, use another "
+                               f"--output-dir or delete {earlier.parent}")
+        return
     ckpt = checkpointing.find_checkpoint(Path(opts.output_dir), opts.resume)
     if ckpt is None:
         return
@@ -240,7 +248,7 @@ def run(opts: TrainOptions) -> int:
     source = open_data(opts)
     if opts.cache_dir:
         feature_cache.check_format(Path(opts.cache_dir))
-    check_resume_settings(opts)
+    check_output_dir(opts)
     accelerator = make_accelerator(opts)
     components = load_components(opts, accelerator)
     return run_with(opts, components, accelerator, source)
@@ -256,7 +264,7 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
 
     opts = adopt_init_adapter(opts)
     source = open_data(opts) if source is None else source
-    check_resume_settings(opts)
+    check_output_dir(opts)
     accelerator = accelerator or make_accelerator(opts)
     out_dir = Path(opts.output_dir)
     device = accelerator.device
