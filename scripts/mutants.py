@@ -57,6 +57,7 @@ LONG_CAPTIONS = ("tests/test_train_run.py::test_long_captions_are_truncated_with
 CAPTIONS_AS_PROMPTS = ("tests/test_train_run.py::test_training_captions_reach_the_llm_and_clip_as_the_node_gives_them",)
 CLIP_LAST_LAYER = ("tests/test_train_run.py::test_clip_stop_at_layer_encodes_as_the_clip_set_last_layer_node",)
 RESUME_REFUSED = ("tests/test_train_run.py::test_start_over_and_mismatched_resume_are_refused_by_name",)
+CACHE_STALE = ("tests/test_train_run.py::test_a_dataset_changed_since_its_cache_was_built_is_said",)
 CACHE_REFUSED = ("tests/test_train_run.py::test_a_feature_cache_made_with_other_settings_is_refused_by_name",)
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -221,6 +222,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "        if False:\n", RESUME_REFUSED),
     Mutant("resume-models-unchecked", CORE + "training/runner.py", "        check_checkpoint_fits(ckpt, components)\n",
            "        pass\n", RESUME_REFUSED),
+    Mutant("stale-cache-edits-unseen", CORE + "training/feature_cache.py", "    return now is not None and now != cached",
+           "    return False", CACHE_STALE),
     Mutant("old-cache-format-read", CORE + "training/feature_cache.py",
            "    if version != CACHE_VERSION:\n", "    if False:\n", CACHE_REFUSED),
     Mutant("cache-format-checked-after-loading", CORE + "training/runner.py",

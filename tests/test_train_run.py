@@ -262,6 +262,28 @@ def test_a_feature_cache_made_with_other_settings_is_refused_by_name(tmp_path: P
 
 
 @pytest.mark.slow
+def test_a_dataset_changed_since_its_cache_was_built_is_said(tmp_path: Path, frozen, caplog) -> None:
+    """A finished cache is what training reads: images added to the dataset afterwards, removed ones and edited
+    manifest captions are not trained on as they are now, which the run says (with counts and an example)."""
+    from train_support import write_jsonl
+
+    samples = make_images(4)
+    manifest = write_jsonl(tmp_path / "data", samples)
+    made = options(manifest, tmp_path / "made", cache_dir=str(tmp_path / "cache"), cache_only=True,
+                   image_root=str(tmp_path / "data" / "images"), max_steps=1)
+    assert runner.run_with(made, components(frozen)) == 0
+    caplog.set_level(logging.WARNING, logger="llmdiff.train")
+    assert runner.run_with(replace(made, cache_only=False, output_dir=str(tmp_path / "same")), components(frozen)) == 0
+    assert "changed since the feature cache" not in caplog.text
+    write_jsonl(tmp_path / "data", [samples[0], (samples[1][0], samples[1][1], "an edited caption")] + samples[3:]
+                + make_images(6, seed=1)[4:])  # img_002 gone; img_004, img_005 new
+    assert runner.run_with(replace(made, cache_only=False, output_dir=str(tmp_path / "changed")),
+                           components(frozen)) == 0
+    assert "the dataset changed since the feature cache" in caplog.text
+    assert "(2 entries added, 1 removed (e.g. img_002), 1 captions edited (e.g. img_001))" in caplog.text
+
+
+@pytest.mark.slow
 def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, frozen, monkeypatch) -> None:
     """Batches from the cache are prepared in a background thread (default): the same run as without it,
     and a stop + resume (the batch prepared ahead is dropped and read again) = the uninterrupted run."""

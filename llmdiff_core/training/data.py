@@ -122,6 +122,11 @@ class IndexedSource:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def usable_captions(self) -> dict[str, str | tuple[str, ...] | None]:
+        """key -> caption of every entry not known to be unusable; None for a caption still in its file (unread)."""
+        return {key: None if isinstance(caption, str) and caption.startswith("\0file:") else caption
+                for key, _, caption, problem in self._entries if problem is None}
+
     def entry(self, i: int) -> RawEntry:
         key, image, caption, problem = self._entries[i]
         if problem is not None:

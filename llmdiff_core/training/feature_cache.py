@@ -257,6 +257,31 @@ class CachedSource(IndexedSource):
         return RawEntry(key, index, load, caption)
 
 
+def changes_since_built(cached: CachedSource, source: Any) -> str | None:
+    """How a folder or manifest dataset differs from what a finished cache was built from: entries added or
+    removed, and the captions a manifest holds edited (a folder's caption files are not read again: that would
+    be a second pass over the dataset). None when nothing differs, or for shards (no index to compare)."""
+    if not isinstance(source, IndexedSource) or isinstance(source, CachedSource):
+        return None
+    cached_captions = {key: caption for _, key, _, _, caption, _ in cached.records}
+    usable = source.usable_captions()
+    skipped = sum(sum(json.loads(f.read_text(encoding="utf-8")).get("skipped", {}).get("counts", {}).values())
+                  for f in cached.dir.glob("index-rank*.json"))
+    removed = [k for k in cached_captions if k not in usable]
+    added = len([k for k in usable if k not in cached_captions]) - skipped  # (the build skipped some)
+    edited = [k for k, c in usable.items() if k in cached_captions and _caption_changed(c, cached_captions[k])]
+    said = ([f"{added} entries added"] if added > 0 else []) + \
+           ([f"{len(removed)} removed (e.g. {removed[0]})"] if removed else []) + \
+           ([f"{len(edited)} captions edited (e.g. {edited[0]})"] if edited else [])
+    return ", ".join(said) or None
+
+
+def _caption_changed(now: str | tuple[str, ...] | None, cached: str) -> bool:
+    if isinstance(now, tuple):  # several captions: the cache holds one of them
+        return cached not in now
+    return now is not None and now != cached
+
+
 def decode_cached(entry: RawEntry, spec: StreamSpec, epoch: int, position: int) -> CachedSample:
     tensors, size = entry.load()  # type: ignore[misc]
     return CachedSample(entry.key, entry.index, epoch, position, entry.caption or "", size, tensors)

@@ -404,6 +404,11 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
             accelerator.print(f"feature cache complete in {cache_dir}")
             return 0
         cache_source = feature_cache.CachedSource(cache_dir)
+        changed = feature_cache.changes_since_built(cache_source, source) if accelerator.is_main_process else None
+        if changed:
+            log.warning("the dataset changed since the feature cache in %s was built (%s): training reads the cache "
+                        "as it is; to train on the dataset as it is now, build the cache again in a new --cache-dir",
+                        cache_dir, changed)
         empty = feature_cache.load_empty(cache_dir, cspec)
 
         pin = device.type == "cuda"  # page-locked batches: asynchronous host->device copies
