@@ -264,7 +264,7 @@ def test_truncate_cuts_and_warns(llms: dict[str, LoadedLLM], caplog: pytest.LogC
     torch.testing.assert_close(cut.scores[0], full.scores[0, :, :8], atol=1e-5, rtol=1e-5)
 
 
-def test_bad_arguments(llms: dict[str, LoadedLLM]) -> None:
+def test_bad_arguments(llms: dict[str, LoadedLLM], monkeypatch) -> None:
     loaded = llms["gpt2"]
     with pytest.raises(LLMDiffError, match="overflow"):
         encode(loaded, ["x"], overflow="wrap")
@@ -272,6 +272,12 @@ def test_bad_arguments(llms: dict[str, LoadedLLM]) -> None:
         encode(loaded, [])
     with pytest.raises(LLMDiffError, match="positions"):
         encode(loaded, ["x"], max_tokens=10_000)
+    with pytest.raises(LLMDiffError, match="max_tokens must be at least 1 .the BOS token., got 0"):
+        encode(loaded, ["x"], max_tokens=0)
+    # an attention the [causal; diagonal] mask cannot reach (its own kernels take no 4-D mask)
+    monkeypatch.setattr(loaded.text_config, "_attn_implementation", "flash_attention_2", raising=False)
+    with pytest.raises(LLMDiffError, match="uses attention 'flash_attention_2'; the score encoding needs one of"):
+        encode(loaded, ["x"])
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
