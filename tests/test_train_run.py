@@ -878,6 +878,10 @@ def test_clip_stop_at_layer_encodes_as_the_clip_set_last_layer_node(tmp_path: Pa
     assert read_adapter_config(tmp_path / "run" / run.export_name).training["clip_stop_at_layer"] == -2
     unchanged = FrozenEncoders(None, None, frozen["clip"], 32, need_clip=True, need_pooled=False).clip_texts(texts)[0]
     torch.testing.assert_close(unchanged, default, rtol=0, atol=0)
+    # fine-tuning that adapter keeps its CLIP layer, unless the flag asks for another
+    tuned = options(data, tmp_path / "tuned", init_adapter=str(tmp_path / "run" / run.export_name))
+    assert runner.adopt_init_adapter(tuned).clip_stop_at_layer == -2
+    assert runner.adopt_init_adapter(replace(tuned, clip_stop_at_layer=-1)).clip_stop_at_layer == -1
 
 
 @pytest.mark.slow

@@ -110,8 +110,8 @@ FIXED_BY_THE_FILE = ("encoding", "original_path", "c0")
 
 def adopt_init_adapter(opts: TrainOptions) -> TrainOptions:
     """With --init-adapter, the run takes the file's encoding, original path and c0; a flag that says otherwise
-    gives way (a warning where it was not the default). Reads the header only, so a wrong or damaged file stops
-    the run before any model loads."""
+    gives way (a warning where it was not the default). Its CLIP layer too, unless --clip-stop-at-layer is given.
+    Reads the header only, so a wrong or damaged file stops the run before any model loads."""
     if not opts.init_adapter:
         return opts
     from ..adapter_file import read_adapter_config
@@ -126,6 +126,16 @@ def adopt_init_adapter(opts: TrainOptions) -> TrainOptions:
             level = logging.INFO if ours == defaults[name] else logging.WARNING
             log.log(level, "--init-adapter %s was trained with --%s %s: this run keeps that (not %s)",
                     os.path.basename(opts.init_adapter), name.replace("_", "-"), theirs, ours)
+    # CLIP's last layer is the file's too unless asked otherwise: its original path learned against that CLIP
+    layer = int(config.training.get("clip_stop_at_layer", 0))
+    if layer != opts.clip_stop_at_layer:
+        if opts.clip_stop_at_layer == 0:
+            changes["clip_stop_at_layer"] = layer
+            log.info("--init-adapter %s was trained with --clip-stop-at-layer %d: this run keeps that",
+                     os.path.basename(opts.init_adapter), layer)
+        else:
+            log.warning("--init-adapter %s was trained with --clip-stop-at-layer %d; this run uses %d, as asked",
+                        os.path.basename(opts.init_adapter), layer, opts.clip_stop_at_layer)
     return dataclasses.replace(opts, **changes) if changes else opts
 
 
