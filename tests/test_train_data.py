@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmdiff_core.errors import LLMDiffError
-from llmdiff_core.training import data as D
+from llmdiff_core.training import data as D, sources as S
 from llmdiff_core.training.options import OptionsError, build_parser, parse_options
 from train_support import make_images, write_csv, write_folder, write_jsonl, write_tars
 
@@ -33,12 +33,12 @@ def samples():
 
 def test_every_format_yields_the_same_samples(tmp_path: Path, samples) -> None:
     sources = {
-        "folder": D.open_source(str(write_folder(tmp_path / "f", samples))),
-        "jsonl": D.open_source(str(write_jsonl(tmp_path / "j", samples)), image_root=str(tmp_path / "j" / "images")),
-        "csv": D.open_source(str(write_csv(tmp_path / "c", samples))),
-        "tar": D.open_source(str(write_tars(tmp_path / "t", samples, per_shard=3))),
-        "tar-json": D.open_source(str(write_tars(tmp_path / "tj", samples, per_shard=2, json_captions=True))),
-        "tar-pattern": D.open_source(str(tmp_path / "t" / "shard-{000..002}.tar")),
+        "folder": S.open_source(str(write_folder(tmp_path / "f", samples))),
+        "jsonl": S.open_source(str(write_jsonl(tmp_path / "j", samples)), image_root=str(tmp_path / "j" / "images")),
+        "csv": S.open_source(str(write_csv(tmp_path / "c", samples))),
+        "tar": S.open_source(str(write_tars(tmp_path / "t", samples, per_shard=3))),
+        "tar-json": S.open_source(str(write_tars(tmp_path / "tj", samples, per_shard=2, json_captions=True))),
+        "tar-pattern": S.open_source(str(tmp_path / "t" / "shard-{000..002}.tar")),
     }
     runs = {name: _one_pass(src) for name, src in sources.items()}
     ref = runs["folder"]
@@ -58,7 +58,7 @@ def test_broken_entries_are_skipped_and_counted(tmp_path: Path, samples) -> None
     (root / "img_001.png").write_bytes(b"not a png at all")  # corrupt image
     (root / "img_002.txt").unlink()  # missing caption
     (root / "img_003.png").write_bytes((root / "img_003.png").read_bytes()[:60])  # truncated file
-    items = _one_pass(D.open_source(str(root)))
+    items = _one_pass(S.open_source(str(root)))
     problems = {it.key: it.problem for it in items if it.problem}
     assert set(problems) == {"img_001", "img_002", "img_003"}
     assert problems["img_002"] == "missing caption"
@@ -76,7 +76,7 @@ def test_broken_entries_are_skipped_and_counted(tmp_path: Path, samples) -> None
         json.dumps({"caption": "no image"}),
         json.dumps({"image": str(root / "missing.png"), "caption": "gone"}),
     ]) + "\n")
-    items = _one_pass(D.open_source(str(manifest)))
+    items = _one_pass(S.open_source(str(manifest)))
     assert [it.problem is None for it in items] == [True, False, False, False, False]
     assert "bad JSON" in items[1].problem and items[2].problem == "missing caption"
 
@@ -88,7 +88,7 @@ def test_broken_entries_are_skipped_and_counted(tmp_path: Path, samples) -> None
         import io
         tf.addfile(info, io.BytesIO(png))
     (tars / "shard-009.tar").write_bytes(b"garbage, not a tar")
-    items = _one_pass(D.open_source(str(tars)))
+    items = _one_pass(S.open_source(str(tars)))
     bad = {it.key: it.problem for it in items if it.problem}
     assert bad["lonely"] == "missing caption"
     assert any("unreadable shard" in p for p in bad.values())
@@ -103,7 +103,7 @@ def _member_offsets(shard: Path) -> dict[str, tuple[int, int]]:
 def test_a_cut_off_shard_keeps_what_was_read_and_says_so(tmp_path: Path, samples) -> None:
     """A partial download: the entries before the cut train, the shard is counted as damaged, nothing raises."""
     def read(tars: Path, pattern: str = "") -> dict[str, str | None]:
-        items = _one_pass(D.open_source(str(tars / pattern) if pattern else str(tars)))
+        items = _one_pass(S.open_source(str(tars / pattern) if pattern else str(tars)))
         return {it.key.replace(str(tars), "<dir>"): it.problem for it in items}
 
     tars = write_tars(tmp_path / "t", samples, per_shard=4)
@@ -155,8 +155,8 @@ def test_manifests_and_captions_with_a_byte_order_mark_read_as_plain_utf8(tmp_pa
             m.size = len(data)
             tf.addfile(m, io.BytesIO(data))
     images = str(jsonl_path.parent / "images")
-    for source in (D.open_source(str(csv_path)), D.open_source(str(jsonl_path), image_root=images),
-                   D.open_source(str(folder)), D.open_source(str(tars))):
+    for source in (S.open_source(str(csv_path)), S.open_source(str(jsonl_path), image_root=images),
+                   S.open_source(str(folder)), S.open_source(str(tars))):
         items = _one_pass(source)
         assert [(it.key, it.problem, it.caption) for it in items] == [(k, None, c) for k, _, c in samples[:3]], source
 
@@ -165,7 +165,7 @@ def test_a_manifest_in_another_encoding_is_refused_by_name(tmp_path: Path, sampl
     for path in (write_csv(tmp_path / "c", samples[:2]), write_jsonl(tmp_path / "j", samples[:2])):
         path.write_bytes(path.read_bytes().replace(b"red", "r\u00e9d".encode("latin-1")))  # a Latin-1 "é"
         with pytest.raises(LLMDiffError, match="is not UTF-8 text .*byte 0xe9.*save it as UTF-8") as info:
-            D.open_source(str(path))
+            S.open_source(str(path))
         assert str(path) in str(info.value)
 
 
@@ -176,30 +176,30 @@ def test_a_dataset_without_one_usable_entry_is_refused_at_the_start_with_the_lik
     folder = write_folder(tmp_path / "f", samples[:3])
     for txt in folder.glob("*.txt"):
         txt.rename(txt.with_suffix(".caption"))  # kohya's sd-scripts' name: read as well
-    items = _one_pass(D.open_source(str(folder)))
+    items = _one_pass(S.open_source(str(folder)))
     assert [(it.key, it.problem, it.caption) for it in items] == [(k, None, c) for k, _, c in samples[:3]]
     for caption in folder.glob("*.caption"):
         caption.rename(caption.with_suffix(".md"))
     with pytest.raises(LLMDiffError, match="has 3 images but not one caption: each image needs a same-name caption "
                                            "file beside it \\(.txt or .caption"):
-        D.open_source(str(folder))
+        S.open_source(str(folder))
 
     manifest = tmp_path / "m.csv"
     manifest.write_text("filename,description\n" + "".join(f"{folder / k}.png,{c}\n" for k, _, c in samples[:3]))
     with pytest.raises(LLMDiffError, match="not one line of .* can be used \\(3 x manifest line has no image path\\)"
                                            "\\. Its fields are filename, description: name the one to use with "
                                            "--image-column \\(by default the first of image, file_name"):
-        D.open_source(str(manifest))
+        S.open_source(str(manifest))
     with pytest.raises(LLMDiffError, match="\\(3 x missing caption\\)\\. Its fields are filename, description: "
                                            "name the one to use with --caption-column"):
-        D.open_source(str(manifest), image_column="filename")
-    items = _one_pass(D.open_source(str(manifest), image_column="filename", caption_column="description"))
+        S.open_source(str(manifest), image_column="filename")
+    items = _one_pass(S.open_source(str(manifest), image_column="filename", caption_column="description"))
     assert [(it.problem, it.caption) for it in items] == [(None, c) for _, _, c in samples[:3]]
 
     lines = tmp_path / "m.jsonl"
     lines.write_text("".join(json.dumps({"img": f"{folder / k}.png", "caption": c}) + "\n" for k, _, c in samples[:3]))
     with pytest.raises(LLMDiffError, match="Its fields are img, caption: name the one to use with --image-column"):
-        D.open_source(str(lines))
+        S.open_source(str(lines))
 
 
 def test_a_list_of_captions_gives_one_of_them_per_epoch(tmp_path: Path, samples) -> None:
@@ -220,7 +220,7 @@ def test_a_list_of_captions_gives_one_of_them_per_epoch(tmp_path: Path, samples)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
 
-    source = D.open_source(str(lines), image_root=str(lines.parent / "images"))
+    source = S.open_source(str(lines), image_root=str(lines.parent / "images"))
     drawn = []
     for epoch in range(12):
         spec = D.StreamSpec(seed=0, shuffle=False, resolution=RES, epochs=epoch + 1)
@@ -229,7 +229,7 @@ def test_a_list_of_captions_gives_one_of_them_per_epoch(tmp_path: Path, samples)
                                                           ("img_002", "missing caption")]
         assert items[1].caption == "only this one"
         drawn.append(items[0].caption)
-        from_tar = [it for it in D.iterate(D.open_source(str(tars)), spec, D.Position()) if it.epoch == epoch]
+        from_tar = [it for it in D.iterate(S.open_source(str(tars)), spec, D.Position()) if it.epoch == epoch]
         assert from_tar[0].caption == items[0].caption  # (the draw follows the sample's key, not the format)
     assert set(drawn) <= set(several) and len(set(drawn)) > 1, drawn
 
@@ -246,7 +246,7 @@ def test_a_missing_dataset_is_named_before_any_model_loads(tmp_path: Path, monke
 
 
 def test_order_is_resumable_sharded_and_worker_independent(tmp_path: Path, samples) -> None:
-    src = D.open_source(str(write_folder(tmp_path / "f", samples)))
+    src = S.open_source(str(write_folder(tmp_path / "f", samples)))
     spec = D.StreamSpec(seed=3, shuffle=True, resolution=RES)
     stream = D.iterate(src, spec, D.Position())
     first = [next(stream) for _ in range(17)]  # crosses two epoch boundaries (7 per epoch)
@@ -267,7 +267,7 @@ def test_order_is_resumable_sharded_and_worker_independent(tmp_path: Path, sampl
 
 
 def test_tar_shards_split_by_process(tmp_path: Path, samples) -> None:
-    src = D.open_source(str(write_tars(tmp_path / "t", samples, per_shard=2)))  # 4 shards
+    src = S.open_source(str(write_tars(tmp_path / "t", samples, per_shard=2)))  # 4 shards
     keys = []
     for rank in range(2):
         spec = D.StreamSpec(seed=0, shuffle=True, resolution=RES, rank=rank, world=2, epochs=1, shuffle_buffer=3)

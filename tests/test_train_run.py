@@ -94,9 +94,9 @@ def eval_loss(adapter, frozen, data: Path, n_draws: int = 6) -> float:
     patched = patch_for_training(comps.model_patcher, adapter)
     module = loop.TrainModule(adapter, patched, adapter.config.llm, "eps", 0.0, adapter.config.context_dim,
                               langevin_noise=False)
-    from llmdiff_core.training import data as D, objective
+    from llmdiff_core.training import data as D, objective, sources
 
-    items = list(D.iterate(D.open_source(str(data)), D.StreamSpec(seed=0, shuffle=False, resolution=RES, epochs=1),
+    items = list(D.iterate(sources.open_source(str(data)), D.StreamSpec(seed=0, shuffle=False, resolution=RES, epochs=1),
                            D.Position()))
     enc = FrozenEncoders(comps.vae, comps.llm, comps.clip, 32, need_clip=True, need_pooled=False)
     cond = enc.encode([i.key for i in items], torch.stack([i.pixels for i in items]), [i.caption for i in items],

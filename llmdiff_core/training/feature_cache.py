@@ -34,7 +34,8 @@ from ..config import AdapterConfig
 from ..dtypes import DTYPES
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
-from .data import IndexedSource, Item, Position, RawEntry, SampleStream, SkipCounter, StreamSpec, loader
+from .data import Item, Position, SampleStream, SkipCounter, StreamSpec, loader
+from .sources import IndexedSource, RawEntry
 from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
 from .stored_tensor import StoredTensor, read_all, stored_tensors
 

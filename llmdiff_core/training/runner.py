@@ -23,7 +23,8 @@ from ..dtypes import DTYPES
 from ..errors import AdapterMismatchError, LLMDiffError
 from ..unet_sites import base_family, find_sites
 from . import checkpointing, feature_cache, previews
-from .data import Position, Source, StreamSpec, loader, open_source, SampleStream
+from .data import Position, SampleStream, StreamSpec, loader
+from .sources import Source, open_source
 from .encoders import Conditioning, FrozenEncoders
 from .float8_linears import use_float8_linears
 from .loop import Trainer, TrainingStopped, TrainModule
