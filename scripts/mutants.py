@@ -194,7 +194,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("manifest-bom-kept", CORE + "training/sources.py", 'with open(path, encoding="utf-8-sig", newline="")',
            'with open(path, encoding="utf-8", newline="")', TRAIN_DATA),
     Mutant("dataset-checked-after-the-models-load", CORE + "training/runner.py",
-           "    source = open_data(opts)\n    if opts.cache_dir", "    source = None\n    if opts.cache_dir", TRAIN_DATA),
+           "    source = open_data(opts) if source is None else source\n", "    source = None\n", TRAIN_DATA),
     # long training captions: one warning and a count, not a warning each (session 25)
     Mutant("every-long-caption-warns", CORE + "encoding.py", "            if truncated is None:\n",
            "            if True:\n", LONG_CAPTIONS),
@@ -205,7 +205,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "                    self.adapter.load_state_dict(backup)", "                    pass", EMA_VALIDATION),
     # fine-tuning from an adapter file (session 25)
     Mutant("init-adapter-read-after-loading", CORE + "training/runner.py",
-           "    opts = adopt_init_adapter(opts)  # (whether CLIP", "    pass  # (whether CLIP", INIT_ADAPTER),
+           "    opts, source = checked_before_loading(opts)  # (whether CLIP",
+           "    source = open_data(opts)  # (whether CLIP", INIT_ADAPTER),
     Mutant("init-adapter-keeps-its-token-bucket", CORE + "training/runner.py",
            "adapter.config = dataclasses.replace(adapter.config, max_tokens=opts.max_tokens)", "pass", INIT_ADAPTER),
     # training captions as the node's prompts (session 26)
@@ -229,8 +230,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("old-cache-format-read", CORE + "training/feature_cache.py",
            "    if version != CACHE_VERSION:\n", "    if False:\n", CACHE_REFUSED),
     Mutant("cache-format-checked-after-loading", CORE + "training/runner.py",
-           "        feature_cache.check_format(Path(opts.cache_dir))\n    check_output_dir", "        pass\n    check_output_dir",
-           CACHE_REFUSED),
+           "        feature_cache.check_format(Path(opts.cache_dir))\n    check_output_dir",
+           "        pass\n    check_output_dir", CACHE_REFUSED),
     # the training objective and schedule
     Mutant("ema-decay-without-warm-up", CORE + "training/ema.py",
            "d = min(self.decay, (1 + self.updates) / (10 + self.updates))", "d = self.decay", OBJECTIVE),

@@ -148,8 +148,8 @@ def check_output_dir(opts: TrainOptions) -> None:
     if not opts.resume:
         earlier = checkpointing.find_checkpoint(Path(opts.output_dir), "latest")
         if earlier is not None:
-            raise LLMDiffError(f"the output folder {opts.output_dir} holds the checkpoints of an earlier run (the newest: "
-                               f"{earlier.name}): --resume latest continues it; to start over, use another "
+            raise LLMDiffError(f"the output folder {opts.output_dir} holds the checkpoints of an earlier run (the "
+                               f"newest: {earlier.name}): --resume latest continues it; to start over, use another "
                                f"--output-dir or delete {earlier.parent}")
         return
     ckpt = checkpointing.find_checkpoint(Path(opts.output_dir), opts.resume)
@@ -253,16 +253,21 @@ def last_layer_set(clip: Any, opts: TrainOptions) -> Any:
 
 def run(opts: TrainOptions) -> int:
     """The script: load through ComfyUI, train, export. Returns the process exit code."""
-    # The adapter file, the dataset and the cache's format are checked before the models load (minutes for SDXL
-    # and an 8B LLM)
-    opts = adopt_init_adapter(opts)  # (whether CLIP is needed follows the file's mode)
-    source = open_data(opts)
-    if opts.cache_dir:
-        feature_cache.check_format(Path(opts.cache_dir))
-    check_output_dir(opts)
+    opts, source = checked_before_loading(opts)  # (whether CLIP is needed follows an --init-adapter's mode)
     accelerator = make_accelerator(opts)
     components = load_components(opts, accelerator)
     return run_with(opts, components, accelerator, source)
+
+
+def checked_before_loading(opts: TrainOptions, source: Source | None = None) -> tuple[TrainOptions, Source]:
+    """What can be checked before the models load (minutes for SDXL and an 8B LLM): the --init-adapter file, the
+    dataset, the feature cache's format and the output folder. Returns the options the file fixes, and the data."""
+    opts = adopt_init_adapter(opts)
+    source = open_data(opts) if source is None else source
+    if opts.cache_dir:
+        feature_cache.check_format(Path(opts.cache_dir))
+    check_output_dir(opts)
+    return opts, source
 
 
 def open_data(opts: TrainOptions) -> Source:
@@ -273,9 +278,7 @@ def open_data(opts: TrainOptions) -> Source:
 def run_with(opts: TrainOptions, components: Components, accelerator: Any = None, source: Source | None = None) -> int:
     import comfy.model_management as mm
 
-    opts = adopt_init_adapter(opts)
-    source = open_data(opts) if source is None else source
-    check_output_dir(opts)
+    opts, source = checked_before_loading(opts, source)
     accelerator = accelerator or make_accelerator(opts)
     out_dir = Path(opts.output_dir)
     device = accelerator.device
