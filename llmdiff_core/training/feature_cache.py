@@ -269,9 +269,11 @@ def changes_since_built(cached: CachedSource, source: Any) -> str | None:
     skipped = sum(sum(json.loads(f.read_text(encoding="utf-8")).get("skipped", {}).get("counts", {}).values())
                   for f in cached.dir.glob("index-rank*.json"))
     removed = [k for k in cached_captions if k not in usable]
-    added = len([k for k in usable if k not in cached_captions]) - skipped  # (the build skipped some)
+    # Usable entries the cache lacks are new, or were skipped by the build (whose keys the index does not keep):
+    # a lower bound when it skipped any.
+    added = len([k for k in usable if k not in cached_captions]) - skipped
     edited = [k for k, c in usable.items() if k in cached_captions and _caption_changed(c, cached_captions[k])]
-    said = ([f"{added} entries added"] if added > 0 else []) + \
+    said = ([f"{'at least ' if skipped else ''}{added} entries added"] if added > 0 else []) + \
            ([f"{len(removed)} removed (e.g. {removed[0]})"] if removed else []) + \
            ([f"{len(edited)} captions edited (e.g. {edited[0]})"] if edited else [])
     return ", ".join(said) or None
