@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from .config import AdapterConfig
+from .unet_sites import describe_sites, family_label
 
-BASE_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 # The training summary's fields worth a user's eye, in this order, with their labels.
 TRAINING_FIELDS = (("steps", "steps"), ("global_batch", "global batch"), ("lr", "lr"), ("resolution", "resolution"),
                    ("mixed_precision", "precision"), ("ema_decay", "EMA decay"), ("data", "data"),
@@ -19,10 +19,9 @@ TRAINING_FIELDS = (("steps", "steps"), ("global_batch", "global batch"), ("lr", 
 
 
 def adapter_notes(config: AdapterConfig) -> str:
-    base = BASE_NAMES.get(config.base, config.base)
-    llm = config.llm
-    lines = [f"Base model: {base} ({len(config.sites)} cross-attention layers): use it with {base} checkpoints.",
-             f"LLM: {llm.describe()}: load that LLM (or a fine-tune of the same shape) in LLM Loader (LLMDiff).",
+    lines = [f"Base model: {describe_sites(config.base, config.sites)}: use it with {family_label(config.base)} "
+             "checkpoints.",
+             f"LLM: {config.llm.describe()}: load that LLM (or a fine-tune of the same shape) in LLM Loader (LLMDiff).",
              _mode_line(config),
              f"Encoding: {config.encoding} (c0: {config.c0}); trained on prompts of up to {config.max_tokens} LLM "
              f"tokens (Text Encode's max_tokens)."]

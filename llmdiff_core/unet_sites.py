@@ -53,7 +53,13 @@ def base_family(model: Any) -> str:
     return config_cls.__name__.lower()
 
 
+FAMILY_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd20": "SD2.x", "sd21unclipl": "SD2.1 unCLIP"}
+
+
+def family_label(family: str) -> str:
+    return FAMILY_LABELS.get(family, family)
+
+
 def describe_sites(family: str, sites: list[SiteSpec]) -> str:
     ctx = sorted({s.context_dim for s in sites})
-    label = {"sd15": "SD1.5", "sdxl": "SDXL", "sd20": "SD2.x", "sd21unclipl": "SD2.1 unCLIP"}.get(family, family)
-    return f"{label} ({len(sites)} cross-attention layers, context width {'/'.join(map(str, ctx))})"
+    return f"{family_label(family)} ({len(sites)} cross-attention layers, context width {'/'.join(map(str, ctx))})"

@@ -223,7 +223,8 @@ def test_inspect_node_plots_the_gates_and_says_what_the_adapter_needs(llm, model
     (adapter,) = run("LLMDiffAdapterLoader", adapter_name=name)
     image, notes = run("LLMDiffInspect", adapter=adapter, width=512, height=384)
     assert image.shape == (1, 384, 512, 3) and image.std() > 0
-    assert "Base model: SD1.5 (16 cross-attention layers)" in notes and "LLM: tiny-llama (llama" in notes
+    assert "Base model: SD1.5 (16 cross-attention layers, context width 64)" in notes
+    assert "LLM: tiny-llama (llama" in notes
     assert "Mode: hybrid (clip)" in notes and "up to 128 LLM tokens" in notes
     assert "CLIP Set Last Layer node set to -2" in notes
     assert "Training: steps 1200, lr 0.0001, data pets." in notes
