@@ -213,7 +213,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("training-captions-keep-their-weights", CORE + "training/encoders.py",
            "[strip_prompt_weights(t) for t in texts]", "texts", CAPTIONS_AS_PROMPTS),
     Mutant("clip-stop-at-layer-ignored", CORE + "training/runner.py",
-           "    if clip is None or not opts.clip_stop_at_layer:\n", "    if True:\n", CLIP_LAST_LAYER),
+           "    if clip is None or not stop_at_layer:\n", "    if True:\n", CLIP_LAST_LAYER),
     Mutant("init-adapter-drops-its-clip-layer", CORE + "training/runner.py",
            '            changes["clip_stop_at_layer"] = layer\n', "            pass\n", CLIP_LAST_LAYER),
     Mutant("clip-stop-at-layer-not-in-the-cache-key", CORE + "training/runner.py",

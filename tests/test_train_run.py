@@ -865,13 +865,12 @@ def test_clip_stop_at_layer_encodes_as_the_clip_set_last_layer_node(tmp_path: Pa
     texts = ["a red cube", "a (blue:1.2) ball"]
     skipped_clip = comfy_nodes.CLIPSetLastLayer().set_last_layer(frozen["clip"], -2)[0]
     node = torch.cat([skipped_clip.encode_from_tokens(skipped_clip.tokenize(t)) for t in texts]).float()
-    opts = options(tmp_path, tmp_path / "out", clip_stop_at_layer=-2)
-    trained = FrozenEncoders(None, None, runner.last_layer_set(frozen["clip"], opts), 32, need_clip=True,
+    trained = FrozenEncoders(None, None, runner.last_layer_set(frozen["clip"], -2), 32, need_clip=True,
                              need_pooled=False).clip_texts(texts)[0]
     torch.testing.assert_close(trained, node, rtol=0, atol=0)
     default = FrozenEncoders(None, None, frozen["clip"], 32, need_clip=True, need_pooled=False).clip_texts(texts)[0]
     assert not torch.allclose(default, trained)  # the CLIP given is unchanged, and the layer matters
-    assert runner.last_layer_set(frozen["clip"], replace(opts, clip_stop_at_layer=0)) is frozen["clip"]
+    assert runner.last_layer_set(frozen["clip"], 0) is frozen["clip"]
 
     data = write_folder(tmp_path / "data", make_images(2))
     run = options(data, tmp_path / "run", clip_stop_at_layer=-2, max_steps=1)

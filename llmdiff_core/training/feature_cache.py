@@ -228,12 +228,14 @@ class CachedSource(IndexedSource):
 
     def __init__(self, cache_dir: Path) -> None:
         self.dir = Path(cache_dir)
+        self.skipped_at_build = 0  # entries the build passed over, every process's
         records: list[tuple[int, str, str, int, str, list[int]]] = []
         for idx_file in sorted(self.dir.glob("index-rank*.json")):
             index = json.loads(idx_file.read_text(encoding="utf-8"))
             if not index.get("complete"):
                 raise LLMDiffError(f"the feature cache in '{self.dir}' is not finished ({idx_file.name}): run with "
                                    f"--cache-only first, or without it to build and train")
+            self.skipped_at_build += sum(index.get("skipped", {}).get("counts", {}).values())
             for shard in index.get("shards", []):
                 with safetensors.safe_open(str(self.dir / shard["file"]), framework="pt") as f:
                     meta = json.loads(f.metadata()["samples"])
@@ -266,8 +268,7 @@ def changes_since_built(cached: CachedSource, source: Any) -> str | None:
         return None
     cached_captions = {key: caption for _, key, _, _, caption, _ in cached.records}
     usable = source.usable_captions()
-    skipped = sum(sum(json.loads(f.read_text(encoding="utf-8")).get("skipped", {}).get("counts", {}).values())
-                  for f in cached.dir.glob("index-rank*.json"))
+    skipped = cached.skipped_at_build
     removed = [k for k in cached_captions if k not in usable]
     # Usable entries the cache lacks are new, or were skipped by the build (whose keys the index does not keep):
     # a lower bound when it skipped any.

@@ -242,12 +242,13 @@ def _fingerprint(opts: TrainOptions, components: Components, resolution: int) ->
             "clip_stop_at_layer": opts.clip_stop_at_layer}
 
 
-def last_layer_set(clip: Any, opts: TrainOptions) -> Any:
-    """The checkpoint's CLIP as `CLIP Set Last Layer` leaves it (a clone: the caller's CLIP is not changed)."""
-    if clip is None or not opts.clip_stop_at_layer:
+def last_layer_set(clip: Any, stop_at_layer: int) -> Any:
+    """The checkpoint's CLIP as `CLIP Set Last Layer` leaves it (a clone: the caller's CLIP is not changed);
+    0 = as it is."""
+    if clip is None or not stop_at_layer:
         return clip
     clip = clip.clone()
-    clip.clip_layer(opts.clip_stop_at_layer)
+    clip.clip_layer(stop_at_layer)
     return clip
 
 
@@ -363,7 +364,8 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
     if opts.clip_stop_at_layer and adapter.config.original_path != "clip":
         log.warning("--clip-stop-at-layer %d: paper mode does not use CLIP (only validation's base-model column does)",
                     opts.clip_stop_at_layer)
-    encoders = FrozenEncoders(components.vae, components.llm, last_layer_set(components.clip, opts), opts.max_tokens,
+    clip = last_layer_set(components.clip, opts.clip_stop_at_layer)
+    encoders = FrozenEncoders(components.vae, components.llm, clip, opts.max_tokens,
                               need_clip=adapter.config.original_path == "clip", need_pooled=family == "sdxl")
     spec = StreamSpec(seed=opts.seed, shuffle=opts.shuffle, rank=accelerator.process_index,
                       world=accelerator.num_processes, shuffle_buffer=opts.shuffle_buffer, resolution=resolution,
