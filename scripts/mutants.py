@@ -59,6 +59,8 @@ CLIP_LAST_LAYER = ("tests/test_train_run.py::test_clip_stop_at_layer_encodes_as_
 RESUME_REFUSED = ("tests/test_train_run.py::test_start_over_and_mismatched_resume_are_refused_by_name",)
 CACHE_STALE = ("tests/test_train_run.py::test_a_dataset_changed_since_its_cache_was_built_is_said",)
 CACHE_REFUSED = ("tests/test_train_run.py::test_a_feature_cache_made_with_other_settings_is_refused_by_name",)
+BUCKETS = ("tests/test_train_run.py::test_aspect_buckets_train_batches_of_one_size_resume_exactly_and_cache_the_same",)
+SDXL_SIZES = ("tests/test_sdxl_hybrid.py::test_sdxl_size_conditioning_passes_each_image_s_size_and_crop_by_name",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # the score encoding (DESIGN.md §1.1)
@@ -150,8 +152,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "parts = [clip[i] for i, d in enumerate(drop)]", TRAIN_DATA),
     Mutant("crop-offset-swapped", CORE + "training/imaging.py", "crop_top_left=(top, left))",
            "crop_top_left=(left, top))", IMAGING),
-    Mutant("short-side-is-the-long-side", CORE + "training/imaging.py", "scale = resolution / min(w, h)",
-           "scale = resolution / max(w, h)", IMAGING),
+    Mutant("short-side-is-the-long-side", CORE + "training/imaging.py", "scale = max(tw / w, th / h)",
+           "scale = min(tw / w, th / h)", IMAGING),
     Mutant("exif-orientation-ignored", CORE + "training/imaging.py", "img = ImageOps.exif_transpose(img)",
            "img = img", IMAGING),
     Mutant("transparency-on-black", CORE + "training/imaging.py", 'bg = Image.new("RGB", img.size, (255, 255, 255))',
@@ -217,7 +219,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("init-adapter-drops-its-clip-layer", CORE + "training/runner.py",
            '            changes["clip_stop_at_layer"] = layer\n', "            pass\n", CLIP_LAST_LAYER),
     Mutant("clip-stop-at-layer-not-in-the-cache-key", CORE + "training/runner.py",
-           '            "clip_stop_at_layer": opts.clip_stop_at_layer}', "            }", CACHE_REFUSED),
+           '            "clip_stop_at_layer": opts.clip_stop_at_layer,\n', "", CACHE_REFUSED),
     Mutant("resume-settings-unchecked", CORE + "training/runner.py",
            "              for name in FIXED_BY_THE_FILE if getattr(saved, name) != getattr(opts, name)]",
            "              for name in () if getattr(saved, name) != getattr(opts, name)]", RESUME_REFUSED),
@@ -232,6 +234,21 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("cache-format-checked-after-loading", CORE + "training/runner.py",
            "        feature_cache.check_format(Path(opts.cache_dir))\n    check_output_dir",
            "        pass\n    check_output_dir", CACHE_REFUSED),
+    # aspect-ratio buckets (session 27)
+    Mutant("bucket-resume-forgets-waiting", CORE + "training/data.py", "    epoch, skip = start.restart()\n",
+           "    epoch, skip = start.epoch, start.consumed\n", TRAIN_DATA + BUCKETS),
+    Mutant("bucket-waiting-not-checkpointed", CORE + "training/loop.py",
+           "Position(last_read.epoch, last_read.consumed, waiting)", "Position(last_read.epoch, last_read.consumed)",
+           BUCKETS),
+    Mutant("bucket-nearest-transposed", CORE + "training/buckets.py", "abs(math.log(s[1] / s[0]) - aspect)",
+           "abs(math.log(s[1] / s[0]) + aspect)", IMAGING + TRAIN_DATA),
+    Mutant("bucket-cache-rows-mixed-up", CORE + "training/feature_cache.py",
+           "rows.update({i: (cond, row) for row, i in enumerate(group)})",
+           "rows.update({i: (cond, len(group) - 1 - row) for row, i in enumerate(group)})", BUCKETS),
+    Mutant("buckets-not-in-the-cache-key", CORE + "training/runner.py",
+           '**({"aspect_buckets": [list(b) for b in buckets]} if buckets else {})', "", CACHE_REFUSED),
+    Mutant("sdxl-target-always-square", CORE + "training/loop.py", "target_width=target_w, target_height=target_h",
+           "target_width=target_h, target_height=target_h", SDXL_SIZES),
     # the training objective and schedule
     Mutant("ema-decay-without-warm-up", CORE + "training/ema.py",
            "d = min(self.decay, (1 + self.updates) / (10 + self.updates))", "d = self.decay", OBJECTIVE),

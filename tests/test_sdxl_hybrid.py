@@ -220,10 +220,16 @@ def test_sdxl_size_conditioning_passes_each_image_s_size_and_crop_by_name():
     pooled = torch.randn(2, POOLED, generator=torch.Generator().manual_seed(0))
     sizes = [(100, 150, 3, 20), (64, 48, 0, 7)]  # (original height, original width, crop top, crop left)
     cond = Conditioning(["a", "b"], torch.zeros(2, 4, 4, 4), None, None, pooled, sizes)
-    y = sdxl_adm(model, cond, 32)
+    y = sdxl_adm(model, cond)
     for i, (h, w, top, left) in enumerate(sizes):
         want = model.encode_adm(pooled_output=pooled[i:i + 1], height=h, width=w, crop_h=top, crop_w=left,
                                 target_height=32, target_width=32)
         assert torch.equal(y[i:i + 1], want), i
-    assert not torch.equal(y[0], sdxl_adm(model, Conditioning(["a"], None, None, None, pooled[:1],
-                                                               [(150, 100, 20, 3)]), 32)[0])
+    assert not torch.equal(y[0], sdxl_adm(model, Conditioning(["a"], torch.zeros(1, 4, 4, 4), None, None, pooled[:1],
+                                                               [(150, 100, 20, 3)]))[0])
+    # the target is the batch's size (its aspect-ratio bucket): from its latents, height and width by name
+    wide = sdxl_adm(model, Conditioning(["a"], torch.zeros(1, 4, 4, 6), None, None, pooled[:1], sizes[:1]))
+    assert torch.equal(wide, model.encode_adm(pooled_output=pooled[:1], height=100, width=150, crop_h=3, crop_w=20,
+                                              target_height=32, target_width=48))
+    assert not torch.equal(wide, model.encode_adm(pooled_output=pooled[:1], height=100, width=150, crop_h=3,
+                                                  crop_w=20, target_height=48, target_width=32))

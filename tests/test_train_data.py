@@ -10,13 +10,15 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from llmdiff_core.errors import LLMDiffError
 from llmdiff_core.training import data as D, sources as S
 from llmdiff_core.training.options import OptionsError, build_parser, parse_options
-from train_support import make_images, write_csv, write_folder, write_jsonl, write_tars
+from train_support import make_images, make_shaped_images, write_csv, write_folder, write_jsonl, write_tars
 
 RES = 32
 
@@ -266,6 +268,62 @@ def test_order_is_resumable_sharded_and_worker_independent(tmp_path: Path, sampl
     assert [next(loaded).key for _ in range(9)] == [it.key for it in first[:9]]
 
 
+def test_aspect_buckets_give_each_image_its_nearest_size_covered_and_cropped(tmp_path: Path) -> None:
+    from llmdiff_core.training.buckets import bucket_sizes
+
+    buckets = bucket_sizes(64, 16, 2.0)
+    assert buckets == ((64, 64), (48, 80), (80, 48))  # (height, width): square, landscape, portrait
+    sizes = [(40, 40), (48, 40), (56, 40), (40, 56), (120, 40), (40, 41)]  # (width, height)
+    src = S.open_source(str(write_folder(tmp_path / "f", make_shaped_images(sizes))))
+    items = list(D.iterate(src, D.StreamSpec(seed=0, shuffle=False, resolution=64, epochs=1, buckets=buckets),
+                           D.Position()))
+    # 1.2 : 1 is nearer square than 80 : 48; 1.4 : 1 nearer it; 3 : 1 goes to the most elongated, cropped
+    assert [it.bucket for it in items] == [(64, 64), (64, 64), (48, 80), (80, 48), (48, 80), (64, 64)]
+    for it, (w, h) in zip(items, sizes):
+        th, tw = it.bucket
+        assert it.pixels.shape == (th, tw, 3) and it.original_size == (h, w)
+        scale = max(tw / w, th / h)  # covers the bucket: one side fits exactly, the other is cropped
+        nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+        assert it.crop_top_left == ((nh - th) // 2, (nw - tw) // 2)
+        assert (nw == tw) or (nh == th)
+    assert items[4].crop_top_left == (0, 32)  # 120 x 40 -> 144 x 48, the middle 80 across
+    wide = Image.open(io.BytesIO(make_shaped_images(sizes)[4][1])).resize((144, 48), Image.LANCZOS).crop((32, 0, 112, 48))
+    assert torch.equal(items[4].pixels, torch.from_numpy(np.asarray(wide, dtype=np.float32) / 255.0))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_resumed_with_entries_waiting_reads_them_again_and_passes_over_the_rest(tmp_path: Path, samples,
+                                                                                         workers: int) -> None:
+    """A position with waiting entries (read, not yet trained on: their bucket's batch was not full) restarts the
+    stream at the earliest of them; the entries between that were trained on come back as AlreadyTrained markers
+    (not decoded), the waiting ones decoded as before, then the stream goes on; the same with loader workers."""
+    src = S.open_source(str(write_folder(tmp_path / "f", samples)))
+    spec = D.StreamSpec(seed=3, shuffle=True, resolution=RES)
+    stream = D.iterate(src, spec, D.Position())
+    first = [next(stream) for _ in range(12)]  # epoch 0 (7 entries), then 5 of epoch 1
+    waiting = ((0, first[5].position), (1, first[8].position))  # across the epoch boundary
+    start = D.Position(first[10].epoch, first[10].position, waiting)
+    assert start.restart() == (0, first[5].position - 1)
+    decoded: list[str] = []
+    original = D.decode_entry
+
+    def counting(entry, *args):
+        decoded.append(entry.key)
+        return original(entry, *args)
+    resumed = D.loader(D.SampleStream(src, spec, start, counting), num_workers=workers)
+    got = [next(resumed) for _ in range(8)]  # entries 5..10 again, then 11 and 12
+    assert [type(g).__name__ for g in got] == ["Item", "AlreadyTrained", "AlreadyTrained", "Item", "AlreadyTrained",
+                                               "AlreadyTrained", "Item", "Item"]
+    assert [(g.epoch, g.position) for g in got[:6]] == [(it.epoch, it.position) for it in first[5:11]]
+    for g, want in zip((got[0], got[3]), (first[5], first[8])):
+        assert g.key == want.key and torch.equal(g.pixels, want.pixels)
+    assert got[6].key == first[11].key
+    if workers == 0:  # (workers decode in their own processes)
+        assert decoded == [first[5].key, first[8].key, first[11].key, got[7].key]
+    assert D.Position.from_dict(start.to_dict()) == start
+    assert D.Position.from_dict({"epoch": 2, "consumed": 4}) == D.Position(2, 4)  # a checkpoint from before
+
+
 def test_tar_shards_split_by_process(tmp_path: Path, samples) -> None:
     src = S.open_source(str(write_tars(tmp_path / "t", samples, per_shard=2)))  # 4 shards
     keys = []
@@ -316,6 +374,9 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--clip-stop-at-layer", "2"], "--clip-stop-at-layer must be between -24 and -1"),
     (["--clip-stop-at-layer", "-25"], "--clip-stop-at-layer must be between -24 and -1"),
+    (["--aspect-buckets", "--bucket-step", "60"], "--bucket-step must be a multiple of 8 that divides the resolution"),
+    (["--aspect-buckets", "--resolution", "520"], "--bucket-step must be a multiple of 8 that divides the resolution"),
+    (["--aspect-buckets", "--bucket-max-ratio", "0.5"], "--bucket-max-ratio is the long side over the short side"),
 ])
 def test_bad_option_values_are_refused_by_name(flags: list[str], message: str) -> None:
     with pytest.raises(OptionsError, match=message):

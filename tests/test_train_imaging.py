@@ -119,3 +119,33 @@ def _png_header_only(w: int, h: int) -> bytes:
 def test_undecodable_bytes_are_a_bad_image(data: bytes) -> None:
     with pytest.raises(BadImage):
         decode(data)
+
+
+@pytest.mark.parametrize("resolution, step, ratio", [(1024, 64, 2.0), (512, 64, 2.0), (768, 32, 4.0), (512, 64, 1.0)])
+def test_bucket_sizes_cover_the_ratios_at_about_the_resolution_s_area(resolution: int, step: int, ratio: float) -> None:
+    from llmdiff_core.training.buckets import bucket_sizes, nearest_bucket
+
+    buckets = bucket_sizes(resolution, step, ratio)
+    assert buckets[0] == (resolution, resolution)
+    assert len(set(buckets)) == len(buckets) and set(buckets) == {(w, h) for h, w in buckets}  # transposes too
+    for h, w in buckets:
+        assert h % step == 0 and w % step == 0 and max(h, w) <= ratio * min(h, w)
+        assert h * w <= resolution ** 2 and (min(h, w) + step) * max(h, w) > resolution ** 2  # short side: the most
+    widest = max(buckets, key=lambda s: s[1] / s[0])  # the next width's bucket would be too elongated
+    wider = widest[1] + step
+    assert wider > ratio * (resolution ** 2 // wider // step * step)
+    if resolution == 1024 and ratio == 2.0:  # SDXL's usual landscape sizes
+        assert [f"{w}x{h}" for h, w in buckets if w > h] == ["1088x960", "1152x896", "1216x832", "1280x768",
+                                                              "1344x768", "1408x704"]
+    # every image goes to the bucket nearest its aspect ratio; a square one to the square
+    assert nearest_bucket(300, 300, buckets) == (resolution, resolution)
+    for h, w in buckets:
+        assert nearest_bucket(h * 3, w * 3, buckets) == (h, w)
+
+
+def test_a_bucket_target_covers_and_crops_a_non_square_size() -> None:
+    img = _gradient(90, 40)  # to 48 x 80 (height x width): scaled by 1.2 to 108 x 48, the middle 80 across
+    got = prepare(img, (48, 80))
+    assert got.pixels.shape == (48, 80, 3) and got.crop_top_left == (0, 14) and got.original_size == (40, 90)
+    want = np.asarray(img.resize((108, 48), Image.LANCZOS).crop((14, 0, 94, 48)), dtype=np.float32) / 255.0
+    assert torch.equal(got.pixels, torch.from_numpy(want))

@@ -22,7 +22,7 @@ from llmdiff_core.training.encoders import FrozenEncoders
 from llmdiff_core.training.options import TrainOptions
 from llmdiff_core.training.patching import enable_gradient_checkpointing, patch_for_training
 from cuda_graph_audit import CudaGraphAudit
-from train_support import make_images, shared_assets, tiny_clip, tiny_vae, write_folder
+from train_support import make_images, make_shaped_images, shared_assets, tiny_clip, tiny_vae, write_folder
 from tiny_unets import tiny_sd15
 
 RES = 64  # 8x8 latents: the SD1.5 layout's three downsamplings still have something to halve
@@ -227,6 +227,88 @@ def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen, monkeypatch
 
 
 @pytest.mark.slow
+def test_aspect_buckets_train_batches_of_one_size_resume_exactly_and_cache_the_same(tmp_path: Path, frozen,
+                                                                                    monkeypatch) -> None:
+    """--aspect-buckets: each micro-batch is one bucket's size (64x64, 80x48 or 48x80 here), samples waiting for
+    their bucket's batch are in the checkpoint, so stop + resume = the uninterrupted run; a cache-backed run trains
+    the same as the on-the-fly one."""
+    from llmdiff_core.training import checkpointing
+
+    sizes = [(40, 40), (80, 44), (40, 80), (56, 40), (44, 40), (40, 72), (72, 40), (48, 48), (90, 50)]  # (w, h)
+    data = write_folder(tmp_path / "data", make_shaped_images(sizes))
+    common = dict(max_steps=6, warmup_steps=2, caption_dropout=0.5, batch_size=2, grad_accum=2, ema_decay=0.9,
+                  aspect_buckets=True, bucket_step=16)
+    shapes: list[tuple[int, ...]] = []
+    forward = loop.TrainModule.forward
+
+    def spy(self: loop.TrainModule, latents: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shapes.append(tuple(latents.shape))
+        return forward(self, latents, *args, **kwargs)
+    monkeypatch.setattr(loop.TrainModule, "forward", spy)
+    whole = options(data, tmp_path / "whole", **common)
+    assert runner.run_with(whole, components(frozen)) == 0
+    assert len(shapes) == 12 and {s[-2:] for s in shapes} == {(8, 8), (6, 10), (10, 6)}, shapes
+    assert read_adapter_config(tmp_path / "whole" / whole.export_name).training["aspect_buckets"] == \
+        "64x64, 80x48, 48x80"
+
+    part = options(data, tmp_path / "part", **common)
+    interrupted_then_resumed(part, frozen, monkeypatch, stop_at=3)
+    saved = checkpointing.load_state(tmp_path / "part" / "checkpoints" / "step-00000003")
+    assert saved["processes"][0]["position"]["waiting"]  # (the resume had samples to read again)
+    a = load_adapter(tmp_path / "whole" / whole.export_name).state_dict()
+    b = load_adapter(tmp_path / "part" / part.export_name).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+
+    cached = options(data, tmp_path / "cached", cache_dir=str(tmp_path / "cache"), cache_dtype="fp32",
+                     cache_batch_size=4, **common)
+    assert runner.run_with(cached, components(frozen)) == 0
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "whole"), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_compiled_bucketed_run_compiles_a_static_graph_per_size_and_trains_the_same(tmp_path: Path, frozen,
+                                                                                      monkeypatch) -> None:
+    """With --aspect-buckets, --compile-unet compiles one static graph per bucket (torch would make the sizes
+    dynamic at the second one) within a recompile limit raised for the run, and restored after it."""
+    import comfy_api.torch_helpers as helpers
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    data = write_folder(tmp_path / "data", make_shaped_images([(40, 40), (80, 44), (40, 80), (44, 40), (40, 72),
+                                                               (72, 40)]))
+    common = dict(max_steps=3, batch_size=2, aspect_buckets=True, bucket_step=16)
+    assert runner.run_with(options(data, tmp_path / "eager", **common), components(frozen)) == 0
+    asked: list[Any] = []
+    original = helpers.set_torch_compile_wrapper
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("dynamic"))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(helpers, "set_torch_compile_wrapper", spy)
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(dynamo_config, name)
+    seen: list[int] = []
+    forward = loop.TrainModule.forward
+
+    def during(self: loop.TrainModule, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(getattr(dynamo_config, name))
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(loop.TrainModule, "forward", during)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert runner.run_with(options(data, tmp_path / "compiled", compile_unet="aot_eager", **common),
+                               components(frozen)) == 0
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert asked == [False] and set(seen) == {limit + 2} and getattr(dynamo_config, name) == limit  # 3 sizes
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_a_feature_cache_made_with_other_settings_is_refused_by_name(tmp_path: Path, frozen, monkeypatch) -> None:
     """Features made for another resolution, LLM bucket, encoding, mode or precision would train a wrong adapter
     without a sign: the run stops before its first step and names what differs."""
@@ -239,7 +321,8 @@ def test_a_feature_cache_made_with_other_settings_is_refused_by_name(tmp_path: P
     for change, named in ((dict(resolution=RES // 2), "resolution"), (dict(max_tokens=48), "max_tokens"),
                           (dict(encoding="last"), "layers, scores"), (dict(original_path="llm"), "original_path"),
                           (dict(cache_dtype="fp16"), "dtype"), (dict(caption_column="text"), "caption_column"),
-                          (dict(clip_stop_at_layer=-2), "clip_stop_at_layer")):
+                          (dict(clip_stop_at_layer=-2), "clip_stop_at_layer"),
+                          (dict(aspect_buckets=True, bucket_step=16), "aspect_buckets")):
         other = replace(made, output_dir=str(tmp_path / "other"), cache_only=False, **change)
         with pytest.raises(LLMDiffError, match=f"made with other settings \\({named} differ\\): use a new --cache-dir"):
             runner.run_with(other, components(frozen))

@@ -47,6 +47,18 @@ def make_images(n: int = 8, size: int = 40, seed: int = 0) -> list[tuple[str, by
     return out
 
 
+def make_shaped_images(sizes: list[tuple[int, int]]) -> list[tuple[str, bytes, str]]:
+    """(key, PNG bytes, caption) of the given (width, height) each, every pixel different."""
+    out = []
+    for i, (w, h) in enumerate(sizes):
+        x, y = np.meshgrid(np.arange(w), np.arange(h))
+        rgb = np.stack([x * 7 + i, y * 5, (x + y + 31 * i) % 256], axis=-1) % 256
+        buf = io.BytesIO()
+        Image.fromarray(rgb.astype(np.uint8), "RGB").save(buf, format="PNG")
+        out.append((f"img_{i:03d}", buf.getvalue(), CAPTIONS[i % len(CAPTIONS)]))
+    return out
+
+
 def write_folder(root: Path, samples: list[tuple[str, bytes, str]]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for key, png, cap in samples:

@@ -6,8 +6,10 @@ with batch 4 and two with batch 2 see the same samples in each step; tar sets wi
 by shard instead (no process reads another's shards). Broken entries (unreadable image, missing caption, bad
 manifest line) are skipped and counted, never a crash.
 
-Resume: a position is (epoch, entries of this process's stream consumed). The order is a pure
-function of (seed, epoch, rank, world size), so a stream restarted at a position continues exactly.
+Resume: a position is (epoch, entries of this process's stream consumed), plus, with aspect-ratio buckets, the
+entries read but still waiting for their bucket's batch to fill. The order is a pure function of (seed, epoch,
+rank, world size), so a stream restarted at a position continues exactly: from the earliest waiting entry, with
+the entries between that were trained on already passed over undecoded (AlreadyTrained).
 Data-loader workers take every n-th entry of the same stream and yield one item (or a skip marker)
 per entry, so the DataLoader's round-robin gives back the stream order for any number of workers.
 """
@@ -22,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .buckets import Size, nearest_bucket
 from .imaging import BadImage, decode, prepare
 from .sources import DatasetError, IndexedSource, RawEntry, Source
 
@@ -38,6 +41,21 @@ class Item:
     original_size: tuple[int, int] = (0, 0)
     crop_top_left: tuple[int, int] = (0, 0)
     problem: str | None = None
+
+    @property
+    def bucket(self) -> Size:
+        """What batches it with others: its pixel size (one size without aspect-ratio buckets)."""
+        assert self.pixels is not None
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class AlreadyTrained:
+    """An entry a resumed stream reads again only on its way to entries still waiting for their bucket's batch:
+    it was trained on (or skipped and counted) before the checkpoint, so it is passed over, undecoded."""
+
+    epoch: int
+    position: int
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
@@ -61,6 +79,7 @@ class StreamSpec:
     resolution: int = 512
     crop: str = "center"
     epochs: int | None = None  # None = endless; 1 = one pass (the cache pre-pass)
+    buckets: tuple[Size, ...] = ()  # aspect-ratio buckets (buckets.bucket_sizes); () = square crops
 
 
 def _stable_seed(*parts: Any) -> int:
@@ -109,13 +128,27 @@ def epoch_entries(source: Source, spec: StreamSpec, epoch: int) -> Iterator[RawE
 class Position:
     epoch: int = 0
     consumed: int = 0  # entries of this process's stream already used in `epoch`
+    # (epoch, position) of the entries read before this point but not yet trained on: waiting in a bucket
+    waiting: tuple[tuple[int, int], ...] = ()
 
-    def to_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"epoch": self.epoch, "consumed": self.consumed}
+        if self.waiting:
+            d["waiting"] = [list(w) for w in self.waiting]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Position:
-        return cls(int(d.get("epoch", 0)), int(d.get("consumed", 0)))
+        return cls(int(d.get("epoch", 0)), int(d.get("consumed", 0)),
+                   tuple((int(e), int(p)) for e, p in d.get("waiting", [])))
+
+    def restart(self) -> tuple[int, int]:
+        """(epoch, entries to pass over in it) where the stream must start again: before the earliest entry
+        still waiting, else here."""
+        if not self.waiting:
+            return self.epoch, self.consumed
+        epoch, position = min(self.waiting)
+        return epoch, position - 1
 
 
 def decode_entry(entry: RawEntry, spec: StreamSpec, epoch: int, position: int) -> Item:
@@ -125,7 +158,8 @@ def decode_entry(entry: RawEntry, spec: StreamSpec, epoch: int, position: int) -
         return item
     try:
         img = decode(entry.load())
-        prepared = prepare(img, spec.resolution, spec.crop, random.Random(sample_seed(spec.seed, epoch, entry.key)))
+        size = nearest_bucket(img.height, img.width, spec.buckets) if spec.buckets else spec.resolution
+        prepared = prepare(img, size, spec.crop, random.Random(sample_seed(spec.seed, epoch, entry.key)))
     except BadImage as e:
         item.problem = f"unreadable image: {e}"
         return item
@@ -145,7 +179,8 @@ def decode_entry(entry: RawEntry, spec: StreamSpec, epoch: int, position: int) -
 def iterate(source: Source, spec: StreamSpec, start: Position, worker: int = 0, num_workers: int = 1,
             decode_fn: Callable[[RawEntry, StreamSpec, int, int], Any] = decode_entry) -> Iterator[Any]:
     """Items of this process's stream from `start`; worker w of n yields entries j = w mod n."""
-    epoch, skip = start.epoch, start.consumed
+    epoch, skip = start.restart()
+    waiting = set(start.waiting)
     ordinal = 0  # counts across epochs: the DataLoader's round-robin over workers does not restart
     while spec.epochs is None or epoch < spec.epochs:
         entries = epoch_entries(source, spec, epoch)
@@ -154,7 +189,11 @@ def iterate(source: Source, spec: StreamSpec, start: Position, worker: int = 0, 
             count += 1
             ordinal += 1
             if (ordinal - 1) % num_workers == worker:
-                yield decode_fn(entry, spec, epoch, skip + j + 1)
+                position = skip + j + 1
+                if (epoch, position) <= (start.epoch, start.consumed) and (epoch, position) not in waiting:
+                    yield AlreadyTrained(epoch, position)
+                else:
+                    yield decode_fn(entry, spec, epoch, position)
         if count == 0 and skip == 0:
             raise DatasetError("this process's share of the dataset is empty (fewer samples than processes?)")
         epoch, skip = epoch + 1, 0

@@ -172,11 +172,15 @@ def build(cache_dir: Path, source: Any, stream_spec: StreamSpec, encoders: Froze
         nonlocal pending
         if not pending:
             return
-        cond = encoders.encode([it.key for it in pending], torch.stack([it.pixels for it in pending]),
-                               [it.caption for it in pending],
-                               [(*it.original_size, *it.crop_top_left) for it in pending])
+        rows: dict[int, tuple[Conditioning, int]] = {}  # pending index -> its row of an encoded batch
+        for bucket in dict.fromkeys(it.bucket for it in pending):  # one batch per image size (aspect buckets)
+            group = [i for i, it in enumerate(pending) if it.bucket == bucket]
+            cond = encoders.encode([pending[i].key for i in group], torch.stack([pending[i].pixels for i in group]),
+                                   [pending[i].caption for i in group],
+                                   [(*pending[i].original_size, *pending[i].crop_top_left) for i in group])
+            rows.update({i: (cond, row) for row, i in enumerate(group)})
         for i, it in enumerate(pending):
-            writer.add(cond, i, it)
+            writer.add(*rows[i], it)
             if len(writer) >= shard_size:  # resume point: right after this sample
                 writer.flush(Position(it.epoch, it.position), skipped)
         pending = []
@@ -220,6 +224,12 @@ class CachedSample:
     size: tuple[int, int, int, int]
     tensors: dict[str, torch.Tensor | StoredTensor]  # hidden / scores: where they are in the cache file
     problem: str | None = None
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        """What batches it with others: its latent's size (one size without aspect-ratio buckets)."""
+        latent = self.tensors["latent"]
+        return int(latent.shape[-2]), int(latent.shape[-1])
 
 
 class CachedSource(IndexedSource):

@@ -64,19 +64,22 @@ def _to_8_bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")  # (rounded: 65535 -> 255)
 
 
-def prepare(img: Image.Image, resolution: int, crop: str = "center", rng: random.Random | None = None) -> PreparedImage:
-    """Resize the short side to `resolution` (Lanczos), crop a resolution x resolution square."""
+def prepare(img: Image.Image, size: int | tuple[int, int], crop: str = "center",
+            rng: random.Random | None = None) -> PreparedImage:
+    """Resize to cover `size` (Lanczos; a square resolution: the short side to it), crop `size` out.
+    size: the resolution (a square) or an aspect-ratio bucket's (height, width)."""
+    th, tw = (size, size) if isinstance(size, int) else size
     w, h = img.size
     if w < 1 or h < 1:
         raise BadImage("empty image")
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     resized = img.resize((nw, nh), Image.LANCZOS) if (nw, nh) != (w, h) else img
     if crop == "random":
         rng = rng or random.Random(0)
-        top, left = rng.randint(0, nh - resolution), rng.randint(0, nw - resolution)
+        top, left = rng.randint(0, nh - th), rng.randint(0, nw - tw)
     else:
-        top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
+        top, left = (nh - th) // 2, (nw - tw) // 2
+    cropped = resized.crop((left, top, left + tw, top + th))
     pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0).contiguous()
     return PreparedImage(pixels=pixels, original_size=(h, w), crop_top_left=(top, left))

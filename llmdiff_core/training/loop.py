@@ -27,7 +27,7 @@ from ..adapter_runtime import TrainingCall
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from . import checkpointing, device_copy, objective, previews
-from .data import Position, SkipCounter, sample_seed
+from .data import AlreadyTrained, Position, SkipCounter, sample_seed
 from .encoders import CompactFeatures, Conditioning, drop_captions, expand_features
 from .ema import EMA
 from .options import TrainOptions
@@ -36,6 +36,7 @@ from .schedule import lr_lambda
 from .tracking import Tracker, device_memory
 
 log = logging.getLogger("llmdiff.train")
+LATENT_SCALE = 8  # pixels per latent cell of the SD1.5 / SDXL VAE
 
 
 class TrainingStopped(Exception):
@@ -44,15 +45,16 @@ class TrainingStopped(Exception):
     exit_code = 3
 
 
-def sdxl_adm(model: Any, cond: Conditioning, resolution: int) -> torch.Tensor:
+def sdxl_adm(model: Any, cond: Conditioning) -> torch.Tensor:
     """SDXL's y per sample: the pooled vector + size conditioning (the image's size before resizing, the crop's
-    offset, the square target), as CLIPTextEncodeSDXL gives the sampler. No pooled output (paper mode without
-    CLIP): zeros."""
+    offset, the target: the batch's size, square or its aspect-ratio bucket), as CLIPTextEncodeSDXL gives the
+    sampler. No pooled output (paper mode without CLIP): zeros."""
     pooled = cond.pooled if cond.pooled is not None else torch.zeros(len(cond.keys), 1280)
+    target_h, target_w = (LATENT_SCALE * int(n) for n in cond.latents.shape[-2:])
     rows = []
     for i, (h, w, top, left) in enumerate(cond.sizes):
         rows.append(model.encode_adm(pooled_output=pooled[i:i + 1], width=w, height=h, crop_w=left, crop_h=top,
-                                     target_width=resolution, target_height=resolution))
+                                     target_width=target_w, target_height=target_h))
     return torch.cat(rows)
 
 
@@ -238,6 +240,7 @@ class Trainer:
         self._prefetcher: Prefetcher[tuple[Batch, Any]] | None = None
         self._last_step_start = 0.0
         self._stager: device_copy.DeviceStager | None = None  # made with the first batch (take_batch)
+        self._waiting: dict[tuple[int, int], list[Any]] = {}  # samples read, by size, until their batch is full
 
     # --- setup ----------------------------------------------------------------------------------
     def build_optimizer(self) -> None:
@@ -293,18 +296,20 @@ class Trainer:
 
     # --- data -----------------------------------------------------------------------------------
     def next_batch(self) -> Batch:
-        """B usable samples of this process's stream; broken ones are passed over and listed in the batch.
+        """B usable samples of one size (one bucket with aspect-ratio buckets) from this process's stream; broken
+        ones are passed over and listed in the batch. A sample waits in its size's queue until B are there, in
+        stream order; without buckets every sample has the same size, so batches are simply the stream in order.
 
         Reads only the data stream (it may run in the prefetch thread): the run state takes the batch's
-        position and skipped entries in take_batch.
+        position (with the samples still waiting) and skipped entries in take_batch.
         """
-        got: list[Any] = []
         skipped: list[tuple[str, str]] = []
-        position = Position()  # set by every entry read (batch_size >= 1)
         skipped_in_a_row = 0
-        while len(got) < self.opts.batch_size:
+        while True:
             item = next(self.items)
-            position = Position(item.epoch, item.position)
+            if isinstance(item, AlreadyTrained):  # a resumed stream's way back to the entries still waiting
+                continue
+            last_read = Position(item.epoch, item.position)
             if item.problem is not None:
                 skipped.append((item.key, item.problem))
                 skipped_in_a_row += 1
@@ -313,8 +318,14 @@ class Trainer:
                                        "metrics.jsonl and check --data / --data-format")
                 continue
             skipped_in_a_row = 0
-            got.append(item)
+            queue = self._waiting.setdefault(item.bucket, [])
+            queue.append(item)
+            if len(queue) == self.opts.batch_size:
+                break
+        got = self._waiting.pop(item.bucket)
+        waiting = tuple(sorted((it.epoch, it.position) for q in self._waiting.values() for it in q))
         seeds = [sample_seed(self.opts.seed, it.epoch, it.key) for it in got]
+        position = Position(last_read.epoch, last_read.consumed, waiting)
         return Batch(self.make_conditioning(got), seeds, position, skipped)
 
     def _prepare_batch(self) -> tuple[Batch, Any]:
@@ -342,7 +353,7 @@ class Trainer:
             self._prefetcher = None
 
     def _adm(self, cond: Conditioning) -> torch.Tensor | None:
-        return sdxl_adm(self.model, cond, self.resolution) if self.is_sdxl else None
+        return sdxl_adm(self.model, cond) if self.is_sdxl else None
 
     def _host_inputs(self, batch: Batch) -> dict[str, Any]:
         """The module's inputs on the host: draws, caption dropout, latent scaling, SDXL's y."""

@@ -75,6 +75,16 @@ class TrainOptions:
                            group="data")
     crop: str = _opt("center", "how an image is cropped after resizing its short side to the resolution",
                      choices=("center", "random"), group="data")
+    aspect_buckets: bool = _opt(False, "train each image at about its own aspect ratio instead of a square crop: it "
+                                "goes to the nearest of a set of sizes of at most --resolution squared pixels "
+                                "(multiples of --bucket-step, out to --bucket-max-ratio : 1 either way), is resized "
+                                "to cover it and cropped to it (--crop), and a micro-batch holds one size; SDXL's "
+                                "size conditioning gets that size as its target. The sizes are logged at the start",
+                                group="data")
+    bucket_step: int = _opt(64, "with --aspect-buckets: the bucket sizes are multiples of this many pixels "
+                            "(a multiple of 8 that divides the resolution)", group="data")
+    bucket_max_ratio: float = _opt(2.0, "with --aspect-buckets: the most elongated bucket's long side over its "
+                                   "short side (images more elongated go to it, and are cropped)", group="data")
     shuffle: bool = _opt(True, "shuffle the data each epoch (seeded)", group="data")
     shuffle_buffer: int = _opt(1000, ".tar shards: size of the streaming shuffle buffer", group="data")
     num_workers: int = _opt(2, "data-loading worker processes per training process (0 = in process)", group="data")
@@ -138,8 +148,8 @@ class TrainOptions:
                                      "few calls for them instead of hundreds (SDXL: 70 sites); "
                                      "--no-compile-projections runs them eagerly")
     cudnn_benchmark: bool = _opt(True, "CUDA: let cuDNN time its convolution algorithms for the U-Net's shapes in the "
-                                 "first steps and keep the fastest (the training resolution is fixed: once); off = "
-                                 "cuDNN's heuristic choice")
+                                 "first steps and keep the fastest (once per image size: the resolution, or each "
+                                 "bucket); off = cuDNN's heuristic choice")
     sdpa_backends: str = _opt("", "the torch SDPA kernels the U-Net's and the adapter's attention may use, fastest "
                               "first: a comma list of flash, cudnn, efficient, math (math is kept as the last "
                               "resort); empty = torch's own choice. Measure with bench/training_throughput.py "
@@ -316,6 +326,12 @@ def check_options(opts: TrainOptions) -> None:
         raise OptionsError("--ema-decay must be in [0, 1)")
     if opts.resolution and opts.resolution % 8:
         raise OptionsError("--resolution must be a multiple of 8 (the VAE's downscale factor)")
+    if opts.aspect_buckets:
+        if opts.bucket_step < 8 or opts.bucket_step % 8 or (opts.resolution or 512) % opts.bucket_step:
+            raise OptionsError(f"--bucket-step must be a multiple of 8 that divides the resolution "
+                               f"({opts.resolution or '512 or 1024 by default'}), e.g. 64")
+        if opts.bucket_max_ratio < 1.0:
+            raise OptionsError("--bucket-max-ratio is the long side over the short side: at least 1 (1 = squares only)")
     if opts.validation_size and opts.validation_size % 8:
         raise OptionsError("--validation-size must be a multiple of 8")
     if opts.cache_only and not opts.cache_dir:

@@ -37,18 +37,28 @@ def patch_for_training(model_patcher: Any, adapter: LLMDiffAdapter) -> Any:
     return apply_adapter(model_patcher, adapter, strength=1.0)
 
 
-def compile_unet(patched: Any, backend: str, mode: str | None = None, projections: bool = True) -> None:
+def compile_unet(patched: Any, backend: str, mode: str | None = None, projections: bool = True,
+                 image_sizes: int = 1) -> Callable[[], None]:
     """torch.compile the patched model's U-Net the way ComfyUI's TorchCompileModel node does: an
     APPLY_MODEL wrapper swaps the compiled module in for each call. The adapter's per-call work runs
     outside it (model_wrappers.ApplyModelWrapper) and its attention patches trace into the U-Net's graph,
     forward and backward. Of that per-call work, every site's K/V projection (the bulk of its ops: SDXL's
-    70 sites, ~8 ops each and their backward) is compiled too (projections), as graphs of its own."""
+    70 sites, ~8 ops each and their backward) is compiled too (projections), as graphs of its own.
+
+    image_sizes > 1 (aspect-ratio buckets): a static graph per size (dynamic=False; torch's default would make
+    the sizes dynamic at the second one, slower per step), with dynamo's recompile limit raised by that many
+    for the run. Returns what restores the limit."""
+    import torch._dynamo.config as dynamo_config
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    set_torch_compile_wrapper(patched, backend=backend, mode=mode)
+    set_torch_compile_wrapper(patched, backend=backend, mode=mode, dynamic=False if image_sizes > 1 else None)
     if projections:
         for runtime in applied_runtimes(patched):
             runtime.compile_training_projections(backend, mode)
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # (torch < 2.6)
+    before = getattr(dynamo_config, name)
+    setattr(dynamo_config, name, before + image_sizes - 1)
+    return lambda: setattr(dynamo_config, name, before)
 
 
 def uncompiled(patched: Any) -> Any:

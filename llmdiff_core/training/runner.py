@@ -23,6 +23,7 @@ from ..dtypes import DTYPES
 from ..errors import AdapterMismatchError, LLMDiffError
 from ..unet_sites import base_family, find_sites
 from . import checkpointing, feature_cache, previews
+from .buckets import Size, bucket_sizes, describe as describe_buckets
 from .data import Position, SampleStream, StreamSpec, loader
 from .sources import Source, open_source
 from .encoders import Conditioning, FrozenEncoders
@@ -228,7 +229,8 @@ def build_adapter(opts: TrainOptions, components: Components, device: torch.devi
     return adapter
 
 
-def _fingerprint(opts: TrainOptions, components: Components, resolution: int) -> dict[str, Any]:
+def _fingerprint(opts: TrainOptions, components: Components, resolution: int,
+                 buckets: tuple[Size, ...]) -> dict[str, Any]:
     def file_id(p: str) -> Any:
         try:
             st = os.stat(p)
@@ -239,7 +241,8 @@ def _fingerprint(opts: TrainOptions, components: Components, resolution: int) ->
             "llm": components.llm_name, "data": os.path.abspath(opts.data), "resolution": resolution,
             "crop": opts.crop, "original_path": opts.original_path, "max_tokens": opts.max_tokens,
             "image_root": opts.image_root, "image_column": opts.image_column, "caption_column": opts.caption_column,
-            "clip_stop_at_layer": opts.clip_stop_at_layer}
+            "clip_stop_at_layer": opts.clip_stop_at_layer,
+            **({"aspect_buckets": [list(b) for b in buckets]} if buckets else {})}  # (caches made before: no key)
 
 
 def last_layer_set(clip: Any, stop_at_layer: int) -> Any:
@@ -288,6 +291,9 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
     if family not in ("sd15", "sdxl"):
         raise LLMDiffError(f"the base model is a {type(mp.model).__name__}; LLMDiff trains on SD1.5 and SDXL")
     resolution = opts.resolution or (1024 if family == "sdxl" else 512)
+    buckets = bucket_sizes(resolution, opts.bucket_step, opts.bucket_max_ratio) if opts.aspect_buckets else ()
+    if buckets:
+        log.info("aspect-ratio buckets (width x height): %s", describe_buckets(buckets))
     prediction = prediction_type(mp.model)
 
     # Frozen U-Net on the training device, weights patched (LoRAs merged) the way ComfyUI runs it.
@@ -308,15 +314,17 @@ def run_with(opts: TrainOptions, components: Components, accelerator: Any = None
     # also when the run fails (a process-wide SDPA choice must not outlive it)
     undo: list[Any] = []
     try:
-        _apply_run_settings(opts, mp, patched, device, undo)
-        return _train(opts, components, accelerator, adapter, patched, family, resolution, prediction, source)
+        _apply_run_settings(opts, mp, patched, device, undo, max(1, len(buckets)))
+        return _train(opts, components, accelerator, adapter, patched, family, resolution, buckets, prediction,
+                      source)
     finally:
         _undo(undo)
 
 
-def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch.device, undo: list[Any]) -> None:
+def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch.device, undo: list[Any],
+                        image_sizes: int) -> None:
     """How the frozen U-Net runs (checkpointing, cuDNN, SDPA kernels, memory format, compile); each setting
-    puts what reverts it on `undo`."""
+    puts what reverts it on `undo`. image_sizes: the aspect-ratio buckets (1 without)."""
     if opts.gradient_checkpointing:
         undo.append(enable_gradient_checkpointing(mp.model.diffusion_model))
     if device.type == "cuda" and opts.cudnn_benchmark != torch.backends.cudnn.benchmark:
@@ -346,17 +354,20 @@ def _apply_run_settings(opts: TrainOptions, mp: Any, patched: Any, device: torch
             log.warning("--compile-unet with --gradient-checkpointing: correct, but dynamo splits the U-Net into "
                         "many graphs (the adapter's fusion state is a side effect inside each checkpointed "
                         "block), so expect little of compile's speed-up")
-        compile_unet(patched, opts.compile_unet, opts.compile_mode or None, opts.compile_projections)
+        undo.append(compile_unet(patched, opts.compile_unet, opts.compile_mode or None, opts.compile_projections,
+                                 image_sizes))
         # the first steps then sit silent for minutes (SDXL); say why, and that it is paid once per machine
         log.info("--compile-unet %s: the first training steps compile the U-Net (minutes for SDXL); torch keeps "
                  "the result in its compile cache (TORCHINDUCTOR_CACHE_DIR, else torchinductor_<user> in the temp "
                  "folder), so a resumed or repeated run at the same shapes compiles in seconds%s", opts.compile_unet,
-                 "" if opts.compile_whole_bucket else "; with --no-compile-whole-bucket a second compile follows "
-                 "at the second caption span length")
+                 ("" if opts.compile_whole_bucket else "; with --no-compile-whole-bucket a second compile follows "
+                  "at the second caption span length")
+                 + (f"; with --aspect-buckets one compile per bucket the run meets ({image_sizes} sizes)"
+                    if image_sizes > 1 else ""))
 
 
 def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter: LLMDiffAdapter, patched: Any,
-           family: str, resolution: int, prediction: str, source: Source) -> int:
+           family: str, resolution: int, buckets: tuple[Size, ...], prediction: str, source: Source) -> int:
     """Encoders, data (the feature cache built first when asked), the trainer, the run and the export."""
     out_dir = Path(opts.output_dir)
     device = accelerator.device
@@ -369,7 +380,7 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
                               need_clip=adapter.config.original_path == "clip", need_pooled=family == "sdxl")
     spec = StreamSpec(seed=opts.seed, shuffle=opts.shuffle, rank=accelerator.process_index,
                       world=accelerator.num_processes, shuffle_buffer=opts.shuffle_buffer, resolution=resolution,
-                      crop=opts.crop)
+                      crop=opts.crop, buckets=buckets)
     validation = []
     if opts.validation_prompts and accelerator.is_main_process:
         validation = previews.prepare(encoders, opts.validation_prompts, opts.validation_negative)
@@ -377,7 +388,8 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
     summary = {
         "trainer": f"ComfyUI-LLMDiff {__version__} llmdiff_core/train.py", "base_model": components.base_name,
         "llm": components.llm_name, "data": os.path.basename(os.path.normpath(opts.data)),
-        "resolution": resolution, "prediction": prediction, "batch_size": opts.batch_size,
+        "resolution": resolution, **({"aspect_buckets": describe_buckets(buckets)} if buckets else {}),
+        "prediction": prediction, "batch_size": opts.batch_size,
         "grad_accum": opts.grad_accum, "global_batch": opts.batch_size * opts.grad_accum * accelerator.num_processes,
         "lr": opts.lr, "lr_schedule": opts.lr_schedule, "warmup_steps": opts.warmup_steps,
         "max_steps": opts.max_steps, "caption_dropout": opts.caption_dropout,
@@ -395,14 +407,16 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
     cache_source = None
     if opts.cache_dir:
         cache_dir = Path(opts.cache_dir)
-        cspec = feature_cache.make_spec(adapter.config, _fingerprint(opts, components, resolution), opts.cache_dtype)
+        cspec = feature_cache.make_spec(adapter.config, _fingerprint(opts, components, resolution, buckets),
+                                       opts.cache_dtype)
         feature_cache.check_or_create(cache_dir, cspec, accelerator.is_main_process)
         accelerator.wait_for_everyone()
         if not feature_cache.is_complete(cache_dir, accelerator.num_processes) or not (cache_dir / "empty.safetensors").exists():
             if components.llm is None:
                 raise LLMDiffError("the feature cache is not finished and no LLM is loaded to finish it")
             build_spec = StreamSpec(seed=opts.seed, shuffle=False, rank=accelerator.process_index,
-                                    world=accelerator.num_processes, resolution=resolution, crop=opts.crop, epochs=1)
+                                    world=accelerator.num_processes, resolution=resolution, crop=opts.crop, epochs=1,
+                                    buckets=buckets)
             bar = None
             if accelerator.is_main_process and opts.progress:
                 from tqdm.auto import tqdm
