@@ -2,8 +2,10 @@
 
 options          flags + YAML -> TrainOptions
 comfy_env        making ComfyUI importable (before anything imports comfy)
-data             dataset sources (folder, JSONL/CSV manifest, .tar shards) and the per-rank sample stream
+sources          dataset formats (folder, JSONL/CSV manifest, .tar shards) -> entries
+data             the per-process sample stream: order, decoding, resume position
 imaging          decode, resize, crop
+buckets          aspect-ratio bucket sizes and the nearest one to an image
 encoders         the frozen VAE / LLM / CLIP turned into training inputs
 feature_cache    the optional pre-pass storing latents and LLM features in shards
 objective        noise, timesteps, the loss (epsilon / v, min-SNR)
@@ -17,6 +19,6 @@ loop             the training loop
 runner           loads everything and runs
 cli              `python llmdiff_core/train.py` entry point
 
-Only options, data, imaging, schedule and ema import without ComfyUI; the rest import comfy (run
+Only options, sources, data, imaging, buckets, schedule and ema import without ComfyUI; the rest import comfy (run
 comfy_env.setup() first, as cli.main does).
 """
