@@ -287,7 +287,8 @@ def test_aspect_buckets_give_each_image_its_nearest_size_covered_and_cropped(tmp
         assert it.crop_top_left == ((nh - th) // 2, (nw - tw) // 2)
         assert (nw == tw) or (nh == th)
     assert items[4].crop_top_left == (0, 32)  # 120 x 40 -> 144 x 48, the middle 80 across
-    wide = Image.open(io.BytesIO(make_shaped_images(sizes)[4][1])).resize((144, 48), Image.LANCZOS).crop((32, 0, 112, 48))
+    wide = Image.open(io.BytesIO(make_shaped_images(sizes)[4][1])).resize((144, 48), Image.LANCZOS)
+    wide = wide.crop((32, 0, 112, 48))
     assert torch.equal(items[4].pixels, torch.from_numpy(np.asarray(wide, dtype=np.float32) / 255.0))
 
 

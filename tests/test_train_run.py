@@ -982,6 +982,29 @@ def test_sdxl_paper_mode_trains_with_size_conditioning(tmp_path: Path, frozen) -
 
 
 @pytest.mark.slow
+def test_sdxl_trains_on_aspect_buckets_with_each_batch_s_size_as_its_target(tmp_path: Path, frozen,
+                                                                           monkeypatch) -> None:
+    from tiny_unets import tiny_sdxl
+
+    data = write_folder(tmp_path / "data", make_shaped_images([(80, 44), (90, 50), (40, 40), (44, 40)]))
+    comps = runner.Components(tiny_sdxl(), None, frozen["vae"], frozen["llm"], "tiny_sdxl", "tiny-llama")
+    seen: list[tuple[tuple[int, ...], torch.Tensor]] = []
+    forward = loop.TrainModule.forward
+
+    def spy(self: loop.TrainModule, latents: torch.Tensor, *args: Any, y: torch.Tensor, **kwargs: Any) -> Any:
+        seen.append((tuple(latents.shape[-2:]), y))
+        return forward(self, latents, *args, y=y, **kwargs)
+    monkeypatch.setattr(loop.TrainModule, "forward", spy)
+    opts = options(data, tmp_path / "out", original_path="llm", max_steps=2, batch_size=2, resolution=64,
+                   aspect_buckets=True, bucket_step=16, shuffle=False)
+    assert runner.run_with(opts, comps) == 0
+    assert [shape for shape, _ in seen] == [(6, 10), (8, 8)]
+    # y = [pooled | size embeddings of (original h, w, crop top, left, target h, w)], 256 each: the targets
+    target = comps.model_patcher.model.embedder(torch.tensor([48.0, 80.0])).flatten()
+    assert torch.equal(seen[0][1][0, -512:], target.to(seen[0][1].dtype))
+
+
+@pytest.mark.slow
 def test_init_adapter_starts_from_the_file_and_keeps_what_it_fixed(tmp_path: Path, frozen, caplog,
                                                                     monkeypatch) -> None:
     from llmdiff_core.adapter_file import save_adapter
