@@ -228,10 +228,10 @@ def test_cache_backed_run_matches_on_the_fly(tmp_path: Path, frozen, monkeypatch
 
 @pytest.mark.slow
 def test_aspect_buckets_train_batches_of_one_size_resume_exactly_and_cache_the_same(tmp_path: Path, frozen,
-                                                                                    monkeypatch) -> None:
+                                                                                    monkeypatch, caplog) -> None:
     """--aspect-buckets: each micro-batch is one bucket's size (64x64, 80x48 or 48x80 here), samples waiting for
     their bucket's batch are in the checkpoint, so stop + resume = the uninterrupted run; a cache-backed run trains
-    the same as the on-the-fly one."""
+    the same as the on-the-fly one, and the log says how many images each bucket holds."""
     from llmdiff_core.training import checkpointing
 
     sizes = [(40, 40), (80, 44), (40, 80), (56, 40), (44, 40), (40, 72), (72, 40), (48, 48), (90, 50)]  # (w, h)
@@ -263,8 +263,10 @@ def test_aspect_buckets_train_batches_of_one_size_resume_exactly_and_cache_the_s
 
     cached = options(data, tmp_path / "cached", cache_dir=str(tmp_path / "cache"), cache_dtype="fp32",
                      cache_batch_size=4, **common)
+    caplog.set_level(logging.INFO, logger="llmdiff.train")
     assert runner.run_with(cached, components(frozen)) == 0
     assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "whole"), rel=1e-4, abs=1e-6)
+    assert "images per bucket (width x height): 64x64: 3, 80x48: 4, 48x80: 2" in caplog.text
 
 
 @pytest.mark.slow

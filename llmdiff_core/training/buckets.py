@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 Size = tuple[int, int]  # (height, width) in pixels, as the image tensors are laid out
+LATENT_SCALE = 8  # pixels per latent cell of the SD1.5 / SDXL VAE
 
 
 def bucket_sizes(resolution: int, step: int, max_ratio: float) -> tuple[Size, ...]:
@@ -37,5 +38,6 @@ def nearest_bucket(height: int, width: int, buckets: tuple[Size, ...]) -> Size:
     return min(buckets, key=lambda s: abs(math.log(s[1] / s[0]) - aspect))
 
 
-def describe(buckets: tuple[Size, ...]) -> str:
-    return ", ".join(f"{w}x{h}" for h, w in buckets)
+def describe(buckets: tuple[Size, ...], counts: dict[Size, int] | None = None) -> str:
+    """'1024x1024, 1088x960, ...' (width x height), with each one's count of images when given."""
+    return ", ".join(f"{w}x{h}" + (f": {counts.get((h, w), 0)}" if counts is not None else "") for h, w in buckets)

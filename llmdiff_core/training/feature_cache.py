@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +35,7 @@ from ..config import AdapterConfig
 from ..dtypes import DTYPES
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
+from .buckets import LATENT_SCALE
 from .data import Item, Position, SampleStream, SkipCounter, StreamSpec, loader
 from .sources import IndexedSource, RawEntry
 from .encoders import CompactFeatures, Conditioning, FrozenEncoders, pad, trim
@@ -239,6 +241,7 @@ class CachedSource(IndexedSource):
     def __init__(self, cache_dir: Path) -> None:
         self.dir = Path(cache_dir)
         self.skipped_at_build = 0  # entries the build passed over, every process's
+        self.image_sizes: Counter[tuple[int, int]] = Counter()  # samples per (height, width): the buckets' counts
         records: list[tuple[int, str, str, int, str, list[int]]] = []
         for idx_file in sorted(self.dir.glob("index-rank*.json")):
             index = json.loads(idx_file.read_text(encoding="utf-8"))
@@ -249,6 +252,9 @@ class CachedSource(IndexedSource):
             for shard in index.get("shards", []):
                 with safetensors.safe_open(str(self.dir / shard["file"]), framework="pt") as f:
                     meta = json.loads(f.metadata()["samples"])
+                    for j in range(len(meta)):  # (from the file's header: nothing is read)
+                        h, w = f.get_slice(f"{j}.latent").get_shape()[-2:]
+                        self.image_sizes[(h * LATENT_SCALE, w * LATENT_SCALE)] += 1
                 for j, m in enumerate(meta):
                     records.append((int(m["index"]), m["key"], shard["file"], j, m["caption"], m["size"]))
         if not records:

@@ -27,6 +27,7 @@ from ..adapter_runtime import TrainingCall
 from ..errors import LLMDiffError
 from ..features import LLMFeatures, LLMSpec
 from . import checkpointing, device_copy, objective, previews
+from .buckets import LATENT_SCALE
 from .data import AlreadyTrained, Position, SkipCounter, sample_seed
 from .encoders import CompactFeatures, Conditioning, drop_captions, expand_features
 from .ema import EMA
@@ -36,7 +37,6 @@ from .schedule import lr_lambda
 from .tracking import Tracker, device_memory
 
 log = logging.getLogger("llmdiff.train")
-LATENT_SCALE = 8  # pixels per latent cell of the SD1.5 / SDXL VAE
 
 
 class TrainingStopped(Exception):

@@ -434,6 +434,9 @@ def _train(opts: TrainOptions, components: Components, accelerator: Any, adapter
             accelerator.print(f"feature cache complete in {cache_dir}")
             return 0
         cache_source = feature_cache.CachedSource(cache_dir)
+        if buckets and accelerator.is_main_process:
+            log.info("the feature cache's images per bucket (width x height): %s",
+                     describe_buckets(buckets, cache_source.image_sizes))
         changed = feature_cache.changes_since_built(cache_source, source) if accelerator.is_main_process else None
         if changed:
             log.warning("the dataset changed since the feature cache in %s was built (%s): training reads the cache "
