@@ -229,7 +229,7 @@ class CachedSample:
 
     @property
     def bucket(self) -> tuple[int, int]:
-        """What batches it with others: its latent's size (one size without aspect-ratio buckets)."""
+        """What batches it with others: its latent's size (in latent cells; one size without aspect-ratio buckets)."""
         latent = self.tensors["latent"]
         return int(latent.shape[-2]), int(latent.shape[-1])
 

@@ -240,7 +240,7 @@ class Trainer:
         self._prefetcher: Prefetcher[tuple[Batch, Any]] | None = None
         self._last_step_start = 0.0
         self._stager: device_copy.DeviceStager | None = None  # made with the first batch (take_batch)
-        self._waiting: dict[tuple[int, int], list[Any]] = {}  # samples read, by size, until their batch is full
+        self._waiting: dict[tuple[int, int], list[Any]] = {}  # samples read, by their bucket, until it has a batch
 
     # --- setup ----------------------------------------------------------------------------------
     def build_optimizer(self) -> None:

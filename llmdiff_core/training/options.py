@@ -73,8 +73,8 @@ class TrainOptions:
                                "text, prompt)", group="data")
     resolution: int = _opt(0, "training resolution in pixels (square); 0 = 512 for SD1.5, 1024 for SDXL",
                            group="data")
-    crop: str = _opt("center", "how an image is cropped after resizing its short side to the resolution",
-                     choices=("center", "random"), group="data")
+    crop: str = _opt("center", "how an image is cropped to the resolution's square (or its --aspect-buckets size) "
+                     "after resizing it to cover it", choices=("center", "random"), group="data")
     aspect_buckets: bool = _opt(False, "train each image at about its own aspect ratio instead of a square crop: it "
                                 "goes to the nearest of a set of sizes of at most --resolution squared pixels "
                                 "(multiples of --bucket-step, out to --bucket-max-ratio : 1 either way), is resized "
