@@ -358,6 +358,11 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
     assert parse_options(REQUIRED + ["--compile-unet", "inductor", "--no-prefetch",
                                      "--channels-last"]).compile_unet == "inductor"
     assert parse_options(REQUIRED).cudnn_benchmark
+    from llmdiff_core.training.options import validation_size
+    for given, want in (("", (512, 512)), ("768", (768, 768)), ("1216x832", (832, 1216)), (" 64 X 48 ", (48, 64))):
+        assert validation_size(parse_options(REQUIRED + ["--validation-size", given]), 512) == want, given
+    cfg.write_text("base_model: a\nllm: b\ndata: c\nvalidation_size: 768\n")  # (a YAML number: as before)
+    assert validation_size(parse_options(["--config", str(cfg)]), 1024) == (768, 768)
     assert not parse_options(REQUIRED + ["--no-cudnn-benchmark"]).cudnn_benchmark
     assert parse_options(REQUIRED + ["--sdpa-backends", "flash, Efficient"]).sdpa_backends == "flash, Efficient"
     for bad, why in (("flash,flsh", "unknown SDPA backend.s. flsh"), ("cudnn,cudnn", "named twice")):
@@ -369,7 +374,9 @@ def test_options_flags_win_over_yaml(tmp_path: Path) -> None:
     (["--caption-dropout", "1.5"], "--caption-dropout must be between 0 and 1"),
     (["--ema-decay", "1"], r"--ema-decay must be in \[0, 1\)"),
     (["--resolution", "500"], "--resolution must be a multiple of 8"),
-    (["--validation-size", "100"], "--validation-size must be a multiple of 8"),
+    (["--validation-size", "100"], "--validation-size '100': each side must be a multiple of 8"),
+    (["--validation-size", "1216x830"], "--validation-size '1216x830': each side must be a multiple of 8"),
+    (["--validation-size", "1216x"], "--validation-size '1216x': give N .a square. or WIDTHxHEIGHT"),
     (["--cache-only"], "--cache-only needs --cache-dir"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),

@@ -568,7 +568,7 @@ def test_validation_samples_the_ema_weights_and_training_goes_on_from_its_own(tm
     """With --ema-decay the images show the weights that will be exported; the steps after them continue from the
     trained weights, so a run with validation exports what the same run without it exports."""
     data = write_folder(tmp_path / "data", make_images(4))
-    common = dict(max_steps=4, ema_decay=0.9, validation_steps=2, validation_size=RES)
+    common = dict(max_steps=4, ema_decay=0.9, validation_steps=2, validation_size=f"{RES}x{RES - 16}")
     trainers: list[loop.Trainer] = []
     sampled_with: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
     validate, render = loop.Trainer.validate, loop.previews.render
@@ -589,6 +589,8 @@ def test_validation_samples_the_ema_weights_and_training_goes_on_from_its_own(tm
     assert runner.run_with(plain, components(frozen)) == 0
 
     assert len(sampled_with) == 2  # after step 2 and at the end
+    grid = np.asarray(Image.open(tmp_path / "shown" / "validation" / "step-00000004.png"))
+    assert grid.shape == (RES - 16, 2 * RES, 3)  # base | adapter, each at --validation-size WxH
     for weights, shadow in sampled_with:
         assert weights.keys() >= shadow.keys()
         for k, v in shadow.items():

@@ -31,7 +31,7 @@ from .buckets import LATENT_SCALE
 from .data import AlreadyTrained, Position, SkipCounter, sample_seed
 from .encoders import CompactFeatures, Conditioning, drop_captions, expand_features
 from .ema import EMA
-from .options import TrainOptions
+from .options import TrainOptions, validation_size
 from .patching import feature_batch, training_options, uncompiled
 from .schedule import lr_lambda
 from .tracking import Tracker, device_memory
@@ -544,7 +544,7 @@ class Trainer:
                 self.ema.copy_to(self.adapter)
             self.adapter.eval()
             try:
-                size = self.opts.validation_size or self.resolution
+                size = validation_size(self.opts, self.resolution)
                 patched = self.module.patched
                 if self.opts.compile_unet:  # sampling would compile U-Net graphs of its own: sample eager
                     patched = uncompiled(patched)

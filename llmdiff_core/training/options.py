@@ -182,8 +182,9 @@ class TrainOptions:
     validation_cfg: float = _opt(7.0, "CFG scale for validation images", group="validation")
     validation_sampler: str = _opt("euler", "ComfyUI sampler name for validation images", group="validation")
     validation_scheduler: str = _opt("normal", "ComfyUI scheduler name for validation images", group="validation")
-    validation_size: int = _opt(0, "validation image size in pixels (0 = the training resolution)",
-                                group="validation")
+    validation_size: str = _opt("", "validation image size in pixels: N for a square, or WIDTHxHEIGHT (e.g. 1216x832, "
+                                "an --aspect-buckets size), multiples of 8; empty = the training resolution's square",
+                                group="validation", metavar="N|WxH")
     validation_seed: int = _opt(0, "noise seed for validation images (the same every time)", group="validation")
     # --- debugging ------------------------------------------------------------------------------
     debug_nan_at_step: int = _opt(0, "testing aid: make the loss NaN at this optimizer step (0 = off)",
@@ -308,6 +309,23 @@ def parse_options(argv: Sequence[str] | None = None) -> TrainOptions:
     return opts
 
 
+def validation_size(opts: TrainOptions, resolution: int) -> tuple[int, int]:
+    """--validation-size as (height, width): 'N', 'WxH', or empty for the resolution's square (an int N from
+    a caller that builds TrainOptions itself is taken too)."""
+    text = str(opts.validation_size or "").strip().lower()
+    if not text or text == "0":
+        return resolution, resolution
+    parts = text.split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise OptionsError(f"--validation-size {opts.validation_size!r}: give N (a square) or WIDTHxHEIGHT, "
+                           "e.g. 1216x832")
+    width, height = (int(parts[0]), int(parts[-1]))
+    if not width or not height or width % 8 or height % 8:
+        raise OptionsError(f"--validation-size {opts.validation_size!r}: each side must be a multiple of 8 (the VAE's "
+                           "downscale factor)")
+    return height, width
+
+
 def check_options(opts: TrainOptions) -> None:
     missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainOptions)
                if f.metadata.get("required") and not getattr(opts, f.name)]
@@ -332,8 +350,7 @@ def check_options(opts: TrainOptions) -> None:
                                f"({opts.resolution or '512 or 1024 by default'}), e.g. 64")
         if opts.bucket_max_ratio < 1.0:
             raise OptionsError("--bucket-max-ratio is the long side over the short side: at least 1 (1 = squares only)")
-    if opts.validation_size and opts.validation_size % 8:
-        raise OptionsError("--validation-size must be a multiple of 8")
+    validation_size(opts, 512)  # (refuses a bad value now, before any model loads)
     if opts.cache_only and not opts.cache_dir:
         raise OptionsError("--cache-only needs --cache-dir")
     try:

@@ -60,11 +60,11 @@ def prepare(encoders: FrozenEncoders, prompts: list[str], negative: str) -> list
     return out
 
 
-def _sample(model: Any, vae: Any, pos: list, neg: list, size: int, steps: int, cfg: float, sampler: str,
+def _sample(model: Any, vae: Any, pos: list, neg: list, size: tuple[int, int], steps: int, cfg: float, sampler: str,
             scheduler: str, seed: int) -> np.ndarray:
     import comfy.sample
 
-    latent = torch.zeros(1, 4, size // 8, size // 8)
+    latent = torch.zeros(1, 4, size[0] // 8, size[1] // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
                                   denoise=1.0, disable_pbar=True, seed=seed)
@@ -72,9 +72,9 @@ def _sample(model: Any, vae: Any, pos: list, neg: list, size: int, steps: int, c
     return (image[0].clamp(0, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
 
 
-def render(base_model: Any, patched: Any, vae: Any, conds: list[PromptConds], size: int, steps: int, cfg: float,
-           sampler: str, scheduler: str, seed: int) -> np.ndarray:
-    """The grid [rows = prompts, columns = base | adapter] as uint8 [H, W, 3]."""
+def render(base_model: Any, patched: Any, vae: Any, conds: list[PromptConds], size: tuple[int, int], steps: int,
+           cfg: float, sampler: str, scheduler: str, seed: int) -> np.ndarray:
+    """The grid [rows = prompts, columns = base | adapter] as uint8 [H, W, 3]; size: each image's (height, width)."""
     rows = []
     with torch.no_grad():
         for pc in conds:
