@@ -249,6 +249,8 @@ MUTANTS: tuple[Mutant, ...] = (
            '**({"aspect_buckets": [list(b) for b in buckets]} if buckets else {})', "", CACHE_REFUSED),
     Mutant("sdxl-target-always-square", CORE + "training/loop.py", "target_width=target_w, target_height=target_h",
            "target_width=target_h, target_height=target_h", SDXL_SIZES),
+    Mutant("validation-size-transposed", CORE + "training/options.py", "    return height, width\n",
+           "    return width, height\n", TRAIN_DATA),
     # the training objective and schedule
     Mutant("ema-decay-without-warm-up", CORE + "training/ema.py",
            "d = min(self.decay, (1 + self.updates) / (10 + self.updates))", "d = self.decay", OBJECTIVE),
