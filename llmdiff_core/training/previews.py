@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..conditioning import attach_features
+from .buckets import LATENT_SCALE
 from .encoders import POOLED_DIM, FrozenEncoders
 
 log = logging.getLogger("llmdiff.train")
@@ -64,7 +65,7 @@ def _sample(model: Any, vae: Any, pos: list, neg: list, size: tuple[int, int], s
             scheduler: str, seed: int) -> np.ndarray:
     import comfy.sample
 
-    latent = torch.zeros(1, 4, size[0] // 8, size[1] // 8)
+    latent = torch.zeros(1, 4, size[0] // LATENT_SCALE, size[1] // LATENT_SCALE)
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
                                   denoise=1.0, disable_pbar=True, seed=seed)
