@@ -17,7 +17,7 @@ import comfy.ldm.modules.attention
 
 from . import fused_site
 from .adapter import LLMDiffAdapter
-from .attention import RunMask, attend
+from .attention import KeyLength, RunMask, attend, key_length_for_run
 from .conditioning import FeatureBatch
 from .config import SiteSpec
 from .errors import LLMDiffError
@@ -101,6 +101,7 @@ class AdapterRuntime(SharedOnCopy):
         # the kernel of the sampling run under way (fused_site.kernel_for_run: "auto" decides per run); outside
         # a run (direct U-Net calls) auto is the three kernels
         self.run_site_kernel = fused_site.kernel_for_run(site_kernel)
+        self.run_key_length: KeyLength = key_length_for_run(None)  # likewise from the run's compile (attention.py)
         self.cache_enabled = True  # off: recompute every call (tests compare the two)
         # a sampling run's entries, kept for the next run with the same prompts in hybrid mode; paper mode's
         # entry also projects with the U-Net's own to_k / to_v, whose weights a LoRA or a lowvram weight patch
@@ -122,11 +123,13 @@ class AdapterRuntime(SharedOnCopy):
         ComfyUI's compile wrapper compiles this run's U-Net, if it does (the site kernel "auto" follows it)."""
         self._set_window(model_sampling)
         self.run_site_kernel = fused_site.kernel_for_run(self.site_kernel, compile_kwargs)
+        self.run_key_length = key_length_for_run(compile_kwargs)
         self.runs.begin(self.adapter)
 
     def end_run(self) -> None:
         self.runs.end()
         self.run_site_kernel = fused_site.kernel_for_run(self.site_kernel)
+        self.run_key_length = key_length_for_run(None)
         log.debug("LLMDiff run: %d adapter entries built, %d taken from the last run", self.runs.built,
                   self.runs.reused)
 
@@ -141,7 +144,8 @@ class AdapterRuntime(SharedOnCopy):
                   training: TrainingCall | None = None) -> RunEntry:
         caching = self.cache_enabled and training is None and self.runs.active
         if caching:
-            found = self.runs.find(lambda e: e.matches(batch, device, dtype, self.run_site_kernel))
+            found = self.runs.find(
+                lambda e: e.matches(batch, device, dtype, self.run_site_kernel, self.run_key_length))
             if found is not None:
                 return found
         entry = self._build_entry(batch, device, dtype, training)
@@ -172,7 +176,8 @@ class AdapterRuntime(SharedOnCopy):
         whole = training is not None and training.whole_bucket
         mask = RunMask.prepare(key_mask if identity else key_mask[rows], dtype, device,
                                host_mask=None if training is None else training.host_mask,
-                               whole=whole, dynamic=training is None, width=noise_tokens if whole else None)
+                               key_length=self.run_key_length if training is None else "unmarked",
+                               whole=whole, width=noise_tokens if whole else None)
         # every token the adapter reads lies before mask.read_stop: only those are copied, moved and encoded.
         # Sampling moves the distinct rows cut there, only what the encoding reads (score: H_0 and the scores),
         # and joins them on the device (FeatureBatch.distinct). A training batch's captions fill ~half of the

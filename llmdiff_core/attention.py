@@ -8,7 +8,9 @@ differentiable, and the gates may be python floats or 0-d tensors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,26 @@ def is_identity(w_orig: Gate, w_new: Gate) -> bool:
 # --- prepared once per sampling run (run_entry.RunEntry) -------------------------------------------
 
 SPAN_BUCKET = 32  # the new path's attention sees key lengths that are multiples of this (RunMask)
+
+# How a run's tensors mark their key length for torch.compile (RunMask.mark_key_length): "dynamic" (sampling: one
+# graph for every span), "static" (sampling under the cudagraphs backend: a graph per span) or "unmarked" (training)
+KeyLength = Literal["dynamic", "static", "unmarked"]
+
+
+def key_length_for_run(compile_kwargs: Mapping[str, Any] | None) -> KeyLength:
+    """How a sampling run marks its key length, from how ComfyUI's compile wrapper compiles its U-Net (its keyword
+    arguments, model_options["torch_compile_kwargs"]; None: not compiled).
+
+    Static under torch's cudagraphs backend: it records one CUDA graph per compiled graph and size, but tells the
+    sizes apart by the graph's integer inputs only, and a length dynamo traces as a symbol is not one of them (it
+    is a SymInt when the recording is made). With the length dynamic, a prompt of another span replayed the first
+    prompt's recording and copying its keys into it failed ("The size of tensor a (32) must match the size of
+    tensor b (96)": H200, torch 2.11, docs/benchmarks.md §5j; pytorch/pytorch#131009). Marked static, dynamo
+    traces a graph per span length (a few SPAN_BUCKET lengths), each with its own recording. Inductor's CUDA graphs
+    (mode reduce-overhead) key their recordings on the symbols' values: one dynamic graph serves every span."""
+    if compile_kwargs and compile_kwargs.get("backend") == "cudagraphs":
+        return "static"
+    return "dynamic"
 
 
 def attended_span(mask: torch.Tensor, width: int, bucket: int = SPAN_BUCKET) -> tuple[int, int]:
@@ -63,8 +85,8 @@ class RunMask:
           nothing), or None when every row has one.
     read_stop: the tokens before it are all that hold attended keys (the span's end, = stop unless whole); the
           keys from there to stop are masked for every row, so they need no values (whole: zero padding).
-    dynamic: the tensors that hold the key length are marked as varying for torch.compile (varying_keys):
-          set for sampling runs (prepare(dynamic=True)), not for training calls (see varying_keys).
+    key_length: how the tensors that hold the key length mark it for torch.compile (mark_key_length): "dynamic"
+          or "static" for sampling runs (key_length_for_run), "unmarked" for training calls.
     """
 
     start: int
@@ -72,12 +94,12 @@ class RunMask:
     bias: torch.Tensor | None
     keep: torch.Tensor | None
     read_stop: int
-    dynamic: bool = False
+    key_length: KeyLength = "unmarked"
 
     @classmethod
     def prepare(cls, mask: torch.Tensor, dtype: torch.dtype, device: torch.device,
                 bucket: int = SPAN_BUCKET, host_mask: torch.Tensor | None = None, whole: bool = False,
-                dynamic: bool = False, width: int | None = None) -> RunMask:
+                key_length: KeyLength = "unmarked", width: int | None = None) -> RunMask:
         """mask: [B, T] bool, True = the token takes part in attention.
 
         The span and whether a bias / keep is needed are decided on the host: on host_mask when given (the
@@ -118,9 +140,9 @@ class RunMask:
                 span = mask[:, start:stop] | ~has_key[:, None]
                 bias = torch.zeros(span.shape, dtype=dtype, device=device).masked_fill_(~span, float("-inf"))
                 bias = bias[:, None, None, :]
-        made = cls(start, stop, bias, keep, read_stop, dynamic=dynamic)
+        made = cls(start, stop, bias, keep, read_stop, key_length=key_length)
         if bias is not None:
-            made.varying_keys(bias, dim=3)
+            made.mark_key_length(bias, dim=3)
         return made
 
     def span(self, t: torch.Tensor) -> torch.Tensor:
@@ -136,24 +158,29 @@ class RunMask:
         out = t.reshape(b, -1, heads, inner // heads).transpose(1, 2)
         return out.contiguous() if contiguous else out
 
-    def varying_keys(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
-        """t, its key-length dim marked for torch.compile as one that varies (when self.dynamic).
+    def mark_key_length(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """t, its key-length dim marked for torch.compile as self.key_length says.
 
-        The span's length differs between prompts (a few SPAN_BUCKET lengths). Left unmarked, a compiled
-        U-Net (TorchCompileModel) traces a static graph for the first prompt and, at the first prompt of
-        another length, the whole U-Net again with the length dynamic (minutes for SDXL). Marked, the
-        first compile is already the dynamic one. A hint only (maybe_mark_dynamic): nothing fails if the
-        compiler keeps the length static after all, and eager code never reads it. Tensors derived from
-        marked ones (g * v) are new tensors: mark them too.
+        "dynamic": the span's length differs between prompts (a few SPAN_BUCKET lengths). Left unmarked, a
+        compiled U-Net (TorchCompileModel) traces a static graph for the first prompt and, at the first prompt of
+        another length, the whole U-Net again with the length dynamic (minutes for SDXL). Marked, the first
+        compile is already the dynamic one. A hint only (maybe_mark_dynamic): nothing fails if the compiler keeps
+        the length static after all, and eager code never reads it.
+        "static" (the cudagraphs backend, key_length_for_run): a graph per length; torch would otherwise make the
+        length dynamic at the second one.
+        Tensors derived from marked ones (g * v) are new tensors: mark them too.
 
-        Not for training calls: there inductor (torch 2.13, CPU) compiled the attention backward of a dynamic
-        key length with a static stride, which failed at the next batch's length, marked up front or made
-        dynamic by torch at the second length (docs/benchmarks.md §3m). Compiled training attends over the
+        "unmarked" for training calls: there inductor (torch 2.13, CPU) compiled the attention backward of a
+        dynamic key length with a static stride, which failed at the next batch's length, marked up front or
+        made dynamic by torch at the second length (docs/benchmarks.md §3m). Compiled training attends over the
         whole bucket instead: one static length (--compile-whole-bucket, the default).
         """
-        if self.dynamic:
+        if self.key_length != "unmarked":
             import torch._dynamo  # (already imported by ComfyUI and by torch.compile; lazy for plain torch users)
-            torch._dynamo.maybe_mark_dynamic(t, dim)
+            if self.key_length == "dynamic":
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+            else:
+                torch._dynamo.mark_static(t, dim)
         return t
 
 

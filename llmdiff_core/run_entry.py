@@ -16,7 +16,7 @@ import torch
 
 import comfy.ops
 
-from .attention import Gate, RunMask, effective_gates, is_identity
+from .attention import Gate, KeyLength, RunMask, effective_gates, is_identity
 from .conditioning import FeatureBatch
 from .site_stacks import SiteStack
 
@@ -81,9 +81,12 @@ class RunEntry:
     fused: tuple[bool, ...] = ()
     site_op: Callable[..., torch.Tensor] | None = None
 
-    def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype, site_kernel: str) -> bool:
+    def matches(self, batch: FeatureBatch, device: torch.device, dtype: torch.dtype, site_kernel: str,
+                key_length: KeyLength) -> bool:
+        """Whether this entry serves a run of these rows, device, dtype, site kernel and key-length marking (an
+        entry marked for another compile would make that compile trace the wrong graph)."""
         return (self.device == device and self.dtype == dtype and self.site_kernel == site_kernel
-                and self.batch.same_rows(batch))
+                and self.mask.key_length == key_length and self.batch.same_rows(batch))
 
     def scaled_sites(self, scale: float, block_weights: Sequence[float]) -> ScaledSites:
         """Every site's effective gates at strength `scale` and its gate-scaled values
@@ -113,8 +116,8 @@ class RunEntry:
         return found
 
     def mark_stack(self, stack: torch.Tensor) -> torch.Tensor:
-        """A [sites, B, H, T', d] stack with its key length marked as varying (RunMask.varying_keys)."""
-        return self.mask.varying_keys(stack, dim=3)
+        """A [sites, B, H, T', d] stack with its key length marked for torch.compile (RunMask.mark_key_length)."""
+        return self.mask.mark_key_length(stack, dim=3)
 
     def _scaled_tensor_sites(self, scale: float, block_weights: Sequence[float]) -> ScaledSites:
         """Tensor gates (TrainingCall, one entry per call, with gradients): effective_gates runs once on

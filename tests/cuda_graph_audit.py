@@ -62,3 +62,37 @@ def _is_view(op: torch._ops.OpOverload) -> bool:
     reshape of a tensor nothing else reads: a view too, though its schema does not say so."""
     return (op.overloadpacket is torch.ops.aten._unsafe_view
             or any(a.alias_info is not None and not a.alias_info.is_write for a in op._schema.returns))
+
+
+def emulate_cudagraphs_backend(monkeypatch: Any) -> dict[str, int]:
+    """torch.compile's "cudagraphs" backend, runnable on the CPU: torch's own code (dynamo's backend and
+    cudagraph_trees.cudagraphify_impl, which keeps a recording per compiled graph and per value of the graph's
+    integer inputs) with only the recording emulated. A recording keeps copies of the inputs it was made with
+    (but the static ones: parameters); a replay copies the new inputs into them, as a CUDA-graph replay does
+    (copy_ fails on another shape), and runs the graph on the copies. The device checks, which need CUDA, are
+    left out. Returns the counts of recordings and replays, updated as the graphs run."""
+    import torch._dynamo.backends.cudagraphs as backend
+    import torch._inductor.cudagraph_trees as trees
+
+    for module, name in ((backend, "check_for_skip"), (backend, "get_device_index"), (trees, "cudagraphify")):
+        assert hasattr(module, name), f"torch's cudagraphs backend changed ({module.__name__}.{name}): update this"
+    counts = {"recordings": 0, "replays": 0}
+
+    def record(model: Callable, inputs: list, static_input_idxs: Any = (), **_: Any) -> tuple[Callable, Any]:
+        static = set(static_input_idxs)
+        kept = [t.clone() if isinstance(t, torch.Tensor) and i not in static else t for i, t in enumerate(inputs)]
+        counts["recordings"] += 1
+
+        def replay(new_inputs: list) -> Any:
+            counts["replays"] += 1
+            for i, (recorded, new) in enumerate(zip(kept, new_inputs)):
+                if isinstance(recorded, torch.Tensor) and i not in static:
+                    recorded.copy_(new)
+            new_inputs.clear()  # (boxed: the caller's list is the callee's to free)
+            return model(list(kept))
+        return replay, model(list(kept))
+
+    monkeypatch.setattr(backend, "check_for_skip", lambda *a, **k: None)
+    monkeypatch.setattr(backend, "get_device_index", lambda gm: 0)
+    monkeypatch.setattr(trees, "cudagraphify", record)
+    return counts

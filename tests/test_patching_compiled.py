@@ -16,7 +16,7 @@ from llmdiff_core.comfy_patch import apply_adapter, forget_kept_entries
 from llmdiff_core.conditioning import CONDLLMDiff, attach_features
 from llmdiff_core.features import LLMFeatures
 from llmdiff_core.unet_sites import find_sites
-from cuda_graph_audit import CudaGraphAudit
+from cuda_graph_audit import CudaGraphAudit, emulate_cudagraphs_backend
 from patching_support import (SPEC, make_features, clip_conditioning, prompt, adapter_for, noise, sample,
                               diffusion_output, max_rel, direct_inputs, GraphCounter)
 from tiny_unets import tiny_sd15_minimal
@@ -97,7 +97,7 @@ def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets(whole
     aot_eager traces forward and backward) traces a static graph, then one with the key length dynamic, and no
     more: no recompilation per batch and no graph break, whatever the captions' lengths. Over the whole
     bucket (TrainingCall.whole_bucket, what the trainer asks for when it compiles) it traces one graph.
-    (Training does not mark the key length dynamic up front, as sampling does: RunMask.varying_keys.)"""
+    (Training does not mark the key length dynamic up front, as sampling does: RunMask.mark_key_length.)"""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
@@ -130,10 +130,10 @@ def test_compiled_training_calls_trace_at_most_twice_over_the_span_buckets(whole
 def test_compiled_sampling_traces_one_graph_for_prompts_of_any_length(mode: str, backend: str,
                                                                        monkeypatch: Any) -> None:
     """Prompts of 6, 40 and 70 tokens in an 80-token bucket attend to 32, 64 and 79 keys (RunMask's span buckets).
-    The per-run K/V, values and mask carry that length as a dynamic dim (RunMask.varying_keys), so the compiled
+    The per-run K/V, values and mask carry that length as a dynamic dim (RunMask.mark_key_length), so the compiled
     U-Net (TorchCompileModel) traces once for all of them: no second, dynamic compile of the whole U-Net when a
     longer prompt comes (minutes for SDXL), and every image is the eager one. With inductor too, whose
-    generated code checks its inputs' sizes and strides (in training it failed on them: varying_keys)."""
+    generated code checks its inputs' sizes and strides (in training it failed on them: RunMask.mark_key_length)."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
@@ -160,6 +160,38 @@ def test_compiled_sampling_traces_one_graph_for_prompts_of_any_length(mode: str,
             assert max_rel(out, sample(m, pos, neg, noise(1), steps=2)) < (1e-6 if backend == "dynamo" else 1e-4)
         assert keys == [32, 32, 64, 64, 79, 79, 32, 32]  # (compiled, eager) per prompt
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_cudagraphs_backend_samples_prompts_of_every_span_as_eager(monkeypatch: Any) -> None:
+    """TorchCompileModel with backend cudagraphs: torch keeps one recording per compiled graph and per value of
+    its integer inputs, and a dynamic key length is not one of them, so with the length dynamic a prompt of
+    another span replayed the first one's recording (on an H200: "The size of tensor a (32) must match the size
+    of tensor b (96)", docs/benchmarks.md §5j). Under that backend the run marks the length static: a graph, and
+    a recording, per span length, and every image is the eager one. (torch's backend code runs here, the
+    recording itself is emulated on the CPU: cuda_graph_audit.emulate_cudagraphs_backend.)"""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    replays = emulate_cudagraphs_backend(monkeypatch)
+    mp = tiny_sd15_minimal()
+    m = apply_adapter(mp, adapter_for(mp, "clip"))
+    c = m.clone()
+    set_torch_compile_wrapper(c, backend="cudagraphs")
+    neg = attach_features(clip_conditioning("minimal", 1, 2), make_features([3], 2, tokens=80))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for seed, length in enumerate([6, 40, 20, 45]):  # spans of 32, 64, 32, 64 keys
+            pos = attach_features(clip_conditioning("minimal", 1, seed), make_features([length], seed, tokens=80))
+            want = sample(m, pos, neg, noise(1), steps=2)  # its entry is kept for a next run of these prompts,
+            out = sample(c, pos, neg, noise(1), steps=2)  # but marked dynamic: the compiled run builds its own
+            forget_kept_entries(m)
+            assert max_rel(out, want) < 1e-6, length
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one per span length
+        assert replays["recordings"] == 2 and replays["replays"] == 6, replays  # (2 U-Net calls a run)
         assert not counters["graph_break"], dict(counters["graph_break"])
     finally:
         torch._dynamo.reset()
