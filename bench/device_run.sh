@@ -60,25 +60,28 @@ run_part() {
       step checks-compile 100 checks 3,11
       step sampling-compiled 200 bench sampling_overhead --modes clip --compile inductor --no-real-flops
       step training-compiled 220 train --no-floor --compile inductor --warmup 5 --steps 10 ;;
-    next)  # what session 23 (H200, docs/benchmarks.md §5i) left open, most needed first (§6 has the two calls).
-           # Call 1 (DEVICE_BUDGET_S=555): check 12 (the default site kernel, auto, under CUDA graphs), the SDXL
-           # sampling target with both site kernels, then CUDA-graph training. Call 2 at once (SKIP naming what call 1
-           # ran; the machine stays warm 30 s): what is left, in this order. (Session 23 on an H200: a cold start
-           # ~40 s; checks 3, 11 and 12 176 s; SD1.5 under reduce-overhead, three variants 208 s; SDXL, two
-           # variants 235 s, of which 166 s compiling; the profile 45 s.)
-      # 12: the kernel, sampling, and now the default (auto must run fused-attention under inductor's CUDA graphs)
-      # and fused-attention under the cudagraphs backend (never run), each one graph, no break, the eager images
-      # 14: a run's features moved through page-locked staging, equal to the host's (session 23's plan named it, but
-      # ran check 12 alone)
-      step checks 150 checks 12,14
+    next)  # what session 28 (H200, docs/benchmarks.md §5j) left open, most needed first (§6 has the two calls).
+           # Call 1 (DEVICE_BUDGET_S=555): SD1.5 training under CUDA graphs with two batches prepared side by side,
+           # then the SDXL sampling target with fused-attention. Call 2 at once (SKIP naming what call 1 ran; the
+           # machine stays warm 30 s): check 12 again, the prefetch A/B, then what is left, in this order.
+           # (Session 28 on an H200: a cold start ~48 s; checks 12 and 14 201 s; SD1.5 training under
+           # reduce-overhead 169 s from a cold cache; SDXL with three variants ran past 330 s, nothing measured.)
+      # session 28: 161.6 img/s under CUDA graphs with one prefetch thread, whose 86 ms a batch was longer than the
+      # step's 77 ms of compute (data wait 22 ms): now two batches are prepared side by side (--prefetch-batches 2,
+      # the default). At 77 ms a step, 208 img/s: the 200 target
+      step training-reduce-overhead-sd15 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
       # session 23: SDXL +5.37 % [4.81 .. 6.22] with the three kernels (target 6 %: the interval's top is above);
       # SD1.5's fused-attention took 0.11 ms of the 0.37 ms its sites cost inside the replay (+4.05 % against
-      # +5.49 %). The same rounds for SDXL (70 sites, 1.76 ms inside the replay): auto picks fused-attention here
-      step sampling-reduce-overhead-sdxl 330 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel torch,fused-attention
-      # compiled training's step still waits on the host (SDXL: 181 ms of kernels in a 213 ms step, §5g): the
-      # training step under CUDA graphs (train.py --compile-mode reduce-overhead; never run on a GPU: does it run
-      # with the prefetch thread's side-stream copies, and how much faster?) against session 10's 147.6 img/s
-      step training-reduce-overhead-sd15 170 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --warmup 5 --steps 10
+      # +5.49 %). SDXL with fused-attention only (auto's pick here; two compiles: unpatched and patched; session 28's
+      # three did not finish in 330 s)
+      step sampling-reduce-overhead-sdxl 330 bench sampling_overhead --models sdxl --modes clip --compile inductor --compile-mode reduce-overhead --no-real-flops --repeats 11 --warmup 1 --site-kernel fused-attention
+      # 12: the kernel, sampling, the default (auto must run fused-attention under inductor's CUDA graphs) and
+      # fused-attention under the cudagraphs backend: session 28's run failed there (a dynamic key length replayed
+      # the first prompt's recording, fixed: attention.key_length_for_run; now a graph per span length)
+      # 14: a run's features moved through page-locked staging, equal to the host's (passed in session 28)
+      step checks 210 checks 12
+      # the prefetch A/B: one thread, as session 28 ran it (the U-Net's graphs from the compile cache)
+      step training-reduce-overhead-sd15-prefetch1 130 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --prefetch-batches 1 --warmup 5 --steps 10
       # the site kernel's tiles at spans of 64 and 256 keys: session 24's (fewer rows a program at long spans, no
       # register spill on sm_90; 128/8 for heads up to 64 wide, session 21's -9 % at SDXL's sites) against the old
       # ones (64/8; 32/4 for 80-wide heads). And session 23's profile has tau_q's GEMMs at 0.104 of SD1.5's 0.37 ms

@@ -29,6 +29,7 @@ import json
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ def parse() -> Any:
     p.add_argument("--no-floor", action="store_true", help="skip the real-shape training FLOP table")
     p.add_argument("--no-prefetch", action="store_true",
                    help="prepare each batch in the step (train.py --no-prefetch) instead of in the background")
+    p.add_argument("--prefetch-batches", type=int, default=None, metavar="N",
+                   help="train.py --prefetch-batches: batches prepared ahead side by side (default the trainer's)")
     p.add_argument("--sync-steps", action="store_true",
                    help="synchronise the device around every step and batch (each step timed alone, as the trainer "
                         "itself did before it read each step's loss a step later): the A/B of that change")
@@ -170,6 +173,7 @@ def main() -> None:
     report = common.Report("Adapter training throughput (U-Net frozen, from the feature cache)", common.env_header(
         device, opts.root, mode=opts.mode, llm=opts.llm, steps=opts.steps, warmup_steps=opts.warmup,
         workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
+        prefetch_batches=opts.prefetch_batches or TrainOptions.prefetch_batches,
         copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
         cudnn_benchmark=cuda and not opts.no_cudnn_benchmark,
         channels_last=opts.channels_last, unet_fp8=opts.unet_fp8,
@@ -185,9 +189,13 @@ def main() -> None:
     work = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="llmdiff-bench-train-"))
     rows = []
     # Per-step timing and the data/compute split, by wrapping the Trainer's own methods (this process only).
-    marks: dict[str, list[float]] = {"start": [], "step": [], "end": [], "wait": [], "prep": []}
+    marks: dict[str, list[float]] = {"start": [], "step": [], "end": [], "wait": [], "prep": [], "pick": [],
+                                     "build": [], "reads": []}
     orig_step, orig_take = loop.Trainer.train_step, loop.Trainer.take_batch
     orig_prep, orig_device = loop.Trainer._prepare_batch, loop.Trainer._device_inputs
+    orig_pick, orig_reads = loop.Trainer.pick_samples, feature_cache.read_all
+    picked_in: dict[int, float] = {}  # id(picked) -> seconds its pick took
+    in_thread = threading.local()  # the cache reads' seconds of the batch this thread builds
     orig_forward, orig_backward = loop.TrainModule.forward, accelerate.Accelerator.backward
     moved: list[int] = []
 
@@ -236,10 +244,27 @@ def main() -> None:
         with record_function(PHASE_PREFIX + "backward"):
             return orig_backward(self, *args, **kwargs)
 
-    def prepare_batch(self: Any) -> Any:  # cache read + collate + draws: in the prefetch thread when prefetching
+    def pick_samples(self: Any) -> Any:  # the samples from the loader (one batch at a time)
         t0 = common.now()
-        out = orig_prep(self)
-        marks["prep"].append(common.now() - t0)
+        out = orig_pick(self)
+        picked_in[id(out)] = common.now() - t0
+        return out
+
+    def prepare_batch(self: Any, picked: Any) -> Any:  # cache reads + collate + draws + copies: in a prefetch thread
+        in_thread.reads = 0.0
+        t0 = common.now()
+        out = orig_prep(self, picked)
+        build, pick = common.now() - t0, picked_in.pop(id(picked), 0.0)
+        marks["prep"].append(pick + build)
+        marks["pick"].append(pick)
+        marks["build"].append(build)
+        marks["reads"].append(in_thread.reads)
+        return out
+
+    def read_all(*args: Any, **kwargs: Any) -> Any:
+        t0 = common.now()
+        out = orig_reads(*args, **kwargs)
+        in_thread.reads = getattr(in_thread, "reads", 0.0) + common.now() - t0
         return out
 
     def device_inputs(self: Any, host: Any) -> Any:
@@ -252,6 +277,7 @@ def main() -> None:
     orig_ckpt, orig_export = loop.Trainer.checkpoint, runner.checkpointing.export
     loop.Trainer.train_step, loop.Trainer.take_batch = train_step, take_batch
     loop.Trainer._prepare_batch, loop.Trainer._device_inputs = prepare_batch, device_inputs
+    loop.Trainer.pick_samples, feature_cache.read_all = pick_samples, read_all
     loop.TrainModule.forward, accelerate.Accelerator.backward = forward, backward
     loop.Trainer.checkpoint = lambda self: None
     runner.checkpointing.export = lambda adapter, path, *a, **k: path
@@ -272,6 +298,7 @@ def main() -> None:
                              cache_dir=str(cache), warmup_steps=0, lr=1e-5, progress=False, tensorboard=False,
                              log_every=1, checkpoint_every=0, keep_checkpoints=1, max_tokens=128,
                              gradient_checkpointing=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
+                             prefetch_batches=opts.prefetch_batches or TrainOptions.prefetch_batches,
                              channels_last=opts.channels_last, unet_fp8=opts.unet_fp8, compile_unet=opts.compile,
                              sdpa_backends=opts.sdpa_backends,
                              cudnn_benchmark=not opts.no_cudnn_benchmark,
@@ -326,6 +353,14 @@ def main() -> None:
                 report.notes.append(f"{family}: stopped after {len(marks['start'])} steps, "
                                     f"{common.now() - run['start']:.0f} s in: {len(steps)} of {opts.steps} timed steps "
                                     "in its row")
+            if marks["build"]:
+                ms = {k: common.median(marks[k]) * 1e3 for k in ("pick", "build", "reads")}
+                side = opts.prefetch_batches or TrainOptions.prefetch_batches
+                how = "no prefetch" if opts.no_prefetch else f"batches prepared side by side: {side}"
+                report.notes.append(
+                    f"{family}: host prep per batch (medians): picking its samples from the loader {ms['pick']:.1f} "
+                    f"ms, then collate + draws + copies {ms['build']:.1f} ms, of which cache reads {ms['reads']:.1f} ms"
+                    f" ({how})")
             if steps:
                 rows.append(_row(opts, family, res, bsz, spec, steps, timed, marks, moved, pm, out_dir, step_tflop))
             del mp, comps
@@ -335,6 +370,7 @@ def main() -> None:
     finally:
         loop.Trainer.train_step, loop.Trainer.take_batch = orig_step, orig_take
         loop.Trainer._prepare_batch, loop.Trainer._device_inputs = orig_prep, orig_device
+        loop.Trainer.pick_samples, feature_cache.read_all = orig_pick, orig_reads
         loop.TrainModule.forward, accelerate.Accelerator.backward = orig_forward, orig_backward
         loop.Trainer.checkpoint, runner.checkpointing.export = orig_ckpt, orig_export
         if not opts.keep:
@@ -349,8 +385,8 @@ def main() -> None:
         "data wait = what the step's host waits for its batch (Trainer.take_batch: the prefetched batch, or "
         "preparing it without prefetch; with sync_steps also the host->device copy: with copy_stream only what of "
         "the side stream's copy is left); host prep = cache loader + collate + draws, and with copy_stream issuing "
-        "the copy (Trainer._prepare_batch, in the prefetch thread, overlapping the previous step, unless "
-        "--no-prefetch); compute = step - data wait (forward, backward, clip, AdamW). MiB to device = the tensors "
+        "the copy (Trainer.pick_samples + _prepare_batch, in a prefetch thread, overlapping the previous step, "
+        "unless --no-prefetch; with --prefetch-batches N, N batches are prepared side by side); compute = step - data wait (forward, backward, clip, AdamW). MiB to device = the tensors "
         "handed to the step.",
         "issue 5 reference (H100, plain attn2 replace adapter): SD1.5 " + ISSUE_REF["sd15"] + "; SDXL "
         + ISSUE_REF["sdxl"] + ".",

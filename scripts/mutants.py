@@ -60,6 +60,8 @@ RESUME_REFUSED = ("tests/test_train_run.py::test_start_over_and_mismatched_resum
 CACHE_STALE = ("tests/test_train_run.py::test_a_dataset_changed_since_its_cache_was_built_is_said",)
 CACHE_REFUSED = ("tests/test_train_run.py::test_a_feature_cache_made_with_other_settings_is_refused_by_name",)
 BUCKETS = ("tests/test_train_run.py::test_aspect_buckets_train_batches_of_one_size_resume_exactly_and_cache_the_same",)
+PREFETCHER = ("tests/test_train_run.py::test_prefetcher_keeps_order_builds_side_by_side_and_raises_where_the_batch_is_"
+              "taken",)
 CUDAGRAPHS_BACKEND = ("tests/test_patching_compiled.py::test_the_cudagraphs_backend_samples_prompts_of_every_span_as_eager",)
 SDXL_SIZES = ("tests/test_sdxl_hybrid.py::test_sdxl_size_conditioning_passes_each_image_s_size_and_crop_by_name",)
 
@@ -98,6 +100,10 @@ MUTANTS: tuple[Mutant, ...] = (
            PATCHING),
     Mutant("keyless-rows-all-masked", CORE + "attention.py", "span = mask[:, start:stop] | ~has_key[:, None]",
            "span = mask[:, start:stop]", PATCHING),
+    Mutant("prefetch-selects-out-of-turn", CORE + "training/loop.py",
+           "            self._turn.wait_for(lambda: self._selected == ticket)\n", "            pass\n", PREFETCHER),
+    Mutant("prefetch-one-thread", CORE + "training/loop.py", "ThreadPoolExecutor(max_workers=depth,",
+           "ThreadPoolExecutor(max_workers=1,", PREFETCHER),
     Mutant("cudagraphs-key-length-dynamic", CORE + "attention.py", '        return "static"\n',
            '        return "dynamic"\n', CUDAGRAPHS_BACKEND),
     Mutant("kept-entry-ignores-key-length", CORE + "run_entry.py", "and self.mask.key_length == key_length and ",

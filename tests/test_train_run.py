@@ -709,21 +709,49 @@ def test_training_steps_decide_the_attended_span_on_the_host_mask(tmp_path: Path
         assert all(stop <= 33 for _, stop, _ in spans), spans
 
 
-def test_prefetcher_keeps_order_and_raises_where_the_batch_is_taken() -> None:
-    produced = iter([1, 2, 3])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetcher_keeps_order_builds_side_by_side_and_raises_where_the_batch_is_taken(depth: int) -> None:
+    """Batches are selected one at a time in order and built side by side in `depth` threads (a later batch's
+    build may finish first): they are taken in order, and a failed selection is raised where its batch is taken."""
+    import threading
+    import time
 
-    def prepare() -> int:
+    produced = iter(range(1, 9))
+    lock = threading.Lock()
+    selecting = {"now": 0, "most": 0}
+    together = threading.Barrier(depth, timeout=20)  # the first `depth` builds wait here for each other
+
+    def select() -> int:
+        with lock:
+            selecting["now"] += 1
+            selecting["most"] = max(selecting["most"], selecting["now"])
+        time.sleep(0.002)
         value = next(produced, None)
+        with lock:
+            selecting["now"] -= 1
         if value is None:
             raise RuntimeError("stream broken")
         return value
-    p = loop.Prefetcher(prepare)
+
+    def build(value: int) -> int:
+        if value <= depth:
+            together.wait()  # (BrokenBarrierError unless `depth` builds run at once)
+        time.sleep(0.03 if value % 2 else 0.0)  # odd batches build slower: the next one finishes first
+        return value * 10
+    p = loop.Prefetcher(select, build, depth)
+    in_order = p._prepare
+
+    def late_starts(ticket: int) -> int:  # later batches' threads reach the stream first: each must wait its turn
+        time.sleep(0.02 * (-ticket % depth))
+        return in_order(ticket)
+    p._prepare = late_starts  # type: ignore[method-assign]
     try:
-        assert [p.take(), p.take(), p.take()] == [1, 2, 3]
+        assert [p.take() for _ in range(8)] == [10 * v for v in range(1, 9)]
         with pytest.raises(RuntimeError, match="stream broken"):
             p.take()
     finally:
         p.close()
+    assert selecting["most"] == 1, selecting
 
 
 @pytest.mark.slow

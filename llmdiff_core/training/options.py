@@ -90,6 +90,9 @@ class TrainOptions:
     num_workers: int = _opt(2, "data-loading worker processes per training process (0 = in process)", group="data")
     prefetch: bool = _opt(True, "with a feature cache: prepare the next batch (cache read, collate, noise draws) in a "
                           "background thread while the device trains on the current one", group="data")
+    prefetch_batches: int = _opt(2, "with --prefetch: batches prepared ahead, side by side in as many threads (each "
+                                 "holds one more batch in page-locked host memory and on the device; 1 = one "
+                                 "thread)", group="data", metavar="N")
     caption_dropout: float = _opt(0.1, "fraction of captions replaced by the empty prompt (for classifier-free "
                                   "guidance); the empty prompt goes through the same encoder path as a "
                                   "negative prompt in the nodes", group="data")
@@ -331,7 +334,8 @@ def check_options(opts: TrainOptions) -> None:
                if f.metadata.get("required") and not getattr(opts, f.name)]
     if missing:
         raise OptionsError(f"missing required option(s): {', '.join(missing)} (flags or --config YAML)")
-    positive = ("max_steps", "batch_size", "grad_accum", "max_tokens", "cache_shard_size", "cache_batch_size")
+    positive = ("max_steps", "batch_size", "grad_accum", "max_tokens", "cache_shard_size", "cache_batch_size",
+                "prefetch_batches")
     for name in positive:
         if getattr(opts, name) < 1:
             raise OptionsError(f"--{name.replace('_', '-')} must be at least 1")

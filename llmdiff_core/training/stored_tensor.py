@@ -86,6 +86,7 @@ class StoredTensor:
 
 READ_THREADS = min(4, os.cpu_count() or 1)
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked worker makes its own
+_pool_lock = threading.Lock()
 
 
 def read_all(pairs: Sequence[tuple[StoredTensor | torch.Tensor, torch.Tensor]]) -> None:
@@ -102,9 +103,11 @@ def read_all(pairs: Sequence[tuple[StoredTensor | torch.Tensor, torch.Tensor]]) 
         for src, dst in stored:
             src.read_into(dst)
         return
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="llmdiff-cache-read"))
-    done = [_pool[1].submit(src.read_into, dst) for src, dst in stored]
+    with _pool_lock:  # (prefetch threads collate batches side by side: one pool for all)
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="llmdiff-cache-read"))
+        pool = _pool[1]
+    done = [pool.submit(src.read_into, dst) for src, dst in stored]
     wait(done)
     for f in done:
         f.result()
