@@ -9,6 +9,10 @@ stored hidden state and scores copied into it from a cache shard (stored_tensor.
 per tensor, on up to READ_THREADS threads). The shard is written once into a temporary folder and read
 from the page cache, as in an epoch after the first. Baseline: the same reads on one thread.
 Interleaved repeats, medians.
+
+A second table: the same batch collated by the trainer's prefetcher (loop.Prefetcher) with 1, 2 or 3 batches
+prepared side by side (train.py --prefetch-batches), the reads on READ_THREADS threads: milliseconds per batch
+delivered when the taker never waits, i.e. the pace the data path alone allows.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def parse() -> Any:
     p.add_argument("--layers", type=int, default=32, help="LLM layers (scores stored per layer)")
     p.add_argument("--width", type=int, default=4096, help="LLM hidden size")
     p.add_argument("--read-threads", default=None, help="comma list of read-thread counts to compare (default 1,READ_THREADS)")
+    p.add_argument("--prefetch-batches", default="1,2,3", help="comma list of prefetch depths for the second table")
     p.add_argument("--no-pin", action="store_true",
                    help="a pageable batch buffer on CUDA too (default there: page-locked, as the trainer's)")
     opts = p.parse_args()
@@ -45,7 +50,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from llmdiff_core.features import LLMSpec
-    from llmdiff_core.training import feature_cache as fc, stored_tensor as st
+    from llmdiff_core.training import feature_cache as fc, loop, stored_tensor as st
 
     opts.pin = device.type == "cuda" and not opts.no_pin
 
@@ -82,9 +87,26 @@ def main() -> None:
                 return common.now() - t0
             return once
 
+        def prefetched(depth: int, batches: int = 6) -> Any:
+            def once() -> float:
+                p = loop.Prefetcher(lambda: samples, lambda picked: fc.compact_features(picked, spec, pin=opts.pin),
+                                    depth)
+                try:
+                    p.take()  # the threads started, the first batches under way: untimed
+                    t0 = common.now()
+                    for _ in range(batches):
+                        p.take()
+                    return (common.now() - t0) / batches
+                finally:
+                    p.close()
+            return once
+
         default = st.READ_THREADS
+        depths = [int(d) for d in opts.prefetch_batches.split(",")]
         try:
             results = common.interleaved({str(n): measured(n) for n in counts}, opts.repeats, opts.warmup)
+            use(default)
+            paced = common.interleaved({str(d): prefetched(d) for d in depths}, opts.repeats, opts.warmup)
         finally:
             use(default)
     base = common.median(results[str(counts[0])]["time"])
@@ -97,6 +119,12 @@ def main() -> None:
                                                         f"speed-up vs {counts[0]}", "noise ±%"], rows)
     report.notes.append("the trainer uses READ_THREADS = min(4, CPU count) threads; ms = allocate the batch buffer, "
                         "zero the padding, read every sample's hidden state and scores (stored_tensor.read_all).")
+    one = common.median(paced[str(depths[0])]["time"])
+    report.table(f"ms per batch through the prefetcher, the taker never waiting ({default} read threads)",
+                 ["batches side by side", "ms per batch", "GiB/s", f"speed-up vs {depths[0]}", "noise ±%"],
+                 [[d, common.median(paced[str(d)]["time"]) * 1e3, mib / 1024 / common.median(paced[str(d)]["time"]),
+                   one / common.median(paced[str(d)]["time"]), 100 * common.spread(paced[str(d)]["time"])]
+                  for d in depths])
     report.emit(opts)
 
 

@@ -82,6 +82,9 @@ run_part() {
       step checks 210 checks 12
       # the prefetch A/B: one thread, as session 28 ran it (the U-Net's graphs from the compile cache)
       step training-reduce-overhead-sd15-prefetch1 130 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --prefetch-batches 1 --warmup 5 --steps 10
+      # the data path alone on this host's 16 cores: read threads, and batches prepared side by side (2 cores, session
+      # 28: 1.23x the pace at 2 batches against 1)
+      step cache-reads 30 bench cache_reads --read-threads 1,4,8 --prefetch-batches 1,2,3
       # the site kernel's tiles at spans of 64 and 256 keys: session 24's (fewer rows a program at long spans, no
       # register spill on sm_90; 128/8 for heads up to 64 wide, session 21's -9 % at SDXL's sites) against the old
       # ones (64/8; 32/4 for 80-wide heads). And session 23's profile has tau_q's GEMMs at 0.104 of SD1.5's 0.37 ms
