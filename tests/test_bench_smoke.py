@@ -181,6 +181,9 @@ def test_cache_reads_small(tmp_path: Path) -> None:
     one, three = section(json.loads(out.read_text()), "median ms per batch")
     assert one["read threads"] == 1 and three["read threads"] == 3 and one["speed-up vs 1"] == 1
     assert one["MiB read"] == three["MiB read"] > 0 and finite(three["ms"]) and three["ms"] > 0
+    depths = section(json.loads(out.read_text()), "ms per batch through the prefetcher")
+    assert [r["batches side by side"] for r in depths] == [1, 2, 3] and depths[0]["speed-up vs 1"] == 1
+    assert all(finite(r["ms per batch"]) and r["ms per batch"] > 0 for r in depths)
 
 
 def test_encoder_span_small(tmp_path: Path) -> None:
