@@ -79,7 +79,8 @@ def crashed(e: BaseException) -> str:
     traceback.print_exception(e, file=sys.stderr)
     if not frames:
         return f"{type(e).__name__}: {e}"
-    ours = [f for f in frames if f.filename.startswith(str(REPO)) and "site-packages" not in f.filename]
+    ours = [f for f in frames if f.filename.startswith(str(REPO)) and "site-packages" not in f.filename
+            and not f.filename.startswith(str(REPO / ".bench"))]  # (.bench/ComfyUI: the pinned ComfyUI's copy)
     where = [frames[-1]] + ([ours[-1]] if ours and ours[-1] is not frames[-1] else [])
     at = ", from ".join(f"{Path(f.filename).name}:{f.lineno} ({f.name})" for f in where)
     return f"{type(e).__name__}: {e} (at {at})"

@@ -167,13 +167,14 @@ def main() -> None:
     from llmdiff_core.training import device_copy, feature_cache, loop, runner
     from llmdiff_core.training.options import TrainOptions
 
+    opts.prefetch_batches = opts.prefetch_batches or TrainOptions.prefetch_batches  # the trainer's default when not given
     cuda = device.type == "cuda"
     device_copy.SIDE_STREAM = not opts.no_copy_stream
     precision = opts.mixed_precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
     report = common.Report("Adapter training throughput (U-Net frozen, from the feature cache)", common.env_header(
         device, opts.root, mode=opts.mode, llm=opts.llm, steps=opts.steps, warmup_steps=opts.warmup,
         workers=opts.num_workers, grad_ckpt=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
-        prefetch_batches=opts.prefetch_batches or TrainOptions.prefetch_batches,
+        prefetch_batches=opts.prefetch_batches,
         copy_stream=cuda and not opts.no_prefetch and not opts.no_copy_stream, sync_steps=opts.sync_steps,
         cudnn_benchmark=cuda and not opts.no_cudnn_benchmark,
         channels_last=opts.channels_last, unet_fp8=opts.unet_fp8,
@@ -194,13 +195,14 @@ def main() -> None:
     orig_step, orig_take = loop.Trainer.train_step, loop.Trainer.take_batch
     orig_prep, orig_device = loop.Trainer._prepare_batch, loop.Trainer._device_inputs
     orig_pick, orig_reads = loop.Trainer.pick_samples, feature_cache.read_all
-    picked_in: dict[int, float] = {}  # id(picked) -> seconds its pick took
+    picked_in: dict[int, tuple[int, float]] = {}  # id(picked) -> (its place in the run's batches, seconds its pick took)
+    prep_of: dict[int, tuple[float, float, float]] = {}  # batch number -> (pick, build, reads) seconds
     in_thread = threading.local()  # the cache reads' seconds of the batch this thread builds
     orig_forward, orig_backward = loop.TrainModule.forward, accelerate.Accelerator.backward
     moved: list[int] = []
 
     profiler: dict[str, Any] = {}  # the torch.profiler of the current model's last K steps
-    run: dict[str, Any] = {"family": "", "start": 0.0}  # the current model's run: its name and start time
+    run: dict[str, Any] = {"family": "", "start": 0.0, "picks": 0}  # the current model's run: its name and start time
 
     def train_step(self: Any) -> Any:
         if opts.profile and len(marks["start"]) == opts.warmup + opts.steps + 1:  # (one untimed step between)
@@ -247,19 +249,24 @@ def main() -> None:
     def pick_samples(self: Any) -> Any:  # the samples from the loader (one batch at a time)
         t0 = common.now()
         out = orig_pick(self)
-        picked_in[id(out)] = common.now() - t0
+        picked_in[id(out)] = (run["picks"], common.now() - t0)  # picks run one at a time, in the order batches are taken
+        run["picks"] += 1
         return out
 
     def prepare_batch(self: Any, picked: Any) -> Any:  # cache reads + collate + draws + copies: in a prefetch thread
         in_thread.reads = 0.0
         t0 = common.now()
         out = orig_prep(self, picked)
-        build, pick = common.now() - t0, picked_in.pop(id(picked), 0.0)
-        marks["prep"].append(pick + build)
-        marks["pick"].append(pick)
-        marks["build"].append(build)
-        marks["reads"].append(in_thread.reads)
+        build = common.now() - t0
+        number, pick = picked_in.pop(id(picked))
+        prep_of[number] = (pick, build, in_thread.reads)  # by batch number: threads finish out of order
         return out
+
+    def prep_marks() -> None:  # batch i's prep times at index i of the marks, as the steps took them
+        done = [prep_of[i] for i in sorted(prep_of)]
+        for key, values in zip(("pick", "build", "reads"), zip(*done)):
+            marks[key][:] = values
+        marks["prep"][:] = [pick + build for pick, build, _ in done]
 
     def read_all(*args: Any, **kwargs: Any) -> Any:
         t0 = common.now()
@@ -298,7 +305,7 @@ def main() -> None:
                              cache_dir=str(cache), warmup_steps=0, lr=1e-5, progress=False, tensorboard=False,
                              log_every=1, checkpoint_every=0, keep_checkpoints=1, max_tokens=128,
                              gradient_checkpointing=opts.gradient_checkpointing, prefetch=not opts.no_prefetch,
-                             prefetch_batches=opts.prefetch_batches or TrainOptions.prefetch_batches,
+                             prefetch_batches=opts.prefetch_batches,
                              channels_last=opts.channels_last, unet_fp8=opts.unet_fp8, compile_unet=opts.compile,
                              sdpa_backends=opts.sdpa_backends,
                              cudnn_benchmark=not opts.no_cudnn_benchmark,
@@ -327,7 +334,9 @@ def main() -> None:
             for v in marks.values():
                 v.clear()
             moved.clear()
-            run.update(family=family, start=common.now())
+            picked_in.clear()
+            prep_of.clear()
+            run.update(family=family, start=common.now(), picks=0)
             compile_clock = common.CompileClock()
             with common.PeakMemory(device) as pm:
                 code = runner.run_with(TrainOptions(output_dir=str(out_dir),
@@ -335,6 +344,7 @@ def main() -> None:
                                                     **common_kw), comps)
                 common.sync(device)
                 marks["end"].append(common.now())
+            prep_marks()
             if code != 0:
                 raise RuntimeError(f"training run failed with exit code {code}")
             if profiler.get("on") is not None:
@@ -355,8 +365,9 @@ def main() -> None:
                                     "in its row")
             if marks["build"]:
                 ms = {k: common.median(marks[k]) * 1e3 for k in ("pick", "build", "reads")}
-                side = opts.prefetch_batches or TrainOptions.prefetch_batches
-                how = "no prefetch" if opts.no_prefetch else f"batches prepared side by side: {side}"
+                side = opts.prefetch_batches
+                how = ("no prefetch" if opts.no_prefetch else f"{side} batches prepared side by side: the data path "
+                       f"delivers one every ~{ms['pick'] + ms['build'] / side:.1f} ms at best")
                 report.notes.append(
                     f"{family}: host prep per batch (medians): picking its samples from the loader {ms['pick']:.1f} "
                     f"ms, then collate + draws + copies {ms['build']:.1f} ms, of which cache reads {ms['reads']:.1f} ms"

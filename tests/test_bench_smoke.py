@@ -218,6 +218,8 @@ def test_training_throughput_small(tmp_path: Path) -> None:
     assert finite(row["img/s"]) and row["img/s"] > 0
     assert finite(row["MiB to device/step"]) and row["MiB to device/step"] > 0
     assert finite(row["data wait ms"]) and finite(row["host prep ms"])  # the hooks saw the prefetch path
+    (prep,) = [n for n in json.loads(out.read_text())["notes"] if n.startswith("sd15: host prep per batch")]
+    assert "2 batches prepared side by side" in prep, prep  # the trainer's default depth, resolved once
     (floor,) = section(json.loads(out.read_text()), "training FLOPs per image at the real shapes")
     assert floor["model"] == "sd15" and 0.7 < floor["forward TFLOP"] < 1.0  # SD1.5 512 px: ~0.8 + the adapter
     assert 1.0 < floor["backward / forward"] < 1.3  # activation gradients only: the U-Net stays frozen
@@ -266,6 +268,29 @@ def test_gpu_checks_run_on_cpu(tmp_path: Path) -> None:
     rows = section(json.loads(out.read_text()), "checks")
     assert [r["#"] for r in rows] == list(range(1, 15))
     assert all(r["result"] == "pass" for r in rows), rows
+
+
+def test_a_crashed_check_says_where_in_this_repository_s_code_not_in_the_copied_comfyui(capsys) -> None:
+    """gpu_checks.crashed names the innermost frame and the innermost of ours; the pinned ComfyUI copied into
+    .bench/ lies inside the repository but is not ours (session 28's review)."""
+    checks = bench_module("gpu_checks")
+    repo = checks.REPO
+
+    def frame_in(path: Path, body: str, env: dict) -> None:
+        exec(compile(body, str(path), "exec"), env)
+
+    def raise_there() -> None:
+        env: dict = {}
+        frame_in(repo / ".bench" / "ComfyUI" / "comfy" / "ops.py", "def comfy_op():\n    raise ValueError('bad')\n", env)
+        frame_in(repo / "llmdiff_core" / "ours.py", "def our_call(f):\n    f()\n", env)
+        env["our_call"](env["comfy_op"])
+
+    try:
+        raise_there()
+    except ValueError as e:
+        detail = checks.crashed(e)
+    assert detail == "ValueError: bad (at ops.py:2 (comfy_op), from ours.py:2 (our_call))", detail
+    assert "Traceback" in capsys.readouterr().err  # the whole traceback goes to the log
 
 
 def test_peak_memory_contexts_nest(monkeypatch) -> None:
