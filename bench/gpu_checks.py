@@ -377,13 +377,24 @@ def main() -> None:
 
     def training() -> tuple[bool, str]:
         """Prefetch on (the batch copied on the prefetch thread's side stream), prefetch on without the side
-        stream, prefetch off: the same losses, page-locked feature buffers, and the side stream really used."""
+        stream, prefetch off: the same losses, page-locked feature buffers, the side stream really used, and no
+        copy from a prefetch thread that blocks it (a pageable tensor's copy synchronises the side stream)."""
+        import threading
+
         from llmdiff_core.training import device_copy
 
         pinned: list[bool] = []
         streamed: dict[str, int] = {}
+        blocking: list[str] = []  # shapes of the copies to CUDA a prefetch thread made without non_blocking
         current = [""]
-        original = device_copy.DeviceStager.start
+        original, original_to = device_copy.DeviceStager.start, torch.Tensor.to
+
+        def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = original_to(self, *args, **kwargs)
+            if (current[0] == "on" and threading.current_thread().name.startswith("llmdiff-prefetch")
+                    and self.device.type == "cpu" and out.device.type == "cuda" and not kwargs.get("non_blocking")):
+                blocking.append("x".join(map(str, self.shape)))
+            return out
 
         def spy(self: Any, host: dict) -> Any:
             pinned.append(bool(host["hidden"].is_pinned()) if isinstance(host.get("hidden"), torch.Tensor) else False)
@@ -395,12 +406,14 @@ def main() -> None:
             current[0] = name
             device_copy.SIDE_STREAM = name != "no-stream"
         device_copy.DeviceStager.start = spy  # type: ignore[method-assign]
+        torch.Tensor.to = to  # type: ignore[method-assign]
         try:
             with tempfile.TemporaryDirectory(prefix="llmdiff-gpu-checks-") as tmp:
                 losses = cached_training(Path(tmp), {"on": {"prefetch": True}, "no-stream": {"prefetch": True},
                                                      "off": {"prefetch": False}}, spy=choose)
         finally:
             device_copy.DeviceStager.start, device_copy.SIDE_STREAM = original, True  # type: ignore[method-assign]
+            torch.Tensor.to = original_to  # type: ignore[method-assign]
         a = torch.tensor(losses["on"])
         same = all(torch.tensor(losses[k]).shape == a.shape
                    and bool(torch.allclose(a, torch.tensor(losses[k]), rtol=1e-3, atol=1e-5))
@@ -408,10 +421,12 @@ def main() -> None:
         side_stream_used = streamed.get("on", 0) > 0 and streamed.get("no-stream", 0) == 0 and not streamed.get("off")
         peaks = logged_peaks.get("on", [])  # the run logs its peak GPU memory on CUDA, nothing elsewhere
         peaks_ok = bool(peaks) and all((p is not None and p > 0) if cuda else p is None for p in peaks)
-        ok = same and bool(torch.isfinite(a).all()) and peaks_ok and (not cuda or (all(pinned) and side_stream_used))
+        ok = same and bool(torch.isfinite(a).all()) and peaks_ok and (not cuda or (all(pinned) and side_stream_used
+                                                                                   and not blocking))
         return ok, (f"losses prefetch + side stream {[round(x, 4) for x in losses['on']]}, prefetch "
                     f"{[round(x, 4) for x in losses['no-stream']]}, no prefetch {[round(x, 4) for x in losses['off']]}; "
                     f"pinned batches {sum(pinned)}/{len(pinned)}; batches on the side stream {streamed}; "
+                    f"blocking copies from a prefetch thread {blocking or 'none'}; "
                     f"logged gpu_peak_gib {peaks}")
 
     # 8. bf16 training: the frozen bf16 U-Net outside autocast (docs/benchmarks.md §3h)

@@ -191,13 +191,14 @@ def main() -> None:
     rows = []
     # Per-step timing and the data/compute split, by wrapping the Trainer's own methods (this process only).
     marks: dict[str, list[float]] = {"start": [], "step": [], "end": [], "wait": [], "prep": [], "pick": [],
-                                     "build": [], "reads": []}
+                                     "build": [], "reads": [], "stage": []}
     orig_step, orig_take = loop.Trainer.train_step, loop.Trainer.take_batch
     orig_prep, orig_device = loop.Trainer._prepare_batch, loop.Trainer._device_inputs
     orig_pick, orig_reads = loop.Trainer.pick_samples, feature_cache.read_all
+    orig_stage = device_copy.DeviceStager.start
     picked_in: dict[int, tuple[int, float]] = {}  # id(picked) -> (its place in the run's batches, seconds its pick took)
-    prep_of: dict[int, tuple[float, float, float]] = {}  # batch number -> (pick, build, reads) seconds
-    in_thread = threading.local()  # the cache reads' seconds of the batch this thread builds
+    prep_of: dict[int, tuple[float, float, float, float]] = {}  # batch number -> (pick, build, reads, stage) seconds
+    in_thread = threading.local()  # the cache reads' and the copies' seconds of the batch this thread builds
     orig_forward, orig_backward = loop.TrainModule.forward, accelerate.Accelerator.backward
     moved: list[int] = []
 
@@ -254,24 +255,30 @@ def main() -> None:
         return out
 
     def prepare_batch(self: Any, picked: Any) -> Any:  # cache reads + collate + draws + copies: in a prefetch thread
-        in_thread.reads = 0.0
+        in_thread.reads = in_thread.stage = 0.0
         t0 = common.now()
         out = orig_prep(self, picked)
         build = common.now() - t0
         number, pick = picked_in.pop(id(picked))
-        prep_of[number] = (pick, build, in_thread.reads)  # by batch number: threads finish out of order
+        prep_of[number] = (pick, build, in_thread.reads, in_thread.stage)  # by number: threads finish out of order
         return out
 
     def prep_marks() -> None:  # batch i's prep times at index i of the marks, as the steps took them
         done = [prep_of[i] for i in sorted(prep_of)]
-        for key, values in zip(("pick", "build", "reads"), zip(*done)):
+        for key, values in zip(("pick", "build", "reads", "stage"), zip(*done)):
             marks[key][:] = values
-        marks["prep"][:] = [pick + build for pick, build, _ in done]
+        marks["prep"][:] = [pick + build for pick, build, _, _ in done]
 
     def read_all(*args: Any, **kwargs: Any) -> Any:
         t0 = common.now()
         out = orig_reads(*args, **kwargs)
         in_thread.reads = getattr(in_thread, "reads", 0.0) + common.now() - t0
+        return out
+
+    def stage(self: Any, host: Any) -> Any:  # issuing the batch's copies (on CUDA's side stream: nothing may block)
+        t0 = common.now()
+        out = orig_stage(self, host)
+        in_thread.stage = getattr(in_thread, "stage", 0.0) + common.now() - t0
         return out
 
     def device_inputs(self: Any, host: Any) -> Any:
@@ -285,6 +292,7 @@ def main() -> None:
     loop.Trainer.train_step, loop.Trainer.take_batch = train_step, take_batch
     loop.Trainer._prepare_batch, loop.Trainer._device_inputs = prepare_batch, device_inputs
     loop.Trainer.pick_samples, feature_cache.read_all = pick_samples, read_all
+    device_copy.DeviceStager.start = stage  # type: ignore[method-assign]
     loop.TrainModule.forward, accelerate.Accelerator.backward = forward, backward
     loop.Trainer.checkpoint = lambda self: None
     runner.checkpointing.export = lambda adapter, path, *a, **k: path
@@ -364,14 +372,14 @@ def main() -> None:
                                     f"{common.now() - run['start']:.0f} s in: {len(steps)} of {opts.steps} timed steps "
                                     "in its row")
             if marks["build"]:
-                ms = {k: common.median(marks[k]) * 1e3 for k in ("pick", "build", "reads")}
+                ms = {k: common.median(marks[k]) * 1e3 for k in ("pick", "build", "reads", "stage")}
                 side = opts.prefetch_batches
                 how = ("no prefetch" if opts.no_prefetch else f"{side} batches prepared side by side: the data path "
                        f"delivers one every ~{ms['pick'] + ms['build'] / side:.1f} ms at best")
                 report.notes.append(
                     f"{family}: host prep per batch (medians): picking its samples from the loader {ms['pick']:.1f} "
                     f"ms, then collate + draws + copies {ms['build']:.1f} ms, of which cache reads {ms['reads']:.1f} ms"
-                    f" ({how})")
+                    f" and issuing the copies {ms['stage']:.1f} ms ({how})")
             if steps:
                 rows.append(_row(opts, family, res, bsz, spec, steps, timed, marks, moved, pm, out_dir, step_tflop))
             del mp, comps
@@ -382,6 +390,7 @@ def main() -> None:
         loop.Trainer.train_step, loop.Trainer.take_batch = orig_step, orig_take
         loop.Trainer._prepare_batch, loop.Trainer._device_inputs = orig_prep, orig_device
         loop.Trainer.pick_samples, feature_cache.read_all = orig_pick, orig_reads
+        device_copy.DeviceStager.start = orig_stage  # type: ignore[method-assign]
         loop.TrainModule.forward, accelerate.Accelerator.backward = orig_forward, orig_backward
         loop.Trainer.checkpoint, runner.checkpointing.export = orig_ckpt, orig_export
         if not opts.keep:

@@ -104,6 +104,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "            self._turn.wait_for(lambda: self._selected == ticket)\n", "            pass\n", PREFETCHER),
     Mutant("prefetch-one-thread", CORE + "training/loop.py", "ThreadPoolExecutor(max_workers=depth,",
            "ThreadPoolExecutor(max_workers=1,", PREFETCHER),
+    Mutant("side-stream-copies-pageable", CORE + "training/device_copy.py", "to_device(host, self.device, pin=True)",
+           "to_device(host, self.device)", ("tests/test_device_copy.py",)),
     Mutant("cudagraphs-key-length-dynamic", CORE + "attention.py", '        return "static"\n',
            '        return "dynamic"\n', CUDAGRAPHS_BACKEND),
     Mutant("kept-entry-ignores-key-length", CORE + "run_entry.py", "and self.mask.key_length == key_length and ",

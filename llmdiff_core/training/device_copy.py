@@ -6,10 +6,15 @@ batch of 16) runs on the compute stream between two steps, and the device does n
 stream of their own as soon as the batch is collated, so they run on the copy engine while the device
 computes the current step, and the compute stream waits for them only where the next step begins.
 
+Every copy on the side stream reads page-locked memory: torch copies a pageable tensor to CUDA and then
+synchronises the stream (at::cuda::memcpy_and_sync), so one pageable tensor (the latents, the noise, CLIP's
+context) issued after the features held the prefetch thread until the whole batch's copy (~294 MiB) had
+crossed the bus. The features are collated into page-locked buffers (feature_cache.collate(pin=True)); the
+few small rest are page-locked here (a memcpy of ~6 MiB for SD1.5 at batch 16).
+
 Safety, as in torch's own prefetching loaders:
-- the feature buffers are page-locked (feature_cache.collate(pin=True)), so their copies are
-  asynchronous, and the caching host allocator keeps a page-locked buffer until the copy reading it
-  has finished, even when the buffer is freed first;
+- the caching host allocator keeps a page-locked buffer until the copy reading it has finished, even
+  when the buffer is freed first;
 - the compute stream waits on an event recorded after the copies (wait_event: no host sync);
 - each device tensor is record_stream'ed on the compute stream: the caching allocator made it on the
   side stream and would otherwise hand its memory to the next batch's copies while the compute stream
@@ -35,12 +40,17 @@ class HostOnly:
     tensor: torch.Tensor
 
 
-def to_device(host: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """The tensors of host on device (page-locked ones without blocking the host); other values as they are."""
+def to_device(host: Mapping[str, Any], device: torch.device, pin: bool = False) -> dict[str, Any]:
+    """The tensors of host on device (page-locked ones without blocking the host); other values as they are.
+    pin: page-lock the host tensors that are not (a copy, small ones here) so that no copy to CUDA blocks."""
+    cuda = device.type == "cuda"
+
     def move(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
-        return t.to(device, non_blocking=device.type == "cuda" and t.is_pinned())
+        if pin and cuda and t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=cuda and t.is_pinned())
     return {k: move(v) for k, v in host.items()}
 
 
@@ -64,7 +74,7 @@ class DeviceStager:
         if self.stream is None:
             return host
         with torch.cuda.stream(self.stream):
-            tensors = to_device(host, self.device)
+            tensors = to_device(host, self.device, pin=True)
             copied = torch.cuda.Event()
             copied.record(self.stream)
         return InFlight(tensors, copied)
