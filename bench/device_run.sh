@@ -78,8 +78,9 @@ run_part() {
       # 12: the kernel, sampling, the default (auto must run fused-attention under inductor's CUDA graphs) and
       # fused-attention under the cudagraphs backend: session 28's run failed there (a dynamic key length replayed
       # the first prompt's recording, fixed: attention.key_length_for_run; now a graph per span length)
-      # 14: a run's features moved through page-locked staging, equal to the host's (passed in session 28)
-      step checks 210 checks 12
+      # 6: training from the cache with batches copied on the side stream: since session 29 (§3x) no copy from a
+      # prefetch thread may block (a pageable tensor's copy synchronised the side stream); equal losses (~15 s)
+      step checks 230 checks 6,12
       # the prefetch A/B: one thread, as session 28 ran it (the U-Net's graphs from the compile cache)
       step training-reduce-overhead-sd15-prefetch1 130 train --models sd15 --no-floor --compile inductor --compile-mode reduce-overhead --prefetch-batches 1 --warmup 5 --steps 10
       # the data path alone on this host's 16 cores: read threads, and batches prepared side by side (2 cores, session
