@@ -10,7 +10,7 @@ per tensor, on up to READ_THREADS threads). The shard is written once into a tem
 from the page cache, as in an epoch after the first. Baseline: the same reads on one thread.
 Interleaved repeats, medians.
 
-A second table: the same batch collated by the trainer's prefetcher (loop.Prefetcher) with 1, 2 or 3 batches
+A second table: the same batch collated by the trainer's prefetcher (prefetch.Prefetcher) with 1, 2 or 3 batches
 prepared side by side (train.py --prefetch-batches), the reads on READ_THREADS threads: milliseconds per batch
 delivered when the taker never waits, i.e. the pace the data path alone allows.
 """
@@ -50,7 +50,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from llmdiff_core.features import LLMSpec
-    from llmdiff_core.training import feature_cache as fc, loop, stored_tensor as st
+    from llmdiff_core.training import feature_cache as fc, prefetch, stored_tensor as st
 
     opts.pin = device.type == "cuda" and not opts.no_pin
 
@@ -89,7 +89,7 @@ def main() -> None:
 
         def prefetched(depth: int, batches: int = 6) -> Any:
             def once() -> float:
-                p = loop.Prefetcher(lambda: samples, lambda picked: fc.compact_features(picked, spec, pin=opts.pin),
+                p = prefetch.Prefetcher(lambda: samples, lambda picked: fc.compact_features(picked, spec, pin=opts.pin),
                                     depth)
                 try:
                     p.take()  # the threads started, the first batches under way: untimed

@@ -17,7 +17,7 @@ from PIL import Image
 
 from llmdiff_core.adapter_file import load_adapter, read_adapter_config
 from llmdiff_core.llm import load_llm
-from llmdiff_core.training import loop, runner
+from llmdiff_core.training import loop, prefetch, runner
 from llmdiff_core.training.encoders import FrozenEncoders
 from llmdiff_core.training.options import TrainOptions
 from llmdiff_core.training.patching import enable_gradient_checkpointing, patch_for_training
@@ -378,12 +378,12 @@ def test_cache_prefetch_trains_the_same_and_resumes_exactly(tmp_path: Path, froz
                   cache_dir=str(tmp_path / "cache"), cache_dtype="fp32", cache_shard_size=2)
     assert runner.run_with(options(data, tmp_path / "prepass", cache_only=True, **common), components(frozen)) == 0
     takes = {"n": 0}
-    original_take = loop.Prefetcher.take
+    original_take = prefetch.Prefetcher.take
 
-    def counted_take(self: loop.Prefetcher) -> object:
+    def counted_take(self: prefetch.Prefetcher) -> object:
         takes["n"] += 1
         return original_take(self)
-    monkeypatch.setattr(loop.Prefetcher, "take", counted_take)
+    monkeypatch.setattr(prefetch.Prefetcher, "take", counted_take)
 
     serial = options(data, tmp_path / "serial", prefetch=False, **common)
     assert runner.run_with(serial, components(frozen)) == 0
@@ -738,7 +738,7 @@ def test_prefetcher_keeps_order_builds_side_by_side_and_raises_where_the_batch_i
             together.wait()  # (BrokenBarrierError unless `depth` builds run at once)
         time.sleep(0.03 if value % 2 else 0.0)  # odd batches build slower: the next one finishes first
         return value * 10
-    p = loop.Prefetcher(select, build, depth)
+    p = prefetch.Prefetcher(select, build, depth)
     in_order = p._prepare
 
     def late_starts(ticket: int) -> int:  # later batches' threads reach the stream first: each must wait its turn
