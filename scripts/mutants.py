@@ -106,6 +106,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "ThreadPoolExecutor(max_workers=1,", PREFETCHER),
     Mutant("side-stream-copies-pageable", CORE + "training/device_copy.py", "to_device(host, self.device, pin=True)",
            "to_device(host, self.device)", ("tests/test_device_copy.py",)),
+    Mutant("scaled-gates-per-call", CORE + "run_entry.py", "        found = self.scaled.get(scale)\n",
+           "        found = None\n", ("tests/test_host_reads.py",)),
     Mutant("cudagraphs-key-length-dynamic", CORE + "attention.py", '        return "static"\n',
            '        return "dynamic"\n', CUDAGRAPHS_BACKEND),
     Mutant("kept-entry-ignores-key-length", CORE + "run_entry.py", "and self.mask.key_length == key_length and ",

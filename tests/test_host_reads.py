@@ -8,6 +8,10 @@ the adapter and every per-call tensor live on the `meta` device, which has shape
 one raises. What the host decides must come from host data: the prompts' features as Text Encode leaves them
 (CPU) for sampling, the batch's key mask on the CPU (TrainingCall.host_mask) for training.
 
+The other way round stalls the host too: torch copies a pageable host tensor to CUDA and then synchronises the
+stream (at::cuda::memcpy_and_sync), so a host tensor moved to the device inside a step waits for every launch
+queued before it. Here such a move is a CPU -> meta copy, which torch_dispatch sees (HostCopies).
+
 Not covered: the Langevin noise of training (torch.Generator has no meta device; it draws on the device from
 per-row seeds, without reads) and compiled U-Nets (dynamo makes a read a graph break, which the compile tests'
 one-graph assertions catch).
@@ -20,6 +24,8 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import comfy.model_patcher
 
@@ -55,6 +61,42 @@ def meta_inputs(family: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     return tuple(None if t is None else t.to(META) for t in direct_inputs(family))  # type: ignore[return-value]
 
 
+class HostCopies(TorchDispatchMode):
+    """Records every op that turns host data into a device (meta) tensor: (op, shapes of its host inputs). A host
+    tensor's move dispatches (_to_copy, copy_); torch.tensor / as_tensor from Python data on a device do not, so
+    those two are watched while the mode is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, list[tuple[int, ...]]]] = []
+        self._factories = {name: getattr(torch, name) for name in ("tensor", "as_tensor")}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        host = [tuple(t.shape) for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+        if host and any(isinstance(t, torch.Tensor) and t.device == META for t in tree_flatten(out)[0]):
+            self.seen.append((str(func), host))
+        return out
+
+    def __enter__(self) -> HostCopies:
+        def watched(name: str) -> Any:
+            def factory(data: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+                out = self._factories[name](data, *args, **kwargs)
+                if out.device == META and not (isinstance(data, torch.Tensor) and data.device == META):
+                    self.seen.append((f"torch.{name}", [tuple(out.shape)]))
+                return out
+            return factory
+        for name in self._factories:
+            setattr(torch, name, watched(name))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, original in self._factories.items():
+            setattr(torch, name, original)
+        super().__exit__(*exc)
+
+
 def runtime(m: Any) -> AdapterRuntime:
     return applied_runtimes(m)[-1]
 
@@ -84,6 +126,29 @@ def test_sampling_steps_read_no_device_value(family: str, mode: str, monkeypatch
     assert runtime(m).runs.built == 1  # the later steps ran the per-step path, not a new entry
 
 
+@pytest.mark.parametrize("family, mode", [("sd15", "clip"), ("sdxl", "llm")])
+def test_sampling_steps_copy_nothing_from_the_host_after_the_run_s_entry(family: str, mode: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call moves the run's features from the prompts' CPU tensors to the device, once per run (the
+    control: the watch sees host copies); the later calls copy nothing from the host."""
+    m = on_meta(family, mode, monkeypatch)
+    x, sigma, context, y = meta_inputs(family)
+    batch = CONDLLMDiff(make_features([5, 11], seed=3)).concat([])
+    m.model_options.setdefault("transformer_options", {})["sigmas"] = sigma
+    rt = runtime(m)
+    rt.begin_run(m.get_model_object("model_sampling"))
+    try:
+        with HostCopies() as first:
+            diffusion_output(m, x, sigma, context, y, batch)
+        with HostCopies() as later:
+            for _ in range(2):
+                diffusion_output(m, x, sigma, context, y, batch)
+    finally:
+        rt.end_run()
+    assert first.seen and rt.runs.built == 1
+    assert later.seen == []
+
+
 def test_a_start_end_window_reads_the_sampler_sigma_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """The control: a read in the per-call path does fail here. An adapter limited to part of the run (start /
     end percent) decides at each U-Net call whether the sampler's sigma lies in its window: float(sigma), a read
@@ -107,9 +172,11 @@ def test_a_training_step_reads_no_device_value(family: str, mode: str, monkeypat
     features = make_features([5, 11], seed=3)
     on_device = LLMFeatures(features.spec, features.hidden.to(META), features.scores.to(META), features.mask.to(META))
     x, sigma, context, y = meta_inputs(family)
-    out = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(on_device).concat([]),
-                           TrainingCall(host_mask=features.mask))
-    out.square().mean().backward()
+    with HostCopies() as copies:  # (the host mask decides the span on the host; it is never moved)
+        out = diffusion_output(m, x, sigma, context, y, CONDLLMDiff(on_device).concat([]),
+                               TrainingCall(host_mask=features.mask))
+        out.square().mean().backward()
+    assert copies.seen == []
     adapter = runtime(m).adapter
     missing = [n for n, p in adapter.named_parameters() if p.grad is None or p.grad.device != META]
     assert missing == ["encoder.rho"]  # the Langevin noise's scales: no noise here (see the module's docstring)
