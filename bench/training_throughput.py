@@ -167,7 +167,7 @@ def main() -> None:
     from llmdiff_core.training import device_copy, feature_cache, loop, runner
     from llmdiff_core.training.options import TrainOptions
 
-    opts.prefetch_batches = opts.prefetch_batches or TrainOptions.prefetch_batches  # the trainer's default when not given
+    opts.prefetch_batches = opts.prefetch_batches or TrainOptions.prefetch_batches  # (not given: the trainer's)
     cuda = device.type == "cuda"
     device_copy.SIDE_STREAM = not opts.no_copy_stream
     precision = opts.mixed_precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
@@ -196,14 +196,14 @@ def main() -> None:
     orig_prep, orig_device = loop.Trainer._prepare_batch, loop.Trainer._device_inputs
     orig_pick, orig_reads = loop.Trainer.pick_samples, feature_cache.read_all
     orig_stage = device_copy.DeviceStager.start
-    picked_in: dict[int, tuple[int, float]] = {}  # id(picked) -> (its place in the run's batches, seconds its pick took)
+    picked_in: dict[int, tuple[int, float]] = {}  # id(picked) -> (its batch number, seconds its pick took)
     prep_of: dict[int, tuple[float, float, float, float]] = {}  # batch number -> (pick, build, reads, stage) seconds
     in_thread = threading.local()  # the cache reads' and the copies' seconds of the batch this thread builds
     orig_forward, orig_backward = loop.TrainModule.forward, accelerate.Accelerator.backward
     moved: list[int] = []
 
     profiler: dict[str, Any] = {}  # the torch.profiler of the current model's last K steps
-    run: dict[str, Any] = {"family": "", "start": 0.0, "picks": 0}  # the current model's run: its name and start time
+    run: dict[str, Any] = {"family": "", "start": 0.0, "picks": 0}  # the current model's name, start, batches picked
 
     def train_step(self: Any) -> Any:
         if opts.profile and len(marks["start"]) == opts.warmup + opts.steps + 1:  # (one untimed step between)
@@ -250,7 +250,7 @@ def main() -> None:
     def pick_samples(self: Any) -> Any:  # the samples from the loader (one batch at a time)
         t0 = common.now()
         out = orig_pick(self)
-        picked_in[id(out)] = (run["picks"], common.now() - t0)  # picks run one at a time, in the order batches are taken
+        picked_in[id(out)] = (run["picks"], common.now() - t0)  # (picks run one at a time, in the order of the steps)
         run["picks"] += 1
         return out
 
@@ -374,8 +374,9 @@ def main() -> None:
             if marks["build"]:
                 ms = {k: common.median(marks[k]) * 1e3 for k in ("pick", "build", "reads", "stage")}
                 side = opts.prefetch_batches
+                pace = max(ms["pick"], (ms["pick"] + ms["build"]) / side)  # picks one at a time, builds side by side
                 how = ("no prefetch" if opts.no_prefetch else f"{side} batches prepared side by side: the data path "
-                       f"delivers one every ~{ms['pick'] + ms['build'] / side:.1f} ms at best")
+                       f"delivers one every ~{pace:.1f} ms at best")
                 report.notes.append(
                     f"{family}: host prep per batch (medians): picking its samples from the loader {ms['pick']:.1f} "
                     f"ms, then collate + draws + copies {ms['build']:.1f} ms, of which cache reads {ms['reads']:.1f} ms"
