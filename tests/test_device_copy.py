@@ -34,7 +34,11 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(torch.Tensor, "is_pinned", is_pinned)
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
     monkeypatch.setattr(torch.Tensor, "to", to)
-    state["name"] = lambda key, t: names.__setitem__(t.data_ptr(), key) or t
+    def name(key: str, t: torch.Tensor) -> torch.Tensor:  # how the moves name the tensor (and its pinned copy)
+        names[t.data_ptr()] = key
+        return t
+
+    state["name"] = name
     return state
 
 
