@@ -10,7 +10,8 @@ Every copy on the side stream reads page-locked memory: torch copies a pageable 
 synchronises the stream (at::cuda::memcpy_and_sync), so one pageable tensor (the latents, the noise, CLIP's
 context) issued after the features held the prefetch thread until the whole batch's copy (~294 MiB) had
 crossed the bus. The features are collated into page-locked buffers (feature_cache.collate(pin=True)); the
-few small rest are page-locked here (a memcpy of ~6 MiB for SD1.5 at batch 16).
+few small rest go through features.moved, the sampling run's staging (a memcpy of ~6 MiB for SD1.5 at batch 16;
+plain copies where ComfyUI pins no memory, --disable-pinned-memory, or the platform refuses it).
 
 Safety, as in torch's own prefetching loaders:
 - the caching host allocator keeps a page-locked buffer until the copy reading it has finished, even
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..features import moved
+
 SIDE_STREAM = True  # off: copies on the compute stream (bench/training_throughput.py --no-copy-stream, the A/B)
 
 
@@ -42,14 +45,14 @@ class HostOnly:
 
 def to_device(host: Mapping[str, Any], device: torch.device, pin: bool = False) -> dict[str, Any]:
     """The tensors of host on device (page-locked ones without blocking the host); other values as they are.
-    pin: page-lock the host tensors that are not (a copy, small ones here) so that no copy to CUDA blocks."""
+    pin: the pageable ones through a page-locked staging copy too (features.moved), so that no copy blocks."""
     cuda = device.type == "cuda"
 
     def move(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
-        if pin and cuda and t.device.type == "cpu" and not t.is_pinned():
-            t = t.pin_memory()
+        if pin and not t.is_pinned():
+            return moved(t, device)
         return t.to(device, non_blocking=cuda and t.is_pinned())
     return {k: move(v) for k, v in host.items()}
 
