@@ -19,7 +19,9 @@ one-graph assertions catch).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -101,17 +103,23 @@ def runtime(m: Any) -> AdapterRuntime:
     return applied_runtimes(m)[-1]
 
 
-def sampling_steps(m: Any, family: str, steps: int, model_sampling: Any = None) -> list[torch.Tensor]:
+def sampling_steps(m: Any, family: str, steps: int, model_sampling: Any = None,
+                   watches: Sequence[HostCopies] = ()) -> list[torch.Tensor]:
     """One sampling run's U-Net calls as the sampler makes them (comfy/samplers.py: the features stay on the CPU
     in the conditioning; x, sigma and the CLIP context on the device, and transformer_options["sigmas"] is the
-    call's sigma), between the runtime's run bracket (the OUTER_SAMPLE wrapper's begin_run / end_run)."""
+    call's sigma), between the runtime's run bracket (the OUTER_SAMPLE wrapper's begin_run / end_run).
+    watches[i], where given, watches call i."""
     x, sigma, context, y = meta_inputs(family)
     batch = CONDLLMDiff(make_features([5, 11], seed=3)).concat([])
     m.model_options.setdefault("transformer_options", {})["sigmas"] = sigma
     rt = runtime(m)
     rt.begin_run(model_sampling or m.get_model_object("model_sampling"))
+    outs = []
     try:
-        return [diffusion_output(m, x, sigma, context, y, batch) for _ in range(steps)]
+        for i in range(steps):
+            with watches[i] if i < len(watches) else contextlib.nullcontext():
+                outs.append(diffusion_output(m, x, sigma, context, y, batch))
+        return outs
     finally:
         rt.end_run()
 
@@ -132,21 +140,10 @@ def test_sampling_steps_copy_nothing_from_the_host_after_the_run_s_entry(family:
     """The first call moves the run's features from the prompts' CPU tensors to the device, once per run (the
     control: the watch sees host copies); the later calls copy nothing from the host."""
     m = on_meta(family, mode, monkeypatch)
-    x, sigma, context, y = meta_inputs(family)
-    batch = CONDLLMDiff(make_features([5, 11], seed=3)).concat([])
-    m.model_options.setdefault("transformer_options", {})["sigmas"] = sigma
-    rt = runtime(m)
-    rt.begin_run(m.get_model_object("model_sampling"))
-    try:
-        with HostCopies() as first:
-            diffusion_output(m, x, sigma, context, y, batch)
-        with HostCopies() as later:
-            for _ in range(2):
-                diffusion_output(m, x, sigma, context, y, batch)
-    finally:
-        rt.end_run()
-    assert first.seen and rt.runs.built == 1
-    assert later.seen == []
+    first, *later = watches = [HostCopies() for _ in range(3)]
+    sampling_steps(m, family, steps=3, watches=watches)
+    assert first.seen and runtime(m).runs.built == 1
+    assert [w.seen for w in later] == [[], []]
 
 
 def test_a_start_end_window_reads_the_sampler_sigma_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
