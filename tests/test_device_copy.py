@@ -74,6 +74,21 @@ def test_no_staging_where_comfyui_pins_no_memory(fake_cuda: dict[str, Any], monk
     assert fake_cuda["moves"] == [(False, False), (True, True), (False, False)]
 
 
+def test_page_locked_memory_refused_gives_plain_copies(fake_cuda: dict[str, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the platform refuses page-locked memory (WSL caps it) the batch still reaches the device."""
+    empty = torch.empty
+
+    def refusing(*args: Any, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refusing)
+    device_copy.to_device(_batch(fake_cuda), CUDA, pin=True)
+    assert fake_cuda["moves"] == [(False, False), (True, True), (False, False)]
+
+
 def test_a_cpu_device_neither_pins_nor_copies_without_blocking(fake_cuda: dict[str, Any]) -> None:
     batch = _batch(fake_cuda)
     before = set(fake_cuda["pinned"])
